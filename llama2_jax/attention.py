@@ -1,0 +1,107 @@
+"""Attention kernels behind one function, and the masks they share.
+
+Shape legend: B batch, T query length, S key/value length, N query heads, K key/value heads, R = N / K query heads per
+KV head (GQA group), H head dim.
+
+Masking is expressed with *slots*, not RoPE positions: query t sits at slot `q_offset + t` of the key/value buffer
+and may attend to key slot s when s <= q_offset + t (causal) and both carry the same segment id (packed sequences;
+segment 0 is padding and only attends to padding, so no row is ever fully masked). During decoding the key/value
+buffer is the preallocated KV cache and `q_offset` is the index the new tokens were written at; unwritten slots lie in
+the future and are masked by causality alone.
+
+Implementations (`AttentionImpl`): "xla" (einsum + float32 softmax, the reference; everywhere) and "cudnn"
+(`jax.nn.dot_product_attention(implementation="cudnn")`, flash attention on NVIDIA GPUs). A TPU splash kernel fits the
+same signature: it takes segment ids natively.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from llama2_jax.config import AttentionImpl
+
+Array = jax.Array
+
+
+def attention_mask(
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    q_offset: Optional[Array] = None,
+    q_segment_ids: Optional[Array] = None,
+    kv_segment_ids: Optional[Array] = None,
+) -> Array:
+    """Boolean mask [B, 1, T, S]: True where query t may attend to key s (causal by slot, same segment)."""
+    offset = jnp.zeros((batch,), jnp.int32) if q_offset is None else jnp.broadcast_to(q_offset, (batch,))
+    q_slot = offset[:, None] + jnp.arange(q_len, dtype=jnp.int32)[None, :]  # [B, T]
+    kv_slot = jnp.arange(kv_len, dtype=jnp.int32)
+    mask = kv_slot[None, None, :] <= q_slot[:, :, None]  # [B, T, S]
+    if q_segment_ids is not None:
+        if kv_segment_ids is None:
+            raise ValueError("kv_segment_ids are required when q_segment_ids are given")
+        mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    return mask[:, None, :, :]
+
+
+def xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Reference attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,1,T,S] bool -> [B,T,N,H] in q's dtype.
+
+    Scores are accumulated and soft-maxed in float32 (as Meta), then cast back to the value dtype.
+    """
+    batch, q_len, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    # Head h = k * R + r uses KV head k = h // R: repeat-interleave semantics, as Meta's repeat_kv.
+    q = q.reshape(batch, q_len, n_kv, n_heads // n_kv, head_dim)
+    scores = jnp.einsum("BTKRH,BSKH->BKRTS", q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(head_dim))
+    scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKRTS,BSKH->BTKRH", probs, v)
+    return out.reshape(batch, q_len, n_heads, head_dim)
+
+
+def cudnn_attention(q: Array, k: Array, v: Array, mask: Optional[Array], implementation: Optional[str] = "cudnn"):
+    """`jax.nn.dot_product_attention` (GQA native). With mask=None it uses the fused causal kernel.
+
+    `implementation=None` lets JAX pick (XLA on CPU); tests use that to check the mask semantics here.
+    """
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    impl: str = AttentionImpl.XLA.value,
+    q_offset: Optional[Array] = None,
+    q_segment_ids: Optional[Array] = None,
+    kv_segment_ids: Optional[Array] = None,
+) -> Array:
+    """Causal (optionally segment-masked) attention with grouped KV heads.
+
+    Args:
+      q: [B, T, N, H] queries, already rotated.
+      k, v: [B, S, K, H] keys (rotated) and values; S >= T. With a KV cache, S is the cache length.
+      impl: an `AttentionImpl` value.
+      q_offset: scalar or [B] int, the slot of the first query in the key buffer (0 without a cache).
+      q_segment_ids: [B, T] int, document id of each query token (0 = padding); None = one document.
+      kv_segment_ids: [B, S] int, the same for keys.
+    Returns:
+      [B, T, N, H] in q's dtype.
+    """
+    batch, q_len = q.shape[:2]
+    kv_len = k.shape[1]
+    plain_causal = q_offset is None and q_segment_ids is None and q_len == kv_len
+    if impl == AttentionImpl.CUDNN.value:
+        mask = None if plain_causal else attention_mask(batch, q_len, kv_len, q_offset, q_segment_ids, kv_segment_ids)
+        return cudnn_attention(q, k, v, mask)
+    if impl != AttentionImpl.XLA.value:
+        raise ValueError(f"unknown attention implementation {impl!r}; known: {[i.value for i in AttentionImpl]}")
+    mask = attention_mask(batch, q_len, kv_len, q_offset, q_segment_ids, kv_segment_ids)
+    return xla_attention(q, k, v, mask)

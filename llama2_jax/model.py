@@ -1,0 +1,248 @@
+"""The Llama 2 model in flax.linen: RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP, pre-norm blocks.
+
+Shape legend: B batch, T length, S key/value length (KV cache), D model dim, N query heads, K KV heads, H head dim,
+F FFN hidden dim, V vocabulary, L layers.
+
+Parameter tree (names follow Meta's checkpoint; kernels are [in, out] with heads split out):
+  tok_embeddings/embedding [V, D]
+  layers_{i}/attention_norm/scale [D]
+  layers_{i}/attention/{wq [D, N, H], wk [D, K, H], wv [D, K, H], wo [N, H, D]}
+  layers_{i}/ffn_norm/scale [D]
+  layers_{i}/feed_forward/{w1 [D, F], w3 [D, F], w2 [F, D]}
+  norm/scale [D]
+  output [D, V]
+With `scan_layers=True` the blocks live under `layers/...` with a leading [L] axis (see `stack_layers`).
+
+Rotary embeddings use the **half-split** form of HF transformers (dimension i pairs with i + H/2, `rotate_half`), not
+Meta's interleaved pairs: contiguous halves need no strided gathers, and HF checkpoints load without a permutation.
+Meta checkpoints are permuted on conversion (convert.py) so both forms give identical attention scores.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llama2_jax import sharding as sh
+from llama2_jax.attention import dot_product_attention
+from llama2_jax.config import LlamaConfig, RematPolicy
+
+Array = jax.Array
+KVCache = dict  # {"k": [L, B, S, K, H], "v": [L, B, S, K, H]}
+
+_INIT_STD = 0.02  # HF's initializer_range; the paper does not state its init
+
+REMAT_POLICIES = {
+    RematPolicy.DOTS.value: jax.checkpoint_policies.checkpoint_dots,
+    RematPolicy.DOTS_NO_BATCH.value: jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    RematPolicy.MINIMAL.value: jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _param(module: nn.Module, name: str, shape: tuple, axes: tuple, init=None):
+    init = init or nn.initializers.normal(_INIT_STD)
+    dtype = jnp.dtype(module.config.param_dtype)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g, statistics in float32, cast back to x's dtype before the gain (as Meta)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _param(self, "scale", (x.shape[-1],), (sh.EMBED,), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)
+        return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> Array:
+    """f_i = theta^(-2i/H) for i = 0 .. H/2-1, float32 [H/2]."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+    """Half-split rotary embedding. x [B, T, n, H], positions [B, T] int -> same shape and dtype as x (float32 math)."""
+    head_dim = x.shape[-1]
+    angles = positions[:, :, None].astype(jnp.float32) * rope_frequencies(head_dim, theta)  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : head_dim // 2], x32[..., head_dim // 2:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings and an optional KV cache."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, layer_cache: Optional[KVCache], cache_index):
+        """x [B, T, D]; positions, segment_ids [B, T]; layer_cache {"k","v": [B, S, K, H]} or None;
+        cache_index: scalar int, slot of x's first token in the cache. Returns ([B, T, D], new layer cache)."""
+        cfg = self.config
+        d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        dtype = jnp.dtype(cfg.dtype)
+        wq = _param(self, "wq", (d, n, h), (sh.EMBED, sh.HEADS, sh.HEAD_DIM)).astype(dtype)
+        wk = _param(self, "wk", (d, k, h), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM)).astype(dtype)
+        wv = _param(self, "wv", (d, k, h), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM)).astype(dtype)
+        wo = _param(self, "wo", (n, h, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED)).astype(dtype)
+
+        q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq), positions, cfg.rope_theta)
+        key = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk), positions, cfg.rope_theta)
+        value = jnp.einsum("BTD,DKH->BTKH", x, wv)
+
+        if layer_cache is None:
+            out = dot_product_attention(q, key, value, impl=cfg.attention_impl,
+                                        q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+            new_cache = None
+        else:
+            new_cache = {
+                "k": jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], key.astype(layer_cache["k"].dtype),
+                                                         cache_index, axis=1),
+                "v": jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], value.astype(layer_cache["v"].dtype),
+                                                         cache_index, axis=1),
+            }
+            out = dot_product_attention(q, new_cache["k"].astype(dtype), new_cache["v"].astype(dtype),
+                                        impl=cfg.attention_impl, q_offset=cache_index)
+        return jnp.einsum("BTNH,NHD->BTD", out, wo), new_cache
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        w1 = _param(self, "w1", (cfg.dim, cfg.hidden_dim), (sh.EMBED, sh.MLP)).astype(dtype)
+        w3 = _param(self, "w3", (cfg.dim, cfg.hidden_dim), (sh.EMBED, sh.MLP)).astype(dtype)
+        w2 = _param(self, "w2", (cfg.hidden_dim, cfg.dim), (sh.MLP, sh.EMBED)).astype(dtype)
+        gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, w1))
+        up = jnp.einsum("BTD,DF->BTF", x, w3)
+        return jnp.einsum("BTF,FD->BTD", gate * up, w2)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: h = x + Attn(norm(x)); out = h + FFN(norm(h))."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, layer_cache, cache_index):
+        attn_out, new_cache = Attention(self.config, name="attention")(
+            RMSNorm(self.config, name="attention_norm")(x), positions, segment_ids, layer_cache, cache_index)
+        h = x + attn_out
+        out = h + FeedForward(self.config, name="feed_forward")(RMSNorm(self.config, name="ffn_norm")(h))
+        return out, new_cache
+
+
+def _block_class(cfg: LlamaConfig):
+    if cfg.remat_policy == RematPolicy.NONE.value:
+        return Block
+    # prevent_cse is only needed outside scan (scan already stops XLA from merging recomputation away).
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+
+
+def _layer_slice(cache: Optional[KVCache], i: int):
+    return None if cache is None else jax.tree.map(lambda c: c[i], cache)
+
+
+def run_trunk(cfg: LlamaConfig, tokens, positions, segment_ids, cache, cache_index):
+    """Embeddings -> L blocks -> final norm, inside the calling module's `nn.compact` (so the parameter names are
+    the caller's: Llama and the reward model share the trunk's names). Returns (hidden [B, T, D], new cache)."""
+    embedding = nn.Embed(cfg.vocab_size, cfg.dim, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(_INIT_STD),
+                                                                     (sh.VOCAB, sh.EMBED)),
+                         name="tok_embeddings")
+    x = embedding(tokens)
+    block_cls = _block_class(cfg)
+    if cfg.scan_layers:
+        scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
+                          metadata_params={nn.PARTITION_NAME: sh.LAYERS})
+        x, new_cache = scanned(cfg, name="layers")(x, positions, segment_ids, cache, cache_index)
+    else:
+        new_layers = []
+        for i in range(cfg.n_layers):
+            x, layer_cache = block_cls(cfg, name=f"layers_{i}")(x, positions, segment_ids, _layer_slice(cache, i),
+                                                              cache_index)
+            new_layers.append(layer_cache)
+        new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
+    return RMSNorm(cfg, name="norm")(x), new_cache
+
+
+def default_positions(tokens: Array, cache_index=None) -> Array:
+    """[B, T] positions 0..T-1 (offset by cache_index when decoding)."""
+    start = 0 if cache_index is None else cache_index
+    return jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+class Llama(nn.Module):
+    """Llama 2 causal language model. `apply(params, tokens, ...)` returns float32 logits [B, T, V]."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Optional[Array] = None, segment_ids: Optional[Array] = None,
+                 cache: Optional[KVCache] = None, cache_index: Optional[Array] = None, return_hidden: bool = False):
+        """tokens [B, T] int; positions [B, T] (default 0..T-1, per-document positions for packed rows);
+        segment_ids [B, T] (None = one document per row); cache/cache_index: see `init_cache` (decoding).
+
+        Returns logits [B, T, V] float32 (or the final-norm hidden states [B, T, D] with `return_hidden`), and the
+        updated cache as a second output when a cache is given."""
+        cfg = self.config
+        if positions is None:
+            positions = default_positions(tokens, cache_index)
+        if cache is not None and cache_index is None:
+            cache_index = jnp.zeros((), jnp.int32)
+        hidden, new_cache = run_trunk(cfg, tokens, positions, segment_ids, cache, cache_index)
+        if return_hidden:
+            out = hidden
+        else:
+            kernel = _param(self, "output", (cfg.dim, cfg.vocab_size), (sh.EMBED, sh.VOCAB))
+            out = jnp.einsum("BTD,DV->BTV", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return out if cache is None else (out, new_cache)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """Zeroed KV cache {"k","v": [L, B, max_len, K, H]} in the compute dtype."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+    """Unrolled params (layers_0 … layers_{L-1}) -> scanned params (`layers` with a leading [L] axis)."""
+    params = dict(params)
+    layers = [params.pop(f"layers_{i}") for i in range(n_layers)]
+    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return params
+
+
+def unstack_layers(params: dict, n_layers: int) -> dict:
+    """Scanned params -> unrolled params (inverse of `stack_layers`)."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(n_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+    return params
+
+
+def abstract_params(cfg: LlamaConfig, boxed: bool = False) -> Any:
+    """Parameter shapes/dtypes without allocating anything (`jax.eval_shape`). `boxed` keeps logical-axis boxes."""
+    model = Llama(cfg)
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    shapes = jax.eval_shape(functools.partial(model.init, return_hidden=False), jax.random.PRNGKey(0), tokens)
+    shapes = shapes["params"]
+    return shapes if boxed else nn.unbox(shapes)

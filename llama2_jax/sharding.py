@@ -1,0 +1,162 @@
+"""The device mesh, the one table of logical-axis rules, and pytree shardings.
+
+Mesh axes: `data` (pure data parallelism: params replicated), `fsdp` (data parallelism with params, gradients and
+optimizer state sharded: ZeRO-3), `tensor` (Megatron-style tensor parallelism inside attention heads and the MLP).
+Parameters carry *logical* axis names where they are declared (model.py); `LOGICAL_RULES` maps each logical name to
+mesh axes. Nothing else in the code base names mesh axes for parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# Mesh axis names.
+DATA = "data"
+FSDP = "fsdp"
+TENSOR = "tensor"
+MESH_AXES = (DATA, FSDP, TENSOR)
+
+# Logical axis names, used where parameters and activations are declared.
+BATCH = "batch"
+LENGTH = "length"
+EMBED = "embed"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+MLP = "mlp"
+VOCAB = "vocab"
+LAYERS = "layers"
+
+# THE rules table: logical axis -> mesh axes (None = replicated along that dimension).
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    (BATCH, (DATA, FSDP)),  # activations and batches are split over every data-parallel axis
+    (LENGTH, None),
+    (EMBED, FSDP),  # params: the model dim is split over fsdp (ZeRO-3 style)
+    (HEADS, TENSOR),
+    (KV_HEADS, TENSOR),
+    (HEAD_DIM, None),
+    (MLP, TENSOR),
+    (VOCAB, TENSOR),
+    (LAYERS, None),  # the stacked-layer axis of scanned params
+)
+_RULE_NAMES = {name for name, _ in LOGICAL_RULES}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all). One axis may be -1: the rest of the devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [data, fsdp, tensor]
+    for name, size in zip(MESH_AXES, shape):
+        if size == 0 or size < -1:
+            raise ValueError(f"mesh axis {name}={size}: sizes must be positive, or -1 for the rest of the devices")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: at most one axis may be -1")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, shape))}: {len(devices)} devices are not divisible by {known}")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but {len(devices)} are available")
+    try:
+        from jax.experimental import mesh_utils  # topology-aware device order on TPU/GPU
+
+        device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[Optional[str]]) -> PartitionSpec:
+    """PartitionSpec for a tuple of logical axis names (unknown names are an error, never silently replicated)."""
+    rules = dict(LOGICAL_RULES)
+    spec = []
+    for name in logical_axes:
+        if name is not None and name not in _RULE_NAMES:
+            raise ValueError(f"logical axis {name!r} has no entry in sharding.LOGICAL_RULES")
+        spec.append(None if name is None else rules[name])
+    return PartitionSpec(*spec)
+
+
+def _boxed_to_sharding(leaf, mesh: Mesh):
+    if isinstance(leaf, nn.LogicallyPartitioned):
+        return NamedSharding(mesh, logical_to_spec(leaf.names))
+    return NamedSharding(mesh, PartitionSpec())  # scalars, counters, RNG keys: replicated
+
+
+def tree_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes (e.g. `jax.eval_shape(init)`
+    or an optimizer state built from boxed params); unboxed leaves are replicated. The result has the unboxed tree's
+    structure."""
+    return jax.tree.map(
+        lambda leaf: _boxed_to_sharding(leaf, mesh),
+        boxed_tree,
+        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+    )
+
+
+def check_divisible(abstract_tree: Any, shardings: Any) -> None:
+    """Raise one clear error if a dimension is not divisible by the mesh axes it is sharded over."""
+    paths_and_leaves = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+    flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), sharding in zip(paths_and_leaves, flat_shardings):
+        shape = getattr(leaf, "shape", ())
+        for dim, axes in zip(shape, sharding.spec):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else axes
+            size = math.prod(sharding.mesh.shape[a] for a in axes)
+            if dim % size:
+                name = jax.tree_util.keystr(path)
+                raise ValueError(
+                    f"parameter {name} of shape {tuple(shape)}: dimension {dim} is not divisible by mesh axes "
+                    f"{axes} of total size {size}; change the mesh or the model size")
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [B, ...] batch array: batch over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec((BATCH,) + (None,) * (ndim - 1)))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape[DATA] * mesh.shape[FSDP]
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def initialize_distributed(coordinator_address: Optional[str], num_processes: Optional[int],
+                           process_id: Optional[int]) -> None:
+    """Multi-host start-up on JAX's own runtime. On CPU, collectives go through gloo.
+
+    Call before any other JAX call. With no coordinator address this is a no-op (single process), unless the
+    environment (TPU pod, SLURM) lets `jax.distributed.initialize()` discover everything by itself.
+    """
+    if coordinator_address is None:
+        return
+    if num_processes is None or process_id is None:
+        raise ValueError("--coordinator_address needs --num_processes and --process_id as well")
+    if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def sharded_init(init_fn, mesh: Mesh, *args) -> tuple[Any, Any]:
+    """Run `init_fn(*args)` (returning a pytree with logical-axis boxes, e.g. `model.init`) directly into its
+    shardings: shapes come from `jax.eval_shape` and the jitted init writes each shard on its own device, so the
+    full model never exists on one device. Returns (unboxed pytree, its NamedShardings)."""
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = tree_shardings(abstract, mesh)
+    check_divisible(nn.unbox(abstract), shardings)
+    values = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    return values, shardings
