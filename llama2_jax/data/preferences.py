@@ -1,0 +1,211 @@
+"""Readers of pairwise preference data for reward models (spec section E), and their Llama 2 chat encoding.
+
+Every reader yields `PreferencePair`s: a prompt (a dialog ending with a user message, optionally starting with a
+system message), a chosen and a rejected response, an optional Meta-style rating and a safety flag.
+
+Formats (``read_preferences(path, format=...)``; "auto" uses `detect_format`). JSONL or a JSON list of records.
+
+* ``"jsonl"``: ``{"prompt": str | [messages], "chosen": str, "rejected": str, "rating": str | null (optional),
+  "is_safety": bool (optional)}``. A string prompt is one user message. ``rating`` is one of RATINGS (spaces and
+  hyphens are read as underscores, case is ignored) or null.
+* ``"oasst_pairs"``: the derived OpenAssistant pairs (``oasst-en-100-pairs.jsonl``): the "jsonl" format with a
+  message-list prompt, plus ``chosen_rank``/``rejected_rank`` and ids, which are ignored. ``rating`` stays None:
+  OASST ranks only *order* sibling replies (rank 0 = best); a rank difference says nothing about how much better
+  a reply is, so it is not mapped onto Meta's four strength levels (a margin loss then uses margin 0).
+* ``"hh"``: raw Anthropic HH-RLHF records ``{"chosen": transcript, "rejected": transcript}``, each transcript
+  ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. Each transcript is split at its last ``"\\n\\nAssistant:"``: the text up
+  to and including it is the prompt, the rest is the response (stripped). When the two prompts differ (the
+  transcripts diverge before the last Assistant turn, e.g. have different numbers of turns) the record is dropped
+  and counted in ``stats.dropped`` — the same rule that made the derived file below (2,312 -> 2,307 records).
+* ``"hh_prompt"``: the derived ``{"prompt": transcript ending in "\\n\\nAssistant:", "chosen": str, "rejected":
+  str}``. Responses are stripped.
+
+HH prompt transcripts are turned into messages by `llama2_jax.chat.parse_hh_transcript`.
+
+``is_safety``: ``read_preferences(..., is_safety=None)`` takes the record's ``is_safety`` field (default False);
+pass True/False to set it for every pair (e.g. True for Anthropic *harmless* data, which feeds the Safety RM).
+Records whose chosen and rejected responses are identical are dropped (they carry no preference).
+
+Error rules as in `llama2_jax.data.dialogs`: a malformed record raises ``ValueError("<file>:<line>: <reason>")``
+or, with ``on_error="skip"``, is counted in ``stats.skipped`` and reported in a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable
+
+from llama2_jax import chat
+from llama2_jax.data.dialogs import (
+    DropRecord, OnError, ReadStats, convert_records, first_record, require_dict, require_str,
+)
+
+RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+_HH_ASSISTANT = "\n\nAssistant:"
+_HH_HUMAN = "\n\nHuman:"
+
+
+@dataclasses.dataclass
+class PreferencePair:
+    """One comparison. `prompt` ends with a user message; `chosen` was preferred over `rejected`."""
+
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    rating: str | None = None  # one of RATINGS, or None when unknown
+    is_safety: bool = False
+
+    def __post_init__(self):
+        chat.normalize_dialog(self.prompt, last_role="user")
+        require_str(self.chosen, "'chosen'")
+        require_str(self.rejected, "'rejected'")
+        if self.rating is not None and self.rating not in RATINGS:
+            raise ValueError(f"rating {self.rating!r}, expected one of {', '.join(RATINGS)} or None")
+        if not isinstance(self.is_safety, bool):
+            raise ValueError(f"is_safety is {type(self.is_safety).__name__}, expected a bool")
+
+
+def normalize_rating(rating: Any) -> str | None:
+    """Read a rating field: None, or a RATINGS name (case and "-"/" " vs "_" ignored); ValueError otherwise."""
+    if rating is None:
+        return None
+    name = require_str(rating, "'rating'").strip().lower().replace("-", "_").replace(" ", "_")
+    if name not in RATINGS:
+        raise ValueError(f"rating {rating!r}, expected one of {', '.join(RATINGS)} or null")
+    return name
+
+
+def _prompt_messages(prompt: Any) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list):
+        raise ValueError(f"'prompt' is {type(prompt).__name__}, expected a string or a list of messages")
+    for i, message in enumerate(prompt):
+        chat.check_message(message, i)
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def _make_pair(prompt, chosen: str, rejected: str, rating=None, is_safety=False) -> PreferencePair:
+    if chosen == rejected:
+        raise DropRecord("chosen == rejected")
+    return PreferencePair(prompt, chosen, rejected, rating, is_safety)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Format converters: record -> PreferencePair (is_safety: None = take the record's field)
+
+
+def _safety(record: dict, is_safety: bool | None) -> bool:
+    if is_safety is not None:
+        return is_safety
+    value = record.get("is_safety", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"'is_safety' is {type(value).__name__}, expected true/false")
+    return value
+
+
+def jsonl_to_pair(record: Any, is_safety: bool | None = None) -> PreferencePair:
+    record = require_dict(record, "prompt", "chosen", "rejected")
+    return _make_pair(
+        _prompt_messages(record["prompt"]),
+        require_str(record["chosen"], "'chosen'"),
+        require_str(record["rejected"], "'rejected'"),
+        normalize_rating(record.get("rating")),
+        _safety(record, is_safety),
+    )
+
+
+def hh_prompt_messages(transcript: str) -> list[dict[str, str]]:
+    """Messages of an HH prompt transcript ending in "\\n\\nAssistant:"; ValueError unless they end with a user turn."""
+    if not transcript.rstrip(" ").endswith(_HH_ASSISTANT):
+        raise ValueError(f"HH prompt does not end with '\\n\\nAssistant:': ...{transcript[-40:]!r}")
+    messages = chat.parse_hh_transcript(transcript)
+    if messages[-1]["role"] != "user":
+        raise ValueError("HH prompt does not end with a Human turn")
+    return messages
+
+
+def split_hh_transcript(transcript: str) -> tuple[str, str]:
+    """``(prompt, response)``: the transcript up to and including its last "\\n\\nAssistant:", and the rest."""
+    cut = transcript.rfind(_HH_ASSISTANT)
+    if cut < 0:
+        raise ValueError(f"HH transcript has no '\\n\\nAssistant:' turn: {transcript[:40]!r}")
+    cut += len(_HH_ASSISTANT)
+    return transcript[:cut], transcript[cut:]
+
+
+def hh_to_pair(record: Any, is_safety: bool | None = None) -> PreferencePair:
+    record = require_dict(record, "chosen", "rejected")
+    chosen_prompt, chosen = split_hh_transcript(require_str(record["chosen"], "'chosen'"))
+    rejected_prompt, rejected = split_hh_transcript(require_str(record["rejected"], "'rejected'"))
+    if chosen_prompt != rejected_prompt:
+        raise DropRecord("chosen and rejected differ before the last Assistant turn")
+    return _make_pair(hh_prompt_messages(chosen_prompt), chosen.strip(), rejected.strip(),
+                      None, _safety(record, is_safety))
+
+
+def hh_prompt_to_pair(record: Any, is_safety: bool | None = None) -> PreferencePair:
+    record = require_dict(record, "prompt", "chosen", "rejected")
+    return _make_pair(
+        hh_prompt_messages(require_str(record["prompt"], "'prompt'")),
+        require_str(record["chosen"], "'chosen'").strip(),
+        require_str(record["rejected"], "'rejected'").strip(),
+        normalize_rating(record.get("rating")),
+        _safety(record, is_safety),
+    )
+
+
+CONVERTERS: dict[str, Callable[..., PreferencePair]] = {
+    "jsonl": jsonl_to_pair,
+    "oasst_pairs": jsonl_to_pair,
+    "hh": hh_to_pair,
+    "hh_prompt": hh_prompt_to_pair,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Name of the preference format of `path` (a key of CONVERTERS), from its first record."""
+    record = first_record(path)
+    keys = set(record) if isinstance(record, dict) else set()
+    if {"chosen", "rejected"} <= keys:
+        prompt = record.get("prompt")
+        if prompt is None and str(record["chosen"]).startswith(_HH_HUMAN):
+            return "hh"
+        if isinstance(prompt, str) and prompt.startswith(_HH_HUMAN):
+            return "hh_prompt"
+        if "chosen_rank" in keys or "message_tree_id" in keys:
+            return "oasst_pairs"
+        if prompt is not None:
+            return "jsonl"
+    raise ValueError(f"{os.fspath(path)}: unknown preference format (first record keys: {sorted(keys)}); "
+                     f"known formats: {', '.join(CONVERTERS)}")
+
+
+def read_preferences(
+    path: str | os.PathLike, format: str = "auto", on_error: OnError = "raise", is_safety: bool | None = None
+) -> tuple[list[PreferencePair], ReadStats]:
+    """Read `path` as preference pairs; returns ``(pairs, stats)``. See the module docstring for formats and rules."""
+    if format == "auto":
+        format = detect_format(path)
+    if format not in CONVERTERS:
+        raise ValueError(f"unknown preference format {format!r}; known formats: auto, {', '.join(CONVERTERS)}")
+    return convert_records(path, format, functools.partial(CONVERTERS[format], is_safety=is_safety), on_error)
+
+
+def encode_pair(tokenizer, pair: PreferencePair) -> tuple[list[int], list[int]]:
+    """Chat-format tokens of prompt + chosen and of prompt + rejected (the response as the last assistant answer).
+
+    Equal to ``encode_dialog_for_training(tokenizer, pair.prompt + [assistant response])[0]``: every completed pair
+    BOS ... EOS, so each sequence ends with the response, the "▁" piece and EOS.
+    """
+    def encode(response: str) -> list[int]:
+        dialog = pair.prompt + [{"role": "assistant", "content": response}]
+        return chat.encode_dialog_for_training(tokenizer, dialog)[0]
+
+    return encode(pair.chosen), encode(pair.rejected)
