@@ -1,0 +1,261 @@
+"""Params-only checkpoints in the "jax" format: Orbax arrays plus the `LlamaConfig` as JSON.
+
+Two layouts are read:
+
+  converted dir (written by `save_params`, e.g. by `python -m llama2_jax.convert --to=jax`)
+      PATH/llama_config.json
+      PATH/params/                      Orbax PyTree checkpoint, always UNROLLED (layers_0 … layers_{L-1})
+  trainer workdir (written by the trainers' Orbax CheckpointManager, item "params")
+      PATH/llama_config.json
+      PATH/checkpoints/<step>/params/   unrolled or scanned (`layers` with a leading [L] axis); latest step wins
+
+`load_params` returns the params in the layout its config asks for (`scan_layers`), restored straight into the
+given shardings (so a large model never lands on one device) or, without shardings, as numpy arrays in host memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama2_jax.config import LlamaConfig
+from llama2_jax.model import abstract_params, unstack_layers
+
+CONFIG_FILE = "llama_config.json"
+PARAMS_ITEM = "params"
+CHECKPOINTS_DIR = "checkpoints"
+SCANNED_KEY = "layers"  # the scanned blocks' key; unrolled blocks are layers_{i}
+
+Params = dict
+
+
+def _as_path(path) -> epath.Path:
+    """epath (local or gs://); local paths made absolute, as Orbax requires."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def _flatten(tree) -> dict[str, Any]:
+    """{"layers_0/attention/wq": leaf, ...} for a nested dict of arrays (or array metadata)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}/{sub}": leaf for sub, leaf in _flatten(value).items()})
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def _is_scanned(tree) -> bool:
+    return SCANNED_KEY in tree
+
+
+# --------------------------------------------------------------------------------------------------------- save
+
+
+def save_params(path, params: Params, config: LlamaConfig, *, overwrite: bool = False) -> None:
+    """Write `path/params/` (Orbax, unrolled layout) and `path/llama_config.json`.
+
+    Args:
+      path: destination directory (local or gs://).
+      params: the Llama param tree, unrolled or scanned (scanned params are unrolled before saving); jax arrays
+        (sharded ones are written by every host in parallel) or numpy arrays.
+      config: the model's config; its shapes are checked against `params`.
+      overwrite: replace an existing `path/params/`.
+    """
+    path = _as_path(path)
+    params = nn.unbox(params)
+    if _is_scanned(params):
+        params = unstack_layers(params, config.n_layers)
+    shapes = {name: tuple(np.shape(leaf)) for name, leaf in _flatten(params).items()}
+    _check_shapes(shapes, _expected_shapes(config, scanned=False), f"params given to save_params({path})",
+                  "the params", "the config")
+    item_dir = path / PARAMS_ITEM
+    if item_dir.exists() and not overwrite:
+        raise FileExistsError(f"{item_dir} already exists; pass overwrite=True or pick another path")
+    path.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(item_dir, params, force=overwrite)
+    if jax.process_index() == 0:
+        (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------- load
+
+
+def load_config(path) -> LlamaConfig:
+    """The `LlamaConfig` stored in a converted dir or a trainer workdir."""
+    config_file = _as_path(path) / CONFIG_FILE
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: {path} is not a jax-format checkpoint or trainer workdir")
+    return LlamaConfig.from_dict(json.loads(config_file.read_text()))
+
+
+def find_params_dir(path) -> epath.Path:
+    """The Orbax params item of a converted dir (`path/params`) or a trainer workdir (latest
+    `path/checkpoints/<step>/params`)."""
+    root = _as_path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if (root / PARAMS_ITEM).is_dir() and (root / CONFIG_FILE).exists():
+        return root / PARAMS_ITEM
+    if (root / CHECKPOINTS_DIR).is_dir() and (root / CONFIG_FILE).exists():
+        steps = _finished_steps(root / CHECKPOINTS_DIR)
+        if not steps:
+            raise FileNotFoundError(f"trainer workdir {path} has no finished checkpoint with a '{PARAMS_ITEM}' item "
+                                    f"under {root / CHECKPOINTS_DIR}")
+        return root / CHECKPOINTS_DIR / steps[max(steps)] / PARAMS_ITEM
+    raise ValueError(f"{path} is neither a converted checkpoint ({CONFIG_FILE} + {PARAMS_ITEM}/) nor a trainer workdir "
+                     f"({CONFIG_FILE} + {CHECKPOINTS_DIR}/<step>/{PARAMS_ITEM}/)")
+
+
+def _finished_steps(checkpoints_dir: epath.Path) -> dict[int, str]:
+    """{step: dir name} of finalized steps (Orbax's in-progress dirs carry a non-numeric suffix)."""
+    steps = {}
+    for child in checkpoints_dir.iterdir():
+        if child.name.isdigit() and (child / PARAMS_ITEM).is_dir():
+            steps[int(child.name)] = child.name
+    return steps
+
+
+def load_params(path, config: Optional[LlamaConfig] = None, shardings: Any = None) -> tuple[Params, LlamaConfig]:
+    """Restore params from a converted dir or a trainer workdir (latest step).
+
+    Args:
+      path: see the module docstring for the two layouts.
+      config: the model the params are for (default: the stored `llama_config.json`). Its `scan_layers` picks the
+        returned layout (stacked `layers` [L, ...] or `layers_{i}`) and its `param_dtype` the returned dtype; its
+        shapes must match the checkpoint.
+      shardings: optional pytree of `NamedSharding` in the returned layout (e.g. `tree_shardings(abstract_params(
+        config, boxed=True), mesh)`); arrays are then read shard by shard straight onto their devices. Without it the
+        params come back as numpy arrays in host memory.
+
+    Returns:
+      (params, config).
+    """
+    item_dir = find_params_dir(path)
+    config = config or load_config(path)
+    stored = _stored_shapes(item_dir)
+    stored_scanned = any(name.startswith(SCANNED_KEY + "/") for name in stored)
+    _check_shapes(stored, _expected_shapes(config, scanned=stored_scanned), f"checkpoint {item_dir}",
+                  "the checkpoint", "the config")
+    stored_shardings = None
+    if shardings is not None:
+        stored_shardings = _shardings_for_layout(shardings, config.n_layers, stored_scanned)
+    params = _restore(item_dir, abstract_params(config.replace(scan_layers=stored_scanned)),
+                      jnp.dtype(config.param_dtype), stored_shardings)
+    if stored_scanned and not config.scan_layers:
+        params = _unstack(params, config.n_layers, shardings)
+    elif config.scan_layers and not stored_scanned:
+        params = _stack(params, config.n_layers, shardings)
+    return params, config
+
+
+def _stored_shapes(item_dir: epath.Path) -> dict[str, tuple]:
+    """{flat name: shape} from the Orbax metadata (nothing is read but the metadata)."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(item_dir)
+    metadata = getattr(metadata, "item_metadata", metadata)  # StepMetadata (new Orbax) or the tree (old)
+    metadata = getattr(metadata, "tree", metadata)
+    return {name: tuple(leaf.shape) for name, leaf in _flatten(dict(metadata)).items()}
+
+
+def _expected_shapes(config: LlamaConfig, scanned: bool) -> dict[str, tuple]:
+    return {name: tuple(leaf.shape)
+            for name, leaf in _flatten(abstract_params(config.replace(scan_layers=scanned))).items()}
+
+
+def _check_shapes(actual: dict, expected: dict, where: str, actual_name: str, expected_name: str) -> None:
+    """One-line error naming the first missing/unexpected tensor or shape difference."""
+    missing, unexpected = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{where} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, shape in expected.items():
+        if tuple(actual[name]) != tuple(shape):
+            raise ValueError(f"{where} does not match the config: {name} has shape {tuple(actual[name])} in "
+                             f"{actual_name} but {tuple(shape)} in {expected_name}")
+
+
+def _restore(item_dir: epath.Path, abstract: Params, dtype, shardings: Any) -> Params:
+    """Read every array as `dtype`: onto `shardings` when given, else into host numpy arrays."""
+    if shardings is None:
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), abstract)
+    else:
+        restore_args = jax.tree.map(
+            lambda leaf, sharding: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=leaf.shape, dtype=dtype),
+            abstract, shardings)
+    item = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), abstract)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+
+
+# ------------------------------------------------------------------------------------- layout (scanned/unrolled)
+
+
+def _shardings_for_layout(shardings: Params, n_layers: int, scanned: bool) -> Params:
+    """Shardings given for the target layout -> the same shardings for the stored layout (adds or drops the
+    replicated leading [L] axis of the stacked blocks)."""
+    shardings = dict(shardings)
+    if scanned and SCANNED_KEY not in shardings:
+        per_layer = shardings.pop("layers_0")
+        for i in range(1, n_layers):
+            shardings.pop(f"layers_{i}")
+        shardings[SCANNED_KEY] = jax.tree.map(
+            lambda s: NamedSharding(s.mesh, PartitionSpec(None, *s.spec)), per_layer)
+    elif not scanned and SCANNED_KEY in shardings:
+        per_layer = jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])),
+                                 shardings.pop(SCANNED_KEY))
+        shardings.update({f"layers_{i}": per_layer for i in range(n_layers)})
+    return shardings
+
+
+def _stack(params: Params, n_layers: int, shardings: Any) -> Params:
+    """layers_{i} -> `layers` [L, ...], one parameter kind at a time so at most one kind is held twice."""
+    params = dict(params)
+    layers = [params.pop(f"layers_{i}") for i in range(n_layers)]
+    treedef = jax.tree.structure(layers[0])
+    columns = list(zip(*(jax.tree.leaves(layer) for layer in layers)))  # one tuple of L arrays per kind
+    del layers
+    out_shardings = None if shardings is None else jax.tree.leaves(shardings[SCANNED_KEY])
+    stacked = []
+    for j in range(len(columns)):
+        pieces, columns[j] = columns[j], None
+        if out_shardings is None:
+            stacked.append(np.stack(pieces))
+        else:
+            stacked.append(jax.jit(lambda *xs: jnp.stack(xs), out_shardings=out_shardings[j])(*pieces))
+        del pieces
+    params[SCANNED_KEY] = jax.tree.unflatten(treedef, stacked)
+    return params
+
+
+def _unstack(params: Params, n_layers: int, shardings: Any) -> Params:
+    """`layers` [L, ...] -> layers_{i}, one parameter kind at a time."""
+    params = dict(params)
+    stacked = params.pop(SCANNED_KEY)
+    treedef = jax.tree.structure(stacked)
+    kinds = jax.tree.leaves(stacked)
+    del stacked
+    out_shardings = None if shardings is None else jax.tree.leaves(shardings["layers_0"])
+    columns = []
+    for j in range(len(kinds)):
+        full, kinds[j] = kinds[j], None
+        if out_shardings is None:
+            columns.append([np.asarray(full[i]) for i in range(n_layers)])
+        else:
+            split = jax.jit(lambda x: tuple(x[i] for i in range(n_layers)),
+                            out_shardings=(out_shardings[j],) * n_layers)
+            columns.append(list(split(full)))
+        del full
+    for i in range(n_layers):
+        params[f"layers_{i}"] = jax.tree.unflatten(treedef, [column[i] for column in columns])
+    return params
