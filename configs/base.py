@@ -1,0 +1,81 @@
+"""Base configuration shared by every trainer: model, mesh, optimizer, loop, data and tokenizer fields.
+
+Size and task configs import this file and override only what differs. Any field can be overridden on the command
+line, e.g. `--config.num_train_steps=20 --config.mesh.fsdp=8`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from llama2_jax.config import get_config as get_model_config
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+    """The `LlamaConfig` fields of a preset as a ConfigDict (`hidden_dim` is left to Meta's rule)."""
+    fields = get_model_config(preset).to_dict()
+    model = ml_collections.ConfigDict(fields)
+    # Optional integers/floats are placeholders so they stay overridable from the command line.
+    model.hidden_dim = config_dict.placeholder(int)  # None = Meta's FFN rule from dim/multiple_of/multiplier
+    model.ffn_dim_multiplier = config_dict.placeholder(float) if fields["ffn_dim_multiplier"] is None \
+        else fields["ffn_dim_multiplier"]
+    return model
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # --- model: every field of llama2_jax.config.LlamaConfig ---
+    config.model = model_config("7b")
+
+    # --- mesh: device axes (one may be -1 = the remaining devices) ---
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = 1  # pure data parallelism (params replicated)
+    config.mesh.fsdp = -1  # data parallelism with params/grads/optimizer state sharded (ZeRO-3)
+    config.mesh.tensor = 1  # tensor parallelism inside heads and the MLP
+
+    # --- batch ---
+    config.batch_size = 1024  # global sequences per optimizer step (1024 x 4096 = 4M tokens, the paper's batch)
+    config.seq_len = 4096  # tokens per sequence (the model's context length)
+    config.grad_accum_steps = 1  # micro-batches per step: each is batch_size / grad_accum_steps sequences
+
+    # --- optimizer (paper section 2.2) ---
+    config.learning_rate = 3e-4  # peak learning rate
+    config.warmup_steps = 2000  # linear warmup from 0
+    config.lr_end_fraction = 0.1  # cosine decay to 10 % of the peak at num_train_steps
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.95
+    config.adam_eps = 1e-5
+    config.weight_decay = 0.1  # decoupled (AdamW), matrices only
+    config.grad_clip = 1.0  # global-norm clipping; 0 disables
+
+    # --- loop (Flax examples' names) ---
+    config.seed = 0  # parameter init and data order
+    config.num_train_steps = 476_837  # 2T tokens / (1024 x 4096) tokens per step
+    config.log_every_steps = 50  # metrics to the progress bar, metrics.jsonl and TensorBoard
+    config.eval_every_steps = 1000  # validation loss and perplexity
+    config.eval_batches = 16  # validation batches per eval (0 = the whole held-out split)
+    config.checkpoint_every_steps = 1000  # async Orbax checkpoint
+    config.keep_checkpoints = 3  # how many recent checkpoints to keep
+    config.async_checkpoints = True  # write checkpoints in the background
+    config.progress_bar = True  # tqdm bar on process 0
+    config.init_from = ""  # "" = random init; else a converted JAX checkpoint dir or a trainer workdir
+
+    # --- data (llama2_jax.data.sources) ---
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "default"  # default (embedded pydoc corpus) | text | jsonl | tfds
+    config.data.path = ""  # text: file, directory or glob; jsonl: file(s); tfds: dataset name, e.g. "c4/en:3.1.0"
+    config.data.field = "text"  # JSONL / TFDS field holding the document text
+    config.data.split = "train"  # TFDS split
+    config.data.data_dir = ""  # TFDS data_dir ("" = TFDS default)
+    config.data.one_doc_per_file = False  # text: a whole file is one document (default: blank-line paragraphs)
+    config.data.val_fraction = 0.01  # documents held out for validation
+
+    # --- tokenizer ---
+    config.tokenizer = ml_collections.ConfigDict()
+    config.tokenizer.path = ""  # a SentencePiece .model; "" = train one on the corpus, cached in the workdir
+    config.tokenizer.train_vocab_size = 32000  # vocabulary when training one (must equal model.vocab_size)
+
+    # --- end of run ---
+    config.sample_prompts = ("The", "In Python,")  # greedy samples printed at the end ("" to skip)
+    config.sample_tokens = 48
+    return config

@@ -1,0 +1,136 @@
+r"""Pretraining: `python -m train.pretrain --config=configs/7b.py --workdir=DIR [--config.FIELD=VALUE ...]`.
+
+The embedded default trains offline on CPU: `python -m train.pretrain --config=configs/tiny.py --workdir=/tmp/tiny`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from llama2_jax import losses
+from llama2_jax.data import packing, pipeline, sources
+from llama2_jax.model import Llama
+from llama2_jax.tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer
+from train import common, loop
+from train import state as train_state
+from train.checkpoints import write_model_config
+
+config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/*.py).", lock_config=True)
+common.define_runtime_flags()
+
+
+def load_corpus(config) -> list[str]:
+    data = config.data
+    try:
+        return sources.load_documents(data.source, data.path or None, field=data.field, split=data.split,
+                                      data_dir=data.data_dir or None, one_doc_per_file=data.one_doc_per_file)
+    except (ValueError, FileNotFoundError) as error:
+        raise common.ConfigError(f"config.data: {error}") from None
+
+
+def load_tokenizer(config, workdir: str, documents, vocab_size: int) -> Tokenizer:
+    """The configured SentencePiece model, or one trained on the corpus by process 0 and cached in the workdir."""
+    try:
+        if config.tokenizer.path:
+            tokenizer = Tokenizer(config.tokenizer.path)
+        else:
+            if jax.process_index() == 0:
+                load_or_train_tokenizer(workdir, documents, config.tokenizer.train_vocab_size)
+            multihost_utils.sync_global_devices("tokenizer trained")
+            tokenizer = load_or_train_tokenizer(workdir, documents, config.tokenizer.train_vocab_size)
+        check_vocab(tokenizer, vocab_size)
+    except (ValueError, FileNotFoundError) as error:
+        raise common.ConfigError(f"config.tokenizer: {error}") from None
+    return tokenizer
+
+
+def make_data(config, documents, tokenizer):
+    """(train iterator of this process's rows, eval batches function). Every process reads the global stream."""
+    try:
+        train_iter, eval_batches = pipeline.make_pretrain_iterators(
+            documents, tokenizer, config.seq_len, config.batch_size, config.seed, config.data.val_fraction,
+            process_index=0, process_count=1, max_eval_batches=config.eval_batches or None)
+    except ValueError as error:
+        raise common.ConfigError(f"config.data: {error}") from None
+    index, count = jax.process_index(), jax.process_count()
+
+    def local_eval_batches():
+        return [next(common.ProcessRows(iter([b]), index, count)) for b in eval_batches()]
+
+    return common.ProcessRows(train_iter, index, count), local_eval_batches
+
+
+def greedy_samples(model, params, tokenizer, prompts, num_tokens: int, seq_len: int) -> list[str]:
+    """A plain greedy loop (one full forward per token on a fixed buffer): enough to eyeball a tiny model."""
+    forward = jax.jit(lambda p, tokens: model.apply({"params": p}, tokens))
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, bos=True)[: seq_len - 1]
+        limit = min(seq_len, len(ids) + num_tokens)
+        while len(ids) < limit:
+            buffer = np.zeros((1, seq_len), np.int32)
+            buffer[0, : len(ids)] = ids
+            next_id = int(jnp.argmax(forward(params, jnp.asarray(buffer))[0, len(ids) - 1]))
+            if next_id == tokenizer.eos_id:
+                break
+            ids.append(next_id)
+        texts.append(tokenizer.decode(ids))
+    return texts
+
+
+def corpus_unigram_entropy(documents, tokenizer) -> float:
+    return packing.unigram_entropy([pipeline.encode_document(tokenizer, doc) for doc in documents])
+
+
+def train_and_evaluate(config, workdir: str):
+    """Pretrain a Llama on the configured corpus; returns (final state, logged metrics)."""
+    model_cfg = common.model_config(config)
+    mesh = common.make_mesh(config)
+    common.check_batch(config, mesh, model_cfg, config.seq_len)
+    documents = load_corpus(config)
+    tokenizer = load_tokenizer(config, workdir, documents, model_cfg.vocab_size)
+    train_iter, eval_batches = make_data(config, documents, tokenizer)
+    write_model_config(workdir, model_cfg)
+
+    tx, schedule = common.make_tx(config, config.num_train_steps)
+    state, shardings = common.init_llama_state(config, model_cfg, mesh, tx)
+    model = Llama(model_cfg)
+    loss_fn = functools.partial(losses.next_token_loss, model=model)
+    step = train_state.jit_train_step(loss_fn, shardings, mesh, grad_accum_steps=config.grad_accum_steps,
+                                      learning_rate_fn=schedule)
+    eval_step = train_state.jit_eval_step(loss_fn, shardings.params, mesh)
+
+    settings = loop.LoopSettings.from_config(config)
+    state, history = loop.run_loop(
+        settings=settings, workdir=workdir, mesh=mesh, state=state, shardings=shardings, train_step=step,
+        train_iter=train_iter, eval_step=eval_step, eval_batches=eval_batches,
+        tokens_per_step=config.batch_size * config.seq_len, flops_per_token=model_cfg.flops_per_token(config.seq_len))
+    report(config, model, state, tokenizer, documents, history)
+    return state, history
+
+
+def report(config, model, state, tokenizer, documents, history) -> None:
+    if jax.process_index() != 0:
+        return
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    if evals and config.data.source == "default":
+        entropy = corpus_unigram_entropy(documents, tokenizer)
+        print(f"validation loss {evals[-1]:.4f} nats/token vs unigram entropy of the corpus {entropy:.4f} nats/token")
+    prompts = [p for p in config.sample_prompts if p]
+    if prompts and config.sample_tokens > 0 and jax.process_count() == 1:
+        params = jax.device_get(state.params)
+        for text in greedy_samples(model, params, tokenizer, prompts, config.sample_tokens, config.seq_len):
+            print(f"--- sample ---\n{text}")
+
+
+if __name__ == "__main__":
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    app.run(common.run_main(train_and_evaluate))

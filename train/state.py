@@ -1,0 +1,158 @@
+"""The shared training state, optimizer, and ONE pure train step that every trainer uses with its own loss.
+
+    state, metrics = train_step(state, batch, loss_fn=…, grad_accum_steps=…)
+
+`loss_fn(params, batch) -> (loss_sum, aux)` follows the contract in `llama2_jax/losses.py` (sums plus a "weight").
+Trainers bind `loss_fn` with `functools.partial` and jit the step once with shardings and donation
+(`jit_train_step`). Parameters and optimizer state are float32 (master weights); the model computes in
+`LlamaConfig.dtype` (bfloat16 by default).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from llama2_jax import sharding as sh
+
+LossFn = Callable[[Any, dict], tuple[jax.Array, dict]]
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """step (int32 scalar), params (float32 pytree), opt_state; `tx` is static (not a pytree leaf)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+
+
+def warmup_cosine_schedule(peak_lr: float, warmup_steps: int, total_steps: int,
+                           end_fraction: float = 0.1) -> optax.Schedule:
+    """Linear warmup from 0 to `peak_lr`, then cosine decay to `end_fraction * peak_lr` at `total_steps`
+    (the paper's recipe: decay to 10 % of peak). A constant schedule when warmup_steps = 0 and end_fraction = 1."""
+    warmup_steps = max(0, min(warmup_steps, total_steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=end_fraction * peak_lr)
+
+
+def _decay_mask(params) -> Any:
+    """Weight decay on matrices only: no decay on RMSNorm gains (1-D) — the usual practice; the paper is silent."""
+    return jax.tree.map(lambda p: p.ndim >= 2 and not (p.ndim == 2 and p.shape[0] <= 1), params)
+
+
+def make_optimizer(learning_rate: float | optax.Schedule, *, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-5,
+                   weight_decay: float = 0.1, grad_clip: float = 1.0) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping (Llama 2: betas 0.9/0.95, eps 1e-5, weight decay 0.1, clip 1.0)."""
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
+        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask),
+    )
+
+
+def state_shardings(abstract_boxed_params: Any, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """NamedShardings for a TrainState: params by their logical axes; Adam moments like their params (the boxes
+    propagate through `tx.init`); counters replicated."""
+    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract_boxed_params)
+    return sh.tree_shardings(abstract_state, mesh)
+
+
+def create_train_state(init_params_fn: Callable[[], Any], tx: optax.GradientTransformation,
+                       mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """Sharded TrainState straight from an init function returning *boxed* params (`model.init(...)["params"]`):
+    every parameter and optimizer moment is created on its own shard. Returns (state, shardings)."""
+    abstract = jax.eval_shape(init_params_fn)
+    shardings = state_shardings(abstract, tx, mesh)
+    sh.check_divisible(nn.unbox(abstract), shardings.params)
+
+    def init():
+        return TrainState.create(nn.unbox(init_params_fn()), tx)
+
+    return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def state_from_params(params: Any, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """A fresh TrainState (new optimizer) around given params (e.g. loaded with `init_from`), sharded."""
+    return jax.jit(lambda p: TrainState.create(p, tx), out_shardings=shardings)(params)
+
+
+def _split_microbatches(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B/n, ...]; row i of micro-batch j is global row i * n + j, so that with the batch split
+    contiguously over devices every micro-batch is still spread over all of them (no resharding)."""
+    return jax.tree.map(lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def accumulate_gradients(params, batch: dict, loss_fn: LossFn, grad_accum_steps: int):
+    """Sum of loss, aux and gradients over `grad_accum_steps` micro-batches (a lax.scan: one compiled body)."""
+    def value_and_grad(micro_batch):
+        (loss_sum, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch)
+        return loss_sum, aux, grads
+
+    if grad_accum_steps == 1:
+        return value_and_grad(batch)
+
+    micro_batches = _split_microbatches(batch, grad_accum_steps)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(value_and_grad, first))
+
+    def body(carry, micro_batch):
+        out = value_and_grad(micro_batch)
+        return jax.tree.map(jnp.add, carry, out), None
+
+    totals, _ = jax.lax.scan(body, zeros, micro_batches)
+    return totals
+
+
+def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, grad_accum_steps: int = 1,
+               learning_rate_fn: Optional[optax.Schedule] = None) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch. Pure: (state, batch) -> (new state, metrics).
+
+    The gradient is d(sum of losses)/d(params) divided by the global weight (tokens or pairs), i.e. exactly the
+    gradient of the mean loss over the whole global batch, however it is split into micro-batches or devices.
+    """
+    loss_sum, aux, grads = accumulate_gradients(state.params, batch, loss_fn, grad_accum_steps)
+    weight = jnp.maximum(aux["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {name: value / weight for name, value in aux.items() if name != "weight"}
+    metrics["loss"] = loss_sum / weight
+    metrics["weight"] = aux["weight"]
+    metrics["grad_norm"] = optax.global_norm(grads)
+    if learning_rate_fn is not None:
+        metrics["learning_rate"] = learning_rate_fn(state.step)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(params, batch: dict, *, loss_fn: LossFn) -> dict:
+    """Sums (not means) for one eval batch, so the caller can combine batches exactly: {"loss_sum", "weight", …}."""
+    loss_sum, aux = loss_fn(params, batch)
+    return {**aux, "loss_sum": loss_sum}
+
+
+def jit_train_step(loss_fn: LossFn, shardings: TrainState, mesh: Mesh, *, grad_accum_steps: int = 1,
+                   learning_rate_fn: Optional[optax.Schedule] = None):
+    """`train_step` bound to a loss and jitted once: state sharded and donated, batch split over the data axes,
+    metrics replicated."""
+    step = functools.partial(train_step, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps,
+                             learning_rate_fn=learning_rate_fn)
+    return jax.jit(step, in_shardings=(shardings, sh.batch_sharding(mesh)),
+                   out_shardings=(shardings, sh.replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(loss_fn: LossFn, params_shardings: Any, mesh: Mesh):
+    step = functools.partial(eval_step, loss_fn=loss_fn)
+    return jax.jit(step, in_shardings=(params_shardings, sh.batch_sharding(mesh)), out_shardings=sh.replicated(mesh))
