@@ -50,7 +50,7 @@ def warmup_cosine_schedule(peak_lr: float, warmup_steps: int, total_steps: int,
 
 def _decay_mask(params) -> Any:
     """Weight decay on matrices only: no decay on RMSNorm gains (1-D) — the usual practice; the paper is silent."""
-    return jax.tree.map(lambda p: p.ndim >= 2 and not (p.ndim == 2 and p.shape[0] <= 1), params)
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
 def make_optimizer(learning_rate: float | optax.Schedule, *, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-5,
