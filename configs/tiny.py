@@ -18,7 +18,7 @@ def get_config():
     config.batch_size = 16  # 16 x 128 = 2048 tokens per step
     config.learning_rate = 2e-3  # small models take a larger step
     config.warmup_steps = 30
-    config.num_train_steps = 600
+    config.num_train_steps = 500  # ~1M tokens, about 4 passes over the corpus
     config.log_every_steps = 20
     config.eval_every_steps = 200
     config.eval_batches = 8
