@@ -23,9 +23,6 @@ from train import common, loop
 from train import state as train_state
 from train.checkpoints import write_model_config
 
-config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/*.py).", lock_config=True)
-common.define_runtime_flags()
-
 
 def load_corpus(config) -> list[str]:
     data = config.data
@@ -132,5 +129,8 @@ def report(config, model, state, tokenizer, documents, history) -> None:
 
 
 if __name__ == "__main__":
+    # Flags are defined here, not at import, so tests can import several trainers together.
+    config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/*.py).", lock_config=True)
+    common.define_runtime_flags()
     logging.getLogger("absl").setLevel(logging.WARNING)
     app.run(common.run_main(train_and_evaluate))

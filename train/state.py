@@ -88,6 +88,11 @@ def state_from_params(params: Any, tx: optax.GradientTransformation, shardings: 
     return jax.jit(lambda p: TrainState.create(p, tx), out_shardings=shardings)(params)
 
 
+def global_norm(tree) -> jax.Array:
+    """sqrt(sum of squares) over a pytree (the norm that clipping uses), in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def _split_microbatches(batch: dict, n: int) -> dict:
     """[B, ...] -> [n, B/n, ...]; row i of micro-batch j is global row i * n + j, so that with the batch split
     contiguously over devices every micro-batch is still spread over all of them (no resharding)."""
@@ -130,7 +135,7 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, grad_accum_st
     metrics = {name: value / weight for name, value in aux.items() if name != "weight"}
     metrics["loss"] = loss_sum / weight
     metrics["weight"] = aux["weight"]
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = global_norm(grads)
     if learning_rate_fn is not None:
         metrics["learning_rate"] = learning_rate_fn(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
