@@ -1,0 +1,130 @@
+"""Interactive multi-turn chat with a Llama 2 chat model, streaming each reply as it is decoded.
+
+  python -m llama2_jax.chat --checkpoint=DIR --tokenizer=PATH [--system="You are a pirate."]
+      [--temperature=0.6 --top_p=0.9 --max_gen_len=N --seed=1 --chunk=16]
+
+The dialog history is kept and re-encoded every turn in Meta's format (chat.encode_dialog); when it no longer fits in
+max_seq_len the oldest (user, assistant) pairs are dropped (the system message stays). Replies are decoded `chunk`
+tokens per compiled call (generate.decode_steps), the KV cache staying on the device between calls, and printed as
+they come. Commands: /reset clears the history, /exit (or Ctrl-D) quits. A message containing Meta's special tags is
+answered with chat.UNSAFE_ERROR and not added to the history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from typing import Callable, Iterator, Optional, Sequence, TextIO
+
+import jax
+import jax.numpy as jnp
+
+from llama2_jax import chat
+from llama2_jax import generate as gen
+from llama2_jax.config import LlamaConfig
+
+MIN_REPLY_TOKENS = 64  # history is trimmed to leave min(this, max_gen_len) tokens for the reply
+DEFAULT_CHUNK = 16
+
+
+def reply_tokens(tokens, prompt_len: int, pos: int, max_gen_len: int, eos_id: int) -> list[int]:
+    """The reply so far: row tokens [prompt_len, min(pos, prompt_len + max_gen_len)), cut before the first EOS."""
+    row = [int(t) for t in tokens[prompt_len: min(pos, prompt_len + max_gen_len)]]
+    return row[: row.index(eos_id)] if eos_id in row else row
+
+
+def stream_reply(params: dict, cfg: LlamaConfig, tokenizer, dialog: chat.Dialog, *, rng,
+                 max_gen_len: Optional[int] = None, temperature: float = gen.DEFAULT_TEMPERATURE,
+                 top_p: float = gen.DEFAULT_TOP_P, chunk: int = DEFAULT_CHUNK) -> Iterator[str]:
+    """Yield the assistant's reply to `dialog` (ending with a user message) as text pieces, `chunk` tokens at a time.
+    The pieces concatenate to what `generate.chat_completion` answers for the same dialog and rng."""
+    prompt = chat.encode_dialog(tokenizer, dialog)
+    max_gen_len = cfg.max_seq_len - 1 if max_gen_len is None else max_gen_len
+    tokens, lens = gen.pad_prompts([prompt], gen.META_PAD_ID, cfg.max_seq_len)
+    state = gen.init_decode_jit(params, cfg, jnp.asarray(tokens), jnp.asarray(lens), gen.prng_key(rng),
+                                max_gen_len=max_gen_len, temperature=temperature, top_p=top_p,
+                                eos_id=tokenizer.eos_id)
+    shown = ""
+    while True:
+        pos, end, done = (int(x) for x in jax.device_get((state["pos"], state["end"], state["done"][0])))
+        finished = done or pos >= end
+        text = tokenizer.decode(reply_tokens(jax.device_get(state["tokens"][0]), len(prompt), pos, max_gen_len,
+                                             tokenizer.eos_id))
+        if not text.endswith("\ufffd") or finished:  # hold back a character whose bytes are still arriving
+            yield text[len(shown):]
+            shown = text
+        if finished:
+            return
+        state = gen.decode_steps_jit(params, cfg, state, max_steps=chunk)
+
+
+def fit_history(tokenizer, dialog: list[dict], max_prompt_len: int) -> list[dict]:
+    """Drop the oldest (user, assistant) pairs (never the system message or the last user message) until the
+    encoded dialog has at most max_prompt_len tokens. Raises ValueError when even the last message does not fit."""
+    system = dialog[:1] if dialog and dialog[0]["role"] == "system" else []
+    turns = dialog[len(system):]
+    while len(chat.encode_dialog(tokenizer, system + turns)) > max_prompt_len:
+        if len(turns) < 3:
+            raise ValueError(f"the message does not fit in {max_prompt_len} prompt tokens; send a shorter one")
+        turns = turns[2:]
+    return system + turns
+
+
+def run_repl(params: dict, cfg: LlamaConfig, tokenizer, *, system: Optional[str] = None, seed: int = 1,
+             max_gen_len: Optional[int] = None, temperature: float = gen.DEFAULT_TEMPERATURE,
+             top_p: float = gen.DEFAULT_TOP_P, chunk: int = DEFAULT_CHUNK,
+             read: Optional[Callable[[str], str]] = None, out: Optional[TextIO] = None) -> list[dict]:
+    """The chat loop: read a line (default `input`), answer it with a streamed reply (default to stdout). Returns the
+    final dialog (for tests)."""
+    read, out = read or input, out or sys.stdout
+    base = [{"role": "system", "content": system}] if system else []
+    dialog = list(base)
+    rng = jax.random.PRNGKey(seed)
+    print("Chat: /reset clears the history, /exit (or Ctrl-D) quits.", file=out)
+    for turn in itertools.count():
+        try:
+            line = read("user> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            dialog = list(base)
+            continue
+        if not line.strip():
+            continue
+        asked = dialog + [{"role": "user", "content": line}]
+        if chat.dialog_has_special_tags(asked):
+            print(f"assistant> {chat.UNSAFE_ERROR}", file=out)
+            continue
+        try:
+            asked = fit_history(tokenizer, asked, cfg.max_seq_len - min(max_gen_len or MIN_REPLY_TOKENS,
+                                                                        MIN_REPLY_TOKENS))
+        except ValueError as error:
+            print(f"error: {error}", file=out)
+            continue
+        print("assistant> ", end="", file=out, flush=True)
+        pieces = []
+        for piece in stream_reply(params, cfg, tokenizer, asked, rng=jax.random.fold_in(rng, turn),
+                                  max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, chunk=chunk):
+            print(piece, end="", file=out, flush=True)
+            pieces.append(piece)
+        print(file=out)
+        dialog = asked + [{"role": "assistant", "content": "".join(pieces)}]
+    return dialog
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llama2_jax.chat", description=__doc__.split("\n")[0])
+    gen.add_sampling_flags(parser)
+    parser.add_argument("--system", default=None, help="system message (Meta uses none by default)")
+    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="tokens decoded per compiled call")
+    args = parser.parse_args(argv)
+    params, cfg, tokenizer = gen.load_model(args.checkpoint, args.tokenizer)
+    run_repl(params, cfg, tokenizer, system=args.system, seed=args.seed, max_gen_len=args.max_gen_len,
+             temperature=args.temperature, top_p=args.top_p, chunk=args.chunk)
+
+
+if __name__ == "__main__":
+    main()
