@@ -1,0 +1,223 @@
+"""Reward-model data (spec E): preference pairs -> truncated token pairs -> Grain batches; held-out split; data mixes.
+
+Batch format (every array has the pair axis P first, so splitting the batch over processes, data-parallel devices or
+micro-batches never separates a chosen row from its rejected row):
+
+  tokens   int32   [P, 2, T]  [:, 0] = prompt + chosen response, [:, 1] = prompt + rejected; right-padded with 0
+  lengths  int32   [P, 2]     real tokens per sequence (the score is read at token lengths - 1: the answer's EOS)
+  rating   int32   [P]        index into RATINGS (0 significantly better .. 3 negligibly better), -1 = no rating
+  valid    float32 [P]        1 for a real pair, 0 for the padding pairs that fill the last eval batch
+
+Sequences are Meta's chat encoding of prompt + response (`preferences.encode_pair`): BOS [INST] ... [/INST] answer
+"▁" EOS, earlier turns included.
+
+Truncation to `max_len` tokens (`truncate_pair`; never silent: counted in `TruncationStats` and logged):
+  * the prompt loses tokens on the **left** (oldest turns first), keeping its first token (BOS);
+  * a response loses tokens on the **right** (then it has no EOS and is scored at its last kept token), and only when
+    it is so long that the prompt would keep fewer than min(len(prompt), max_len // 2) tokens.
+  Both sequences of a pair keep the same prompt tokens (the budget comes from the longer response), so the pair still
+  compares two answers to one context.
+
+Mixes (spec E "Data mix"), deterministic by seed, over pairs flagged with `is_safety`:
+  * "helpful": all helpfulness pairs (is_safety False) + an equal number sampled uniformly without replacement from
+    the rest (the safety pairs); all of them when there are fewer.
+  * "safety": all safety pairs + helpfulness pairs sampled so that safety : helpfulness = 90 : 10.
+  * "none": the pairs as read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import grain
+import numpy as np
+
+from llama2_jax import chat
+from llama2_jax.data.pipeline import split_documents
+from llama2_jax.data.preferences import RATINGS, PreferencePair
+
+Batch = dict[str, np.ndarray]
+PAD_ID = 0
+NO_RATING = -1
+_log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------- encoding
+
+
+class EncodedPair(NamedTuple):
+    chosen: np.ndarray  # int32 [n_c], at most max_len
+    rejected: np.ndarray  # int32 [n_r]
+    rating: int  # RATINGS index or -1
+
+
+@dataclasses.dataclass
+class TruncationStats:
+    """How many pairs lost prompt tokens (left) or response tokens (right) to max_len."""
+
+    pairs: int = 0
+    prompt_truncated: int = 0
+    response_truncated: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.pairs} pairs; truncated to max_len: prompt (left) in {self.prompt_truncated}, "
+                f"response (right) in {self.response_truncated}")
+
+
+def rating_index(rating: str | None) -> int:
+    return NO_RATING if rating is None else RATINGS.index(rating)
+
+
+def split_prompt_response(tokenizer, dialog: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """Chat tokens of a dialog ending with an assistant answer, split where the last answer starts (its tokens, "▁"
+    and EOS are the response; everything before, earlier turns included, is the prompt)."""
+    tokens, mask = chat.encode_dialog_for_training(tokenizer, list(dialog), train_on="last")
+    start = mask.index(1.0)
+    return tokens[:start], tokens[start:]
+
+
+def _keep_prompt(prompt: list[int], keep: int, bos_id: int | None) -> list[int]:
+    if keep >= len(prompt):
+        return list(prompt)
+    if bos_id is not None and prompt and prompt[0] == bos_id and keep > 1:
+        return [bos_id] + list(prompt[len(prompt) - keep + 1:])
+    return list(prompt[len(prompt) - keep:])
+
+
+def truncate_pair(prompt: list[int], responses: Sequence[list[int]], max_len: int,
+                  bos_id: int | None = None) -> tuple[list[list[int]], bool, bool]:
+    """prompt + each response, cut to at most max_len tokens by the rules in the module docstring.
+
+    Returns (sequences, prompt_truncated, response_truncated)."""
+    if max_len < 4:
+        raise ValueError(f"max_len must be at least 4, got {max_len}")
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest <= max_len:
+        return [list(prompt) + list(r) for r in responses], False, False
+    keep = max(max_len - longest, min(len(prompt), max_len // 2))
+    head = _keep_prompt(prompt, keep, bos_id)
+    room = max_len - len(head)
+    sequences = [head + list(r[:room]) for r in responses]
+    return sequences, len(head) < len(prompt), longest > room
+
+
+def _common_prompt(prompt_c, chosen, prompt_r, rejected):
+    """Re-split two sequences whose prompt tokens differ at their longest common prompt prefix."""
+    n = next((i for i, (a, b) in enumerate(zip(prompt_c, prompt_r)) if a != b), min(len(prompt_c), len(prompt_r)))
+    return prompt_c[:n], prompt_c[n:] + chosen, prompt_r[n:] + rejected
+
+
+def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], max_len: int) -> tuple[list[EncodedPair], TruncationStats]:
+    """Tokenize and truncate every pair; truncations are counted and logged."""
+    encoded, stats = [], TruncationStats()
+    for pair in pairs:
+        prompt, chosen = split_prompt_response(tokenizer, pair.prompt + [{"role": "assistant", "content": pair.chosen}])
+        prompt_r, rejected = split_prompt_response(
+            tokenizer, pair.prompt + [{"role": "assistant", "content": pair.rejected}])
+        if prompt_r != prompt:  # only where the answer boundary moved (chat.encode_turn_for_training's fallback)
+            prompt, chosen, rejected = _common_prompt(prompt, chosen, prompt_r, rejected)
+        (c, r), prompt_cut, response_cut = truncate_pair(prompt, [chosen, rejected], max_len, tokenizer.bos_id)
+        encoded.append(EncodedPair(np.asarray(c, np.int32), np.asarray(r, np.int32), rating_index(pair.rating)))
+        stats.pairs += 1
+        stats.prompt_truncated += prompt_cut
+        stats.response_truncated += response_cut
+    if stats.prompt_truncated or stats.response_truncated:
+        _log.warning("reward-model data: %s", stats.summary())
+    return encoded, stats
+
+
+# --------------------------------------------------------------------------------------------------------- batches
+
+
+def pair_row(pair: EncodedPair, max_len: int) -> Batch:
+    """One pair in the batch format (without the leading P axis)."""
+    tokens = np.full((2, max_len), PAD_ID, np.int32)
+    lengths = np.zeros((2,), np.int32)
+    for i, seq in enumerate((pair.chosen, pair.rejected)):
+        if len(seq) > max_len:
+            raise ValueError(f"a sequence of {len(seq)} tokens exceeds max_len={max_len}; encode with this max_len")
+        tokens[i, :len(seq)] = seq
+        lengths[i] = len(seq)
+    return {"tokens": tokens, "lengths": lengths, "rating": np.int32(pair.rating), "valid": np.float32(1.0)}
+
+
+def empty_row(max_len: int) -> Batch:
+    """A padding pair (valid 0): one pad token per sequence, no rating."""
+    return {"tokens": np.zeros((2, max_len), np.int32), "lengths": np.ones((2,), np.int32),
+            "rating": np.int32(NO_RATING), "valid": np.float32(0.0)}
+
+
+def stack_rows(rows: Sequence[Batch]) -> Batch:
+    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+
+
+def make_train_iterator(train_pairs: Sequence[EncodedPair], batch_size: int, max_len: int, seed: int,
+                        num_epochs: int | None = None) -> grain.DatasetIterator:
+    """Global training batches of `batch_size` pairs, reshuffled every epoch (seed), forever by default.
+
+    A Grain iterator: `get_state()` / `set_state()` save and restore the exact position. The last incomplete batch of
+    the stream is dropped (only matters with a finite `num_epochs`)."""
+    if len(train_pairs) < batch_size:
+        raise ValueError(f"{len(train_pairs)} training pairs are fewer than one batch of {batch_size}")
+    ds = grain.MapDataset.source(list(train_pairs)).shuffle(seed=seed % 2**32).repeat(num_epochs)
+    ds = ds.map(functools.partial(pair_row, max_len=max_len))
+    return iter(ds.to_iter_dataset().batch(batch_size, drop_remainder=True))
+
+
+def make_eval_batches(val_pairs: Sequence[EncodedPair], batch_size: int, max_len: int,
+                      max_batches: int | None = None) -> list[Batch]:
+    """Fixed held-out batches (same on every call); the last one is filled with padding pairs (valid 0)."""
+    rows = [pair_row(p, max_len) for p in val_pairs[: None if max_batches is None else max_batches * batch_size]]
+    rows += [empty_row(max_len)] * (-len(rows) % batch_size)
+    return [stack_rows(rows[b:b + batch_size]) for b in range(0, len(rows), batch_size)]
+
+
+def split_pairs(pairs: Sequence, val_fraction: float) -> tuple[list, list]:
+    """(train, held-out): the held-out pairs are spread evenly over the input and do not depend on the seed
+    (`pipeline.split_documents`); at least one pair when val_fraction > 0."""
+    train, val = split_documents(pairs, val_fraction)
+    return list(train), list(val)
+
+
+# ------------------------------------------------------------------------------------------------------------ mixes
+
+
+def _sample(pairs: Sequence[PreferencePair], n: int, rng: np.random.Generator, what: str) -> list[PreferencePair]:
+    if n > len(pairs):
+        _log.warning("data mix wants %d %s pairs but only %d exist: taking all of them", n, what, len(pairs))
+        n = len(pairs)
+    return [pairs[i] for i in sorted(rng.choice(len(pairs), size=n, replace=False))]
+
+
+def helpful_mix(pairs: Sequence[PreferencePair], seed: int) -> list[PreferencePair]:
+    """Helpfulness RM mix: every helpfulness pair + as many sampled uniformly from the rest (safety pairs)."""
+    helpful = [p for p in pairs if not p.is_safety]
+    rest = [p for p in pairs if p.is_safety]
+    return helpful + _sample(rest, len(helpful), np.random.default_rng(seed), "safety")
+
+
+def safety_mix(pairs: Sequence[PreferencePair], seed: int, safety_share: float = 0.9) -> list[PreferencePair]:
+    """Safety RM mix: every safety pair + helpfulness pairs sampled so that safety makes `safety_share` (90 %)."""
+    if not 0.0 < safety_share <= 1.0:
+        raise ValueError(f"safety_share must be in (0, 1], got {safety_share}")
+    safety = [p for p in pairs if p.is_safety]
+    helpful = [p for p in pairs if not p.is_safety]
+    n_helpful = round(len(safety) * (1.0 - safety_share) / safety_share)
+    return safety + _sample(helpful, n_helpful, np.random.default_rng(seed), "helpfulness")
+
+
+MIXES: dict[str, Callable[[Sequence[PreferencePair], int], list[PreferencePair]]] = {
+    "none": lambda pairs, seed: list(pairs),
+    "helpful": helpful_mix,
+    "safety": safety_mix,
+}
+
+
+def apply_mix(name: str, pairs: Sequence[PreferencePair], seed: int) -> list[PreferencePair]:
+    if name not in MIXES:
+        raise ValueError(f"unknown data mix {name!r}; known: {', '.join(MIXES)}")
+    return MIXES[name](pairs, seed)

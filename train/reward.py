@@ -1,0 +1,278 @@
+r"""Reward-model training (spec E): `python -m train.reward --config=configs/rm_tiny.py --workdir=DIR
+[--config.init_from=PRETRAINED --config.data.path=PAIRS.jsonl]`.
+
+Pairs -> mix -> held-out split -> chat encoding truncated to seq_len (llama2_jax.data.rm) -> the shared train step with
+`reward_model.pairwise_loss` -> the shared loop (eval on the held-out split, checkpoints, metrics.jsonl).
+
+* Model: the architecture comes from `init_from`'s llama_config.json when set (its `output` head is dropped and a
+  scalar head added); dtype, param_dtype, scan_layers, remat_policy, attention_impl and max_seq_len come from
+  config.model. Without init_from: a random model from config.model.
+* Tokenizer: config.tokenizer.path, else `tokenizer.model` in the init_from dir, else one trained on the pairs' text
+  and cached in the workdir. It is copied to WORKDIR/tokenizer.model so the RM workdir is self-contained.
+* Steps: with config.num_epochs set (not None), num_train_steps = floor(num_epochs * train pairs / batch_size) (at
+  least 1), computed at run time from the data; warmup = max(min_warmup_steps, round(warmup_fraction * steps)) when
+  warmup_fraction > 0 (the paper: 3 %, minimum 5), else config.warmup_steps.
+* Metrics: loss, accuracy (r_c > r_r), margin (mean r_c - r_r), score_chosen/rejected, and per rating level
+  n_L / correct_L (as shares of all pairs, since the loop divides every sum by the pair count) from which
+  accuracy_L = correct_L / n_L is added to the returned history and written, for the last eval, to
+  WORKDIR/rm_eval.json with pair counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from absl import app
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from llama2_jax import checkpoint as param_checkpoint
+from llama2_jax import losses
+from llama2_jax import reward_model as rm_model
+from llama2_jax import sharding as sh
+from llama2_jax.data import rm as rm_data
+from llama2_jax.data.preferences import read_preferences
+from llama2_jax.model import abstract_params
+from llama2_jax.tokenizer import TOKENIZER_FILENAME, Tokenizer, check_vocab, load_or_train_tokenizer
+from train import common, loop
+from train import state as train_state
+from train.checkpoints import write_model_config
+
+config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/rm_*.py).", lock_config=True)
+common.define_runtime_flags()
+
+# Runtime/numerics fields taken from config.model even when the architecture comes from init_from.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "max_seq_len")
+EVAL_FILE = "rm_eval.json"
+
+
+@dataclasses.dataclass
+class RMData:
+    train_iter: common.ProcessRows
+    eval_batches: Callable[[], list]
+    n_train: int
+    n_eval: int  # held-out pairs actually evaluated (eval_batches may cap them)
+    truncation: rm_data.TruncationStats
+
+
+def check_fields(config) -> None:
+    """One-line ConfigErrors for the RM-specific fields, before anything is read or compiled."""
+    if config.margin_table not in losses.MARGIN_TABLES:
+        raise common.ConfigError(f"config.margin_table={config.margin_table!r}; known: "
+                                 f"{', '.join(losses.MARGIN_TABLES)}")
+    if config.data.mix not in rm_data.MIXES:
+        raise common.ConfigError(f"config.data.mix={config.data.mix!r}; known: {', '.join(rm_data.MIXES)}")
+    if config.num_epochs is not None and not config.num_epochs > 0:
+        raise common.ConfigError(f"config.num_epochs={config.num_epochs} must be > 0 (None = use num_train_steps)")
+    if not 0.0 <= config.warmup_fraction < 1.0:
+        raise common.ConfigError(f"config.warmup_fraction={config.warmup_fraction} must be in [0, 1)")
+    if config.head_init_std < 0:
+        raise common.ConfigError(f"config.head_init_std={config.head_init_std} must be >= 0")
+    if not config.data.path and not config.data.safety_path:
+        raise common.ConfigError("config.data.path: no preference file given (also none in config.data.safety_path)")
+
+
+def resolve_model_config(config):
+    """config.model, or init_from's architecture with config.model's runtime fields."""
+    model_cfg = common.model_config(config)
+    if not config.init_from:
+        return model_cfg
+    try:
+        stored = param_checkpoint.load_config(config.init_from)
+    except (ValueError, FileNotFoundError) as error:
+        raise common.ConfigError(f"config.init_from: {error}") from None
+    return stored.replace(**{name: getattr(model_cfg, name) for name in RUNTIME_FIELDS})
+
+
+def _paths(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def load_pairs(config) -> list:
+    """Every file of data.path (is_safety from data.is_safety or the records) and data.safety_path (is_safety True),
+    then the configured mix (deterministic by config.seed)."""
+    data, pairs = config.data, []
+    sources = [(p, data.is_safety) for p in _paths(data.path)] + [(p, True) for p in _paths(data.safety_path)]
+    try:
+        for path, is_safety in sources:
+            pairs += read_preferences(path, data.format, on_error=data.on_error, is_safety=is_safety)[0]
+        return rm_data.apply_mix(data.mix, pairs, config.seed)
+    except (ValueError, FileNotFoundError) as error:
+        raise common.ConfigError(f"config.data: {error}") from None
+
+
+def _pair_texts(pairs):
+    for pair in pairs:
+        yield "\n".join(m["content"] for m in pair.prompt)
+        yield pair.chosen
+        yield pair.rejected
+
+
+def load_tokenizer(config, workdir: str, pairs, vocab_size: int) -> Tokenizer:
+    """config.tokenizer.path, init_from's tokenizer.model, or one trained on the pairs (cached in the workdir)."""
+    try:
+        inherited = os.path.join(config.init_from, TOKENIZER_FILENAME) if config.init_from else ""
+        path = config.tokenizer.path or (inherited if inherited and os.path.isfile(inherited) else "")
+        if path:
+            tokenizer = Tokenizer(path)
+        else:
+            if jax.process_index() == 0:
+                load_or_train_tokenizer(workdir, _pair_texts(pairs), vocab_size)
+            multihost_utils.sync_global_devices("tokenizer trained")
+            tokenizer = load_or_train_tokenizer(workdir, _pair_texts(pairs), vocab_size)
+        check_vocab(tokenizer, vocab_size)
+    except (ValueError, FileNotFoundError) as error:
+        raise common.ConfigError(f"config.tokenizer: {error}") from None
+    target = os.path.join(workdir, TOKENIZER_FILENAME)
+    if jax.process_index() == 0 and os.path.abspath(tokenizer.model_path) != os.path.abspath(target):
+        os.makedirs(workdir, exist_ok=True)
+        shutil.copyfile(tokenizer.model_path, target)
+    return tokenizer
+
+
+def make_data(config, pairs, tokenizer) -> RMData:
+    """Split, encode (truncation counted), and build this process's train iterator and eval batches."""
+    try:
+        train_pairs, val_pairs = rm_data.split_pairs(pairs, config.data.val_fraction)
+        train_enc, train_stats = rm_data.encode_pairs(tokenizer, train_pairs, config.seq_len)
+        val_enc, val_stats = rm_data.encode_pairs(tokenizer, val_pairs, config.seq_len)
+    except ValueError as error:
+        raise common.ConfigError(f"config.data: {error}") from None
+    if len(train_enc) < config.batch_size:
+        raise common.ConfigError(f"config.batch_size ({config.batch_size} pairs) exceeds the {len(train_enc)} "
+                                 "training pairs")
+    stats = rm_data.TruncationStats(*(a + b for a, b in zip(dataclasses.astuple(train_stats),
+                                                             dataclasses.astuple(val_stats))))
+    train_iter = rm_data.make_train_iterator(train_enc, config.batch_size, config.seq_len, config.seed)
+    eval_list = rm_data.make_eval_batches(val_enc, config.batch_size, config.seq_len, config.eval_batches or None)
+    index, count = jax.process_index(), jax.process_count()
+    local_eval = [next(common.ProcessRows(iter([b]), index, count)) for b in eval_list]
+    n_eval = int(sum(b["valid"].sum() for b in eval_list))
+    return RMData(common.ProcessRows(train_iter, index, count), lambda: list(local_eval), len(train_enc), n_eval,
+                  stats)
+
+
+def schedule_steps(config, n_train: int) -> tuple[int, int]:
+    """(num_train_steps, warmup_steps) from num_epochs / warmup_fraction (see the module docstring)."""
+    steps = config.num_train_steps
+    if config.num_epochs is not None:
+        steps = max(1, int(config.num_epochs * n_train // config.batch_size))
+    warmup = config.warmup_steps
+    if config.warmup_fraction > 0:
+        warmup = max(config.min_warmup_steps, round(config.warmup_fraction * steps))
+    return steps, min(warmup, steps)
+
+
+def init_reward_state(config, model_cfg, mesh, tx):
+    """Sharded TrainState: random init, or the init_from Llama's trunk (loaded onto its shardings) + a new head."""
+    model = rm_model.RewardModel(model_cfg, config.head_init_std)
+    tokens, lengths = jnp.zeros((1, 8), jnp.int32), jnp.ones((1,), jnp.int32)
+    rng = jax.random.PRNGKey(config.seed)
+    init_fn = functools.partial(lambda r: model.init(r, tokens, lengths)["params"], rng)
+    if not config.init_from:
+        return train_state.create_train_state(init_fn, tx, mesh)
+    shardings = train_state.state_shardings(jax.eval_shape(init_fn), tx, mesh)
+    llama_shardings = sh.tree_shardings(abstract_params(model_cfg, boxed=True), mesh)
+    try:
+        llama_params, _ = param_checkpoint.load_params(config.init_from, model_cfg, shardings=llama_shardings)
+    except (ValueError, FileNotFoundError) as error:
+        raise common.ConfigError(f"config.init_from: {error}") from None
+    params = rm_model.init_reward_params_from_llama(llama_params, jax.random.fold_in(rng, 1), config.head_init_std)
+    return train_state.state_from_params(params, tx, shardings), shardings
+
+
+def jit_steps(loss_fn, shardings, mesh, grad_accum_steps: int, schedule):
+    """The shared train_step / eval_step, jitted as `train_state.jit_train_step` / `jit_eval_step` do, except that the
+    batch sharding is P(("data", "fsdp")) for every entry: valid for any rank, as the pair batch has [P] entries
+    (rating, valid) next to [P, 2] and [P, 2, T] ones (the shared helpers' rank-2 spec rejects rank-1 arrays)."""
+    batch = sh.batch_sharding(mesh, 1)
+    step = functools.partial(train_state.train_step, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps,
+                             learning_rate_fn=schedule)
+    train_step = jax.jit(step, in_shardings=(shardings, batch), out_shardings=(shardings, sh.replicated(mesh)),
+                         donate_argnums=0)
+    eval_step = jax.jit(functools.partial(train_state.eval_step, loss_fn=loss_fn),
+                        in_shardings=(shardings.params, batch), out_shardings=sh.replicated(mesh))
+    return train_step, eval_step
+
+
+def with_rating_tables(history: list[dict]) -> list[dict]:
+    """Adds accuracy_L (train records) and eval_accuracy_L (eval records) = correct_L / n_L to every record."""
+    out = []
+    for record in history:
+        prefix = "eval_" if "eval_accuracy" in record else ""
+        out.append({**record, **rm_model.per_rating_accuracy(record, prefix)})
+    return out
+
+
+def eval_summary(record: dict, data: RMData) -> dict:
+    """The last eval as a table: overall and per rating level, with pair counts."""
+    levels = {}
+    for level in rm_model.RATING_LEVELS:
+        n = round(record.get(f"eval_n_{level}", 0.0) * data.n_eval)
+        if n:
+            levels[level] = {"pairs": n, "accuracy": record[f"eval_accuracy_{level}"]}
+    return {"step": record["step"], "eval_pairs": data.n_eval, "train_pairs": data.n_train,
+            "accuracy": record["eval_accuracy"], "loss": record["eval_loss"], "mean_margin": record["eval_margin"],
+            "per_rating": levels, "truncation": dataclasses.asdict(data.truncation)}
+
+
+def report(workdir: str, history: list[dict], data: RMData) -> dict | None:
+    evals = [h for h in history if "eval_accuracy" in h]
+    if not evals:
+        return None
+    summary = eval_summary(evals[-1], data)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, EVAL_FILE), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"held-out: accuracy {summary['accuracy']:.4f} on {summary['eval_pairs']} pairs, loss "
+              f"{summary['loss']:.4f}, mean margin {summary['mean_margin']:.4f}")
+        for level, row in summary["per_rating"].items():
+            print(f"  {level:20s} {row['pairs']:6d} pairs  accuracy {row['accuracy']:.4f}")
+    return summary
+
+
+def train_and_evaluate(config, workdir: str):
+    """Train a reward model; returns (final state, logged metrics with per-rating accuracies)."""
+    check_fields(config)
+    model_cfg = resolve_model_config(config)
+    mesh = common.make_mesh(config)
+    common.check_batch(config, mesh, model_cfg, config.seq_len)
+    pairs = load_pairs(config)
+    tokenizer = load_tokenizer(config, workdir, pairs, model_cfg.vocab_size)
+    data = make_data(config, pairs, tokenizer)
+    if jax.process_index() == 0:
+        print(f"reward-model data: {data.n_train} train / {len(pairs) - data.n_train} held-out pairs; "
+              f"{data.truncation.summary()}")
+    write_model_config(workdir, model_cfg)
+
+    steps, warmup = schedule_steps(config, data.n_train)
+    resolved = config.copy_and_resolve_references()
+    resolved.num_train_steps, resolved.warmup_steps = steps, warmup
+    tx, schedule = common.make_tx(resolved, steps)
+    state, shardings = init_reward_state(config, model_cfg, mesh, tx)
+    model = rm_model.RewardModel(model_cfg, config.head_init_std)
+    loss_fn = functools.partial(rm_model.pairwise_loss, model=model, margin_table=config.margin_table)
+    step, eval_step = jit_steps(loss_fn, shardings, mesh, config.grad_accum_steps, schedule)
+
+    # FLOPs per (padded) token: the LM's, minus the vocabulary projection the reward model does not have.
+    flops = model_cfg.flops_per_token(config.seq_len) - 6.0 * model_cfg.vocab_size * model_cfg.dim
+    state, history = loop.run_loop(
+        settings=loop.LoopSettings.from_config(resolved), workdir=workdir, mesh=mesh, state=state,
+        shardings=shardings, train_step=step, train_iter=data.train_iter, eval_step=eval_step,
+        eval_batches=data.eval_batches, tokens_per_step=2 * config.batch_size * config.seq_len, flops_per_token=flops)
+    history = with_rating_tables(history)
+    report(workdir, history, data)
+    return state, history
+
+
+if __name__ == "__main__":
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    app.run(common.run_main(train_and_evaluate))
