@@ -1,0 +1,67 @@
+r"""Rejection-sampling fine-tuning (paper section 3.2.3, spec F) for a 7B policy.
+
+    python -m train.rejection_sampling --config=configs/rs_7b.py --workdir=DIR --config.init_from=POLICY \
+        --config.reward.helpful_path=RM_HELPFUL --config.reward.safety_path=RM_SAFETY --config.prompts.path=FILE
+
+Per iteration: K samples per prompt from the current policy -> reward models -> the best per prompt, pooled with the
+best of every earlier iteration -> SFT of the current policy on the pool (see train/rejection_sampling.py).
+
+* The paper ran RS with the 70B only and fine-tuned the smaller models on its samples (distillation: `train.sft`
+  on WORKDIR/iter_<i>/pool.jsonl). It gives no K (its figures go to N = 100), no generation length and no SFT
+  settings for RS; the choices below are marked as such.
+* Architecture and tokenizer come from init_from (its llama_config.json and tokenizer.model); config.model gives the
+  numerics only (train.sft.MODEL_OVERRIDES), also for the reward models.
+* Rows: one jitted sample+score call takes `sampling.batch_size` rows = (prompt, sample) pairs; its KV cache is
+  rows x (max_prompt_len + max_gen_len) x 32 layers x 2 x 4096 x 2 bytes = 64 x 2048 x 512 KiB = 64 GiB for 7B,
+  split over the data-parallel devices.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import base, sft_7b
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.model = base.model_config("7b")  # numerics only: the architecture comes from init_from
+    config.model.dtype = "bfloat16"  # compute dtype of sampling and scoring
+    config.model.scan_layers = True  # one compiled block for all layers (also for the reward models)
+    config.model.remat_policy = "none"  # no gradients while sampling (the SFT step uses config.sft.model)
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = 1  # pure data parallelism
+    config.mesh.fsdp = -1  # params sharded over the remaining devices; sampling rows split over data x fsdp
+    config.mesh.tensor = 1  # tensor parallelism inside heads and the MLP
+    config.seed = 0  # sampling RNG (folded with the iteration and the batch) and the SFT data order
+
+    config.init_from = ""  # required: the policy to sample from (SFT or previous RLHF checkpoint / workdir)
+    config.tokenizer = ml_collections.ConfigDict()
+    config.tokenizer.path = ""  # "" = INIT_FROM/tokenizer.model
+
+    config.reward = ml_collections.ConfigDict()
+    config.reward.helpful_path = ""  # Helpfulness RM workdir (train.reward); "" = use the safety RM alone
+    config.reward.safety_path = ""  # Safety RM workdir; "" = use the helpful RM alone
+    config.reward.safety_threshold = 0.15  # paper: Rc = Rs if is_safety(prompt) or Rs < 0.15, else Rh
+
+    config.prompts = ml_collections.ConfigDict()
+    config.prompts.path = ""  # JSONL {"prompt": str | [messages], "is_safety": bool} or a preference file
+    config.prompts.format = "auto"  # auto | prompts | jsonl | hh | hh_prompt | oasst_pairs (preferences' formats)
+    config.prompts.is_safety = config_dict.placeholder(bool)  # None = the records' tags; true/false = force
+    config.prompts.on_error = "raise"  # malformed records: raise (file:line) | skip (counted and logged)
+    config.prompts.max_prompts = 0  # use the first N prompts that fit in max_prompt_len; 0 = all
+    config.prompts.max_prompt_len = 1024  # longer prompts are dropped (counted); also the padded prompt width
+
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.num_samples = 10  # K per prompt; not given in the paper (its best-of-N figures use 1..100)
+    config.sampling.temperature = 1.2  # paper (Fig. 8): best T for 10-100 samples from an RLHF model is 1.2-1.3
+    config.sampling.top_p = 1.0  # plain temperature sampling (the paper's temperature study names no top-p)
+    config.sampling.max_gen_len = 1024  # not stated for RS; the paper's human evaluations allow 1000 new tokens
+    config.sampling.batch_size = 64  # (prompt, sample) rows per compiled sample+score call (see the KV-cache note)
+
+    config.iterations = 2  # RS rounds in this run; the pool of best answers carries over between them
+
+    config.sft = sft_7b.get_config()  # the SFT recipe (LR 2e-5 cosine, batch 64 x 4096, 2 epochs) for the pool;
+    config.sft.data.val_fraction = 0.02  # the paper gives no RS fine-tuning settings; init_from/data/tokenizer are
+    config.sft.eval_at_start = True  # filled in per iteration (the current policy, the pool, the policy's tokenizer)
+    return config

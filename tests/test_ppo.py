@@ -1,0 +1,147 @@
+"""PPO: the action mask, chunked mapping, config errors, the per-token value model, and a tiny end-to-end run with a
+stand-in reward model that prefers a visible property (response tokens from a fixed set): the mean reward rises over
+a few iterations while the KL to π0 stays bounded, and the policy checkpoint is a valid init_from."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_rejection_sampling import CFG, llama_params, make_tokenizer, save_policy
+
+from configs import ppo_7b, ppo_tiny
+from llama2_jax import checkpoint
+from llama2_jax import reward_model as rm_model
+from llama2_jax import value_model as vm
+from train import common
+from train import ppo
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+TARGET = (jnp.arange(CFG.vocab_size) % 8) == 3  # the "visible property": 1 in 8 token ids
+
+
+def prefers_target_tokens(params, tokens, lengths):
+    """Stand-in reward model: sigmoid of the share of target tokens in prompt + response (params unused)."""
+    real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    share = jnp.sum(TARGET[tokens] & real, axis=1) / lengths
+    return jax.nn.sigmoid(8.0 * share - 2.0)
+
+
+def constant_safety(params, tokens, lengths):
+    return jnp.full(tokens.shape[:1], 0.9)  # >= 0.15 and no prompt tagged: the combined score is the helpful one
+
+
+def test_action_mask_covers_the_response_and_the_generated_eos():
+    tokens = jnp.array([[1, 5, 6, 7, 2, -1], [1, 5, 7, 8, 9, 9], [1, 5, 6, 2, -1, -1]])
+    mask = ppo.action_mask(tokens, jnp.array([2, 2, 3]), jnp.array([2, 3, 0]), eos_id=2)
+    # row 0: tokens 2, 3 (response) and 4 (EOS) are actions -> positions 1..3; row 1: cut at max_gen_len, no EOS
+    # row 2: an immediate EOS is the only action (position 2)
+    np.testing.assert_array_equal(mask, [[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0]])
+
+
+def test_map_chunks_matches_one_call():
+    x = {"a": jnp.arange(24.0).reshape(8, 3), "b": jnp.arange(8)}
+    fn = lambda t: {"s": t["a"].sum(axis=1) * t["b"], "c": t["a"] * 2}  # noqa: E731
+    whole, chunked = fn(x), ppo.map_chunks(fn, x, rows=2)
+    assert all(np.array_equal(whole[k], chunked[k]) for k in whole)
+
+
+def test_value_model_equals_the_reward_model_at_each_position():
+    params = rm_model.init_reward_params_from_llama(llama_params(CFG, 0), jax.random.PRNGKey(1), 0.5)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, CFG.vocab_size)
+    values = jax.jit(vm.token_values, static_argnums=1)(params, CFG, tokens)
+    scores = jax.jit(rm_model.score_tokens, static_argnums=1)
+    for t in (0, 4, 8):
+        np.testing.assert_allclose(values[:, t], scores(params, CFG, tokens, jnp.array([t + 1] * 2)),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_configs_carry_the_paper_settings_and_bad_fields_are_one_line_errors(tmp_path):
+    config = ppo_7b.get_config()
+    assert (config.batch_size, config.minibatch_size, config.learning_rate, config.beta, config.clip_ratio) == (
+        512, 64, 1e-6, 0.01, 0.2)
+    assert (config.adam_b1, config.adam_b2, config.adam_eps, config.weight_decay, config.grad_clip) == (
+        0.9, 0.95, 1e-5, 0.1, 1.0)
+    config.reward.helpful_path = "/rm"
+    assert ppo.value_init_path(config) == "/rm"  # InstructGPT: the value model starts from the (helpful) RM
+    config.value.init_from = "policy"
+    assert ppo.value_init_path(config) == "" and config.reward.helpful_path == "/rm"
+    config.value.init_from, config.reward.safety_path = "safety_rm", ""
+    with pytest.raises(common.ConfigError, match=r"^config.value.init_from='safety_rm' but config.reward.safety_path"):
+        ppo.value_init_path(config)
+    config = ppo_tiny.get_config()
+    config.init_from = str(save_policy(tmp_path / "policy", _tokenizer_stub(tmp_path)))
+    config.minibatch_size = 5
+    with pytest.raises(common.ConfigError, match=r"^config.batch_size \(16\) must be a positive multiple of "):
+        ppo.train_and_evaluate(config, str(tmp_path / "w"))
+    config.minibatch_size, config.sampling.max_gen_len = 8, 60
+    with pytest.raises(common.ConfigError, match=r"max_gen_len \+ 1 exceeds the policy's max_seq_len 64"):
+        ppo.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def _tokenizer_stub(tmp_path):
+    class Stub:
+        model_path = str(tmp_path / "none.model")
+
+    (tmp_path / "none.model").write_bytes(b"")
+    return Stub()
+
+
+# ------------------------------------------------------------------------------------------------------ end to end
+
+
+def write_prompts(path, n):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"why the cat {i}", "is_safety": False}) + "\n")
+    return path
+
+
+def tiny_config(tmp_path, tokenizer):
+    config = ppo_tiny.get_config()
+    config.init_from = str(save_policy(tmp_path / "policy", tokenizer))
+    config.prompts.path = str(write_prompts(tmp_path / "prompts.jsonl", 20))
+    config.prompts.max_prompt_len, config.prompts.val_fraction = 24, 0.2
+    config.sampling.max_gen_len = 16
+    config.mesh.data, config.mesh.fsdp = -1, 1  # the 8 simulated devices, data parallel
+    config.batch_size, config.minibatch_size, config.rollout_chunk_size = 32, 8, 16
+    config.learning_rate, config.value.learning_rate, config.value.init_from = 1e-2, 3e-3, "policy"
+    config.beta = 0.1  # a 2-layer random model drifts fast at this LR: a firmer leash than the 7B's 0.01
+    config.iterations, config.eval_every_iterations, config.checkpoint_every_iterations = 12, 6, 6
+    config.async_checkpoints = False
+    return config
+
+
+@pytest.mark.slow
+def test_tiny_ppo_raises_the_reward_with_bounded_kl(tmp_path, tokenizer):
+    config = tiny_config(tmp_path, tokenizer)
+    work = tmp_path / "ppo"
+    history = ppo.train_and_evaluate(config, str(work), score_fns={"helpful": prefers_target_tokens,
+                                                                   "safety": constant_safety},
+                                     reward_params={"helpful": None, "safety": None})
+
+    rewards = [h["reward_combined"] for h in history]
+    kls = [h["kl"] for h in history]
+    assert [h["iteration"] for h in history] == list(range(1, 13))
+    assert abs(kls[0]) < 1e-4  # π = π0 at the first rollout
+    assert np.mean(rewards[-2:]) > rewards[0] + 0.15, rewards  # measured: 0.20 -> 0.65
+    assert max(kls) < 30.0, kls  # nats per response of <= 17 actions (measured: 16 at iteration 12)
+    assert all(h["reward_helpful"] == h["reward_combined"] for h in history)  # Rs = 0.9, untagged: Rc = Rh
+    last = history[-1]
+    for key in ("policy_loss", "value_loss", "policy_clipfrac", "entropy", "response_length",
+                "generation_tokens_per_s", "training_tokens_per_s", "eval_reward_combined"):
+        assert np.isfinite(last[key]), key
+    assert last["policy_step"] == 12 * 4 and 0 <= last["policy_clipfrac"] <= 1
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+
+    params, cfg = checkpoint.load_params(work)  # the workdir is an init_from for the next round
+    assert cfg == checkpoint.load_config(config.init_from).replace(scan_layers=False, remat_policy="none")
+    assert (work / "tokenizer.model").is_file() and sorted(p.name for p in (work / "checkpoints").iterdir()) == [
+        "24", "48"]
+    assert not np.allclose(params["output"], llama_params(CFG, 0)["output"])

@@ -1,0 +1,184 @@
+"""Rejection sampling: prompt readers, the scoring sequence, the pool across iterations, and a tiny end-to-end run
+(random policy, a random reward-model checkpoint) whose best-of-K curve rises with K and whose pool keeps the best
+answer per prompt across iterations."""
+
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import rs_7b, rs_tiny
+from llama2_jax import checkpoint, rlhf
+from llama2_jax import reward_model as rm_model
+from llama2_jax.config import LlamaConfig
+from llama2_jax.model import Llama
+from llama2_jax.tokenizer import train_tokenizer
+from train import common
+from train import rejection_sampling as rs
+
+CFG = LlamaConfig(vocab_size=384, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
+                  dtype="float32")
+WORDS = "the a cat dog safe help answer question please thanks why how what no yes sorry can you I".split()
+
+
+def make_tokenizer(directory):
+    """A SentencePiece tokenizer with CFG's vocabulary, trained on random sentences of WORDS (~1 s)."""
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=12)) + f" {i}." for i in range(400)] + ["[INST] <<SYS>> [/INST]"]
+    return train_tokenizer(texts, directory / "spm", CFG.vocab_size, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@functools.lru_cache(maxsize=None)
+def llama_params(cfg, seed):
+    """Random Llama params (cached: initialising even a tiny model compiles for seconds on a loaded CPU)."""
+    init = jax.jit(lambda rng: nn.unbox(Llama(cfg).init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))
+    return init(jax.random.PRNGKey(seed))
+
+
+def save_policy(path, tokenizer, seed=0):
+    checkpoint.save_params(path, llama_params(CFG, seed), CFG)
+    (path / "tokenizer.model").write_bytes(open(tokenizer.model_path, "rb").read())
+    return path
+
+
+def save_reward_model(path, seed=1, head_init_std=0.5):
+    """A random reward model in the layout train.reward writes (llama_config.json + params/)."""
+    params = rm_model.init_reward_params_from_llama(llama_params(CFG, seed), jax.random.PRNGKey(seed), head_init_std)
+    with ocp.StandardCheckpointer() as saver:
+        saver.save((path / "params").absolute(), jax.device_get(params))
+    (path / "llama_config.json").write_text(json.dumps(CFG.to_dict()))
+    return path
+
+
+def write_prompts(path, n):
+    with open(path, "w") as f:
+        for i in range(n):
+            prompt = f"why the cat {i}" if i % 3 else [{"role": "system", "content": "be safe"},
+                                                     {"role": "user", "content": f"how can you help {i}"}]
+            f.write(json.dumps({"prompt": prompt, "is_safety": i % 2 == 0}) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------- pieces
+
+
+def test_prompt_files_and_preference_files(tmp_path):
+    prompts = rs.read_prompts(str(write_prompts(tmp_path / "p.jsonl", 4)))
+    assert [p.is_safety for p in prompts] == [True, False, True, False]
+    assert prompts[0].messages[0]["role"] == "system" and prompts[1].messages == [
+        {"role": "user", "content": "why the cat 1"}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": q, "chosen": "yes", "rejected": "no"}) + "\n"
+                             for q in ("a?", "b?", "a?")))
+    from_pairs = rs.read_prompts(str(pairs), is_safety=True)
+    assert [p.messages[0]["content"] for p in from_pairs] == ["a?", "b?"] and all(p.is_safety for p in from_pairs)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "is_safety": "yes"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: 'is_safety' is str"):
+        rs.read_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_scoring_sequence_appends_eos_after_the_kept_response():
+    tokens = jnp.array([[5, 6, 7, 2, -1, -1], [5, 7, 8, 9, 9, 9]])  # row 0 ended (EOS); row 1 cut at max_gen_len 3
+    ids, lengths = rs.scoring_sequences(tokens, jnp.array([2, 2]), jnp.array([1, 3]), eos_id=2)
+    np.testing.assert_array_equal(ids, [[5, 6, 7, 2, 0, 0, 0], [5, 7, 8, 9, 9, 2, 0]])
+    np.testing.assert_array_equal(lengths, [4, 6])
+
+
+def test_combined_score_uses_the_piecewise_rule_with_two_models_and_the_one_model_otherwise():
+    fns = {"helpful": lambda p, t, n: jnp.full(t.shape[:1], p), "safety": lambda p, t, n: jnp.array([0.1, 0.9, 0.9])}
+    tokens, lengths = jnp.zeros((3, 4), jnp.int32), jnp.ones((3,), jnp.int32)
+    both = rs.score_sequences(fns, {"helpful": 0.7, "safety": None}, tokens, lengths, jnp.array([False, False, True]))
+    np.testing.assert_allclose(both["combined"], [0.1, 0.7, 0.9])
+    one = rs.score_sequences({"helpful": fns["helpful"]}, {"helpful": 0.7}, tokens, lengths, jnp.array([1, 1, 1]))
+    np.testing.assert_allclose(one["combined"], [0.7] * 3)
+
+
+def test_pool_keeps_the_best_answer_per_prompt_across_iterations(tokenizer):
+    prompts = [rs.Prompt([{"role": "user", "content": "q"}]), rs.Prompt([{"role": "user", "content": "r"}])]
+    answer = tokenizer.encode("yes")
+    first = {"responses": [[answer, []], [[], answer]], "scores": {"combined": np.array([[0.9, 0.1], [0.2, 0.3]])}}
+    pool = rs.update_pool({}, prompts, tokenizer, first, iteration=0)
+    second = {"responses": [[[], []], [answer, answer]], "scores": {"combined": np.array([[0.5, 0.4], [0.8, 0.1]])}}
+    pool = rs.update_pool(pool, prompts, tokenizer, second, iteration=1)
+    assert [(pool[p]["iteration"], pool[p]["reward"]) for p in (0, 1)] == [(0, pytest.approx(0.9)),
+                                                                              (1, pytest.approx(0.8))]
+    assert pool[0]["messages"][-1] == {"role": "assistant", "content": "yes"} and pool[0]["train_on"] == "last"
+
+
+def test_configs_load_and_bad_fields_are_one_line_errors(tmp_path):
+    for module in (rs_7b, rs_tiny):
+        config = module.get_config()
+        assert config.reward.safety_threshold == 0.15 and config.sampling.num_samples >= 1
+    config = rs_tiny.get_config()
+    config.sampling.top_p = 0.0
+    with pytest.raises(common.ConfigError, match=r"^config.sampling: temperature .* top_p 0.0"):
+        rs.train_and_evaluate(config, str(tmp_path))
+    config = rs_tiny.get_config()
+    with pytest.raises(common.ConfigError, match=r"^config.init_from is empty"):
+        rs.train_and_evaluate(config, str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------------ end to end
+
+
+def tiny_config(tmp_path, tokenizer):
+    config = rs_tiny.get_config()
+    config.init_from = str(save_policy(tmp_path / "policy", tokenizer))
+    config.reward.helpful_path = str(save_reward_model(tmp_path / "rm_helpful", seed=1))
+    config.reward.safety_path = str(save_reward_model(tmp_path / "rm_safety", seed=2))
+    config.prompts.path = str(write_prompts(tmp_path / "prompts.jsonl", 8))
+    config.prompts.max_prompt_len, config.sampling.max_gen_len = 32, 16
+    config.sampling.num_samples, config.sampling.batch_size, config.sampling.temperature = 8, 32, 1.5
+    config.mesh.data, config.mesh.fsdp = -1, 1  # the 8 simulated devices, data parallel
+    config.iterations = 2
+    sft = config.sft
+    sft.seq_len, sft.batch_size, sft.num_train_steps, sft.log_every_steps = 64, 8, 2, 2
+    sft.checkpoint_every_steps, sft.async_checkpoints = 2, False
+    return config
+
+
+@pytest.mark.slow
+def test_tiny_rejection_sampling_end_to_end(tmp_path, tokenizer):
+    config = tiny_config(tmp_path, tokenizer)
+    work = tmp_path / "rs"
+    history = rs.train_and_evaluate(config, str(work))
+
+    assert [h["iteration"] for h in history] == [0, 1]
+    for record in history:
+        curve = np.array(record["best_of_k"])
+        assert len(curve) == 8 and np.all(np.diff(curve) >= -1e-7), curve  # expected max never falls with K
+        assert curve[-1] > curve[0] + 0.01, curve  # and rises: best of 8 beats one sample
+        assert curve[0] == pytest.approx(record["reward_combined_mean"], abs=1e-5)
+        assert curve[-1] == pytest.approx(record["best_of_k_mean"], abs=1e-5)
+    assert history[1]["pool_reward_mean"] >= history[1]["best_of_k_mean"] - 1e-6  # pool = best across iterations
+    assert history[1]["pool_reward_mean"] >= history[0]["pool_reward_mean"] - 1e-6
+
+    pool = [json.loads(line) for line in (work / "iter_1" / "pool.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (work / "iter_1" / "samples.jsonl").read_text().splitlines()]
+    first = [json.loads(line) for line in (work / "iter_0" / "samples.jsonl").read_text().splitlines()]
+    assert len(pool) == len(samples) == 8
+    for entry, now, before in zip(pool, samples, first):
+        assert entry["reward"] == pytest.approx(max(max(now["combined"]), max(before["combined"])), abs=1e-6)
+        assert entry["messages"][-1]["role"] == "assistant" and entry["train_on"] == "last"
+    safety_rows = [s for s in samples if s["is_safety"]]
+    np.testing.assert_allclose(safety_rows[0]["combined"], safety_rows[0]["safety"])  # tagged: the safety score
+    saved = json.loads((work / "best_of_k.json").read_text())
+    assert set(saved) == {"0", "1"} and (work / "best_of_k.png").stat().st_size > 1000
+    assert len((work / "metrics.jsonl").read_text().splitlines()) == 2
+    params, cfg = checkpoint.load_params(work / "iter_1" / "sft")  # the fine-tuned policy is an init_from
+    assert cfg.vocab_size == CFG.vocab_size and "output" in params
+
+    again = rs.train_and_evaluate(config, str(work))  # finished iterations are skipped on a re-run
+    assert again == []
+    assert rlhf.best_of_k_curve(np.array([r["combined"] for r in samples]))[-1] == pytest.approx(
+        history[1]["best_of_k_mean"], abs=1e-6)

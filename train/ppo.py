@@ -1,0 +1,498 @@
+r"""PPO (spec F): `python -m train.ppo --config=configs/ppo_tiny.py --workdir=DIR --config.init_from=POLICY
+    --config.reward.helpful_path=RM_H --config.reward.safety_path=RM_S --config.prompts.path=PROMPTS.jsonl`.
+
+Models: the policy πθ (init_from: an RS/SFT checkpoint; AdamW, constant LR), the frozen reference π0 (a copy of the
+initial policy), a value model (`value_model.ValueModel`: trunk + scalar head at every token; from
+`value.init_from`: a reward model, as InstructGPT, or "policy" = the policy's trunk with a fresh head) with its own
+AdamW, and one or two frozen reward models. Everything stays sharded on the mesh.
+
+One iteration = three compiled calls, no host round-trip of model outputs between them (only scalars come back):
+  1. `rollout`: `generate.sample` inside jit on `batch_size` prompts (policy params as they are on device);
+  2. `make_experience`: RM scores of prompt + response (+ EOS when cut; see rejection_sampling.scoring_sequences),
+     Rc by the piecewise rule, R̃c = whiten(logit(Rc)) over the batch, log πθ, log π0, values, per-token rewards
+     -β·KL + R̃c at the last token, GAE, whitened advantages (llama2_jax.rlhf documents every choice);
+  3. `ppo_update`: `ppo_epochs` passes over the batch in shuffled minibatches of `minibatch_size`, one optimizer step
+     of the policy (clipped surrogate) and one of the value model (clipped value loss) per minibatch, with the shared
+     `train.state.train_step` (gradient accumulation inside a minibatch with `grad_accum_steps`).
+Tokens are the policy's actions: response tokens and the EOS when the policy produced it. Log-probabilities use
+softmax(logits / temperature), the distribution sampled from (top-p is not modelled: keep top_p = 1).
+
+Outputs: WORKDIR/metrics.jsonl + TensorBoard (one record per iteration: rewards helpful/safety/combined, KL to π0,
+losses, clip fractions, entropy, response length; generation_tokens_per_s = new tokens sampled per second,
+training_tokens_per_s = ppo_epochs x B x (S + 1) sequence tokens through the policy and value updates per second;
+iteration 1 includes compilation), held-out rewards every `eval_every_iterations` (the paper early-stops on them: here
+they are logged, pick the checkpoint from them), and WORKDIR/checkpoints/<policy step>/params (+ llama_config.json and
+tokenizer.model: an init_from for the next RS/PPO round) every `checkpoint_every_iterations` and at the end; the value
+model in WORKDIR/value/. A re-run resumes from the latest checkpoint (π0 is re-read from init_from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from ml_collections import config_flags
+
+from llama2_jax import checkpoint as param_checkpoint
+from llama2_jax import generate, rlhf
+from llama2_jax import reward_model as rm_model
+from llama2_jax import sharding as sh
+from llama2_jax import value_model as vm
+from llama2_jax.model import Llama
+from llama2_jax.tokenizer import TOKENIZER_FILENAME
+from train import common, loop
+from train import rejection_sampling as rs
+from train import state as train_state
+from train.checkpoints import TrainCheckpointer, write_model_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The static numbers of the compiled phases (hashable; from the config by `settings_from`)."""
+
+    max_gen_len: int
+    temperature: float
+    top_p: float
+    eos_id: int
+    beta: float
+    gamma: float
+    lam: float
+    clip_ratio: float
+    clip_value: float
+    whiten_advantages: bool
+    safety_threshold: float
+    minibatch_size: int
+    ppo_epochs: int
+    grad_accum_steps: int
+    chunk_rows: int  # rows per rollout/forward chunk (lax.map); 0 = the whole batch at once
+
+
+def settings_from(config, eos_id: int) -> Settings:
+    same_name = ("beta", "gamma", "lam", "clip_ratio", "clip_value", "whiten_advantages", "minibatch_size",
+                 "ppo_epochs", "grad_accum_steps")
+    s = config.sampling
+    return Settings(max_gen_len=s.max_gen_len, temperature=s.temperature, top_p=s.top_p, eos_id=eos_id,
+                    safety_threshold=config.reward.safety_threshold, chunk_rows=config.rollout_chunk_size,
+                    **{name: config[name] for name in same_name})
+
+
+def check_config(config, mesh, cfg) -> None:
+    """One-line ConfigErrors for the PPO fields, before anything is loaded or compiled."""
+    dp, batch, mb = sh.data_parallel_size(mesh), config.batch_size, config.minibatch_size
+    if batch < 1 or mb < 1 or batch % mb:
+        raise common.ConfigError(f"config.batch_size ({batch}) must be a positive multiple of config.minibatch_size "
+                                 f"({mb})")
+    if mb % config.grad_accum_steps or (mb // config.grad_accum_steps) % dp:
+        raise common.ConfigError(f"config.minibatch_size / grad_accum_steps ({mb} / {config.grad_accum_steps}) must "
+                                 f"be a whole multiple of the data-parallel size {dp}")
+    chunk = config.rollout_chunk_size
+    if chunk and (batch % chunk or chunk % dp):
+        raise common.ConfigError(f"config.rollout_chunk_size ({chunk}) must divide config.batch_size ({batch}) and "
+                                 f"be a multiple of the data-parallel size {dp} (0 = the whole batch)")
+    if config.ppo_epochs < 1 or config.iterations < 1:
+        raise common.ConfigError("config.ppo_epochs and config.iterations must be >= 1")
+    if not config.sampling.temperature > 0 or not 0 < config.sampling.top_p <= 1:
+        raise common.ConfigError(f"config.sampling: temperature ({config.sampling.temperature}) must be > 0 and "
+                                 f"top_p ({config.sampling.top_p}) in (0, 1]")
+    if config.beta < 0 or not 0 <= config.gamma <= 1 or not 0 <= config.lam <= 1 or not config.clip_ratio > 0:
+        raise common.ConfigError("config: beta must be >= 0, gamma and lam in [0, 1], clip_ratio > 0")
+    if config.prompts.max_prompt_len + config.sampling.max_gen_len + 1 > cfg.max_seq_len:
+        raise common.ConfigError(f"config.prompts.max_prompt_len + config.sampling.max_gen_len + 1 exceeds the "
+                                 f"policy's max_seq_len {cfg.max_seq_len}")
+    value_init_path(config)  # raises for a value.init_from naming an empty reward path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompt batches
+
+
+class PromptBatches:
+    """Endless shuffled epochs over the prompts; `next()` -> (tokens [B, P] right-padded with -1, lengths [B],
+    is_safety [B]) as host arrays, identical on every process. `state` / `restore` for resuming."""
+
+    def __init__(self, encoded, prompts, batch_size: int, width: int, seed: int):
+        self.encoded, self.flags, self.batch_size, self.width, self.seed = encoded, prompts, batch_size, width, seed
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.encoded))
+
+    def next(self):
+        picked, order = [], self._order()
+        while len(picked) < self.batch_size:
+            if self.position == len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            picked.append(int(order[self.position]))
+            self.position += 1
+        tokens, lengths = generate.pad_prompts([self.encoded[i] for i in picked], generate.META_PAD_ID, self.width,
+                                               bucket=self.width)
+        return tokens, lengths, np.array([self.flags[i].is_safety for i in picked])
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def split_prompts(prompts, encoded, val_fraction: float, seed: int):
+    """[(train prompts, their tokens), (held-out prompts, their tokens)]: a fixed random split."""
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    n_val = int(round(val_fraction * len(prompts)))
+    if n_val >= len(prompts):
+        raise common.ConfigError(f"config.prompts.val_fraction={val_fraction} leaves none of {len(prompts)} prompts")
+    return [([prompts[i] for i in part], [encoded[i] for i in part]) for part in (order[n_val:], order[:n_val])]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The compiled phases (pure)
+
+
+def map_chunks(fn, inputs, rows: int):
+    """fn over chunks of `rows` rows with lax.map (one call when rows is 0 or the batch). Chunk j holds rows j, j + n,
+    j + 2n, ... so that every chunk is spread over all devices of a batch-sharded input."""
+    batch = jax.tree.leaves(inputs)[0].shape[0]
+    if not rows or rows >= batch:
+        return fn(inputs)
+    n = batch // rows
+    split = jax.tree.map(lambda x: x.reshape((rows, n) + x.shape[1:]).swapaxes(0, 1), inputs)
+    out = jax.lax.map(fn, split)
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape((batch,) + y.shape[2:]), out)
+
+
+def rollout(policy_params, prompt_tokens, prompt_lens, rng, *, cfg, settings: Settings, mesh) -> dict:
+    """Sample one response per prompt: {"tokens" [B, S], "prompt_lens", "lengths", "done"} (generate.sample)."""
+    def sample_chunk(chunk):
+        return generate.sample(policy_params, cfg, chunk["tokens"], chunk["lens"], chunk["rng"][0],
+                               max_gen_len=settings.max_gen_len, temperature=settings.temperature,
+                               top_p=settings.top_p, eos_id=settings.eos_id, mesh=mesh)
+
+    rngs = jax.random.split(rng, prompt_tokens.shape[0])
+    return map_chunks(sample_chunk, {"tokens": prompt_tokens, "lens": prompt_lens, "rng": rngs}, settings.chunk_rows)
+
+
+def action_mask(tokens, prompt_lens, lengths, eos_id: int):
+    """[B, S] mask of actions: position j is the token at j + 1, an action when it is a kept response token or the
+    EOS the policy generated right after them (a response cut at max_gen_len has no EOS action)."""
+    size = tokens.shape[1]
+    end = prompt_lens + lengths
+    at_end = jnp.take_along_axis(tokens, jnp.clip(end, 0, size - 1)[:, None], axis=1)[:, 0]
+    stop = end + ((end < size) & (at_end == eos_id)).astype(end.dtype)
+    target = jnp.arange(1, size + 1)[None, :]
+    return ((target >= prompt_lens[:, None]) & (target < stop[:, None])).astype(jnp.float32)
+
+
+def policy_logprobs(params, cfg, ids, temperature: float):
+    """ids [B, S + 1] -> (log π(ids[:, j + 1] | ids[:, :j + 1]) [B, S], entropy [B, S]) of softmax(logits / T)."""
+    logits = Llama(cfg).apply({"params": params}, ids[:, :-1]) / temperature
+    return generate.token_logprobs(logits, ids[:, 1:]), rlhf.entropy(logits)
+
+
+def make_experience(policy_params, ref_params, value_params, reward_params, rolled: dict, is_safety, *, cfg, value_cfg,
+                    score_fns, settings: Settings):
+    """Scores, rewards, log-probs, values, GAE for one rollout. Returns (experience [B, ...], metrics)."""
+    ids, score_lens = rs.scoring_sequences(rolled["tokens"], rolled["prompt_lens"], rolled["lengths"], settings.eos_id)
+    scores = rs.score_sequences(score_fns, reward_params, ids, score_lens, is_safety, settings.safety_threshold)
+    mask = action_mask(rolled["tokens"], rolled["prompt_lens"], rolled["lengths"], settings.eos_id)
+
+    def forward(chunk):
+        logprobs, ent = policy_logprobs(policy_params, cfg, chunk, settings.temperature)
+        ref_logprobs, _ = policy_logprobs(ref_params, cfg, chunk, settings.temperature)
+        return logprobs, ref_logprobs, ent, vm.token_values(value_params, value_cfg, chunk)[:, :-1]
+
+    logprobs, ref_logprobs, ent, values = map_chunks(forward, ids, settings.chunk_rows)
+    values = values * mask
+    score = rlhf.whiten(rlhf.logit(scores["combined"]))
+    kl = rlhf.kl_per_token(logprobs, ref_logprobs, mask)
+    rewards = rlhf.token_rewards(score, kl, mask, settings.beta)
+    advantages, returns = rlhf.gae(rewards, values, mask, settings.gamma, settings.lam)
+    if settings.whiten_advantages:
+        advantages = rlhf.whiten(advantages, mask)
+    experience = {"ids": ids, "mask": mask, "logprobs": logprobs * mask, "values": values, "advantages": advantages,
+                  "returns": returns}
+    tokens = jnp.maximum(jnp.sum(mask), 1.0)
+    metrics = {f"reward_{name}": jnp.mean(value) for name, value in scores.items()}
+    metrics.update(kl=jnp.mean(jnp.sum(kl, axis=1)), kl_penalty=-settings.beta * jnp.mean(jnp.sum(kl, axis=1)),
+                   score_logit=jnp.mean(rlhf.logit(scores["combined"])), entropy=jnp.sum(ent * mask) / tokens,
+                   response_length=jnp.mean(jnp.sum(mask, axis=1)), generated_tokens=jnp.sum(rolled["lengths"]),
+                   value_mean=jnp.sum(values) / tokens, return_mean=jnp.sum(returns) / tokens)
+    return experience, metrics
+
+
+def policy_loss(params, batch: dict, *, cfg, settings: Settings):
+    """Clipped surrogate summed over the minibatch's action tokens (loss contract of llama2_jax.losses)."""
+    logprobs, ent = policy_logprobs(params, cfg, batch["ids"], settings.temperature)
+    mask = batch["mask"]
+    loss, clipped = rlhf.policy_objective(logprobs, batch["logprobs"], batch["advantages"], settings.clip_ratio)
+    total = lambda x: jnp.sum(x * mask)  # noqa: E731
+    return total(loss), {"weight": jnp.sum(mask), "clipfrac": total(clipped), "entropy": total(ent),
+                         "approx_kl": total(rlhf.approx_kl(logprobs, batch["logprobs"]))}
+
+
+def value_loss(params, batch: dict, *, cfg, settings: Settings):
+    """TRL's clipped value loss summed over the minibatch's action tokens."""
+    values = vm.token_values(params, cfg, batch["ids"])[:, :-1]
+    mask = batch["mask"]
+    loss, clipped = rlhf.value_objective(values, batch["values"], batch["returns"], settings.clip_value)
+    return jnp.sum(loss * mask), {"weight": jnp.sum(mask), "clipfrac": jnp.sum(clipped * mask)}
+
+
+def ppo_update(policy_state, value_state, experience: dict, rng, *, cfg, value_cfg, settings: Settings, mesh):
+    """ppo_epochs passes of shuffled minibatches, one policy step and one value step per minibatch (a lax.scan).
+    Returns (policy state, value state, metrics averaged over the steps)."""
+    batch = experience["mask"].shape[0]
+    per_epoch = batch // settings.minibatch_size
+    order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(rng, e), batch)
+                             for e in range(settings.ppo_epochs)]).reshape(-1, settings.minibatch_size)
+    p_loss = functools.partial(policy_loss, cfg=cfg, settings=settings)
+    v_loss = functools.partial(value_loss, cfg=value_cfg, settings=settings)
+
+    def step(states, rows):
+        minibatch = {k: jax.lax.with_sharding_constraint(v[rows], sh.batch_sharding(mesh, v.ndim))
+                     for k, v in experience.items()}
+        policy, p_metrics = train_state.train_step(states[0], minibatch, loss_fn=p_loss,
+                                                   grad_accum_steps=settings.grad_accum_steps)
+        value, v_metrics = train_state.train_step(states[1], minibatch, loss_fn=v_loss,
+                                                  grad_accum_steps=settings.grad_accum_steps)
+        metrics = {**{f"policy_{k}": v for k, v in p_metrics.items() if k != "weight"},
+                   **{f"value_{k}": v for k, v in v_metrics.items() if k != "weight"}}
+        return (policy, value), metrics
+
+    (policy_state, value_state), metrics = jax.lax.scan(step, (policy_state, value_state), order)
+    metrics = jax.tree.map(jnp.mean, metrics)
+    metrics["minibatch_steps"] = jnp.asarray(per_epoch * settings.ppo_epochs, jnp.float32)
+    return policy_state, value_state, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Set-up: models and optimizer states
+
+
+def make_tx(config, learning_rate: float):
+    """AdamW with the paper's PPO settings (betas, eps, weight decay, clipping from config), constant LR."""
+    return train_state.make_optimizer(learning_rate, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                                      weight_decay=config.weight_decay, grad_clip=config.grad_clip)
+
+
+def init_policy(config, cfg, mesh):
+    """(policy TrainState, its shardings, π0 params): π0 is a separate copy of the initial params (the policy's
+    buffers are donated to every update)."""
+    state, shardings = common.init_llama_state(config, cfg, mesh, make_tx(config, config.learning_rate))
+    reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(state.params)
+    return state, shardings, reference
+
+
+VALUE_FROM_RM = {"helpful_rm": "helpful_path", "safety_rm": "safety_path"}
+
+
+def value_init_path(config) -> str:
+    """The reward-model workdir the value model starts from ("" = from the policy): config.value.init_from is
+    "helpful_rm" | "safety_rm" (that RM's path) | "policy" | a path."""
+    source = config.value.init_from
+    if source == "policy":
+        return ""
+    if source in VALUE_FROM_RM:
+        path = config.reward[VALUE_FROM_RM[source]]
+        if not path:
+            raise common.ConfigError(f"config.value.init_from={source!r} but config.reward.{VALUE_FROM_RM[source]} is "
+                                     "empty (use 'policy' or a reward-model path)")
+        return path
+    if not source:
+        raise common.ConfigError("config.value.init_from is empty: use helpful_rm, safety_rm, policy or a path")
+    return source
+
+
+def value_model_config(config, cfg):
+    """The value model's architecture: that of its reward-model workdir, or the policy's."""
+    path = value_init_path(config)
+    if not path:
+        return cfg
+    try:
+        stored = param_checkpoint.load_config(path)
+    except (ValueError, FileNotFoundError) as error:
+        raise common.ConfigError(f"config.value.init_from ({path}): {error}") from None
+    return stored.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
+                          remat_policy=cfg.remat_policy, attention_impl=cfg.attention_impl)
+
+
+def init_value(config, value_cfg, policy_params, mesh):
+    """(value TrainState, its shardings) from a reward-model workdir or from the policy's trunk + a fresh head."""
+    tx = make_tx(config, config.value.learning_rate)
+    shardings = train_state.state_shardings(vm.abstract_value_params(value_cfg, boxed=True), tx, mesh)
+    path = value_init_path(config)
+    if path:
+        try:
+            params, _ = rm_model.load_reward_params(path, value_cfg)
+        except (ValueError, FileNotFoundError) as error:
+            raise common.ConfigError(f"config.value.init_from ({path}): {error}") from None
+    else:
+        params = vm.init_value_params_from_llama(policy_params, jax.random.PRNGKey(config.seed + 1),
+                                                 config.value.head_init_std)
+    return train_state.state_from_params(params, tx, shardings), shardings
+
+
+def compile_phases(config, cfg, value_cfg, score_fns, settings: Settings, mesh, shardings, value_shardings):
+    """The three phases bound to their static arguments and jitted once (states donated to the update)."""
+    generate_fn = jax.jit(functools.partial(rollout, cfg=cfg, settings=settings, mesh=mesh))
+    experience_fn = jax.jit(functools.partial(make_experience, cfg=cfg, value_cfg=value_cfg, score_fns=score_fns,
+                                              settings=settings))
+    update_fn = jax.jit(functools.partial(ppo_update, cfg=cfg, value_cfg=value_cfg, settings=settings, mesh=mesh),
+                        in_shardings=(shardings, value_shardings, None, None),
+                        out_shardings=(shardings, value_shardings, sh.replicated(mesh)), donate_argnums=(0, 1))
+    return generate_fn, experience_fn, update_fn
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_workdir_files(workdir: str, cfg, value_cfg, tokenizer_path: str) -> None:
+    write_model_config(workdir, cfg)
+    write_model_config(os.path.join(workdir, "value"), value_cfg)
+    target = os.path.join(workdir, TOKENIZER_FILENAME)
+    if jax.process_index() == 0 and os.path.abspath(tokenizer_path) != os.path.abspath(target):
+        shutil.copyfile(tokenizer_path, target)
+
+
+class Checkpoints:
+    """Policy state in WORKDIR/checkpoints (llama workdir layout: an init_from), value state in WORKDIR/value; the
+    iteration and the prompt order are saved with the policy."""
+
+    def __init__(self, config, workdir: str):
+        options = dict(max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+        self.policy = TrainCheckpointer(workdir, **options)
+        self.value = TrainCheckpointer(os.path.join(workdir, "value"), **options)
+
+    def save(self, policy_state, value_state, iteration: int, prompts: PromptBatches) -> None:
+        extra = {"iteration": iteration, "prompts": prompts.state()}
+        self.policy.save(policy_state, extra, force=True)
+        self.value.save(value_state, extra, force=True)
+
+    def restore(self, policy, value, prompts: PromptBatches) -> tuple:
+        """(policy state, value state, next iteration) from the latest checkpoint, or the inputs and 0."""
+        if self.policy.latest_step() is None:
+            return policy[0], value[0], 0
+        policy_state, extra = self.policy.restore(policy[0], policy[1])
+        value_state, _ = self.value.restore(value[0], value[1], step=self.policy.latest_step())
+        prompts.restore(extra["prompts"])
+        print(f"resumed from iteration {extra['iteration']} (policy step {self.policy.latest_step()})")
+        return policy_state, value_state, extra["iteration"]
+
+    def close(self) -> None:
+        self.policy.close()
+        self.value.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - start
+
+
+def run_iteration(phases, states, models, batch, rng, mesh, epochs: int) -> tuple:
+    """Generate, score and update once. Returns (policy state, value state, host metrics)."""
+    generate_fn, experience_fn, update_fn = phases
+    policy_state, value_state = states
+    tokens, lengths, is_safety = (rs.to_global(x, mesh) for x in batch)
+    rolled, t_gen = timed(generate_fn, policy_state.params, tokens, lengths, jax.random.fold_in(rng, 0))
+    (experience, exp_metrics), t_exp = timed(experience_fn, policy_state.params, models["reference"],
+                                             value_state.params, models["reward"], rolled, is_safety)
+    sequence_tokens = experience["ids"].size
+    (policy_state, value_state, upd_metrics), t_upd = timed(update_fn, policy_state, value_state, experience,
+                                                            jax.random.fold_in(rng, 1))
+    metrics = {k: float(v) for k, v in jax.device_get({**exp_metrics, **upd_metrics}).items()}
+    metrics.update(generation_tokens_per_s=metrics["generated_tokens"] / t_gen,
+                   experience_tokens_per_s=sequence_tokens / t_exp,
+                   training_tokens_per_s=epochs * sequence_tokens / t_upd,
+                   generation_s=t_gen, experience_s=t_exp, training_s=t_upd)
+    return policy_state, value_state, metrics
+
+
+def evaluate(phases, states, models, batches: PromptBatches, rng, mesh) -> dict:
+    """Held-out prompts: generate and score with the current policy, no update. eval_* metrics."""
+    generate_fn, experience_fn, _ = phases
+    tokens, lengths, is_safety = (rs.to_global(x, mesh) for x in batches.next())
+    rolled = generate_fn(states[0].params, tokens, lengths, rng)
+    _, metrics = experience_fn(states[0].params, models["reference"], states[1].params, models["reward"], rolled,
+                               is_safety)
+    shown = ("reward_helpful", "reward_safety", "reward_combined", "kl", "response_length")
+    return {f"eval_{k}": float(v) for k, v in jax.device_get(metrics).items() if k in shown}
+
+
+def log_line(iteration: int, metrics: dict) -> str:
+    shown = [("reward", "reward_combined", "{:.4f}"), ("kl", "kl", "{:.4f}"), ("len", "response_length", "{:.1f}"),
+             ("pg", "policy_loss", "{:.4f}"), ("vf", "value_loss", "{:.4f}"), ("clip", "policy_clipfrac", "{:.3f}"),
+             ("ent", "entropy", "{:.3f}"), ("gen tok/s", "generation_tokens_per_s", "{:,.0f}"),
+             ("train tok/s", "training_tokens_per_s", "{:,.0f}"), ("eval reward", "eval_reward_combined", "{:.4f}")]
+    return f"iteration {iteration}: " + " ".join(f"{label} {fmt.format(metrics[key])}" for label, key, fmt in shown
+                                                 if key in metrics)
+
+
+def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None) -> list[dict]:
+    """Run PPO to config.iterations; returns the per-iteration records (also in WORKDIR/metrics.jsonl).
+
+    score_fns / reward_params: stand-in reward models ({"helpful"/"safety": fn(params, tokens, lengths) -> sigmoid
+    scores}) instead of config.reward's checkpoints (tests)."""
+    mesh = common.make_mesh(config)
+    cfg = rs.policy_config(config)
+    check_config(config, mesh, cfg)
+    tokenizer = rs.load_tokenizer(config, cfg.vocab_size)
+    prompts, encoded = rs.load_prompts(config, tokenizer)
+    (train_p, train_e), (val_p, val_e) = split_prompts(prompts, encoded, config.prompts.val_fraction, config.seed)
+    if score_fns is None:
+        score_fns, reward_params = rs.load_reward_models(config, mesh, cfg.vocab_size)
+    value_cfg = value_model_config(config, cfg)
+    settings = settings_from(config, tokenizer.eos_id)
+    policy_state, shardings, reference = init_policy(config, cfg, mesh)
+    value_state, value_shardings = init_value(config, value_cfg, policy_state.params, mesh)
+    phases = compile_phases(config, cfg, value_cfg, score_fns, settings, mesh, shardings, value_shardings)
+    width = config.prompts.max_prompt_len
+    batches = PromptBatches(train_e, train_p, config.batch_size, width, config.seed)
+    val_batches = PromptBatches(val_e, val_p, config.batch_size, width, config.seed) if val_e else None
+    save_workdir_files(workdir, cfg, value_cfg, tokenizer.model_path)
+    checkpoints = Checkpoints(config, workdir)
+    policy_state, value_state, start = checkpoints.restore((policy_state, shardings), (value_state, value_shardings),
+                                                           batches)
+    models = {"reference": reference, "reward": reward_params}
+    print(f"PPO: {len(train_p)} train / {len(val_p)} held-out prompts, batch {config.batch_size}, minibatch "
+          f"{config.minibatch_size}, reward models: {', '.join(score_fns)}, value model from "
+          f"{value_init_path(config) or 'the policy'}")
+
+    writer, history, rng = loop.MetricsWriter(workdir), [], jax.random.PRNGKey(config.seed)
+    for iteration in range(start + 1, config.iterations + 1):
+        step_rng = jax.random.fold_in(rng, iteration)
+        policy_state, value_state, metrics = run_iteration(phases, (policy_state, value_state), models,
+                                                           batches.next(), step_rng, mesh, config.ppo_epochs)
+        if val_batches is not None and iteration % config.eval_every_iterations == 0:
+            metrics.update(evaluate(phases, (policy_state, value_state), models, val_batches,
+                                    jax.random.fold_in(step_rng, 2), mesh))
+        metrics["policy_step"] = float(jax.device_get(policy_state.step))
+        writer.write(iteration, metrics)
+        history.append({"iteration": iteration, **metrics})
+        if jax.process_index() == 0:
+            print(log_line(iteration, metrics), flush=True)
+        if iteration % config.checkpoint_every_iterations == 0 or iteration == config.iterations:
+            checkpoints.save(policy_state, value_state, iteration, batches)
+    checkpoints.close()
+    writer.close()
+    return history
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "PPO config file (configs/ppo_*.py).", lock_config=True)
+    common.define_runtime_flags()
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    app.run(common.run_main(train_and_evaluate))

@@ -1,0 +1,463 @@
+r"""Rejection-sampling fine-tuning (spec F): `python -m train.rejection_sampling --config=configs/rs_tiny.py
+    --workdir=DIR --config.init_from=POLICY --config.reward.helpful_path=RM [--config.reward.safety_path=RM]
+    --config.prompts.path=PROMPTS.jsonl`.
+
+Per iteration i = 0 .. iterations - 1:
+  1. sample K = `sampling.num_samples` responses per prompt from the current policy (`init_from` for i = 0, then the
+     previous iteration's SFT workdir) at `sampling.temperature` (paper: best at T = 1.2-1.3 for 10-100 samples), with
+     the compiled sampler on the mesh (`generate.sample` inside one jit with the reward models);
+  2. score prompt + response (+ EOS, appended to responses cut at max_gen_len: the RMs read their score at the EOS
+     that ends an answer) with the reward model(s): with both RMs, the piecewise rule of PPO (`rlhf.combine_rewards`:
+     the safety score where the prompt is tagged `is_safety` or the safety score is < 0.15, else the helpful score);
+     with one RM, its score. Scores are sigmoid scores in [0, 1];
+  3. keep the best of the K per prompt, and keep in a **pool the best response per prompt across all iterations so
+     far** (the paper's fix for the regressions of using only the last iteration). The RMs are fixed during a run, so
+     scores from different iterations are comparable;
+  4. write the pool as an SFT dataset (messages JSONL with `"train_on": "last"`: only the chosen answer is trained;
+     earlier turns of a multi-turn prompt are context) and fine-tune the *current* policy on it with the SFT trainer
+     (`train.sft.train_and_evaluate`, config `config.sft` with init_from = the current policy).
+
+Outputs: WORKDIR/iter_<i>/samples.jsonl (every sample and its scores), WORKDIR/iter_<i>/pool.jsonl (the SFT data),
+WORKDIR/iter_<i>/sft/ (the fine-tuned policy: an init_from for PPO or the next round), WORKDIR/metrics.jsonl (one
+record per iteration), WORKDIR/best_of_k.json and WORKDIR/best_of_k.png (expected max reward of k samples, k = 1..K,
+per iteration: the unbiased estimator `rlhf.best_of_k_curve`). A finished iteration (iter_<i>/DONE) is skipped when
+the command is re-run, so a killed run resumes (the SFT trainer resumes from its own checkpoints).
+
+Distillation (the paper ran RS with the 70B only): fine-tune a smaller model on a pool with `python -m train.sft
+--config.data.path=WORKDIR/iter_<i>/pool.jsonl`. The prompt readers and reward-model loading here are shared with
+`train.ppo`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from llama2_jax import chat, generate, rlhf
+from llama2_jax import checkpoint as param_checkpoint
+from llama2_jax import reward_model as rm_model
+from llama2_jax import sharding as sh
+from llama2_jax.data import dialogs, preferences
+from llama2_jax.model import abstract_params
+from llama2_jax.tokenizer import TOKENIZER_FILENAME, Tokenizer, check_vocab
+from train import common
+from train import sft as sft_trainer
+
+ScoreFn = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, tokens [B, T], lengths [B]) -> sigmoid [B]
+REWARD_NAMES = ("helpful", "safety")
+PROMPT_FORMATS = ("auto", "prompts") + tuple(preferences.CONVERTERS)
+_log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts (shared with train.ppo)
+
+
+@dataclasses.dataclass
+class Prompt:
+    messages: list[dict[str, str]]  # a dialog ending with a user message
+    is_safety: bool = False
+
+
+def prompt_from_record(record: Any, is_safety: Optional[bool] = None) -> Prompt:
+    """`{"prompt": str | [messages], "is_safety": bool (optional)}` -> Prompt."""
+    record = dialogs.require_dict(record, "prompt")
+    messages = record["prompt"]
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if not isinstance(messages, list):
+        raise ValueError(f"'prompt' is {type(messages).__name__}, expected a string or a list of messages")
+    for i, message in enumerate(messages):
+        chat.check_message(message, i)
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    chat.normalize_dialog(messages, last_role="user")
+    flag = record.get("is_safety", False) if is_safety is None else is_safety
+    if not isinstance(flag, bool):
+        raise ValueError(f"'is_safety' is {type(flag).__name__}, expected true/false")
+    return Prompt(messages, flag)
+
+
+def read_prompts(path: str, format: str = "auto", on_error: str = "raise",
+                 is_safety: Optional[bool] = None) -> list[Prompt]:
+    """Prompts of a prompt file (`format="prompts"`) or of a preference file (any `preferences` format: each distinct
+    prompt once, tagged with its pair's is_safety). "auto": a preference file when the first record has
+    chosen/rejected, else a prompt file. `is_safety` True/False overrides the records' tags."""
+    if format == "auto":
+        first = dialogs.first_record(path)
+        is_pairs = isinstance(first, dict) and {"chosen", "rejected"} <= set(first)
+        format = preferences.detect_format(path) if is_pairs else "prompts"
+    if format == "prompts":
+        return dialogs.convert_records(path, format, functools.partial(prompt_from_record, is_safety=is_safety),
+                                       on_error)[0]
+    pairs, _ = preferences.read_preferences(path, format, on_error=on_error, is_safety=is_safety)
+    unique = {json.dumps(p.prompt, sort_keys=True): Prompt(p.prompt, p.is_safety) for p in pairs}
+    return list(unique.values())
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_len: int) -> tuple[list[Prompt], list[list[int]]]:
+    """Meta's chat encoding of each prompt; prompts longer than max_prompt_len tokens are dropped (and counted)."""
+    kept, encoded = [], []
+    for prompt in prompts:
+        tokens = chat.encode_dialog(tokenizer, prompt.messages)
+        if len(tokens) <= max_prompt_len:
+            kept.append(prompt)
+            encoded.append(tokens)
+    if len(kept) < len(prompts):
+        _log.warning("dropped %d of %d prompts longer than max_prompt_len=%d tokens", len(prompts) - len(kept),
+                     len(prompts), max_prompt_len)
+    return kept, encoded
+
+
+def load_prompts(config, tokenizer) -> tuple[list[Prompt], list[list[int]]]:
+    p = config.prompts
+    if not p.path or not os.path.isfile(p.path):
+        raise common.ConfigError(f"config.prompts.path: {p.path or '(empty)'} is not a file")
+    if p.format not in PROMPT_FORMATS:
+        raise common.ConfigError(f"config.prompts.format={p.format!r}; known: {', '.join(PROMPT_FORMATS)}")
+    try:
+        prompts = read_prompts(p.path, p.format, p.on_error, p.is_safety)
+    except ValueError as error:
+        raise common.ConfigError(f"config.prompts: {error}") from None
+    kept, encoded = encode_prompts(tokenizer, prompts, p.max_prompt_len)
+    if not kept:
+        raise common.ConfigError(f"config.prompts: no prompt of {p.path} fits in max_prompt_len={p.max_prompt_len}")
+    if p.max_prompts:  # the first max_prompts of those that fit
+        kept, encoded = kept[:p.max_prompts], encoded[:p.max_prompts]
+    return kept, encoded
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models (shared with train.ppo)
+
+
+def policy_config(config):
+    """The architecture of config.init_from, numerics (dtype, scan_layers, ...) from config.model."""
+    if not config.init_from:
+        raise common.ConfigError("config.init_from is empty: pass the policy (an SFT/RLHF workdir or checkpoint dir)")
+    try:
+        stored = param_checkpoint.load_config(config.init_from)
+    except (ValueError, FileNotFoundError) as error:
+        raise common.ConfigError(f"config.init_from: {error}") from None
+    return stored.replace(**{name: config.model[name] for name in sft_trainer.MODEL_OVERRIDES})
+
+
+def load_tokenizer(config, vocab_size: int) -> Tokenizer:
+    """config.tokenizer.path, or INIT_FROM/tokenizer.model; its vocabulary must match the policy's."""
+    path = config.tokenizer.path or os.path.join(config.init_from, TOKENIZER_FILENAME)
+    try:
+        tokenizer = Tokenizer(path)
+        check_vocab(tokenizer, vocab_size)
+    except (ValueError, FileNotFoundError) as error:
+        raise common.ConfigError(f"config.tokenizer.path: {error}") from None
+    return tokenizer
+
+
+def rm_sigmoid_score(params, tokens, lengths, *, cfg) -> jax.Array:
+    return jax.nn.sigmoid(rm_model.score_tokens(params, cfg, tokens, lengths))
+
+
+def load_reward_models(config, mesh, vocab_size: int) -> tuple[dict[str, ScoreFn], dict[str, Any]]:
+    """({name: score fn}, {name: params sharded on the mesh}) for config.reward.helpful_path / safety_path (either may
+    be empty, not both; one path given twice is loaded once). Compute numerics from config.model."""
+    paths = {name: config.reward[f"{name}_path"] for name in REWARD_NAMES if config.reward[f"{name}_path"]}
+    if not paths:
+        raise common.ConfigError("config.reward.helpful_path and config.reward.safety_path are both empty")
+    fns, params, loaded = {}, {}, {}
+    for name, path in paths.items():
+        if path not in loaded:
+            loaded[path] = _load_reward_model(config, path, mesh, vocab_size, name)
+        cfg, params[name] = loaded[path]
+        fns[name] = functools.partial(rm_sigmoid_score, cfg=cfg)
+    return fns, params
+
+
+def _load_reward_model(config, path: str, mesh, vocab_size: int, name: str):
+    try:
+        cfg = param_checkpoint.load_config(path).replace(dtype=config.model.dtype,
+                                                         scan_layers=config.model.scan_layers, remat_policy="none")
+        params, cfg = rm_model.load_reward_params(path, cfg)
+    except (ValueError, FileNotFoundError) as error:
+        raise common.ConfigError(f"config.reward.{name}_path: {error}") from None
+    if cfg.vocab_size != vocab_size:
+        raise common.ConfigError(f"config.reward.{name}_path: vocabulary {cfg.vocab_size} differs from the policy's "
+                                 f"{vocab_size} (the RMs must share the policy's tokenizer)")
+    shardings = sh.tree_shardings(rm_model.abstract_reward_params(cfg, boxed=True), mesh)
+    return cfg, jax.device_put(params, shardings)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring rollouts (pure; shared with train.ppo)
+
+
+def scoring_sequences(tokens, prompt_lens, lengths, eos_id: int, pad_id: int = generate.META_PAD_ID):
+    """Sampler output -> what the RMs score: [B, S + 1] = prompt + kept response + EOS (written after the kept
+    response, which already ends there with an EOS unless it was cut), padding -> 0; and the lengths [B]."""
+    ids = jnp.where(tokens == pad_id, 0, tokens)
+    ids = jnp.concatenate([ids, jnp.zeros_like(ids[:, :1])], axis=1)
+    end = prompt_lens + lengths  # [B] slot after the kept response
+    ids = jnp.where(jnp.arange(ids.shape[1])[None, :] == end[:, None], eos_id, ids)
+    return ids, end + 1
+
+
+def score_sequences(score_fns: dict[str, ScoreFn], reward_params: dict, tokens, lengths, is_safety,
+                    threshold: float = rlhf.SAFETY_THRESHOLD) -> dict[str, jax.Array]:
+    """{"helpful", "safety" (those given), "combined"}: sigmoid scores [B]; combined by the piecewise rule when both
+    RMs are given, else the one RM's score."""
+    scores = {name: fn(reward_params[name], tokens, lengths) for name, fn in score_fns.items()}
+    if len(scores) == 2:
+        scores["combined"] = rlhf.combine_rewards(scores["helpful"], scores["safety"], is_safety, threshold)
+    else:
+        scores["combined"] = next(iter(scores.values()))
+    return scores
+
+
+def sample_and_score(policy_params, reward_params, prompt_tokens, prompt_lens, is_safety, rng, *, cfg,
+                     score_fns, max_gen_len: int, temperature: float, top_p: float, eos_id: int, threshold: float,
+                     mesh) -> dict[str, jax.Array]:
+    """One batch, pure: sample, then score. Returns tokens [B, S], lengths [B] and the scores [B]."""
+    out = generate.sample(policy_params, cfg, prompt_tokens, prompt_lens, rng, max_gen_len=max_gen_len,
+                          temperature=temperature, top_p=top_p, eos_id=eos_id, mesh=mesh)
+    ids, lengths = scoring_sequences(out["tokens"], out["prompt_lens"], out["lengths"], eos_id)
+    scores = score_sequences(score_fns, reward_params, ids, lengths, is_safety, threshold)
+    return {"tokens": out["tokens"], "lengths": out["lengths"], **scores}
+
+
+def to_global(array: np.ndarray, mesh) -> jax.Array:
+    """The same host array on every process -> a global array split over the mesh's data axes."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sh.batch_sharding(mesh, array.ndim), lambda index: array[index])
+
+
+def to_host(tree):
+    """Global arrays -> numpy on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One rejection-sampling iteration
+
+
+def check_config(config, mesh) -> None:
+    """One-line ConfigErrors for the RS fields, before anything is loaded or compiled."""
+    s = config.sampling
+    if s.num_samples < 1 or s.max_gen_len < 1 or config.iterations < 1:
+        raise common.ConfigError("config.sampling.num_samples, config.sampling.max_gen_len and config.iterations "
+                                 "must be >= 1")
+    if s.temperature < 0 or not 0 < s.top_p <= 1:
+        raise common.ConfigError(f"config.sampling: temperature {s.temperature} must be >= 0 and top_p {s.top_p} in "
+                                 "(0, 1]")
+    if s.batch_size < 1 or s.batch_size % sh.data_parallel_size(mesh):
+        raise common.ConfigError(f"config.sampling.batch_size ({s.batch_size}) must be a positive multiple of the "
+                                 f"data-parallel size {sh.data_parallel_size(mesh)}")
+
+
+def sample_all(config, sampler, policy_params, reward_params, encoded, prompts, iteration: int, mesh) -> dict:
+    """K samples for every prompt in batches of `sampling.batch_size` rows. Returns host arrays: responses (token
+    lists, [N][K]) and scores {name: [N, K]}."""
+    k, rows = config.sampling.num_samples, config.sampling.batch_size
+    order = [(p, s) for p in range(len(encoded)) for s in range(k)]
+    responses = [[None] * k for _ in encoded]
+    scores: dict[str, np.ndarray] = {}
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
+    for start in range(0, len(order), rows):
+        chunk = order[start:start + rows]
+        padded = chunk + [chunk[0]] * (rows - len(chunk))
+        tokens, lens = generate.pad_prompts([encoded[p] for p, _ in padded], generate.META_PAD_ID,
+                                            config.prompts.max_prompt_len, bucket=config.prompts.max_prompt_len)
+        safety = np.array([prompts[p].is_safety for p, _ in padded])
+        out = to_host(sampler(policy_params, reward_params, to_global(tokens, mesh), to_global(lens, mesh),
+                              to_global(safety, mesh), jax.random.fold_in(rng, start)))
+        for row, (p, s) in enumerate(chunk):
+            responses[p][s] = out["tokens"][row, lens[row]:lens[row] + out["lengths"][row]].tolist()
+            for name in out.keys() - {"tokens", "lengths"}:
+                scores.setdefault(name, np.zeros((len(encoded), k), np.float32))[p, s] = out[name][row]
+    return {"responses": responses, "scores": scores}
+
+
+def update_pool(pool: dict[int, dict], prompts, tokenizer, samples: dict, iteration: int) -> dict[int, dict]:
+    """Best response per prompt of this iteration, merged into the pool (best across all iterations so far)."""
+    combined = samples["scores"]["combined"]
+    pool = dict(pool)
+    for p, prompt in enumerate(prompts):
+        best = int(np.argmax(combined[p]))
+        reward = float(combined[p, best])
+        if p not in pool or reward > pool[p]["reward"]:
+            answer = tokenizer.decode(samples["responses"][p][best])
+            pool[p] = {"prompt_index": p, "messages": prompt.messages + [{"role": "assistant", "content": answer}],
+                       "train_on": "last", "reward": reward, "iteration": iteration}
+    return pool
+
+
+def iteration_metrics(samples: dict, pool: dict, iteration: int) -> dict:
+    scores = samples["scores"]
+    record = {"iteration": iteration, "prompts": int(scores["combined"].shape[0]),
+              "samples_per_prompt": int(scores["combined"].shape[1]),
+              "response_length": float(np.mean([len(r) for rs in samples["responses"] for r in rs]))}
+    for name, values in scores.items():
+        record[f"reward_{name}_mean"] = float(values.mean())
+        record[f"reward_{name}_max"] = float(values.max())
+    record["best_of_k_mean"] = float(scores["combined"].max(axis=1).mean())
+    record["pool_reward_mean"] = float(np.mean([entry["reward"] for entry in pool.values()]))
+    record["pool_from_earlier_iterations"] = int(sum(entry["iteration"] < iteration for entry in pool.values()))
+    return record
+
+
+def write_jsonl(path: str, records) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def write_samples(path: str, prompts, tokenizer, samples: dict) -> None:
+    write_jsonl(path, ({"prompt": prompt.messages, "is_safety": prompt.is_safety,
+                        "responses": [tokenizer.decode(r) for r in samples["responses"][p]],
+                        **{name: values[p].tolist() for name, values in samples["scores"].items()}}
+                       for p, prompt in enumerate(prompts)))
+
+
+def read_pool(path: str) -> dict[int, dict]:
+    with open(path) as f:
+        return {record["prompt_index"]: record for record in map(json.loads, f)}
+
+
+def fine_tune(config, policy_dir: str, pool_path: str, tokenizer_path: str, workdir: str, iteration: int) -> None:
+    """SFT of the current policy on the pool (config.sft with init_from, data and tokenizer filled in)."""
+    sft = config.sft.copy_and_resolve_references()
+    sft.init_from, sft.data.path, sft.tokenizer.path = policy_dir, pool_path, tokenizer_path
+    sft.mesh = config.mesh
+    sft.seed = config.seed + iteration
+    sft.sample_prompts = ()
+    sft_trainer.train_and_evaluate(sft, workdir)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report: best-of-K curves
+
+
+def write_best_of_k(workdir: str, curves: dict[int, list[float]]) -> None:
+    """WORKDIR/best_of_k.json ({iteration: [E max of k, k = 1..K]}) and best_of_k.png (one curve per iteration)."""
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(workdir, "best_of_k.json"), "w") as f:
+        json.dump({str(i): curve for i, curve in sorted(curves.items())}, f, indent=2)
+    import matplotlib  # pylint: disable=g-import-not-at-top
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for iteration, curve in sorted(curves.items()):
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=f"iteration {iteration}")
+    ax.set_xlabel("K (samples per prompt)")
+    ax.set_ylabel("expected max reward (combined, sigmoid)")
+    ax.set_title("Rejection sampling: best of K")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "best_of_k.png"), dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+def make_sampler(config, cfg, score_fns, eos_id: int, mesh):
+    s = config.sampling
+    return jax.jit(functools.partial(
+        sample_and_score, cfg=cfg, score_fns=score_fns, max_gen_len=s.max_gen_len, temperature=s.temperature,
+        top_p=s.top_p, eos_id=eos_id, threshold=config.reward.safety_threshold, mesh=mesh))
+
+
+def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, ScoreFn]] = None,
+                       reward_params: Optional[dict] = None) -> list[dict]:
+    """Run config.iterations rounds of sample -> score -> pool -> SFT; returns the per-iteration records.
+
+    score_fns / reward_params: stand-in reward models ({"helpful"/"safety": fn(params, tokens, lengths) -> sigmoid
+    scores}) instead of config.reward's checkpoints (tests)."""
+    mesh = common.make_mesh(config)
+    check_config(config, mesh)
+    cfg = policy_config(config)
+    if config.prompts.max_prompt_len + config.sampling.max_gen_len > cfg.max_seq_len:
+        raise common.ConfigError(f"config.prompts.max_prompt_len + config.sampling.max_gen_len exceeds the policy's "
+                                 f"max_seq_len {cfg.max_seq_len}")
+    tokenizer = load_tokenizer(config, cfg.vocab_size)
+    prompts, encoded = load_prompts(config, tokenizer)
+    if score_fns is None:
+        score_fns, reward_params = load_reward_models(config, mesh, cfg.vocab_size)
+    sampler = make_sampler(config, cfg, score_fns, tokenizer.eos_id, mesh)
+    print(f"rejection sampling: {len(prompts)} prompts x {config.sampling.num_samples} samples, "
+          f"{config.iterations} iteration(s), reward models: {', '.join(score_fns)}")
+
+    policy_dir, pool, curves, history = config.init_from, {}, read_curves(workdir), []
+    for iteration in range(config.iterations):
+        iter_dir = os.path.join(workdir, f"iter_{iteration}")
+        pool_path, sft_dir = os.path.join(iter_dir, "pool.jsonl"), os.path.join(iter_dir, "sft")
+        if os.path.exists(os.path.join(iter_dir, "DONE")):  # resume: this iteration finished earlier
+            pool, policy_dir = read_pool(pool_path), sft_dir
+            continue
+        params, _ = param_checkpoint.load_params(policy_dir, cfg, shardings=policy_shardings(cfg, mesh))
+        samples = sample_all(config, sampler, params, reward_params, encoded, prompts, iteration, mesh)
+        del params
+        pool = update_pool(pool, prompts, tokenizer, samples, iteration)
+        write_samples(os.path.join(iter_dir, "samples.jsonl"), prompts, tokenizer, samples)
+        write_jsonl(pool_path, (pool[p] for p in sorted(pool)))
+        multihost_utils.sync_global_devices(f"rs pool {iteration}")
+        curves[iteration] = rlhf.best_of_k_curve(samples["scores"]["combined"]).tolist()
+        record = {**iteration_metrics(samples, pool, iteration), "best_of_k": curves[iteration]}
+        history.append(record)
+        log_iteration(workdir, record)
+        write_best_of_k(workdir, curves)
+        fine_tune(config, policy_dir, pool_path, tokenizer.model_path, sft_dir, iteration)
+        policy_dir = sft_dir
+        write_jsonl(os.path.join(iter_dir, "DONE"), [{"policy": sft_dir}])
+    print(f"final policy: {policy_dir}")
+    return history
+
+
+def policy_shardings(cfg, mesh):
+    return sh.tree_shardings(abstract_params(cfg, boxed=True), mesh)
+
+
+def read_curves(workdir: str) -> dict[int, list[float]]:
+    """The best-of-K curves of finished iterations (resume)."""
+    path = os.path.join(workdir, "best_of_k.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return {int(i): curve for i, curve in json.load(f).items()}
+
+
+def log_iteration(workdir: str, record: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    curve = ", ".join(f"{v:.3f}" for v in record["best_of_k"])
+    print(f"iteration {record['iteration']}: reward mean {record['reward_combined_mean']:.4f} max "
+          f"{record['reward_combined_max']:.4f} best-of-K {record['best_of_k_mean']:.4f} pool "
+          f"{record['pool_reward_mean']:.4f} ({record['pool_from_earlier_iterations']} kept from earlier iterations)"
+          f"\n  E[max of k], k = 1..{len(record['best_of_k'])}: {curve}")
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Rejection-sampling config (configs/rs_*.py).", lock_config=True)
+    common.define_runtime_flags()
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    app.run(common.run_main(train_and_evaluate))
