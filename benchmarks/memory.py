@@ -1,0 +1,241 @@
+"""Per-device memory of the real train step for 7B, 13B and 70B, without a single accelerator: AOT compilation on
+simulated CPU devices, next to a closed-form estimate.
+
+  python benchmarks/memory.py                       # 7b, 13b on fsdp=8; 70b on fsdp=64; seq 4096, 1 row per device
+  python benchmarks/memory.py --sizes=7b --remat=minimal
+  python benchmarks/memory.py --sizes=70b --layers=4,8   # compile with 4 and 8 layers, extrapolate linearly to 80
+
+What is compiled is exactly the trainer's step (`train.state.jit_train_step` + `next_token_loss`, AdamW state, FSDP
+shardings from `LOGICAL_RULES`, donation), lowered on `jax.ShapeDtypeStruct`s that carry their shardings, so nothing
+is allocated: `jit(...).lower(abstract_state, abstract_batch).compile().memory_analysis()`. Mixed precision as the
+size configs: float32 params and Adam moments, bfloat16 compute, `scan_layers=True`; the remat policy is a flag
+(default "auto": the policy that recomputes least among those whose formula estimate fits --budget_gib).
+
+XLA's figure printed is argument + output + temp - alias bytes per device. Caveats: the compiler is XLA:CPU, whose
+fusion and scheduling differ from XLA:GPU's (it may keep extra float32 copies where the GPU would not, and it has no
+latency-hiding scheduler for the FSDP all-gathers); attention is the reference "xla" einsum, which materialises
+[B, N, T, T] scores (cuDNN flash attention on a GPU does not; the formula's "attention" term shows that part).
+
+The XLA flag below must be set before JAX is imported, so run this file as a script (tests import only the
+formula and set their own device count).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # 64 simulated CPU devices: enough for the 70B mesh; 7B/13B use the first 8
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=64").strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import time  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from llama2_jax import losses  # noqa: E402
+from llama2_jax import sharding as sh  # noqa: E402
+from llama2_jax.config import LlamaConfig, RematPolicy, get_config  # noqa: E402
+from llama2_jax.model import Llama  # noqa: E402
+from train import state as train_state  # noqa: E402
+
+GIB = 1024 ** 3
+SIZES = {"7b": 8, "13b": 8, "70b": 64}  # preset -> fsdp devices
+# Policies from least to most recomputation; "auto" takes the first whose formula fits the budget.
+POLICY_ORDER = (RematPolicy.NONE.value, RematPolicy.DOTS.value, RematPolicy.DOTS_NO_BATCH.value,
+                RematPolicy.MINIMAL.value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The formula
+
+
+def memory_formula(cfg: LlamaConfig, seq: int, batch_per_device: int, n_devices: int, remat: str,
+                   attention: str = "xla") -> dict[str, float]:
+    """Estimated peak bytes per device of one FSDP train step, by term (and "total").
+
+    Notation: P parameters, n devices (every parameter has a model-dim axis sharded over fsdp, so state divides by n),
+    b rows per device of T tokens, L layers, D model dim, F FFN width, N query heads, K KV heads, H head dim, V vocab,
+    a = bytes of the compute dtype (2 for bfloat16). Activations are per device (the batch is split, the model dims
+    are not: fsdp gathers the weights, not the activations).
+    """
+    P, n = cfg.param_count(), n_devices
+    b, T, L, D, F = batch_per_device, seq, cfg.n_layers, cfg.dim, cfg.hidden_dim
+    N, K, H, V = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size
+    a = jnp.dtype(cfg.dtype).itemsize
+    tokens = b * T
+    scores = b * N * T * T  # attention score elements of one layer (the reference kernel materialises them)
+    flash = attention != "xla"  # fused attention (cuDNN): no [B, N, T, T] tensors at all
+
+    out = {}
+    # --- training state: float32, sharded over all n devices (ZeRO-3) ---
+    out["params"] = 4.0 * P / n  # master weights
+    out["grads"] = 4.0 * P / n  # float32 gradients, live from the backward pass until the update
+    out["adam"] = 8.0 * P / n  # first and second moments
+    # (the update is elementwise and fuses; donation makes the new state reuse the old state's buffers)
+
+    # --- activations saved for the backward pass, per layer and token, by remat policy ---
+    block_input = D * a  # the scan carry: every policy keeps each layer's input [b, T, D]
+    weight_dots = (N * H + 2 * K * H + D + 2 * F + D) * a  # q, k, v, wo out, w1 out, w3 out, w2 out (no batch dims)
+    attention_dots = (0 if flash else N * T * 4) + N * H * a  # scores q.k (float32) and probs.v (batch-dim dots)
+    # everything else the VJPs need: the two norm outputs, rotated q and k, softmax probabilities (float32 and the
+    # bfloat16 copy), silu(w1 x) and silu(w1 x) * w3 x
+    elementwise = 2 * D * a + (N + K) * H * a + (0 if flash else N * T * (4 + a)) + 2 * F * a
+    per_token_layer = {
+        RematPolicy.MINIMAL.value: block_input,
+        RematPolicy.DOTS_NO_BATCH.value: block_input + weight_dots,
+        RematPolicy.DOTS.value: block_input + weight_dots + attention_dots,
+        RematPolicy.NONE.value: block_input + weight_dots + attention_dots + elementwise,
+    }[remat]
+    out["saved_activations"] = float(L * tokens * per_token_layer)
+
+    # --- transient working sets (one at a time) ---
+    # backward of one layer: its forward is recomputed whole (what the policy did not keep), plus the gradients of
+    # the attention scores and probabilities (float32) and a float32 copy of the activation gradient
+    full_layer = block_input + weight_dots + attention_dots + elementwise
+    layer_backward = tokens * full_layer + (0 if flash else scores * 8) + tokens * D * 4
+    # fsdp: one layer's weights all-gathered (bfloat16, double-buffered for prefetch) and its float32 gradient
+    # before the reduce-scatter
+    layer_params = (cfg.param_count() - 2 * V * D - D) / L
+    fsdp_buffers = layer_params * (2 * a + 4)
+    out["layer_backward"] = float(layer_backward + fsdp_buffers)
+    # the loss: float32 logits, their exp/softmax and their gradient, [b, T, V] each
+    out["logits"] = 3.0 * tokens * V * 4
+    out["total"] = sum(out.values())
+    return out
+
+
+def pick_policy(cfg: LlamaConfig, seq: int, batch_per_device: int, n_devices: int, budget_bytes: float,
+                attention: str = "xla") -> str:
+    """The least-recomputing policy whose formula total fits the budget (the most frugal one if none does)."""
+    for policy in POLICY_ORDER:
+        if memory_formula(cfg, seq, batch_per_device, n_devices, policy, attention)["total"] <= budget_bytes:
+            return policy
+    return POLICY_ORDER[-1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# XLA's figure
+
+
+def constrain_block_inputs() -> None:
+    """EXPERIMENT behind --activation_constraint: the model.py/train/state.py change proposed in
+    benchmarks/RESULTS.md, patched in from outside. Without it GSPMD follows the parameters (model dim sharded over
+    fsdp) and replicates the batch, so every device holds the whole global batch's activations and all-reduces them.
+    Delete this (and the flag) once the library constrains activations itself."""
+    from llama2_jax import model as model_lib
+
+    if getattr(model_lib.Block, "_batch_constrained", False):
+        return
+
+    class BatchConstrainedBlock(model_lib.Block):
+        _batch_constrained = True
+
+        def __call__(self, x, positions, segment_ids, layer_cache, cache_index):
+            if not jax.sharding.get_abstract_mesh().empty:  # a no-op outside `jax.set_mesh`, as the fix would be
+                x = jax.lax.with_sharding_constraint(x, sh.logical_to_spec((sh.BATCH, sh.LENGTH, None)))
+            return super().__call__(x, positions, segment_ids, layer_cache, cache_index)
+
+    model_lib.Block = BatchConstrainedBlock
+
+
+@dataclasses.dataclass
+class Compiled:
+    total: int  # argument + output + temp - alias, bytes per device
+    argument: int
+    output: int
+    temp: int
+    alias: int
+    compile_s: float
+
+
+def compile_step(cfg: LlamaConfig, n_devices: int, seq: int, batch_per_device: int) -> Compiled:
+    """AOT-compile the trainer's step on an fsdp mesh of the first n_devices devices; nothing is allocated."""
+    mesh = sh.make_mesh(1, n_devices, 1, devices=jax.devices()[:n_devices])
+    model = Llama(cfg)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    init_fn = functools.partial(lambda rng: model.init(rng, tokens)["params"], jax.random.PRNGKey(0))
+    schedule = train_state.warmup_cosine_schedule(3e-4, 2000, 500_000)
+    tx = train_state.make_optimizer(schedule)
+    boxed = jax.eval_shape(init_fn)  # parameter shapes with their logical axes
+    shardings = train_state.state_shardings(boxed, tx, mesh)
+    sh.check_divisible(nn.unbox(boxed), shardings.params)
+    abstract = jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), nn.unbox(boxed))
+    abstract_state = jax.tree.map(lambda s, shard: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard),
+                                  abstract, shardings)
+    rows = batch_per_device * n_devices
+    batch_sharding = sh.batch_sharding(mesh)
+    abstract_batch = {name: jax.ShapeDtypeStruct((rows, seq), jnp.float32 if name == "loss_mask" else jnp.int32,
+                                                 sharding=batch_sharding)
+                      for name in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+    loss_fn = functools.partial(losses.next_token_loss, model=model)
+    step = train_state.jit_train_step(loss_fn, shardings, mesh, learning_rate_fn=schedule)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):  # only --activation_constraint's patched Block looks at it
+        lowered = step.lower(abstract_state, abstract_batch)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    m = compiled.memory_analysis()
+    arg, out, temp, alias = (int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
+                             int(m.alias_size_in_bytes))
+    return Compiled(arg + out + temp - alias, arg, out, temp, alias, compile_s)
+
+
+def fmt(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="7b,13b,70b", help=f"comma-separated subset of {','.join(SIZES)}")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch_per_device", type=int, default=1)
+    parser.add_argument("--remat", choices=("auto",) + POLICY_ORDER, default="auto")
+    parser.add_argument("--budget_gib", type=float, default=80.0, help="per-device memory the step must fit")
+    parser.add_argument("--layers", default="",
+                        help="compile with these layer counts (e.g. 2,4) and extrapolate linearly to the full depth "
+                             "instead of compiling the full model")
+    parser.add_argument("--activation_constraint", action="store_true",
+                        help="EXPERIMENT: patch in the proposed batch-sharding constraint on block inputs")
+    args = parser.parse_args(argv)
+    if args.activation_constraint:
+        constrain_block_inputs()
+
+    for name in args.sizes.split(","):
+        n = SIZES[name]
+        cfg = get_config(name, dtype="bfloat16", param_dtype="float32", scan_layers=True, max_seq_len=args.seq)
+        remat = args.remat if args.remat != "auto" else pick_policy(cfg, args.seq, args.batch_per_device, n,
+                                                                     args.budget_gib * GIB)
+        cfg = cfg.replace(remat_policy=remat)
+        formula = memory_formula(cfg, args.seq, args.batch_per_device, n, remat)
+        if args.layers:
+            counts = [int(x) for x in args.layers.split(",")]
+            results = [compile_step(cfg.replace(n_layers=c), n, args.seq, args.batch_per_device) for c in counts]
+            (l0, r0), (l1, r1) = (counts[0], results[0]), (counts[-1], results[-1])
+            per_layer = (r1.total - r0.total) / (l1 - l0)
+            xla_total = r0.total + per_layer * (cfg.n_layers - l0)
+            how = (f"extrapolated from {l0} layers ({fmt(r0.total)} GiB) and {l1} layers ({fmt(r1.total)} GiB): "
+                   f"{per_layer / GIB:.3f} GiB/layer; compile {sum(r.compile_s for r in results):.0f}s")
+        else:
+            r = compile_step(cfg, n, args.seq, args.batch_per_device)
+            xla_total = r.total
+            how = (f"arg {fmt(r.argument)} + out {fmt(r.output)} + temp {fmt(r.temp)} - alias {fmt(r.alias)}; "
+                   f"compile {r.compile_s:.0f}s")
+        terms = " ".join(f"{k}={fmt(v)}" for k, v in formula.items() if k != "total")
+        flash = memory_formula(cfg, args.seq, args.batch_per_device, n, remat, attention="cudnn")["total"]
+        fits = "fits" if xla_total <= args.budget_gib * GIB else "DOES NOT FIT"
+        tag = " (+activation_constraint)" if args.activation_constraint else ""
+        print(f"{name}{tag} fsdp={n} seq={args.seq} batch/device={args.batch_per_device} remat={remat}: "
+              f"xla={fmt(xla_total)} GiB/device ({how}) formula={fmt(formula['total'])} GiB ({terms}) "
+              f"formula_with_flash_attention={fmt(flash)} GiB -> {fits} in {args.budget_gib:.0f} GiB",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Fast checks of the benchmarks (the timed runs and the big AOT compiles are not tests: see benchmarks/RESULTS.md)."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import memory  # noqa: E402  (imports llama2_jax and train.state only; the XLA device flag is set by conftest)
+import train_step  # noqa: E402
+
+from llama2_jax.config import get_config  # noqa: E402
+
+TINY = ["--dim=64", "--n_layers=1", "--n_heads=4", "--n_kv_heads=2", "--ffn=96", "--vocab=128", "--seq=16",
+        "--batch=8", "--steps=2", "--warmup=1", "--devices=1"]
+FIELDS = ("device=", "side=ours", "dim64/L1/H4/KV2/F96/V128", "batch=8", "seq=16", "tok/s=", "TFLOP/s=", "MFU=",
+          "peak_mem=", "loss=")
+
+
+def test_train_step_prints_one_line_with_every_field(capsys):
+    train_step.main(TINY)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    for field in FIELDS:
+        assert field in lines[0], (field, lines[0])
+    assert "MFU=n/a" in lines[0]  # CPUs have no entry in the peak table
+    loss = float(re.search(r"loss=([0-9.]+)", lines[0]).group(1))
+    assert 0.0 < loss < 10.0  # ln(128) = 4.85 at init: the step ran on real numbers
+
+
+def test_train_step_plain_causal_and_scan_remat_variants(capsys):
+    train_step.main(TINY + ["--segments=none", "--scan", "--remat=minimal", "--dtype=bfloat16"])
+    line = capsys.readouterr().out.strip()
+    assert "segments=none" in line and "scan=1" in line and "remat=minimal" in line and "dtype=bfloat16" in line
+
+
+def test_synthetic_batch_is_the_trainers_format():
+    batch = train_step.synthetic_batch(2, 5, 100, "packed")
+    assert set(batch) == {"inputs", "targets", "positions", "segment_ids", "loss_mask"}
+    assert (batch["inputs"][:, 1:] == batch["targets"][:, :-1]).all()
+    assert train_step.synthetic_batch(2, 5, 100, "none")["segment_ids"] is None
+
+
+def test_benchmark_import_path_is_free_of_data_dependencies():
+    """grain, ml_collections and tensorflow_datasets must not load with the benchmarks (the GPU image lacks them)."""
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import train_step, memory; "
+            "bad = [m for m in ('grain', 'ml_collections', 'tensorflow_datasets', 'tensorflow') if m in sys.modules]; "
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_memory_formula_state_is_16_bytes_per_param_over_devices():
+    cfg = get_config("7b", scan_layers=True)
+    f = memory.memory_formula(cfg, seq=4096, batch_per_device=1, n_devices=8, remat="dots_no_batch")
+    state = f["params"] + f["grads"] + f["adam"]
+    assert state == pytest.approx(16 * 6_738_415_616 / 8)
+    assert f["total"] == pytest.approx(sum(v for k, v in f.items() if k != "total"))
+    assert 20 * memory.GIB < f["total"] < 80 * memory.GIB
+
+
+def test_memory_formula_orders_remat_policies():
+    cfg = get_config("13b", scan_layers=True)
+    totals = [memory.memory_formula(cfg, 4096, 1, 8, policy)["total"] for policy in memory.POLICY_ORDER]
+    assert totals == sorted(totals, reverse=True)  # none > dots > dots_no_batch > minimal
+    flash = memory.memory_formula(cfg, 4096, 1, 8, "minimal", attention="cudnn")["total"]
+    assert flash < totals[-1]  # no [T, T] tensors with fused attention
+
+
+def test_pick_policy_takes_the_least_recomputing_policy_that_fits():
+    cfg = get_config("70b", scan_layers=True)
+    assert memory.pick_policy(cfg, 4096, 1, 64, 80 * memory.GIB) == "minimal"
+    assert memory.pick_policy(cfg, 128, 1, 64, 80 * memory.GIB) == "none"
