@@ -233,3 +233,9 @@ def parse_hh_transcript(text: str) -> list[dict[str, str]]:
     if messages[0]["role"] != "user":
         raise ValueError(f"HH transcript starts with an Assistant turn: {text[:60]!r}")
     return messages
+
+
+if __name__ == "__main__":  # python -m llama2_jax.chat --checkpoint=DIR --tokenizer=PATH [--system=...]
+    from llama2_jax.chat_repl import main
+
+    main()
