@@ -124,27 +124,6 @@ def pick_policy(cfg: LlamaConfig, seq: int, batch_per_device: int, n_devices: in
 # XLA's figure
 
 
-def constrain_block_inputs() -> None:
-    """EXPERIMENT behind --activation_constraint: the model.py/train/state.py change proposed in
-    benchmarks/RESULTS.md, patched in from outside. Without it GSPMD follows the parameters (model dim sharded over
-    fsdp) and replicates the batch, so every device holds the whole global batch's activations and all-reduces them.
-    Delete this (and the flag) once the library constrains activations itself."""
-    from llama2_jax import model as model_lib
-
-    if getattr(model_lib.Block, "_batch_constrained", False):
-        return
-
-    class BatchConstrainedBlock(model_lib.Block):
-        _batch_constrained = True
-
-        def __call__(self, x, positions, segment_ids, layer_cache, cache_index):
-            if not jax.sharding.get_abstract_mesh().empty:  # a no-op outside `jax.set_mesh`, as the fix would be
-                x = jax.lax.with_sharding_constraint(x, sh.logical_to_spec((sh.BATCH, sh.LENGTH, None)))
-            return super().__call__(x, positions, segment_ids, layer_cache, cache_index)
-
-    model_lib.Block = BatchConstrainedBlock
-
-
 @dataclasses.dataclass
 class Compiled:
     total: int  # argument + output + temp - alias, bytes per device
@@ -177,8 +156,7 @@ def compile_step(cfg: LlamaConfig, n_devices: int, seq: int, batch_per_device: i
     loss_fn = functools.partial(losses.next_token_loss, model=model)
     step = train_state.jit_train_step(loss_fn, shardings, mesh, learning_rate_fn=schedule)
     start = time.perf_counter()
-    with jax.set_mesh(mesh):  # only --activation_constraint's patched Block looks at it
-        lowered = step.lower(abstract_state, abstract_batch)
+    lowered = step.lower(abstract_state, abstract_batch)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     m = compiled.memory_analysis()
@@ -201,11 +179,7 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", default="",
                         help="compile with these layer counts (e.g. 2,4) and extrapolate linearly to the full depth "
                              "instead of compiling the full model")
-    parser.add_argument("--activation_constraint", action="store_true",
-                        help="EXPERIMENT: patch in the proposed batch-sharding constraint on block inputs")
     args = parser.parse_args(argv)
-    if args.activation_constraint:
-        constrain_block_inputs()
 
     for name in args.sizes.split(","):
         n = SIZES[name]
@@ -230,8 +204,7 @@ def main(argv=None) -> None:
         terms = " ".join(f"{k}={fmt(v)}" for k, v in formula.items() if k != "total")
         flash = memory_formula(cfg, args.seq, args.batch_per_device, n, remat, attention="cudnn")["total"]
         fits = "fits" if xla_total <= args.budget_gib * GIB else "DOES NOT FIT"
-        tag = " (+activation_constraint)" if args.activation_constraint else ""
-        print(f"{name}{tag} fsdp={n} seq={args.seq} batch/device={args.batch_per_device} remat={remat}: "
+        print(f"{name} fsdp={n} seq={args.seq} batch/device={args.batch_per_device} remat={remat}: "
               f"xla={fmt(xla_total)} GiB/device ({how}) formula={fmt(formula['total'])} GiB ({terms}) "
               f"formula_with_flash_attention={fmt(flash)} GiB -> {fits} in {args.budget_gib:.0f} GiB",
               flush=True)

@@ -140,6 +140,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, layer_cache, cache_index):
+        x = sh.constrain(x, (sh.BATCH, sh.LENGTH, None))  # the residual stream: batch-sharded, replicated over tensor
         attn_out, new_cache = Attention(self.config, name="attention")(
             RMSNorm(self.config, name="attention_norm")(x), positions, segment_ids, layer_cache, cache_index)
         h = x + attn_out
@@ -212,6 +213,7 @@ class Llama(nn.Module):
         else:
             kernel = _param(self, "output", (cfg.dim, cfg.vocab_size), (sh.EMBED, sh.VOCAB))
             out = jnp.einsum("BTD,DV->BTV", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+            out = sh.constrain(out, (sh.BATCH, sh.LENGTH, sh.VOCAB))
         return out if cache is None else (out, new_cache)
 
 

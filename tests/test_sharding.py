@@ -115,10 +115,26 @@ def test_sharded_forward_and_gradient_equal_single_device(mesh_shape, scan):
     tokens = jax.device_put(TOKENS, sh.batch_sharding(mesh))
     step = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1,
                    out_shardings=(sh.replicated(mesh), shardings["params"]))
-    loss, grad = step(variables["params"], cfg, tokens)
+    with sh.activation_sharding(mesh):  # traced as the trainers' steps are: activations pinned to the rules
+        loss, grad = step(variables["params"], cfg, tokens)
 
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     jax.tree.map(lambda g, r: np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-7),
                  grad, ref_grad)
     some_grad = jax.tree.leaves(grad)[0]
     assert isinstance(some_grad.sharding, NamedSharding) and some_grad.sharding.mesh.shape == mesh.shape
+
+
+def test_activation_sharding_pins_activations_to_the_rules_table():
+    """Under `activation_sharding` the logits come out batch-split over (data, fsdp) and vocab-split over tensor,
+    whatever the parameters' sharding suggests; outside it the model is unconstrained (and runs without a mesh)."""
+    mesh = sh.make_mesh(data=2, fsdp=2, tensor=2)
+    variables, _ = sh.sharded_init(init_fn(CFG), mesh, jax.random.PRNGKey(1))
+    tokens = jax.device_put(TOKENS, sh.batch_sharding(mesh))
+    forward = lambda p, t: Llama(CFG).apply({"params": p}, t)  # noqa: E731
+    with sh.activation_sharding(mesh):
+        logits = jax.jit(forward)(variables["params"], tokens)
+    assert logits.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec((sh.DATA, sh.FSDP), None, sh.TENSOR)), 3)
+    assert sh.constrain(jnp.ones((2, 3)), (sh.BATCH, None)).shape == (2, 3)  # no mesh: the identity
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(jax.jit(forward)(variables["params"], TOKENS)),
+                               rtol=1e-5, atol=1e-6)

@@ -189,20 +189,6 @@ def init_reward_state(config, model_cfg, mesh, tx):
     return train_state.state_from_params(params, tx, shardings), shardings
 
 
-def jit_steps(loss_fn, shardings, mesh, grad_accum_steps: int, schedule):
-    """The shared train_step / eval_step, jitted as `train_state.jit_train_step` / `jit_eval_step` do, except that the
-    batch sharding is P(("data", "fsdp")) for every entry: valid for any rank, as the pair batch has [P] entries
-    (rating, valid) next to [P, 2] and [P, 2, T] ones (the shared helpers' rank-2 spec rejects rank-1 arrays)."""
-    batch = sh.batch_sharding(mesh, 1)
-    step = functools.partial(train_state.train_step, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps,
-                             learning_rate_fn=schedule)
-    train_step = jax.jit(step, in_shardings=(shardings, batch), out_shardings=(shardings, sh.replicated(mesh)),
-                         donate_argnums=0)
-    eval_step = jax.jit(functools.partial(train_state.eval_step, loss_fn=loss_fn),
-                        in_shardings=(shardings.params, batch), out_shardings=sh.replicated(mesh))
-    return train_step, eval_step
-
-
 def with_rating_tables(history: list[dict]) -> list[dict]:
     """Adds accuracy_L (train records) and eval_accuracy_L (eval records) = correct_L / n_L to every record."""
     out = []
@@ -260,7 +246,9 @@ def train_and_evaluate(config, workdir: str):
     state, shardings = init_reward_state(config, model_cfg, mesh, tx)
     model = rm_model.RewardModel(model_cfg, config.head_init_std)
     loss_fn = functools.partial(rm_model.pairwise_loss, model=model, margin_table=config.margin_table)
-    step, eval_step = jit_steps(loss_fn, shardings, mesh, config.grad_accum_steps, schedule)
+    step = train_state.jit_train_step(loss_fn, shardings, mesh, grad_accum_steps=config.grad_accum_steps,
+                                      learning_rate_fn=schedule)
+    eval_step = train_state.jit_eval_step(loss_fn, shardings.params, mesh)
 
     # FLOPs per (padded) token: the LM's, minus the vocabulary projection the reward model does not have.
     flops = model_cfg.flops_per_token(config.seq_len) - 6.0 * model_cfg.vocab_size * model_cfg.dim

@@ -10,7 +10,6 @@ Trainers bind `loss_fn` with `functools.partial` and jit the step once with shar
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -150,14 +149,21 @@ def eval_step(params, batch: dict, *, loss_fn: LossFn) -> dict:
 
 def jit_train_step(loss_fn: LossFn, shardings: TrainState, mesh: Mesh, *, grad_accum_steps: int = 1,
                    learning_rate_fn: Optional[optax.Schedule] = None):
-    """`train_step` bound to a loss and jitted once: state sharded and donated, batch split over the data axes,
-    metrics replicated."""
-    step = functools.partial(train_step, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps,
-                             learning_rate_fn=learning_rate_fn)
-    return jax.jit(step, in_shardings=(shardings, sh.batch_sharding(mesh)),
+    """`train_step` bound to a loss and jitted once: state sharded and donated, every batch entry split over the
+    data axes along its first dimension (any rank), activations pinned by `sh.activation_sharding`, metrics
+    replicated."""
+    def step(state, batch):
+        with sh.activation_sharding(mesh):
+            return train_step(state, batch, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps,
+                              learning_rate_fn=learning_rate_fn)
+
+    return jax.jit(step, in_shardings=(shardings, sh.batch_sharding(mesh, 1)),
                    out_shardings=(shardings, sh.replicated(mesh)), donate_argnums=0)
 
 
 def jit_eval_step(loss_fn: LossFn, params_shardings: Any, mesh: Mesh):
-    step = functools.partial(eval_step, loss_fn=loss_fn)
-    return jax.jit(step, in_shardings=(params_shardings, sh.batch_sharding(mesh)), out_shardings=sh.replicated(mesh))
+    def step(params, batch):
+        with sh.activation_sharding(mesh):
+            return eval_step(params, batch, loss_fn=loss_fn)
+
+    return jax.jit(step, in_shardings=(params_shardings, sh.batch_sharding(mesh, 1)), out_shardings=sh.replicated(mesh))
