@@ -63,6 +63,27 @@ def xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return out.reshape(batch, q_len, n_heads, head_dim)
 
 
+def cached_attention(q: Array, k_cache: Array, v_cache: Array, q_offset: Array) -> Array:
+    """Attention of new queries over a KV cache in the heads-major layout: q [B,T,N,H] (query t at slot
+    q_offset + t), k_cache/v_cache [B,K,S,H] -> [B,T,N,H] in q's dtype; causal by slot (unwritten slots are in the
+    future), float32 scores and softmax as `xla_attention`.
+
+    The cache is heads-major so that both products read it in place as plain batched matmuls over (B, K); with a
+    [B,S,K,H] cache XLA transposes the whole cache of every layer at every decode step (measured on CPU). Always
+    the XLA kernel: a decode step is bound by reading the cache, which fused kernels do not change."""
+    batch, q_len, n_heads, head_dim = q.shape
+    n_kv, kv_len = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv
+    mask = attention_mask(batch, q_len, kv_len, q_offset)  # [B, 1, T, S]
+    q = q.reshape(batch, q_len, n_kv, group, head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, R, T, H], h = k * R + r
+    scores = jnp.einsum("BKRTH,BKSH->BKRTS", q, k_cache, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(head_dim))
+    scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("BKRTS,BKSH->BKRTH", probs, v_cache)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, n_heads, head_dim)
+
+
 def cudnn_attention(q: Array, k: Array, v: Array, mask: Optional[Array], implementation: Optional[str] = "cudnn"):
     """`jax.nn.dot_product_attention` (GQA native). With mask=None it uses the fused causal kernel.
 

@@ -20,7 +20,8 @@ padding into cache slots that are overwritten, before anything attends to them, 
 Each step draws from `fold_in(rng, position)`, so decoding in chunks (streaming) gives the same tokens as one call.
 
 Speed: the decode loop runs the model's own blocks (model.Block) with one KV buffer per layer, updated in place
-(`decode_forward`; the model's stacked [L, ...] cache is sliced and re-stacked every step), and the loop is split
+(`decode_forward`; the model's stacked [L, ...] cache is sliced and re-stacked every step), heads-major [B, K, S, H]
+so that attention reads it without a transpose (attention.cached_attention), and the loop is split
 into a few loops over growing cache prefixes (`cache_segments`) so that a step attends to O(position) slots rather
 than all S (with Meta's default max_gen_len, S is max_seq_len).
 
@@ -46,7 +47,7 @@ from llama2_jax.model import Block, RMSNorm, default_positions, unstack_layers
 
 Array = jax.Array
 DecodeState = dict  # see `init_decode`
-LayerCaches = list  # one {"k", "v": [B, S, K, H]} per layer
+LayerCaches = list  # one {"k", "v": [B, K, S, H]} per layer (heads-major)
 
 DEFAULT_TEMPERATURE = 0.6  # Meta's text_completion / chat_completion defaults (spec I)
 DEFAULT_TOP_P = 0.9
@@ -64,16 +65,17 @@ SEGMENT_ROUND = 128
 def kv_cache_shardings(mesh: Mesh, n_layers: int) -> LayerCaches:
     """NamedShardings of the decode KV cache (`init_layer_caches`), batch over the data axes and KV heads over
     tensor (from sharding.LOGICAL_RULES). B must divide by the data-parallel size and K by the tensor size."""
-    spec = NamedSharding(mesh, sh.logical_to_spec((sh.BATCH, sh.LENGTH, sh.KV_HEADS, sh.HEAD_DIM)))
+    spec = NamedSharding(mesh, sh.logical_to_spec((sh.BATCH, sh.KV_HEADS, sh.LENGTH, sh.HEAD_DIM)))
     return [{"k": spec, "v": spec} for _ in range(n_layers)]
 
 
 def init_layer_caches(cfg: LlamaConfig, batch: int, max_len: int) -> LayerCaches:
-    """Zeroed KV cache, one {"k", "v": [B, S, K, H]} per layer in the compute dtype.
+    """Zeroed KV cache, one {"k", "v": [B, K, S, H]} (heads-major, see attention.cached_attention) per layer in the
+    compute dtype.
 
     Separate per-layer buffers (rather than model.init_cache's stacked [L, ...] arrays) let XLA update each layer in
     place inside the decode loop: a stacked cache is sliced per layer and re-stacked, copying it every step."""
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)} for _ in range(cfg.n_layers)]
 
 
@@ -220,11 +222,11 @@ def cache_segments(size: int) -> list[int]:
 
 
 def _slice_caches(caches: LayerCaches, end: int) -> LayerCaches:
-    return jax.tree.map(lambda c: c[:, :end], caches)
+    return jax.tree.map(lambda c: c[:, :, :end], caches)
 
 
 def _restore_caches(full: LayerCaches, prefix: LayerCaches) -> LayerCaches:
-    return jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=1), full, prefix)
+    return jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=2), full, prefix)
 
 
 def decode_steps(params: dict, cfg: LlamaConfig, state: DecodeState, *, pad_id: int = META_PAD_ID,

@@ -19,7 +19,10 @@ def token_cross_entropy(logits: Array, targets: Array) -> Array:
     """Per-token -log p(target). logits [B, T, V] (any float dtype, computed in float32), targets [B, T] -> [B, T]."""
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    # A one-hot select rather than take_along_axis: its gradient is an elementwise select fused into the softmax
+    # gradient, not a scatter into a zeroed [B, T, V] buffer (~0.15 s of a 5 s CPU step at V = 32000).
+    is_target = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None].astype(jnp.int32)
+    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
     return log_z - target_logit
 
 

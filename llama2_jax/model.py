@@ -21,6 +21,7 @@ Meta checkpoints are permuted on conversion (convert.py) so both forms give iden
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -28,11 +29,11 @@ import jax
 import jax.numpy as jnp
 
 from llama2_jax import sharding as sh
-from llama2_jax.attention import dot_product_attention
+from llama2_jax.attention import cached_attention, dot_product_attention
 from llama2_jax.config import LlamaConfig, RematPolicy
 
 Array = jax.Array
-KVCache = dict  # {"k": [L, B, S, K, H], "v": [L, B, S, K, H]}
+KVCache = dict  # {"k": [L, B, K, S, H], "v": [L, B, K, S, H]}: heads-major (attention.cached_attention)
 
 _INIT_STD = 0.02  # HF's initializer_range; the paper does not state its init
 
@@ -47,6 +48,20 @@ def _param(module: nn.Module, name: str, shape: tuple, axes: tuple, init=None):
     init = init or nn.initializers.normal(_INIT_STD)
     dtype = jnp.dtype(module.config.param_dtype)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def project(x: Array, kernel: Array, n_in: int = 1, preferred_element_type=None) -> Array:
+    """x [..., *in] times kernel [*in, *out] -> [..., *out], computed as ONE 2-D matmul [rows, in] @ [in, out].
+
+    Same math as `einsum("BTD,DF->BTF")`, but XLA:CPU runs the gradient of the 3-D form (a weight gradient that
+    contracts over both B and T) about 1.5x slower than the flattened one (measured: SwiGLU forward+backward at
+    dim 512, 2048 tokens: 297 ms vs 192 ms). Merging the leading dims is free on every backend and keeps a
+    batch-split sharding (B is the major dim)."""
+    in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+    lead = x.shape[: x.ndim - n_in]
+    rows = x.reshape(-1, math.prod(in_shape))
+    y = jnp.matmul(rows, kernel.reshape(math.prod(in_shape), -1), preferred_element_type=preferred_element_type)
+    return y.reshape(lead + out_shape)
 
 
 class RMSNorm(nn.Module):
@@ -86,7 +101,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, layer_cache: Optional[KVCache], cache_index):
-        """x [B, T, D]; positions, segment_ids [B, T]; layer_cache {"k","v": [B, S, K, H]} or None;
+        """x [B, T, D]; positions, segment_ids [B, T]; layer_cache {"k","v": [B, K, S, H]} or None;
         cache_index: scalar int, slot of x's first token in the cache. Returns ([B, T, D], new layer cache)."""
         cfg = self.config
         d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -96,24 +111,22 @@ class Attention(nn.Module):
         wv = _param(self, "wv", (d, k, h), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM)).astype(dtype)
         wo = _param(self, "wo", (n, h, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED)).astype(dtype)
 
-        q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq), positions, cfg.rope_theta)
-        key = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk), positions, cfg.rope_theta)
-        value = jnp.einsum("BTD,DKH->BTKH", x, wv)
+        q = apply_rope(project(x, wq), positions, cfg.rope_theta)  # [B, T, N, H]
+        key = apply_rope(project(x, wk), positions, cfg.rope_theta)  # [B, T, K, H]
+        value = project(x, wv)
 
         if layer_cache is None:
             out = dot_product_attention(q, key, value, impl=cfg.attention_impl,
                                         q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
             new_cache = None
-        else:
+        else:  # the cache is heads-major [B, K, S, H] (see attention.cached_attention)
             new_cache = {
-                "k": jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], key.astype(layer_cache["k"].dtype),
-                                                         cache_index, axis=1),
-                "v": jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], value.astype(layer_cache["v"].dtype),
-                                                         cache_index, axis=1),
+                name: jax.lax.dynamic_update_slice_in_dim(
+                    layer_cache[name], new.transpose(0, 2, 1, 3).astype(layer_cache[name].dtype), cache_index, axis=2)
+                for name, new in (("k", key), ("v", value))
             }
-            out = dot_product_attention(q, new_cache["k"].astype(dtype), new_cache["v"].astype(dtype),
-                                        impl=cfg.attention_impl, q_offset=cache_index)
-        return jnp.einsum("BTNH,NHD->BTD", out, wo), new_cache
+            out = cached_attention(q, new_cache["k"].astype(dtype), new_cache["v"].astype(dtype), cache_index)
+        return project(out, wo, n_in=2), new_cache
 
 
 class FeedForward(nn.Module):
@@ -128,9 +141,9 @@ class FeedForward(nn.Module):
         w1 = _param(self, "w1", (cfg.dim, cfg.hidden_dim), (sh.EMBED, sh.MLP)).astype(dtype)
         w3 = _param(self, "w3", (cfg.dim, cfg.hidden_dim), (sh.EMBED, sh.MLP)).astype(dtype)
         w2 = _param(self, "w2", (cfg.hidden_dim, cfg.dim), (sh.MLP, sh.EMBED)).astype(dtype)
-        gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, w1))
-        up = jnp.einsum("BTD,DF->BTF", x, w3)
-        return jnp.einsum("BTF,FD->BTD", gate * up, w2)
+        gate = jax.nn.silu(project(x, w1))  # [B, T, F]
+        up = project(x, w3)
+        return project(gate * up, w2)
 
 
 class Block(nn.Module):
@@ -212,15 +225,15 @@ class Llama(nn.Module):
             out = hidden
         else:
             kernel = _param(self, "output", (cfg.dim, cfg.vocab_size), (sh.EMBED, sh.VOCAB))
-            out = jnp.einsum("BTD,DV->BTV", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+            out = project(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)  # [B, T, V]
             out = sh.constrain(out, (sh.BATCH, sh.LENGTH, sh.VOCAB))
         return out if cache is None else (out, new_cache)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """Zeroed KV cache {"k","v": [L, B, max_len, K, H]} in the compute dtype."""
+    """Zeroed KV cache {"k","v": [L, B, K, max_len, H]} in the compute dtype."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 

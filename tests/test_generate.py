@@ -94,7 +94,7 @@ def test_kv_cache_shardings_follow_logical_rules():
     mesh = sh.make_mesh(data=2, fsdp=2, tensor=2)
     shardings = gen.kv_cache_shardings(mesh, CFG.n_layers)
     assert len(shardings) == CFG.n_layers
-    assert shardings[0]["k"].spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+    assert shardings[0]["k"].spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)  # [B, K, S, H]
     assert shardings[0]["v"] == shardings[0]["k"]
 
 
