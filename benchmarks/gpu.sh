@@ -28,10 +28,15 @@ TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-470}  # leaves headroom under 8 minutes for int
 LOG_DIR=${OUT:-/tmp}/gpu_bench_logs
 mkdir -p "$LOG_DIR"
 
-# The anchor training config, shared by every training part.
-ANCHOR=(--dim=2048 --n_layers=22 --n_heads=32 --n_kv_heads=4 --ffn=5632 --vocab=32000 --seq=2048
-        --dtype=bfloat16 --steps=10 --warmup=2)
+# The anchor training config, shared by every training part, and the decoding shape. Both can be replaced from the
+# environment for a plumbing check on a machine without a GPU, e.g.
+#   TRAIN_ARGS="--dim=64 --n_layers=2 --n_heads=4 --n_kv_heads=2 --ffn=128 --vocab=256 --seq=32 --steps=2 --warmup=1"
+#   DECODE_ARGS="--shape=15m --n_layers=1 --batch=1 --new_tokens=8 --repeats=1" BATCH=2 ATTENTION=xla \
+#   bash benchmarks/gpu.sh
+read -r -a ANCHOR <<< "${TRAIN_ARGS:---dim=2048 --n_layers=22 --n_heads=32 --n_kv_heads=4 --ffn=5632 --vocab=32000 --seq=2048 --dtype=bfloat16 --steps=10 --warmup=2}"
+read -r -a DECODE <<< "${DECODE_ARGS:---shape=7b --batch=1,16 --dtype=bfloat16 --prompt_len=128 --new_tokens=256 --repeats=2}"
 BATCH=${BATCH:-8}
+ATTENTION=${ATTENTION:-cudnn}  # xla for a CPU plumbing check
 
 RESULTS=()
 
@@ -98,18 +103,17 @@ RESULTS+=("${DEVICE_LINE:-device: unknown (python/jax failed to start)}")
 
 # 2. Training step.
 run_part train_ours_packed 150 XLA_PYTHON_CLIENT_MEM_FRACTION=0.90 -- \
-  "$PYTHON" benchmarks/train_step.py "${ANCHOR[@]}" --attention=cudnn --segments=packed --batch="$BATCH"
+  "$PYTHON" benchmarks/train_step.py "${ANCHOR[@]}" --attention="$ATTENTION" --segments=packed --batch="$BATCH"
 run_part train_hf 240 XLA_PYTHON_CLIENT_PREALLOCATE=false -- \
   "$PYTHON" benchmarks/train_step.py "${ANCHOR[@]}" --no_ours --compare=hf --hf_variants=eager_bf16,compile_bf16 \
   --batch="$BATCH"
 run_part train_ours_causal 120 XLA_PYTHON_CLIENT_MEM_FRACTION=0.90 -- \
-  "$PYTHON" benchmarks/train_step.py "${ANCHOR[@]}" --attention=cudnn --segments=none --batch="$BATCH"
+  "$PYTHON" benchmarks/train_step.py "${ANCHOR[@]}" --attention="$ATTENTION" --segments=none --batch="$BATCH"
 
 # 3. Decoding, 7B shape (benchmarks/generate.py; ours and HF share the GPU in one process: JAX gets 45 %).
 if [[ -f benchmarks/generate.py ]]; then
   run_part decode_7b 180 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 -- \
-    "$PYTHON" benchmarks/generate.py --shape=7b --batch=1,16 --dtype=bfloat16 --prompt_len=128 --new_tokens=128 \
-    --repeats=2
+    "$PYTHON" benchmarks/generate.py "${DECODE[@]}"
 else
   RESULTS+=("DECODE NOT RUN: benchmarks/generate.py is missing (fill in its 7B GPU command here)")
 fi

@@ -95,6 +95,15 @@ def activation_sharding(mesh: Optional[Mesh]):
         _ACTIVATION_MESH.reset(token)
 
 
+def with_activation_sharding(fn, mesh: Optional[Mesh]):
+    """fn wrapped so that it traces under `activation_sharding(mesh)` (for functions handed to `jax.jit`)."""
+    def traced(*args, **kwargs):
+        with activation_sharding(mesh):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
     """`with_sharding_constraint(x, logical axes)` on the `activation_sharding` mesh; the identity outside it, so
     the model runs unchanged on one device, in tests and inside callers that shard by hand (generation)."""

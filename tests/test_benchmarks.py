@@ -78,3 +78,22 @@ def test_pick_policy_takes_the_least_recomputing_policy_that_fits():
     cfg = get_config("70b", scan_layers=True)
     assert memory.pick_policy(cfg, 4096, 1, 64, 80 * memory.GIB) == "minimal"
     assert memory.pick_policy(cfg, 128, 1, 64, 80 * memory.GIB) == "none"
+
+
+@pytest.mark.slow
+def test_gpu_script_plumbing_runs_on_cpu_with_tiny_shapes(tmp_path):
+    """benchmarks/gpu.sh end to end with tiny shapes and XLA attention: every part prints its result line (the GPU
+    itself is never available to CI; this guards the script's parsing, timeouts and retries)."""
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path), BATCH="2", ATTENTION="xla", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="",  # one CPU device, as on a one-GPU machine
+               TRAIN_ARGS="--dim=64 --n_layers=2 --n_heads=4 --n_kv_heads=2 --ffn=128 --vocab=256 --seq=32 "
+                          "--steps=2 --warmup=1",
+               DECODE_ARGS="--shape=15m --n_layers=1 --batch=1 --new_tokens=8 --repeats=1")
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = result.stdout.split("=== GPU table", 1)[1]
+    for expected in ("side=ours", "segments=packed", "segments=none", "side=hf-eager_bf16", "side=hf-compile_bf16",
+                     "model=dim288/L1", "ratio="):
+        assert expected in table, (expected, table)
+    assert not re.search(r"^(FAILED|TIMEOUT|NO RESULT|SKIPPED)", table, re.M), table

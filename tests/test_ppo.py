@@ -3,6 +3,8 @@ stand-in reward model that prefers a visible property (response tokens from a fi
 a few iterations while the KL to π0 stays bounded, and the policy checkpoint is a valid init_from."""
 
 import json
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -145,3 +147,29 @@ def test_tiny_ppo_raises_the_reward_with_bounded_kl(tmp_path, tokenizer):
     assert (work / "tokenizer.model").is_file() and sorted(p.name for p in (work / "checkpoints").iterdir()) == [
         "24", "48"]
     assert not np.allclose(params["output"], llama_params(CFG, 0)["output"])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_next_run_resumes(tmp_path, tokenizer, monkeypatch):
+    """SIGTERM during iteration 2 -> a checkpoint of iteration 2 and a clean return; a rerun goes on at 3."""
+    config = tiny_config(tmp_path, tokenizer)
+    config.iterations, config.checkpoint_every_iterations = 3, 100
+    work = tmp_path / "ppo"
+    run_iteration = ppo.run_iteration
+
+    def terminated_in_iteration_2(*args, **kwargs):
+        out = run_iteration(*args, **kwargs)
+        if int(jax.device_get(out[0].step)) == 2 * 4:  # 4 minibatch steps per iteration
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    kwargs = dict(score_fns={"helpful": prefers_target_tokens, "safety": constant_safety},
+                  reward_params={"helpful": None, "safety": None})
+    monkeypatch.setattr(ppo, "run_iteration", terminated_in_iteration_2)
+    first = ppo.train_and_evaluate(config, str(work), **kwargs)
+    assert [h["iteration"] for h in first] == [1, 2]
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["8"]
+
+    monkeypatch.setattr(ppo, "run_iteration", run_iteration)
+    second = ppo.train_and_evaluate(config, str(work), **kwargs)
+    assert [h["iteration"] for h in second] == [3] and second[0]["policy_step"] == 12

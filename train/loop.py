@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -84,7 +84,7 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
-class _TerminationFlag:
+class TerminationFlag:
     """Set by SIGTERM; the loop checks it between steps, saves a checkpoint and returns."""
 
     def __init__(self):
@@ -184,7 +184,7 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainSt
             progress.set_postfix(_postfix(metrics), refresh=False)
 
     step = start
-    with _TerminationFlag() as termination:
+    with TerminationFlag() as termination:
         while step < settings.num_train_steps and not termination.requested:
             batch = to_global(next(train_iter), mesh)
             state, metrics = train_step(state, batch)

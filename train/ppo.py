@@ -341,11 +341,13 @@ def init_value(config, value_cfg, policy_params, mesh):
 
 
 def compile_phases(config, cfg, value_cfg, score_fns, settings: Settings, mesh, shardings, value_shardings):
-    """The three phases bound to their static arguments and jitted once (states donated to the update)."""
+    """The three phases bound to their static arguments and jitted once (states donated to the update). Experience
+    and update trace with the model's activations pinned to the rules table; the sampler shards its own buffers."""
     generate_fn = jax.jit(functools.partial(rollout, cfg=cfg, settings=settings, mesh=mesh))
-    experience_fn = jax.jit(functools.partial(make_experience, cfg=cfg, value_cfg=value_cfg, score_fns=score_fns,
-                                              settings=settings))
-    update_fn = jax.jit(functools.partial(ppo_update, cfg=cfg, value_cfg=value_cfg, settings=settings, mesh=mesh),
+    experience_fn = jax.jit(sh.with_activation_sharding(
+        functools.partial(make_experience, cfg=cfg, value_cfg=value_cfg, score_fns=score_fns, settings=settings), mesh))
+    update_fn = jax.jit(sh.with_activation_sharding(
+        functools.partial(ppo_update, cfg=cfg, value_cfg=value_cfg, settings=settings, mesh=mesh), mesh),
                         in_shardings=(shardings, value_shardings, None, None),
                         out_shardings=(shardings, value_shardings, sh.replicated(mesh)), donate_argnums=(0, 1))
     return generate_fn, experience_fn, update_fn
@@ -472,20 +474,24 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
           f"{value_init_path(config) or 'the policy'}")
 
     writer, history, rng = loop.MetricsWriter(workdir), [], jax.random.PRNGKey(config.seed)
-    for iteration in range(start + 1, config.iterations + 1):
-        step_rng = jax.random.fold_in(rng, iteration)
-        policy_state, value_state, metrics = run_iteration(phases, (policy_state, value_state), models,
-                                                           batches.next(), step_rng, mesh, config.ppo_epochs)
-        if val_batches is not None and iteration % config.eval_every_iterations == 0:
-            metrics.update(evaluate(phases, (policy_state, value_state), models, val_batches,
-                                    jax.random.fold_in(step_rng, 2), mesh))
-        metrics["policy_step"] = float(jax.device_get(policy_state.step))
-        writer.write(iteration, metrics)
-        history.append({"iteration": iteration, **metrics})
-        if jax.process_index() == 0:
-            print(log_line(iteration, metrics), flush=True)
-        if iteration % config.checkpoint_every_iterations == 0 or iteration == config.iterations:
-            checkpoints.save(policy_state, value_state, iteration, batches)
+    with loop.TerminationFlag() as termination:
+        for iteration in range(start + 1, config.iterations + 1):
+            step_rng = jax.random.fold_in(rng, iteration)
+            policy_state, value_state, metrics = run_iteration(phases, (policy_state, value_state), models,
+                                                               batches.next(), step_rng, mesh, config.ppo_epochs)
+            if val_batches is not None and iteration % config.eval_every_iterations == 0:
+                metrics.update(evaluate(phases, (policy_state, value_state), models, val_batches,
+                                        jax.random.fold_in(step_rng, 2), mesh))
+            metrics["policy_step"] = float(jax.device_get(policy_state.step))
+            writer.write(iteration, metrics)
+            history.append({"iteration": iteration, **metrics})
+            if jax.process_index() == 0:
+                print(log_line(iteration, metrics), flush=True)
+            last = iteration == config.iterations
+            if iteration % config.checkpoint_every_iterations == 0 or last or termination.requested:
+                checkpoints.save(policy_state, value_state, iteration, batches)
+            if termination.requested:  # saved above; the next run resumes at iteration + 1
+                break
     checkpoints.close()
     writer.close()
     return history
