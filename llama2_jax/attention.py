@@ -6,8 +6,8 @@ KV head (GQA group), H head dim.
 Masking is expressed with *slots*, not RoPE positions: query t sits at slot `q_offset + t` of the key/value buffer
 and may attend to key slot s when s <= q_offset + t (causal) and both carry the same segment id (packed sequences;
 segment 0 is padding and only attends to padding, so no row is ever fully masked). During decoding the key/value
-buffer is the preallocated KV cache and `q_offset` is the index the new tokens were written at; unwritten slots lie in
-the future and are masked by causality alone.
+buffer is the preallocated KV cache, kept heads-major [B, K, S, H] (`cached_attention`), and `q_offset` is the index
+the new tokens were written at; unwritten slots lie in the future and are masked by causality alone.
 
 Implementations (`AttentionImpl`): "xla" (einsum + float32 softmax, the reference; everywhere) and "cudnn"
 (`jax.nn.dot_product_attention(implementation="cudnn")`, flash attention on NVIDIA GPUs). A TPU splash kernel fits the
@@ -108,7 +108,7 @@ def dot_product_attention(
 
     Args:
       q: [B, T, N, H] queries, already rotated.
-      k, v: [B, S, K, H] keys (rotated) and values; S >= T. With a KV cache, S is the cache length.
+      k, v: [B, S, K, H] keys (rotated) and values; S >= T (a KV cache in this layout: S is its length).
       impl: an `AttentionImpl` value.
       q_offset: scalar or [B] int, the slot of the first query in the key buffer (0 without a cache).
       q_segment_ids: [B, T] int, document id of each query token (0 = padding); None = one document.

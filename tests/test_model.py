@@ -135,6 +135,14 @@ def test_attention_with_offset_into_a_longer_buffer():
     np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
 
 
+def test_cached_attention_reads_a_heads_major_cache():
+    """cached_attention over a [B, K, S, H] cache == the naive GQA reference over the same keys, causal by slot."""
+    q, k, v = random_qkv(t=2, s=8)
+    out = attention.cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.asarray(3))
+    full = naive_attention(q, k[:, :5], v[:, :5], attention.attention_mask(2, 2, 5, jnp.asarray(3)))
+    np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("with_segments", [False, True])
 def test_jax_nn_attention_path_has_the_same_mask_semantics(with_segments):
     """The cudnn implementation calls jax.nn.dot_product_attention; with implementation=None (XLA, CPU) the same call
