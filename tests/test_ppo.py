@@ -17,7 +17,7 @@ from llama2_jax import checkpoint
 from llama2_jax import reward_model as rm_model
 from llama2_jax import value_model as vm
 from train import common
-from train import ppo
+from train import ppo, ppo_phases
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
@@ -40,7 +40,7 @@ def constant_safety(params, tokens, lengths):
 
 def test_action_mask_covers_the_response_and_the_generated_eos():
     tokens = jnp.array([[1, 5, 6, 7, 2, -1], [1, 5, 7, 8, 9, 9], [1, 5, 6, 2, -1, -1]])
-    mask = ppo.action_mask(tokens, jnp.array([2, 2, 3]), jnp.array([2, 3, 0]), eos_id=2)
+    mask = ppo_phases.action_mask(tokens, jnp.array([2, 2, 3]), jnp.array([2, 3, 0]), eos_id=2)
     # row 0: tokens 2, 3 (response) and 4 (EOS) are actions -> positions 1..3; row 1: cut at max_gen_len, no EOS
     # row 2: an immediate EOS is the only action (position 2)
     np.testing.assert_array_equal(mask, [[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0]])
@@ -49,7 +49,7 @@ def test_action_mask_covers_the_response_and_the_generated_eos():
 def test_map_chunks_matches_one_call():
     x = {"a": jnp.arange(24.0).reshape(8, 3), "b": jnp.arange(8)}
     fn = lambda t: {"s": t["a"].sum(axis=1) * t["b"], "c": t["a"] * 2}  # noqa: E731
-    whole, chunked = fn(x), ppo.map_chunks(fn, x, rows=2)
+    whole, chunked = fn(x), ppo_phases.map_chunks(fn, x, rows=2)
     assert all(np.array_equal(whole[k], chunked[k]) for k in whole)
 
 

@@ -50,7 +50,6 @@ from llama2_jax import reward_model as rm_model
 from llama2_jax import sharding as sh
 from llama2_jax.data import dialogs, preferences
 from llama2_jax.model import abstract_params
-from llama2_jax.tokenizer import TOKENIZER_FILENAME, Tokenizer, check_vocab
 from train import common
 from train import sft as sft_trainer
 
@@ -150,17 +149,6 @@ def policy_config(config):
     except (ValueError, FileNotFoundError) as error:
         raise common.ConfigError(f"config.init_from: {error}") from None
     return stored.replace(**{name: config.model[name] for name in sft_trainer.MODEL_OVERRIDES})
-
-
-def load_tokenizer(config, vocab_size: int) -> Tokenizer:
-    """config.tokenizer.path, or INIT_FROM/tokenizer.model; its vocabulary must match the policy's."""
-    path = config.tokenizer.path or os.path.join(config.init_from, TOKENIZER_FILENAME)
-    try:
-        tokenizer = Tokenizer(path)
-        check_vocab(tokenizer, vocab_size)
-    except (ValueError, FileNotFoundError) as error:
-        raise common.ConfigError(f"config.tokenizer.path: {error}") from None
-    return tokenizer
 
 
 def rm_sigmoid_score(params, tokens, lengths, *, cfg) -> jax.Array:
@@ -397,7 +385,7 @@ def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, Score
     if config.prompts.max_prompt_len + config.sampling.max_gen_len > cfg.max_seq_len:
         raise common.ConfigError(f"config.prompts.max_prompt_len + config.sampling.max_gen_len exceeds the policy's "
                                  f"max_seq_len {cfg.max_seq_len}")
-    tokenizer = load_tokenizer(config, cfg.vocab_size)
+    tokenizer = sft_trainer.load_tokenizer(config, cfg.vocab_size)
     prompts, encoded = load_prompts(config, tokenizer)
     if score_fns is None:
         score_fns, reward_params = load_reward_models(config, mesh, cfg.vocab_size)
