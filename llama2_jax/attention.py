@@ -100,29 +100,28 @@ def dot_product_attention(
     v: Array,
     *,
     impl: str = AttentionImpl.XLA.value,
-    q_offset: Optional[Array] = None,
     q_segment_ids: Optional[Array] = None,
     kv_segment_ids: Optional[Array] = None,
 ) -> Array:
-    """Causal (optionally segment-masked) attention with grouped KV heads.
+    """Causal (optionally segment-masked) self-attention with grouped KV heads, training and full forward passes
+    (attention over a KV cache is `cached_attention`).
 
     Args:
       q: [B, T, N, H] queries, already rotated.
-      k, v: [B, S, K, H] keys (rotated) and values; S >= T (a KV cache in this layout: S is its length).
+      k, v: [B, T, K, H] keys (rotated) and values.
       impl: an `AttentionImpl` value.
-      q_offset: scalar or [B] int, the slot of the first query in the key buffer (0 without a cache).
       q_segment_ids: [B, T] int, document id of each query token (0 = padding); None = one document.
-      kv_segment_ids: [B, S] int, the same for keys.
+      kv_segment_ids: [B, T] int, the same for keys.
     Returns:
       [B, T, N, H] in q's dtype.
     """
     batch, q_len = q.shape[:2]
     kv_len = k.shape[1]
-    plain_causal = q_offset is None and q_segment_ids is None and q_len == kv_len
     if impl == AttentionImpl.CUDNN.value:
-        mask = None if plain_causal else attention_mask(batch, q_len, kv_len, q_offset, q_segment_ids, kv_segment_ids)
+        plain_causal = q_segment_ids is None and q_len == kv_len
+        mask = None if plain_causal else attention_mask(batch, q_len, kv_len, None, q_segment_ids, kv_segment_ids)
         return cudnn_attention(q, k, v, mask)
     if impl != AttentionImpl.XLA.value:
         raise ValueError(f"unknown attention implementation {impl!r}; known: {[i.value for i in AttentionImpl]}")
-    mask = attention_mask(batch, q_len, kv_len, q_offset, q_segment_ids, kv_segment_ids)
+    mask = attention_mask(batch, q_len, kv_len, None, q_segment_ids, kv_segment_ids)
     return xla_attention(q, k, v, mask)

@@ -127,9 +127,9 @@ def test_xla_attention_matches_naive_gqa(with_segments):
     np.testing.assert_allclose(out, naive_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
-def test_attention_with_offset_into_a_longer_buffer():
+def test_attention_mask_with_offset_into_a_longer_buffer():
     q, k, v = random_qkv(t=2, s=8)
-    out = attention.dot_product_attention(q, k, v, q_offset=jnp.asarray(3))
+    out = attention.xla_attention(q, k, v, attention.attention_mask(2, 2, 8, jnp.asarray(3)))
     # queries sit at slots 3 and 4: they see keys 0..3 and 0..4 only
     full = naive_attention(q, k[:, :5], v[:, :5], attention.attention_mask(2, 2, 5, jnp.asarray(3)))
     np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)

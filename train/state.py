@@ -10,6 +10,7 @@ Trainers bind `loss_fn` with `functools.partial` and jit the step once with shar
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -152,18 +153,13 @@ def jit_train_step(loss_fn: LossFn, shardings: TrainState, mesh: Mesh, *, grad_a
     """`train_step` bound to a loss and jitted once: state sharded and donated, every batch entry split over the
     data axes along its first dimension (any rank), activations pinned by `sh.activation_sharding`, metrics
     replicated."""
-    def step(state, batch):
-        with sh.activation_sharding(mesh):
-            return train_step(state, batch, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps,
-                              learning_rate_fn=learning_rate_fn)
-
-    return jax.jit(step, in_shardings=(shardings, sh.batch_sharding(mesh, 1)),
+    step = functools.partial(train_step, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps,
+                             learning_rate_fn=learning_rate_fn)
+    return jax.jit(sh.with_activation_sharding(step, mesh), in_shardings=(shardings, sh.batch_sharding(mesh, 1)),
                    out_shardings=(shardings, sh.replicated(mesh)), donate_argnums=0)
 
 
 def jit_eval_step(loss_fn: LossFn, params_shardings: Any, mesh: Mesh):
-    def step(params, batch):
-        with sh.activation_sharding(mesh):
-            return eval_step(params, batch, loss_fn=loss_fn)
-
-    return jax.jit(step, in_shardings=(params_shardings, sh.batch_sharding(mesh, 1)), out_shardings=sh.replicated(mesh))
+    step = functools.partial(eval_step, loss_fn=loss_fn)
+    return jax.jit(sh.with_activation_sharding(step, mesh), in_shardings=(params_shardings, sh.batch_sharding(mesh, 1)),
+                   out_shardings=sh.replicated(mesh))
