@@ -6,8 +6,8 @@ KV head (GQA group), H head dim.
 Masking is expressed with *slots*, not RoPE positions: query t sits at slot `q_offset + t` of the key/value buffer
 and may attend to key slot s when s <= q_offset + t (causal) and both carry the same segment id (packed sequences;
 segment 0 is padding and only attends to padding, so no row is ever fully masked). During decoding the key/value
-buffer is the preallocated KV cache, kept heads-major [B, K, S, H] (`cached_attention`), and `q_offset` is the index
-the new tokens were written at; unwritten slots lie in the future and are masked by causality alone.
+buffer is the preallocated KV cache (`cached_attention`), and `q_offset` is the slot of the first new token; later
+slots are unwritten or stale and are masked.
 
 Implementations (`AttentionImpl`): "xla" (einsum + float32 softmax, the reference; everywhere) and "cudnn"
 (`jax.nn.dot_product_attention(implementation="cudnn")`, flash attention on NVIDIA GPUs). A TPU splash kernel fits the
@@ -63,25 +63,37 @@ def xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return out.reshape(batch, q_len, n_heads, head_dim)
 
 
-def cached_attention(q: Array, k_cache: Array, v_cache: Array, q_offset: Array) -> Array:
-    """Attention of new queries over a KV cache in the heads-major layout: q [B,T,N,H] (query t at slot
-    q_offset + t), k_cache/v_cache [B,K,S,H] -> [B,T,N,H] in q's dtype; causal by slot (unwritten slots are in the
-    future), float32 scores and softmax as `xla_attention`.
+def cached_attention(q: Array, k: Array, v: Array, k_cache: Array, v_cache: Array, q_offset: Array) -> Array:
+    """Attention of T new tokens over the KV cache *before* their write, plus themselves.
 
-    The cache is heads-major so that both products read it in place as plain batched matmuls over (B, K); with a
-    [B,S,K,H] cache XLA transposes the whole cache of every layer at every decode step (measured on CPU). Always
-    the XLA kernel: a decode step is bound by reading the cache, which fused kernels do not change."""
+    Args:
+      q: [B, T, N, H] queries of the new tokens (query t at slot q_offset + t), rotated.
+      k, v: [B, T, K, H] their keys (rotated) and values.
+      k_cache: [B, K, H, S] and v_cache: [B, K, S, H] (model.KV_CACHE_AXES); slots < q_offset are attended, later
+        slots are ignored.
+      q_offset: scalar int.
+    Returns [B, T, N, H] in q's dtype; float32 scores and softmax as `xla_attention`. Equal to causal attention over
+    the cache with k, v written at slots q_offset .. q_offset + T - 1.
+
+    Why not attend to the cache after the write: inside the decode loop XLA then needs the written cache twice (as
+    the loop output and as the attention operand) and copies every layer's cache at every step (measured on CPU).
+    The layouts make both products batched matmuls over (B, K) in XLA's canonical form, read in place."""
     batch, q_len, n_heads, head_dim = q.shape
-    n_kv, kv_len = k_cache.shape[1], k_cache.shape[2]
+    n_kv, kv_len = k_cache.shape[1], k_cache.shape[3]
     group = n_heads // n_kv
-    mask = attention_mask(batch, q_len, kv_len, q_offset)  # [B, 1, T, S]
+    neg = jnp.finfo(jnp.float32).min
+    scale = 1.0 / jnp.sqrt(jnp.float32(head_dim))
     q = q.reshape(batch, q_len, n_kv, group, head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, R, T, H], h = k * R + r
-    scores = jnp.einsum("BKRTH,BKSH->BKRTS", q, k_cache, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(head_dim))
-    scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("BKRTS,BKSH->BKRTH", probs, v_cache)
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, n_heads, head_dim)
+    k = k.transpose(0, 2, 1, 3).astype(k_cache.dtype)  # [B, K, U, H], U = T new keys
+    v = v.transpose(0, 2, 1, 3).astype(v_cache.dtype)
+    old = jnp.einsum("BKRTH,BKHS->BKRTS", q, k_cache, preferred_element_type=jnp.float32) * scale
+    old = jnp.where(jnp.arange(kv_len) < q_offset, old, neg)
+    new = jnp.einsum("BKRTH,BKUH->BKRTU", q, k, preferred_element_type=jnp.float32) * scale
+    new = jnp.where(jnp.tril(jnp.ones((q_len, q_len), bool)), new, neg)
+    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v_cache.dtype)
+    out = (jnp.einsum("BKRTS,BKSH->BKRTH", probs[..., :kv_len], v_cache)
+           + jnp.einsum("BKRTU,BKUH->BKRTH", probs[..., kv_len:], v))
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, n_heads, head_dim).astype(q.dtype)
 
 
 def cudnn_attention(q: Array, k: Array, v: Array, mask: Optional[Array], implementation: Optional[str] = "cudnn"):

@@ -20,10 +20,11 @@ padding into cache slots that are overwritten, before anything attends to them, 
 Each step draws from `fold_in(rng, position)`, so decoding in chunks (streaming) gives the same tokens as one call.
 
 Speed: the decode loop runs the model's own blocks (model.Block) with one KV buffer per layer, updated in place
-(`decode_forward`; the model's stacked [L, ...] cache is sliced and re-stacked every step), heads-major [B, K, S, H]
-so that attention reads it without a transpose (attention.cached_attention), and the loop is split
-into a few loops over growing cache prefixes (`cache_segments`) so that a step attends to O(position) slots rather
-than all S (with Meta's default max_gen_len, S is max_seq_len).
+(`decode_forward`; the model's stacked [L, ...] cache would be sliced and re-stacked every step) in a layout that
+attention reads without a transpose (model.KV_CACHE_AXES, attention.cached_attention); jit it with
+`DECODE_COMPILER_OPTIONS` so that XLA:CPU also sees that the update can be in place. The loop is split into a few
+loops over growing cache prefixes (`cache_segments`) so that a step attends to O(position) slots rather than all S
+(with Meta's default max_gen_len, S is max_seq_len).
 
 The pure core (`init_decode`, `decode_steps`, `sample`) works inside `jax.jit` on a sharded mesh; `generate`,
 `text_completion` and `chat_completion` are host-side conveniences. CLI:
@@ -43,11 +44,12 @@ from jax.sharding import Mesh, NamedSharding
 
 from llama2_jax import sharding as sh
 from llama2_jax.config import LlamaConfig
-from llama2_jax.model import Block, RMSNorm, default_positions, unstack_layers
+from llama2_jax.model import (KV_CACHE_AXES, Block, RMSNorm, cache_length_axis, default_positions, layer_cache_shape,
+                              unstack_layers)
 
 Array = jax.Array
 DecodeState = dict  # see `init_decode`
-LayerCaches = list  # one {"k", "v": [B, K, S, H]} per layer (heads-major)
+LayerCaches = list  # one {"k": [B, K, H, S], "v": [B, K, S, H]} per layer (model.KV_CACHE_AXES)
 
 DEFAULT_TEMPERATURE = 0.6  # Meta's text_completion / chat_completion defaults (spec I)
 DEFAULT_TOP_P = 0.9
@@ -65,18 +67,18 @@ SEGMENT_ROUND = 128
 def kv_cache_shardings(mesh: Mesh, n_layers: int) -> LayerCaches:
     """NamedShardings of the decode KV cache (`init_layer_caches`), batch over the data axes and KV heads over
     tensor (from sharding.LOGICAL_RULES). B must divide by the data-parallel size and K by the tensor size."""
-    spec = NamedSharding(mesh, sh.logical_to_spec((sh.BATCH, sh.KV_HEADS, sh.LENGTH, sh.HEAD_DIM)))
-    return [{"k": spec, "v": spec} for _ in range(n_layers)]
+    spec = {name: NamedSharding(mesh, sh.logical_to_spec(axes)) for name, axes in KV_CACHE_AXES.items()}
+    return [dict(spec) for _ in range(n_layers)]
 
 
 def init_layer_caches(cfg: LlamaConfig, batch: int, max_len: int) -> LayerCaches:
-    """Zeroed KV cache, one {"k", "v": [B, K, S, H]} (heads-major, see attention.cached_attention) per layer in the
-    compute dtype.
+    """Zeroed KV cache, one {"k": [B, K, H, S], "v": [B, K, S, H]} (model.KV_CACHE_AXES) per layer in the compute
+    dtype.
 
     Separate per-layer buffers (rather than model.init_cache's stacked [L, ...] arrays) let XLA update each layer in
     place inside the decode loop: a stacked cache is sliced per layer and re-stacked, copying it every step."""
-    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-    return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)} for _ in range(cfg.n_layers)]
+    return [{name: jnp.zeros(layer_cache_shape(cfg, name, batch, max_len), cfg.dtype) for name in KV_CACHE_AXES}
+            for _ in range(cfg.n_layers)]
 
 
 def sample_top_p(rng: Array, probs: Array, top_p) -> Array:
@@ -222,11 +224,13 @@ def cache_segments(size: int) -> list[int]:
 
 
 def _slice_caches(caches: LayerCaches, end: int) -> LayerCaches:
-    return jax.tree.map(lambda c: c[:, :, :end], caches)
+    return [{name: jax.lax.slice_in_dim(c, 0, end, axis=cache_length_axis(name)) for name, c in layer.items()}
+            for layer in caches]
 
 
 def _restore_caches(full: LayerCaches, prefix: LayerCaches) -> LayerCaches:
-    return jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=2), full, prefix)
+    return [{name: jax.lax.dynamic_update_slice_in_dim(c, p[name], 0, axis=cache_length_axis(name))
+             for name, c in layer.items()} for layer, p in zip(full, prefix)]
 
 
 def decode_steps(params: dict, cfg: LlamaConfig, state: DecodeState, *, pad_id: int = META_PAD_ID,
@@ -295,11 +299,16 @@ def sample(params: dict, cfg: LlamaConfig, prompt_tokens: Array, prompt_lens: Ar
     return out
 
 
+# XLA:CPU's default copy insertion cannot prove that a cache buffer read by attention and then overwritten in the
+# same loop step may be updated in place, so it copies every layer's cache twice per step (measured at the 15M shape,
+# batch 1: ~0.3 ms of a 2.8 ms step). Region analysis proves it. The option is CPU-only; other backends ignore it.
+DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 _STATIC = ("cfg", "max_gen_len", "pad_id", "logprobs", "mesh")
-sample_jit = jax.jit(sample, static_argnames=_STATIC)  # compiled once per (static args, B, P)
-init_decode_jit = jax.jit(init_decode, static_argnames=_STATIC)
+sample_jit = jax.jit(sample, static_argnames=_STATIC,  # compiled once per (static args, B, P)
+                     compiler_options=DECODE_COMPILER_OPTIONS)
+init_decode_jit = jax.jit(init_decode, static_argnames=_STATIC, compiler_options=DECODE_COMPILER_OPTIONS)
 decode_steps_jit = jax.jit(decode_steps, static_argnames=("cfg", "pad_id", "max_steps", "mesh"),
-                           donate_argnames=("state",))
+                           donate_argnames=("state",), compiler_options=DECODE_COMPILER_OPTIONS)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,13 @@ from llama2_jax.attention import cached_attention, dot_product_attention
 from llama2_jax.config import LlamaConfig, RematPolicy
 
 Array = jax.Array
-KVCache = dict  # {"k": [L, B, K, S, H], "v": [L, B, K, S, H]}: heads-major (attention.cached_attention)
+KVCache = dict  # {"k": [L, B, K, H, S], "v": [L, B, K, S, H]}: see KV_CACHE_AXES
+
+# The KV cache layout of one layer, heads-major with keys stored transposed, so that both attention products over
+# the cache are batched matmuls in XLA's canonical operand layout (attention.cached_attention). With the [B, S, K, H]
+# layout of Meta's code, XLA:CPU transposes every layer's whole cache at every decode step (measured).
+KV_CACHE_AXES = {"k": (sh.BATCH, sh.KV_HEADS, sh.HEAD_DIM, sh.LENGTH),
+                 "v": (sh.BATCH, sh.KV_HEADS, sh.LENGTH, sh.HEAD_DIM)}
 
 _INIT_STD = 0.02  # HF's initializer_range; the paper does not state its init
 
@@ -101,7 +107,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, layer_cache: Optional[KVCache], cache_index):
-        """x [B, T, D]; positions, segment_ids [B, T]; layer_cache {"k","v": [B, K, S, H]} or None;
+        """x [B, T, D]; positions, segment_ids [B, T]; layer_cache {"k", "v"} (KV_CACHE_AXES) or None;
         cache_index: scalar int, slot of x's first token in the cache. Returns ([B, T, D], new layer cache)."""
         cfg = self.config
         d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -119,13 +125,12 @@ class Attention(nn.Module):
             out = dot_product_attention(q, key, value, impl=cfg.attention_impl,
                                         q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
             new_cache = None
-        else:  # the cache is heads-major [B, K, S, H] (see attention.cached_attention)
-            new_cache = {
-                name: jax.lax.dynamic_update_slice_in_dim(
-                    layer_cache[name], new.transpose(0, 2, 1, 3).astype(layer_cache[name].dtype), cache_index, axis=2)
-                for name, new in (("k", key), ("v", value))
-            }
-            out = cached_attention(q, new_cache["k"].astype(dtype), new_cache["v"].astype(dtype), cache_index)
+        else:
+            out = cached_attention(q, key, value, layer_cache["k"].astype(dtype), layer_cache["v"].astype(dtype),
+                                   cache_index)
+            new = {"k": key.transpose(0, 2, 3, 1), "v": value.transpose(0, 2, 1, 3)}  # to KV_CACHE_AXES order
+            new_cache = {name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], new[name].astype(
+                layer_cache[name].dtype), cache_index, axis=cache_length_axis(name)) for name in new}
         return project(out, wo, n_in=2), new_cache
 
 
@@ -230,11 +235,21 @@ class Llama(nn.Module):
         return out if cache is None else (out, new_cache)
 
 
+def cache_length_axis(name: str) -> int:
+    """The slot axis of a per-layer cache buffer ("k" or "v", KV_CACHE_AXES); one more in the stacked cache."""
+    return KV_CACHE_AXES[name].index(sh.LENGTH)
+
+
+def layer_cache_shape(cfg: LlamaConfig, name: str, batch: int, max_len: int) -> tuple:
+    sizes = {sh.BATCH: batch, sh.KV_HEADS: cfg.n_kv_heads, sh.HEAD_DIM: cfg.head_dim, sh.LENGTH: max_len}
+    return tuple(sizes[axis] for axis in KV_CACHE_AXES[name])
+
+
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """Zeroed KV cache {"k","v": [L, B, K, max_len, H]} in the compute dtype."""
+    """Zeroed KV cache {"k": [L, B, K, H, max_len], "v": [L, B, K, max_len, H]} in the compute dtype."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return {name: jnp.zeros((cfg.n_layers,) + layer_cache_shape(cfg, name, batch, max_len), dtype)
+            for name in KV_CACHE_AXES}
 
 
 def stack_layers(params: dict, n_layers: int) -> dict:

@@ -94,8 +94,9 @@ def test_kv_cache_shardings_follow_logical_rules():
     mesh = sh.make_mesh(data=2, fsdp=2, tensor=2)
     shardings = gen.kv_cache_shardings(mesh, CFG.n_layers)
     assert len(shardings) == CFG.n_layers
-    assert shardings[0]["k"].spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)  # [B, K, S, H]
-    assert shardings[0]["v"] == shardings[0]["k"]
+    # k [B, K, H, S], v [B, K, S, H]: batch over the data axes, KV heads over tensor
+    assert shardings[0]["k"].spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
+    assert shardings[0]["v"].spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

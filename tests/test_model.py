@@ -135,10 +135,14 @@ def test_attention_mask_with_offset_into_a_longer_buffer():
     np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
 
 
-def test_cached_attention_reads_a_heads_major_cache():
-    """cached_attention over a [B, K, S, H] cache == the naive GQA reference over the same keys, causal by slot."""
+def test_cached_attention_over_the_cache_before_the_write_plus_the_new_tokens():
+    """cached_attention(new q/k/v at slots 3 and 4, cache holding slots 0..2) == the naive GQA reference over keys
+    0..4, causal by slot; whatever the cache holds at slots >= 3 (stale or unwritten) is ignored."""
     q, k, v = random_qkv(t=2, s=8)
-    out = attention.cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.asarray(3))
+    stale = 100.0 * jnp.ones_like(k[:, 3:])  # would dominate the softmax if it leaked in
+    k_cache = jnp.concatenate([k[:, :3], stale], axis=1).transpose(0, 2, 3, 1)  # [B, K, H, S]
+    v_cache = jnp.concatenate([v[:, :3], stale], axis=1).transpose(0, 2, 1, 3)  # [B, K, S, H]
+    out = attention.cached_attention(q, k[:, 3:5], v[:, 3:5], k_cache, v_cache, jnp.asarray(3))
     full = naive_attention(q, k[:, :5], v[:, :5], attention.attention_mask(2, 2, 5, jnp.asarray(3)))
     np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
 

@@ -195,7 +195,8 @@ def compile_phases(config, cfg, value_cfg, score_fns, settings: ppo_phases.Setti
     """The three phases bound to their static arguments and jitted once (states donated to the update). Experience
     and update trace with the model's activations pinned to the rules table; the sampler shards its own buffers."""
     bind = functools.partial
-    generate_fn = jax.jit(bind(ppo_phases.rollout, cfg=cfg, settings=settings, mesh=mesh))
+    generate_fn = jax.jit(bind(ppo_phases.rollout, cfg=cfg, settings=settings, mesh=mesh),
+                          compiler_options=generate.DECODE_COMPILER_OPTIONS)
     experience = bind(ppo_phases.make_experience, cfg=cfg, value_cfg=value_cfg, score_fns=score_fns, settings=settings)
     experience_fn = jax.jit(sh.with_activation_sharding(experience, mesh))
     update = bind(ppo_phases.ppo_update, cfg=cfg, value_cfg=value_cfg, settings=settings, mesh=mesh)

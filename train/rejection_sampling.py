@@ -370,7 +370,8 @@ def make_sampler(config, cfg, score_fns, eos_id: int, mesh):
     s = config.sampling
     return jax.jit(functools.partial(
         sample_and_score, cfg=cfg, score_fns=score_fns, max_gen_len=s.max_gen_len, temperature=s.temperature,
-        top_p=s.top_p, eos_id=eos_id, threshold=config.reward.safety_threshold, mesh=mesh))
+        top_p=s.top_p, eos_id=eos_id, threshold=config.reward.safety_threshold, mesh=mesh),
+        compiler_options=generate.DECODE_COMPILER_OPTIONS)
 
 
 def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, ScoreFn]] = None,
