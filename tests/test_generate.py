@@ -3,6 +3,8 @@ streaming in chunks, and sampling inside jit on a sharded mesh."""
 
 import functools
 import io
+import math
+import re
 
 import flax.linen as nn
 import jax
@@ -277,6 +279,33 @@ def test_cache_prefix_segments_match_one_loop(params, monkeypatch):
     out = segmented(params, jnp.asarray(tokens), jnp.asarray(lens), jax.random.PRNGKey(3))
     np.testing.assert_array_equal(out["tokens"], one["tokens"])
     np.testing.assert_allclose(out["logprobs"], one["logprobs"], rtol=1e-5, atol=1e-5)
+
+
+def while_bodies(hlo_text: str) -> list[str]:
+    """The text of every computation used as a while-loop body in an optimized HLO module."""
+    bodies = []
+    for name in set(re.findall(r"body=(%[\w.\-]+)", hlo_text)):
+        start = hlo_text.index("\n" + name + " ")
+        bodies.append(hlo_text[start:hlo_text.index("\n}", start)])
+    return bodies
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA:CPU's copy insertion")
+def test_decode_loop_updates_the_kv_cache_in_place(params):
+    """No copy of a cache-sized buffer inside the compiled decode loops. Each such copy costs a full pass over a
+    layer's cache per step; they came back whenever attention read the cache after the step's write or the jit
+    lacked DECODE_COMPILER_OPTIONS (benchmarks/RESULTS.md, session 3)."""
+    tokens, lens = gen.pad_prompts(PROMPTS, gen.META_PAD_ID, CFG.max_seq_len)
+    hlo = gen.sample_jit.lower(params, CFG, jnp.asarray(tokens), jnp.asarray(lens), jax.random.PRNGKey(0),
+                               max_gen_len=GEN_LEN, temperature=0.0, top_p=0.9, eos_id=NO_EOS).compile().as_text()
+    size = min(CFG.max_seq_len, tokens.shape[1] + GEN_LEN)  # the buffer length S (gen.init_decode)
+    smallest_cache = len(PROMPTS) * CFG.n_kv_heads * CFG.head_dim * min(gen.cache_segments(size))
+    bodies = [body for body in while_bodies(hlo) if "dynamic-update-slice" in body]
+    assert bodies, "no decode loop found in the compiled sample"
+    for body in bodies:
+        copied = [math.prod(int(d) for d in dims.split(","))
+                  for dims in re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} copy\(", body)]
+        assert all(size < smallest_cache for size in copied), copied
 
 
 def test_sampling_differs_by_seed_and_repeats_by_seed(params):
