@@ -128,9 +128,11 @@ class Attention(nn.Module):
         else:
             out = cached_attention(q, key, value, layer_cache["k"].astype(dtype), layer_cache["v"].astype(dtype),
                                    cache_index)
-            new = {"k": key.transpose(0, 2, 3, 1), "v": value.transpose(0, 2, 1, 3)}  # to KV_CACHE_AXES order
-            new_cache = {name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], new[name].astype(
-                layer_cache[name].dtype), cache_index, axis=cache_length_axis(name)) for name in new}
+            new_cache = {}  # written after the reads above, so that XLA can update the buffers in place
+            for name, new in (("k", key.transpose(0, 2, 3, 1)), ("v", value.transpose(0, 2, 1, 3))):  # KV_CACHE_AXES
+                buffer = layer_cache[name]
+                new_cache[name] = jax.lax.dynamic_update_slice_in_dim(
+                    buffer, new.astype(buffer.dtype), cache_index, axis=cache_length_axis(name))
         return project(out, wo, n_in=2), new_cache
 
 
