@@ -8,6 +8,7 @@ calls is reported, with the 1-minute load average. One line per batch size:
   python benchmarks/generate.py --shape=15m --batch=1,8           # CPU: llama2.c's stories15M shape
   python benchmarks/generate.py --shape=7b --batch=1,16 --dtype=bfloat16 --prompt_len=128   # one GPU
   python benchmarks/generate.py --shape=15m --no_hf               # ours only
+  python benchmarks/generate.py --shape=15m --xla_option=xla_cpu_experimental_ynn_fusion_type=   # + ours with a flag
 
 This file imports only jax/flax/numpy/torch/transformers (no grain, ml_collections or tensorflow).
 """
@@ -18,6 +19,7 @@ import argparse
 import os
 import platform
 import time
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -88,14 +90,31 @@ def hf_model(params: dict, cfg: LlamaConfig, dtype: str, device: str):
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
-def ours_runner(params, cfg, prompts: np.ndarray, new_tokens: int):
-    """A function running our sampler once (greedy, exactly new_tokens per row) and blocking on the result."""
+def parse_xla_options(items: list[str]) -> dict:
+    """["name=value", ...] -> compiler options; "true"/"false" become booleans and integers ints."""
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--xla_option={item!r}: expected NAME=VALUE")
+        lowered = value.lower()
+        options[name] = lowered == "true" if lowered in ("true", "false") else int(value) if value.isdigit() else value
+    return options
+
+
+def ours_runner(params, cfg, prompts: np.ndarray, new_tokens: int, xla_options: Optional[dict] = None):
+    """A function running our sampler once (greedy, exactly new_tokens per row) and blocking on the result;
+    `xla_options` are added to the library's own decode compiler options."""
     args = (params, cfg, jnp.asarray(prompts), jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32),
             jax.random.PRNGKey(0))
     kwargs = dict(max_gen_len=new_tokens, temperature=0.0, top_p=1.0, eos_id=NO_EOS)
+    sample = gen.sample_jit
+    if xla_options:
+        sample = jax.jit(gen.sample, static_argnames=gen._STATIC,
+                         compiler_options={**gen.DECODE_COMPILER_OPTIONS, **xla_options})
 
     def run():
-        out = jax.block_until_ready(gen.sample_jit(*args, **kwargs))
+        out = jax.block_until_ready(sample(*args, **kwargs))
         assert int(out["lengths"].min()) == new_tokens
 
     return run
@@ -153,7 +172,11 @@ def main(argv=None) -> None:
                         help="timed calls per side, alternating ours/HF; the fastest is reported")
     parser.add_argument("--no_hf", action="store_true", help="time ours only")
     parser.add_argument("--n_layers", type=int, default=None, help="override the shape's depth (smoke tests)")
+    parser.add_argument("--xla_option", action="append", default=[], metavar="NAME=VALUE",
+                        help="also time ours compiled with this extra XLA option (repeatable), in the same run, "
+                             "e.g. xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL,WHILE,CONDITIONAL")
     args = parser.parse_args(argv)
+    xla_options = parse_xla_options(args.xla_option)
 
     cfg = SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.dtype,
                                      max_seq_len=args.prompt_len + args.new_tokens)
@@ -165,16 +188,23 @@ def main(argv=None) -> None:
     for batch in [int(b) for b in args.batch.split(",")]:
         prompts = np.random.default_rng(batch).integers(3, cfg.vocab_size, size=(batch, args.prompt_len))
         prompts[:, 0] = 1
-        runners = [ours_runner(params, cfg, prompts, args.new_tokens)]
+        runners = {"ours": ours_runner(params, cfg, prompts, args.new_tokens)}
+        if xla_options:
+            runners["ours_opts"] = ours_runner(params, cfg, prompts, args.new_tokens, xla_options)
         if model is not None:
-            runners.append(hf_runner(model, prompts, args.new_tokens, torch_device))
-        first, best = time_interleaved(runners, args.repeats)
-        ours_tps = batch * args.new_tokens / best[0]
+            runners["hf"] = hf_runner(model, prompts, args.new_tokens, torch_device)
+        first, best = time_interleaved(list(runners.values()), args.repeats)
+        tps = {name: batch * args.new_tokens / seconds for name, seconds in zip(runners, best)}
         line = (f"device={device_name()} model={shape} batch={batch} prompt={args.prompt_len} "
-                f"new={args.new_tokens} ours={ours_tps:.1f} tok/s")
+                f"new={args.new_tokens} ours={tps['ours']:.1f} tok/s")
+        if xla_options:
+            line += f" ours_opts={tps['ours_opts']:.1f} tok/s"
         if model is not None:
-            hf_tps = batch * args.new_tokens / best[1]
-            line += f" hf={hf_tps:.1f} tok/s ratio={ours_tps / hf_tps:.2f}x"
+            line += f" hf={tps['hf']:.1f} tok/s ratio={tps['ours'] / tps['hf']:.2f}x"
+            if xla_options:
+                line += f" ratio_opts={tps['ours_opts'] / tps['hf']:.2f}x"
+        if xla_options:
+            line += " opts=" + ",".join(args.xla_option)
         load = f" load={os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
         print(line + f" (ours first call incl. compile {first[0]:.1f}s{load})", flush=True)
 

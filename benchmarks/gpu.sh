@@ -33,6 +33,9 @@ mkdir -p "$LOG_DIR"
 #   TRAIN_ARGS="--dim=64 --n_layers=2 --n_heads=4 --n_kv_heads=2 --ffn=128 --vocab=256 --seq=32 --steps=2 --warmup=1"
 #   DECODE_ARGS="--shape=15m --n_layers=1 --batch=1 --new_tokens=8 --repeats=1" BATCH=2 ATTENTION=xla \
 #   bash benchmarks/gpu.sh
+# DECODE_ARGS may add --xla_option=NAME=VALUE (repeatable) to time ours with extra XLA options in the same run, e.g.
+#   DECODE_ARGS="--shape=7b --batch=1,16 --dtype=bfloat16 --prompt_len=128 --new_tokens=256 --repeats=2 \
+#     --xla_option=xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 read -r -a ANCHOR <<< "${TRAIN_ARGS:---dim=2048 --n_layers=22 --n_heads=32 --n_kv_heads=4 --ffn=5632 --vocab=32000 --seq=2048 --dtype=bfloat16 --steps=10 --warmup=2}"
 read -r -a DECODE <<< "${DECODE_ARGS:---shape=7b --batch=1,16 --dtype=bfloat16 --prompt_len=128 --new_tokens=256 --repeats=2}"
 BATCH=${BATCH:-8}

@@ -11,6 +11,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import generate as generate_bench  # noqa: E402
 import memory  # noqa: E402  (imports llama2_jax and train.state only; the XLA device flag is set by conftest)
 import train_step  # noqa: E402
 
@@ -37,6 +38,20 @@ def test_train_step_plain_causal_and_scan_remat_variants(capsys):
     train_step.main(TINY + ["--segments=none", "--scan", "--remat=minimal", "--dtype=bfloat16"])
     line = capsys.readouterr().out.strip()
     assert "segments=none" in line and "scan=1" in line and "remat=minimal" in line and "dtype=bfloat16" in line
+
+
+def test_decode_benchmark_times_an_xla_option_variant_in_the_same_run(capsys):
+    generate_bench.main(["--shape=15m", "--n_layers=1", "--batch=1", "--new_tokens=4", "--repeats=1", "--no_hf",
+                         "--xla_option=xla_cpu_multi_thread_eigen=false"])
+    line = capsys.readouterr().out.strip()
+    assert re.search(r" ours=[0-9.]+ tok/s ours_opts=[0-9.]+ tok/s opts=xla_cpu_multi_thread_eigen=false", line), line
+
+
+def test_xla_options_parse_to_typed_values():
+    options = generate_bench.parse_xla_options(["a=true", "b=False", "c=32", "d=FUSION,WHILE", "e="])
+    assert options == {"a": True, "b": False, "c": 32, "d": "FUSION,WHILE", "e": ""}
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        generate_bench.parse_xla_options(["no_value"])
 
 
 def test_synthetic_batch_is_the_trainers_format():
