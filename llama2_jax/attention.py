@@ -91,8 +91,9 @@ def cached_attention(q: Array, k: Array, v: Array, k_cache: Array, v_cache: Arra
     new = jnp.einsum("BKRTH,BKUH->BKRTU", q, k, preferred_element_type=jnp.float32) * scale
     new = jnp.where(jnp.tril(jnp.ones((q_len, q_len), bool)), new, neg)
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v_cache.dtype)
-    out = (jnp.einsum("BKRTS,BKSH->BKRTH", probs[..., :kv_len], v_cache)
-           + jnp.einsum("BKRTU,BKUH->BKRTH", probs[..., kv_len:], v))
+    # the two partial sums are added in float32, so that a bfloat16 cache rounds once, as `xla_attention` does
+    out = (jnp.einsum("BKRTS,BKSH->BKRTH", probs[..., :kv_len], v_cache, preferred_element_type=jnp.float32)
+           + jnp.einsum("BKRTU,BKUH->BKRTH", probs[..., kv_len:], v, preferred_element_type=jnp.float32))
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, n_heads, head_dim).astype(q.dtype)
 
 
