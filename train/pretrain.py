@@ -9,13 +9,11 @@ import functools
 import logging
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from llama2_jax import losses
+from llama2_jax import generate, losses
 from llama2_jax.data import packing, pipeline, sources
 from llama2_jax.model import Llama
 from llama2_jax.tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer
@@ -65,24 +63,6 @@ def make_data(config, documents, tokenizer):
     return common.ProcessRows(train_iter, index, count), local_eval_batches
 
 
-def greedy_samples(model, params, tokenizer, prompts, num_tokens: int, seq_len: int) -> list[str]:
-    """A plain greedy loop (one full forward per token on a fixed buffer): enough to eyeball a tiny model."""
-    forward = jax.jit(lambda p, tokens: model.apply({"params": p}, tokens))
-    texts = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt, bos=True)[: seq_len - 1]
-        limit = min(seq_len, len(ids) + num_tokens)
-        while len(ids) < limit:
-            buffer = np.zeros((1, seq_len), np.int32)
-            buffer[0, : len(ids)] = ids
-            next_id = int(jnp.argmax(forward(params, jnp.asarray(buffer))[0, len(ids) - 1]))
-            if next_id == tokenizer.eos_id:
-                break
-            ids.append(next_id)
-        texts.append(tokenizer.decode(ids))
-    return texts
-
-
 def corpus_unigram_entropy(documents, tokenizer) -> float:
     return packing.unigram_entropy([pipeline.encode_document(tokenizer, doc) for doc in documents])
 
@@ -110,11 +90,11 @@ def train_and_evaluate(config, workdir: str):
         settings=settings, workdir=workdir, mesh=mesh, state=state, shardings=shardings, train_step=step,
         train_iter=train_iter, eval_step=eval_step, eval_batches=eval_batches,
         tokens_per_step=config.batch_size * config.seq_len, flops_per_token=model_cfg.flops_per_token(config.seq_len))
-    report(config, model, state, tokenizer, documents, history)
+    report(config, model_cfg, state, tokenizer, documents, history)
     return state, history
 
 
-def report(config, model, state, tokenizer, documents, history) -> None:
+def report(config, model_cfg, state, tokenizer, documents, history) -> None:
     if jax.process_index() != 0:
         return
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -123,9 +103,10 @@ def report(config, model, state, tokenizer, documents, history) -> None:
         print(f"validation loss {evals[-1]:.4f} nats/token vs unigram entropy of the corpus {entropy:.4f} nats/token")
     prompts = [p for p in config.sample_prompts if p]
     if prompts and config.sample_tokens > 0 and jax.process_count() == 1:
-        params = jax.device_get(state.params)
-        for text in greedy_samples(model, params, tokenizer, prompts, config.sample_tokens, config.seq_len):
-            print(f"--- sample ---\n{text}")
+        results = generate.text_completion(jax.device_get(state.params), model_cfg, tokenizer, prompts,
+                                           temperature=0.0, max_gen_len=config.sample_tokens, echo=True)
+        for result in results:
+            print(f"--- sample ---\n{result['generation']}")
 
 
 if __name__ == "__main__":
