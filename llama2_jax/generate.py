@@ -452,13 +452,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama2_jax.generate", description=__doc__.split("\n")[0])
     add_sampling_flags(parser)
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
-    parser.add_argument("--echo", action="store_true", help="print the prompt too")
+    parser.add_argument("--echo", action="store_true", help="print the prompt too (decoded with the completion)")
     args = parser.parse_args(argv)
     params, cfg, tokenizer = load_model(args.checkpoint, args.tokenizer)
     results = text_completion(params, cfg, tokenizer, args.prompt, temperature=args.temperature, top_p=args.top_p,
                               max_gen_len=args.max_gen_len, echo=args.echo, rng=args.seed)
-    for prompt, result in zip(args.prompt, results):
-        print(result["generation"] if args.echo else prompt + result["generation"])
+    for result in results:
+        # the completion alone, as Meta's text_completion returns it; --echo decodes prompt and completion together
+        # (pasting the prompt string in front would lose the space SentencePiece folds into the first new token)
+        print(result["generation"])
         if len(results) > 1:
             print("\n==================================\n")
 

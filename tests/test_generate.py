@@ -436,7 +436,11 @@ def test_command_lines(tmp_path, llama_tokenizer_path, monkeypatch, capsys):
     checkpoint.save_params(tmp_path / "ckpt", init_params(cfg, seed=3), cfg)
     flags = [f"--checkpoint={tmp_path / 'ckpt'}", f"--tokenizer={llama_tokenizer_path}", "--max_gen_len=5"]
     gen.main(flags + ["--prompt=Once upon a time", "--temperature=0"])
-    assert capsys.readouterr().out.startswith("Once upon a time")
+    completion = capsys.readouterr().out
+    gen.main(flags + ["--prompt=Once upon a time", "--temperature=0", "--echo"])
+    echoed = capsys.readouterr().out
+    assert echoed.startswith("Once upon a time") and not completion.startswith("Once upon a time")
+    assert completion.strip() and completion.strip() in echoed  # the same greedy completion, prompt in front
     lines = iter(["Hello there", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
     chat_repl.main(flags + ["--system=be brief", "--top_p=0.5"])
