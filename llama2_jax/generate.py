@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from llama2_jax import sharding as sh
 from llama2_jax.config import LlamaConfig
 from llama2_jax.model import (KV_CACHE_AXES, Block, RMSNorm, cache_length_axis, default_positions, layer_cache_shape,
-                              unstack_layers)
+                              project, unstack_layers)
 
 Array = jax.Array
 DecodeState = dict  # see `init_decode`
@@ -124,8 +124,7 @@ def _model_inputs(tokens: Array, pad_id: int) -> Array:
 
 def _project(params: dict, hidden: Array) -> Array:
     """Final-norm hidden [..., D] -> float32 logits [..., V] (the model's output layer)."""
-    kernel = params["output"].astype(hidden.dtype)
-    return jnp.einsum("...D,DV->...V", hidden, kernel, preferred_element_type=jnp.float32)
+    return project(hidden, params["output"].astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
 def layer_params(params: dict, cfg: LlamaConfig) -> dict:
