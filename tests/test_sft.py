@@ -300,14 +300,14 @@ def test_model_comes_from_the_checkpoint_and_the_tokenizer_from_its_dir(tmp_path
     config = sft_tiny.get_config()
     config.init_from = str(tmp_path / "init")
     config.seq_len = 128
-    model_cfg = sft_trainer.sft_model_config(config)
+    model_cfg = common.resolve_model_config(config, config.seq_len)
     assert (model_cfg.dim, model_cfg.n_layers, model_cfg.vocab_size) == (TINY.dim, TINY.n_layers, TINY.vocab_size)
     assert model_cfg.dtype == "float32"  # numerics from config.model
     assert model_cfg.max_seq_len == 128  # raised to seq_len
     with pytest.raises(common.ConfigError, match="config.tokenizer.path is empty and .*tokenizer.model does not"):
-        sft_trainer.tokenizer_path(config)
+        common.load_tokenizer(config, model_cfg.vocab_size)
     (tmp_path / "init" / "tokenizer.model").write_bytes(b"")
-    assert sft_trainer.tokenizer_path(config) == str(tmp_path / "init" / "tokenizer.model")
+    assert common.tokenizer_path(config) == str(tmp_path / "init" / "tokenizer.model")
 
 
 # ------------------------------------------------------------------------------------------------------ end to end
