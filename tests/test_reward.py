@@ -286,7 +286,7 @@ def test_train_and_evaluate_end_to_end(tmp_path, tokenizer):
     config = rm_tiny.get_config()
     config.init_from = str(init_dir)
     config.data.path = str(write_pairs(tmp_path / "pairs.jsonl", 80))
-    config.mesh.fsdp = -1  # the 8 simulated devices
+    config.mesh.data, config.mesh.fsdp = 1, -1  # FSDP over the 8 simulated devices
     config.batch_size, config.seq_len, config.model.max_seq_len = 8, 32, 32
     config.num_epochs, config.num_train_steps, config.eval_every_steps = 0.0, 6, 3
     config.learning_rate, config.async_checkpoints, config.progress_bar = 3e-3, False, False
