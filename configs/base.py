@@ -56,7 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50  # metrics to the progress bar, metrics.jsonl and TensorBoard
     config.eval_every_steps = 1000  # validation loss and perplexity
     config.eval_batches = 16  # validation batches per eval (0 = the whole held-out split)
-    config.num_epochs = 0.0  # > 0: passes over the data, num_train_steps computed from it (SFT, RM); 0 = num_train_steps
+    config.num_epochs = 0.0  # > 0: passes over the data, num_train_steps computed from them (SFT, RM); 0 = use
+    # num_train_steps (the one "use num_train_steps" value everywhere; it works from the command line)
     config.checkpoint_every_steps = 1000  # async Orbax checkpoint
     config.keep_checkpoints = 3  # how many recent checkpoints to keep
     config.async_checkpoints = True  # write checkpoints in the background

@@ -5,6 +5,10 @@ A loss function has the signature `loss_fn(params, batch) -> (loss_sum, aux)`:
   - `aux`: dict of scalars; `aux["weight"]` is the number of units in `loss_sum` (tokens with loss_mask 1, pairs, …);
     every other entry is also a sum over the same units, reported divided by the total weight.
 Summing makes gradient accumulation and data parallelism exact: the step divides by the global weight once.
+
+The losses: `next_token_loss` (pretraining, SFT), `pairwise_loss` (reward models: `ranking_loss` with the margin
+`margin_for`), `ppo_policy_loss` and `ppo_value_loss` (PPO; `sequence_logprobs` gives the log-probabilities both the
+rollout and the policy loss use).
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ def per_rating_accuracy(metrics: dict[str, float], prefix: str = "") -> dict[str
 # ----------------------------------------------------------------------------------------------------------------------
 # PPO (paper section 3.2.3): the clipped surrogate of the policy and the clipped value loss, summed over actions.
 # batch: ids [B, S + 1] (prompt + response + EOS slot), mask [B, S] (1 where ids[:, j + 1] is an action) and the
-# rollout's logprobs / values / advantages / returns [B, S] (see train/ppo_phases.py).
+# rollout's logprobs / values / advantages / returns [B, S] (see llama2_jax/ppo_rollout.py).
 
 
 def sequence_logprobs(params, ids: Array, *, model, temperature: float = 1.0) -> tuple[Array, Array]:
