@@ -125,8 +125,9 @@ class LlamaConfig:
     def with_numerics(self, source: Any) -> "LlamaConfig":
         """This architecture with the `NUMERICS_FIELDS` of `source` (a LlamaConfig, or a mapping such as a
         ConfigDict holding those fields)."""
-        get = source.__getitem__ if not isinstance(source, LlamaConfig) else source.__getattribute__
-        return self.replace(**{name: get(name) for name in self.NUMERICS_FIELDS})
+        if isinstance(source, LlamaConfig):
+            return self.replace(**{name: getattr(source, name) for name in self.NUMERICS_FIELDS})
+        return self.replace(**{name: source[name] for name in self.NUMERICS_FIELDS})
 
     def architecture_differences(self, other: "LlamaConfig") -> list[tuple[str, Any, Any]]:
         """[(field, self's value, other's value)] for the fields that make the parameter shapes or the function

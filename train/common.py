@@ -105,7 +105,8 @@ def resolve_model_config(config, seq_len: Optional[int] = None, *, required: boo
     numerics = model_config(config)
     if not config.init_from:
         if required:
-            raise ConfigError("config.init_from is empty: pass the policy (an SFT/RLHF workdir or checkpoint dir)")
+            raise ConfigError("config.init_from is empty: pass the model to start from (for RLHF the policy: an SFT "
+                              "or RLHF workdir or checkpoint dir)")
         return numerics
     model_cfg = model_config_from(config.init_from, numerics, "config.init_from")
     if seq_len is not None and seq_len > model_cfg.max_seq_len:
