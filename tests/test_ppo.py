@@ -170,3 +170,18 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path, tokenizer, monkeypatch
     monkeypatch.setattr(ppo, "run_iteration", run_iteration)
     second = ppo.train_and_evaluate(config, str(work), **kwargs)
     assert [h["iteration"] for h in second] == [3] and second[0]["policy_step"] == 12
+
+
+def test_sequence_logprobs_are_the_tempered_softmax_of_the_next_token_by_hand():
+    from llama2_jax import losses
+    from llama2_jax.model import Llama
+
+    params = llama_params(CFG, 0)
+    ids = jax.random.randint(jax.random.PRNGKey(3), (2, 7), 0, CFG.vocab_size)
+    logprobs, ent = jax.jit(lambda p, x: losses.sequence_logprobs(p, x, model=Llama(CFG), temperature=0.7))(params, ids)
+    logits = np.asarray(Llama(CFG).apply({"params": params}, ids[:, :-1]), np.float64) / 0.7
+    log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    expected = np.take_along_axis(log_p, np.asarray(ids[:, 1:])[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(logprobs, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ent, -(np.exp(log_p) * log_p).sum(-1), rtol=1e-5, atol=1e-5)
