@@ -1,6 +1,6 @@
 """Llama 2 34B pretraining recipe (paper Table 1): peak LR 1.5e-4, 4M-token batches, 2T tokens, GQA with 8 KV heads.
 
-34B was never released; its dimensions are Code Llama 34B's (spec section A).
+34B was never released; its dimensions are Code Llama 34B's (Code Llama was initialised from Llama 2).
 """
 
 from configs import base

@@ -1,7 +1,9 @@
-"""Base configuration shared by every trainer: model, mesh, optimizer, loop, data and tokenizer fields.
+"""Base configuration shared by every trainer: model, mesh, optimizer, loop, data, tokenizer and the RLHF fields.
 
-Size and task configs import this file and override only what differs. Any field can be overridden on the command
-line, e.g. `--config.num_train_steps=20 --config.mesh.fsdp=8`.
+Size and task configs import this file (or a parent that does) and override only what differs; fields only one
+trainer reads are added, commented, by that trainer's parent config (configs/sft_7b.py, rm_helpful_7b.py, rs_7b.py,
+ppo_7b.py). Any field can be overridden on the command line, e.g. `--config.num_train_steps=20 --config.mesh.fsdp=8`.
+The tiny CPU configs apply `cpu_overrides`.
 """
 
 import ml_collections
@@ -54,11 +56,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50  # metrics to the progress bar, metrics.jsonl and TensorBoard
     config.eval_every_steps = 1000  # validation loss and perplexity
     config.eval_batches = 16  # validation batches per eval (0 = the whole held-out split)
+    config.num_epochs = 0.0  # > 0: passes over the data, num_train_steps computed from them (SFT, RM); 0 = use
+    # num_train_steps (the one "use num_train_steps" value everywhere; it works from the command line)
     config.checkpoint_every_steps = 1000  # async Orbax checkpoint
     config.keep_checkpoints = 3  # how many recent checkpoints to keep
     config.async_checkpoints = True  # write checkpoints in the background
     config.progress_bar = True  # tqdm bar on process 0
-    config.init_from = ""  # "" = random init; else a converted JAX checkpoint dir or a trainer workdir
+    config.init_from = ""  # "" = random init; else a converted JAX checkpoint dir or a trainer workdir, whose
+    # architecture (llama_config.json) replaces config.model's; of config.model only the numerics are then used
+    # (LlamaConfig.NUMERICS_FIELDS: dtype, param_dtype, scan_layers, remat_policy, attention_impl)
 
     # --- data (llama2_jax.data.sources) ---
     config.data = ml_collections.ConfigDict()
@@ -72,10 +78,43 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- tokenizer ---
     config.tokenizer = ml_collections.ConfigDict()
-    config.tokenizer.path = ""  # a SentencePiece .model; "" = train one on the corpus, cached in the workdir
+    config.tokenizer.path = ""  # a SentencePiece .model; "" = INIT_FROM/tokenizer.model, else one trained on the
+    # corpus and cached in the workdir (pretraining, RM; the others need one). It is copied into the workdir.
     config.tokenizer.train_vocab_size = 32000  # vocabulary when training one (must equal model.vocab_size)
 
     # --- end of run ---
     config.sample_prompts = ("The", "In Python,")  # greedy samples printed at the end ("" to skip)
     config.sample_tokens = 48
+
+    # --- RLHF (rejection sampling, PPO; paper section 3.2.3): reward models, prompts, sampling ---
+    config.reward = ml_collections.ConfigDict()
+    config.reward.helpful_path = ""  # Helpfulness RM workdir (train.reward); "" = use the safety RM alone
+    config.reward.safety_path = ""  # Safety RM workdir; "" = use the helpful RM alone (not both empty)
+    config.reward.safety_threshold = 0.15  # paper: Rc = Rs if is_safety(prompt) or Rs < 0.15, else Rh
+
+    config.prompts = ml_collections.ConfigDict()
+    config.prompts.path = ""  # JSONL {"prompt": str | [messages], "is_safety": bool} or a preference file
+    config.prompts.format = "auto"  # auto | prompts | jsonl | hh | hh_prompt | oasst_pairs (preferences' formats)
+    config.prompts.is_safety = config_dict.placeholder(bool)  # None = the records' tags; true/false = force
+    config.prompts.on_error = "raise"  # malformed records: raise (file:line) | skip (counted and logged)
+    config.prompts.max_prompts = 0  # use the first N prompts that fit in max_prompt_len; 0 = all
+    config.prompts.max_prompt_len = 1024  # longer prompts are dropped (counted); also the padded prompt width
+    config.prompts.val_fraction = 0.0  # PPO: prompts held out for eval_reward_* (RS uses every prompt)
+
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.temperature = 1.0  # softmax(logits / T) of the policy
+    config.sampling.top_p = 1.0  # nucleus sampling; 1 = plain temperature sampling
+    config.sampling.max_gen_len = 1024  # new tokens per response
+    config.iterations = 1  # RS rounds / PPO iterations in this run
+    return config
+
+
+def cpu_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The settings of the tiny configs that run on a laptop CPU: float32 compute (bfloat16 matmuls are emulated,
+    slowly, on CPU), unrolled layers (4 layers compile as fast), no remat, pure data parallelism."""
+    config.model.dtype = "float32"
+    config.model.scan_layers = False
+    config.model.remat_policy = "none"
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
     return config

@@ -1,4 +1,4 @@
-r"""PPO on top of rejection sampling (paper section 3.2.3, spec F) for a 7B policy.
+r"""PPO on top of rejection sampling (paper section 3.2.3) for a 7B policy.
 
     python -m train.ppo --config=configs/ppo_7b.py --workdir=DIR --config.init_from=RS_POLICY \
         --config.reward.helpful_path=RM_HELPFUL --config.reward.safety_path=RM_SAFETY --config.prompts.path=FILE
@@ -17,19 +17,17 @@ copy when helpful_path == safety_path), all sharded over data x fsdp.
 
 import ml_collections
 
-from configs import rs_7b
+from configs import base
 
 
 def get_config():
-    config = ml_collections.ConfigDict()
-    rs = rs_7b.get_config()  # shared fields: model numerics, mesh, tokenizer, reward models, prompts
-    config.model = rs.model
+    config = base.get_config()  # model: 7B numerics only (the architecture comes from init_from); mesh: data x fsdp
+    config.model.scan_layers = True  # one compiled block for all layers
     config.model.remat_policy = "dots_no_batch"  # the update backpropagates through 64 x (prompt + response) tokens
-    config.mesh = rs.mesh
     config.seed = 0  # prompt order, sampling, minibatch shuffles, the fresh value head (value.init_from = "policy")
     config.init_from = ""  # required: the policy to start from (the latest RS checkpoint, or SFT); π0 = a copy
-    config.tokenizer = rs.tokenizer  # tokenizer.path: "" = INIT_FROM/tokenizer.model
-    config.reward = rs.reward  # helpful_path, safety_path (either may be "", not both), safety_threshold 0.15
+    config.tokenizer.path = ""  # "" = INIT_FROM/tokenizer.model
+    # config.reward: helpful_path, safety_path (either may be "", not both), safety_threshold 0.15 (base.py)
 
     config.value = ml_collections.ConfigDict()
     # The paper does not describe its critic. InstructGPT initialises the value function from the reward model:
@@ -39,10 +37,9 @@ def get_config():
     config.value.learning_rate = 5e-6  # not in the paper; a critic LR above the actor's is common (DeepSpeed-Chat)
     config.value.head_init_std = 1e-3  # only for value.init_from = "policy" (a fresh head)
 
-    config.prompts = rs.prompts  # JSONL {"prompt", "is_safety"} or a preference file (its prompts); see rs_7b.py
+    # config.prompts: JSONL {"prompt", "is_safety"} or a preference file (its prompts); see base.py
     config.prompts.val_fraction = 0.02  # held-out prompts for eval_reward_* (the paper early-stops on held-out prompts)
 
-    config.sampling = ml_collections.ConfigDict()
     config.sampling.max_gen_len = 512  # not stated for PPO; caps the cost of an iteration (~4x RS's per token)
     config.sampling.temperature = 1.0  # not stated; InstructGPT / TRL sample the policy itself (T = 1, no top-p)
     config.sampling.top_p = 1.0  # keep 1: log-probabilities are those of softmax(logits / T), top-p is not modelled

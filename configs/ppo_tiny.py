@@ -11,16 +11,11 @@ The KL coefficient is the 7B one; the LR is large because a 4M-parameter model b
 reward stays flat over 20 iterations).
 """
 
-from configs import ppo_7b
+from configs import base, ppo_7b
 
 
 def get_config():
-    config = ppo_7b.get_config()
-    config.model.dtype = "float32"  # bfloat16 matmuls are emulated (slow) on CPU
-    config.model.scan_layers = False  # 4 layers: unrolled compiles as fast
-    config.model.remat_policy = "none"
-    config.mesh.fsdp = 1  # one CPU device
-    config.mesh.data = -1
+    config = base.cpu_overrides(ppo_7b.get_config())
     config.prompts.max_prompts = 200  # the first 200 HH prompts of at most max_prompt_len tokens
     config.prompts.max_prompt_len = 96  # + max_gen_len 32 + 1 <= the SFT tiny model's max_seq_len 256
     config.prompts.val_fraction = 0.1

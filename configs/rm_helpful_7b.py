@@ -1,4 +1,4 @@
-r"""Llama 2 Helpfulness reward model (paper section 3.2.2, spec E) from a 7B chat checkpoint.
+r"""Llama 2 Helpfulness reward model (paper section 3.2.2) from a 7B chat checkpoint.
 
     python -m train.reward --config=configs/rm_helpful_7b.py --workdir=DIR --config.init_from=CKPT \
         --config.data.path=HELPFUL.jsonl,OPEN_SOURCE.jsonl --config.data.safety_path=SAFETY.jsonl
@@ -7,12 +7,13 @@ r"""Llama 2 Helpfulness reward model (paper section 3.2.2, spec E) from a 7B cha
   cosine to 10 % of the max, warmup 3 % of the steps with a minimum of 5, 512 pairs (1,024 sequences) per step, the
   pretraining optimizer (AdamW 0.9 / 0.95, eps 1e-5, weight decay 0.1, clip 1.0).
 * Steps: num_epochs = 1 -> num_train_steps = floor(train pairs / 512), computed at run time from the data after the
-  mix and the held-out split (set --config.num_epochs=None to use num_train_steps as given).
+  mix and the held-out split (set --config.num_epochs=0 to use num_train_steps as given).
 * Mix "helpful": every helpfulness pair (is_safety false) + an equal number sampled from the safety pairs.
 * Margin "small" (1, 2/3, 1/3, 0; paper Table 27): the paper's ablation found it best on average (63.0 vs 62.5
   without); it does not say which variant the final RMs used. Unrated pairs get margin 0.
-* Model: with init_from, the architecture comes from CKPT/llama_config.json and of config.model only the numerics and
-  max_seq_len are used (train.reward.RUNTIME_FIELDS). The tokenizer is CKPT/tokenizer.model or tokenizer.path.
+* Model: with init_from, the architecture comes from CKPT/llama_config.json and of config.model only the numerics
+  (`LlamaConfig.NUMERICS_FIELDS`); max_seq_len is raised to seq_len. The tokenizer is CKPT/tokenizer.model or
+  tokenizer.path.
 * Not implemented: the Safety RM's "safety auxiliary loss" (its formula is not given in the paper).
 """
 
@@ -49,11 +50,11 @@ def get_config():
     config.lr_end_fraction = 0.1  # cosine to 10 % of the max
     config.warmup_fraction = 0.03  # warmup 3 % of the total steps ...
     config.min_warmup_steps = 5  # ... with a minimum of 5 (replaces warmup_steps while warmup_fraction > 0)
-    config.num_epochs = config_dict.FieldReference(1.0, field_type=float)  # paper: 1 epoch; None = num_train_steps
-    config.num_train_steps = 1_000  # only used when num_epochs is None
+    config.num_epochs = 1.0  # paper: 1 epoch; 0 = use num_train_steps
+    config.num_train_steps = 1_000  # only used when num_epochs is 0
 
     config.margin_table = "small"  # none | small | large (losses.MARGIN_TABLES)
-    config.head_init_std = 1e-3  # score head kernel [D, 1] ~ N(0, std), no bias (reward_model.py)
+    config.head_init_std = 1e-3  # score head kernel [D, 1] ~ N(0, std), no bias (score_model.py)
     config.log_every_steps = 10
     config.eval_every_steps = 100
     config.eval_batches = 0  # 0 = the whole held-out split

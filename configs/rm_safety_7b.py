@@ -1,4 +1,4 @@
-r"""Llama 2 Safety reward model (paper section 3.2.2, spec E) from a 7B chat checkpoint: the helpfulness recipe
+r"""Llama 2 Safety reward model (paper section 3.2.2) from a 7B chat checkpoint: the helpfulness recipe
 (configs/rm_helpful_7b.py: 1 epoch, LR 1e-5 (5e-6 for 70B), 3 % / min 5 warmup, 512 pairs) with the safety mix.
 
     python -m train.reward --config=configs/rm_safety_7b.py --workdir=DIR --config.init_from=CKPT \

@@ -17,9 +17,8 @@ from configs import base, rm_helpful_7b
 def get_config():
     config = rm_helpful_7b.get_config()
     config.model = base.model_config("tiny")  # vocab 4096, dim 256, 4 layers (architecture replaced by init_from's)
-    config.model.dtype = "float32"  # bfloat16 matmuls are emulated (slow) on CPU
     config.model.max_seq_len = 256
-    config.mesh.fsdp = 1  # one CPU device
+    base.cpu_overrides(config)
     config.batch_size = 16  # pairs per step: 16 x 2 x 256 = 8,192 tokens
     config.seq_len = 256  # HH prompts are cut on the left, long answers on the right (counted and printed)
     config.learning_rate = 3e-4  # tried on HH (held-out accuracy): 1e-4 -> 55.0 %, 3e-4 -> 60.2 %, 1e-3 -> ~52 %

@@ -1,4 +1,4 @@
-r"""Rejection-sampling fine-tuning (paper section 3.2.3, spec F) for a 7B policy.
+r"""Rejection-sampling fine-tuning (paper section 3.2.3) for a 7B policy.
 
     python -m train.rejection_sampling --config=configs/rs_7b.py --workdir=DIR --config.init_from=POLICY \
         --config.reward.helpful_path=RM_HELPFUL --config.reward.safety_path=RM_SAFETY --config.prompts.path=FILE
@@ -10,49 +10,24 @@ best of every earlier iteration -> SFT of the current policy on the pool (see tr
   on WORKDIR/iter_<i>/pool.jsonl). It gives no K (its figures go to N = 100), no generation length and no SFT
   settings for RS; the choices below are marked as such.
 * Architecture and tokenizer come from init_from (its llama_config.json and tokenizer.model); config.model gives the
-  numerics only (train.sft.MODEL_OVERRIDES), also for the reward models.
+  numerics only (`LlamaConfig.NUMERICS_FIELDS`), also for the reward models.
 * Rows: one jitted sample+score call takes `sampling.batch_size` rows = (prompt, sample) pairs; its KV cache is
   rows x (max_prompt_len + max_gen_len) x 32 layers x 2 x 4096 x 2 bytes = 64 x 2048 x 512 KiB = 64 GiB for 7B,
   split over the data-parallel devices.
 """
 
-import ml_collections
-from ml_collections import config_dict
-
 from configs import base, sft_7b
 
 
 def get_config():
-    config = ml_collections.ConfigDict()
-    config.model = base.model_config("7b")  # numerics only: the architecture comes from init_from
-    config.model.dtype = "bfloat16"  # compute dtype of sampling and scoring
+    config = base.get_config()  # model: 7B numerics only (the architecture comes from init_from); mesh: data x fsdp
     config.model.scan_layers = True  # one compiled block for all layers (also for the reward models)
     config.model.remat_policy = "none"  # no gradients while sampling (the SFT step uses config.sft.model)
-
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = 1  # pure data parallelism
-    config.mesh.fsdp = -1  # params sharded over the remaining devices; sampling rows split over data x fsdp
-    config.mesh.tensor = 1  # tensor parallelism inside heads and the MLP
     config.seed = 0  # sampling RNG (folded with the iteration and the batch) and the SFT data order
-
     config.init_from = ""  # required: the policy to sample from (SFT or previous RLHF checkpoint / workdir)
-    config.tokenizer = ml_collections.ConfigDict()
     config.tokenizer.path = ""  # "" = INIT_FROM/tokenizer.model
+    # config.reward and config.prompts: see base.py (reward model paths, safety threshold 0.15, the prompt file).
 
-    config.reward = ml_collections.ConfigDict()
-    config.reward.helpful_path = ""  # Helpfulness RM workdir (train.reward); "" = use the safety RM alone
-    config.reward.safety_path = ""  # Safety RM workdir; "" = use the helpful RM alone
-    config.reward.safety_threshold = 0.15  # paper: Rc = Rs if is_safety(prompt) or Rs < 0.15, else Rh
-
-    config.prompts = ml_collections.ConfigDict()
-    config.prompts.path = ""  # JSONL {"prompt": str | [messages], "is_safety": bool} or a preference file
-    config.prompts.format = "auto"  # auto | prompts | jsonl | hh | hh_prompt | oasst_pairs (preferences' formats)
-    config.prompts.is_safety = config_dict.placeholder(bool)  # None = the records' tags; true/false = force
-    config.prompts.on_error = "raise"  # malformed records: raise (file:line) | skip (counted and logged)
-    config.prompts.max_prompts = 0  # use the first N prompts that fit in max_prompt_len; 0 = all
-    config.prompts.max_prompt_len = 1024  # longer prompts are dropped (counted); also the padded prompt width
-
-    config.sampling = ml_collections.ConfigDict()
     config.sampling.num_samples = 10  # K per prompt; not given in the paper (its best-of-N figures use 1..100)
     config.sampling.temperature = 1.2  # paper (Fig. 8): best T for 10-100 samples from an RLHF model is 1.2-1.3
     config.sampling.top_p = 1.0  # plain temperature sampling (the paper's temperature study names no top-p)

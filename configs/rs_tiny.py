@@ -15,15 +15,11 @@ prompts are safety prompts; the file carries no tags, so they are read with is_s
 then 20 SFT steps of 8 x 160 tokens on the pool.
 """
 
-from configs import rs_7b, sft_tiny
+from configs import base, rs_7b, sft_tiny
 
 
 def get_config():
-    config = rs_7b.get_config()
-    config.model.dtype = "float32"  # bfloat16 matmuls are emulated (slow) on CPU
-    config.model.scan_layers = False  # 4 layers: unrolled compiles as fast
-    config.mesh.fsdp = 1  # one CPU device
-    config.mesh.data = -1
+    config = base.cpu_overrides(rs_7b.get_config())
     config.prompts.max_prompts = 32  # the first 32 HH prompts of at most max_prompt_len tokens
     config.prompts.max_prompt_len = 96  # + max_gen_len 32 = 128 <= the SFT tiny model's max_seq_len 256
     config.sampling.num_samples = 8  # K

@@ -1,11 +1,11 @@
-r"""Llama 2 SFT recipe (paper section 3.1, spec D) for a 7B model: cosine schedule from LR 2e-5, weight decay 0.1,
+r"""Llama 2 SFT recipe (paper section 3.1) for a 7B model: cosine schedule from LR 2e-5, weight decay 0.1,
 64 packed sequences of 4096 tokens per step (64 x 4096 = 262,144 tokens per step), 2 epochs, loss on answers only.
 
     python -m train.sft --config=configs/sft_7b.py --workdir=DIR --config.init_from=CKPT --config.data.path=FILE
 
 * Architecture: with `init_from` set, the model's architecture comes from `CKPT/llama_config.json`; of `config.model`
-  only the numerics are used (dtype, param_dtype, scan_layers, remat_policy, attention_impl — `train.sft.
-  MODEL_OVERRIDES`). `config.model` is used whole only for a random init (init_from = "", tests).
+  only the numerics are used (dtype, param_dtype, scan_layers, remat_policy, attention_impl:
+  `LlamaConfig.NUMERICS_FIELDS`). `config.model` is used whole only for a random init (init_from = "", tests).
 * Steps: with `num_epochs` > 0, num_train_steps = ceil(num_epochs x packed rows per epoch / batch_size), computed at
   run time from the dataset (rows are packed in file order once to count them; a shuffled epoch differs by a few
   rows). `num_epochs = 0` uses `num_train_steps` as given.

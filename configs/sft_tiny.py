@@ -8,16 +8,11 @@ The architecture and the tokenizer come from the init_from workdir (its llama_co
 One epoch of the 950 training dialogs is ~780 packed rows of 256 tokens, i.e. ~100 steps of 8 x 256 = 2,048 tokens.
 """
 
-from configs import sft_7b
+from configs import base, sft_7b
 
 
 def get_config():
-    config = sft_7b.get_config()
-    config.model.dtype = "float32"  # bfloat16 matmuls are emulated (slow) on CPU
-    config.model.scan_layers = False  # 4 layers: unrolled is as fast to compile
-    config.model.remat_policy = "none"
-    config.mesh.fsdp = 1  # one CPU device
-    config.mesh.data = -1
+    config = base.cpu_overrides(sft_7b.get_config())
     config.seq_len = 256  # above the tiny pretraining's max_seq_len 128: train.sft raises max_seq_len (warned)
     config.batch_size = 8  # 8 x 256 = 2,048 tokens per step
     config.learning_rate = 1e-3  # small models take a larger step

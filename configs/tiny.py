@@ -12,7 +12,7 @@ from configs import base
 def get_config():
     config = base.get_config()
     config.model = base.model_config("tiny")
-    config.model.dtype = "float32"  # bfloat16 matmuls are emulated (slow) on CPU; use bfloat16 on GPU/TPU
+    base.cpu_overrides(config)  # float32 (use bfloat16 on GPU/TPU), unrolled, data parallel
     config.model.max_seq_len = 128
     config.seq_len = 128
     config.batch_size = 16  # 16 x 128 = 2048 tokens per step

@@ -11,6 +11,8 @@ Two layouts are read:
 
 `load_params` returns the params in the layout its config asks for (`scan_layers`), restored straight into the
 given shardings (so a large model never lands on one device) or, without shardings, as numpy arrays in host memory.
+Both layouts hold either a Llama (`kind="llama"`: trunk + `output`) or a score-head model (`kind="score"`: trunk +
+`score_head`, the reward and value models of `score_model.py`, written by `train.reward` and `train.ppo`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llama2_jax import score_model
 from llama2_jax.config import LlamaConfig
 from llama2_jax.model import abstract_params, unstack_layers
 
@@ -34,6 +37,7 @@ CONFIG_FILE = "llama_config.json"
 PARAMS_ITEM = "params"
 CHECKPOINTS_DIR = "checkpoints"
 SCANNED_KEY = "layers"  # the scanned blocks' key; unrolled blocks are layers_{i}
+KINDS = ("llama", "score")  # what a checkpoint holds: a Llama, or a score-head model (reward / value)
 
 Params = dict
 
@@ -127,7 +131,8 @@ def _finished_steps(checkpoints_dir: epath.Path) -> dict[int, str]:
     return steps
 
 
-def load_params(path, config: Optional[LlamaConfig] = None, shardings: Any = None) -> tuple[Params, LlamaConfig]:
+def load_params(path, config: Optional[LlamaConfig] = None, shardings: Any = None, *,
+                kind: str = "llama") -> tuple[Params, LlamaConfig]:
     """Restore params from a converted dir or a trainer workdir (latest step).
 
     Args:
@@ -138,26 +143,41 @@ def load_params(path, config: Optional[LlamaConfig] = None, shardings: Any = Non
       shardings: optional pytree of `NamedSharding` in the returned layout (e.g. `tree_shardings(abstract_params(
         config, boxed=True), mesh)`); arrays are then read shard by shard straight onto their devices. Without it the
         params come back as numpy arrays in host memory.
+      kind: "llama" (trunk + `output`) or "score" (trunk + `score_head`: a reward or value model).
 
     Returns:
       (params, config).
     """
     item_dir = find_params_dir(path)
     config = config or load_config(path)
-    stored = _stored_shapes(item_dir)
-    stored_scanned = any(name.startswith(SCANNED_KEY + "/") for name in stored)
-    _check_shapes(stored, _expected_shapes(config, scanned=stored_scanned), f"checkpoint {item_dir}",
-                  "the checkpoint", "the config")
+    stored_scanned = check_params(path, config, kind=kind)
     stored_shardings = None
     if shardings is not None:
         stored_shardings = _shardings_for_layout(shardings, config.n_layers, stored_scanned)
-    params = _restore(item_dir, abstract_params(config.replace(scan_layers=stored_scanned)),
+    params = _restore(item_dir, _abstract(config.replace(scan_layers=stored_scanned), kind),
                       jnp.dtype(config.param_dtype), stored_shardings)
     if stored_scanned and not config.scan_layers:
         params = _unstack(params, config.n_layers, shardings)
     elif config.scan_layers and not stored_scanned:
         params = _stack(params, config.n_layers, shardings)
     return params, config
+
+
+def check_params(path, config: LlamaConfig, *, kind: str = "llama") -> bool:
+    """Raises a one-line ValueError naming both shapes unless the stored params (read from the Orbax metadata only)
+    are those of `config`'s model of this kind. Returns whether they are stored scanned."""
+    item_dir = find_params_dir(path)
+    stored = _stored_shapes(item_dir)
+    stored_scanned = any(name.startswith(SCANNED_KEY + "/") for name in stored)
+    _check_shapes(stored, _expected_shapes(config, scanned=stored_scanned, kind=kind), f"checkpoint {item_dir}",
+                  "the checkpoint", "the config")
+    return stored_scanned
+
+
+def _abstract(config: LlamaConfig, kind: str) -> Params:
+    if kind not in KINDS:
+        raise ValueError(f"checkpoint kind {kind!r}, expected one of {', '.join(KINDS)}")
+    return abstract_params(config) if kind == "llama" else score_model.abstract_score_params(config)
 
 
 def _stored_shapes(item_dir: epath.Path) -> dict[str, tuple]:
@@ -169,9 +189,9 @@ def _stored_shapes(item_dir: epath.Path) -> dict[str, tuple]:
     return {name: tuple(leaf.shape) for name, leaf in _flatten(dict(metadata)).items()}
 
 
-def _expected_shapes(config: LlamaConfig, scanned: bool) -> dict[str, tuple]:
-    return {name: tuple(leaf.shape)
-            for name, leaf in _flatten(abstract_params(config.replace(scan_layers=scanned))).items()}
+def _expected_shapes(config: LlamaConfig, scanned: bool, kind: str = "llama") -> dict[str, tuple]:
+    return {name: tuple(leaf.shape) for name, leaf in _flatten(_abstract(config.replace(scan_layers=scanned),
+                                                                           kind)).items()}
 
 
 def _check_shapes(actual: dict, expected: dict, where: str, actual_name: str, expected_name: str) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 
 class RematPolicy(str, enum.Enum):
@@ -43,7 +43,15 @@ class LlamaConfig:
 
     `hidden_dim` is derived from (dim, multiple_of, ffn_dim_multiplier) by Meta's rule unless given explicitly
     (HF configs carry `intermediate_size`, so converted models set it directly).
+
+    The fields split in two: the *architecture* (every parameter shape depends on it, plus norm_eps, rope_theta and
+    max_seq_len) and the *numerics* (`NUMERICS_FIELDS`: how it is computed and stored). A trainer that starts from a
+    checkpoint takes the architecture from the checkpoint and the numerics from its config (`with_numerics`).
     """
+
+    # How the model is computed and stored, not what it is: overridable on top of a checkpoint's architecture.
+    NUMERICS_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "scan_layers", "remat_policy",
+                                                  "attention_impl")
 
     vocab_size: int = 32000
     dim: int = 4096
@@ -114,6 +122,20 @@ class LlamaConfig:
             changes["hidden_dim"] = None
         return dataclasses.replace(self, **changes)
 
+    def with_numerics(self, source: Any) -> "LlamaConfig":
+        """This architecture with the `NUMERICS_FIELDS` of `source` (a LlamaConfig, or a mapping such as a
+        ConfigDict holding those fields)."""
+        if isinstance(source, LlamaConfig):
+            return self.replace(**{name: getattr(source, name) for name in self.NUMERICS_FIELDS})
+        return self.replace(**{name: source[name] for name in self.NUMERICS_FIELDS})
+
+    def architecture_differences(self, other: "LlamaConfig") -> list[tuple[str, Any, Any]]:
+        """[(field, self's value, other's value)] for the fields that make the parameter shapes or the function
+        differ (everything but the numerics and max_seq_len, which no parameter depends on)."""
+        ignored = set(self.NUMERICS_FIELDS) | {"max_seq_len"}
+        return [(f.name, getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
+                if f.name not in ignored and getattr(self, f.name) != getattr(other, f.name)]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -155,7 +177,7 @@ PRESETS: dict[str, LlamaConfig] = {
                         max_seq_len=256),
     "7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, multiple_of=256),
     "13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, multiple_of=256),
-    # 34B was never released; dims from Code Llama 34B, which was initialised from it (spec A).
+    # 34B was never released; dims from Code Llama 34B, which was initialised from it.
     "34b": LlamaConfig(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.0),
     "70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3),
 }

@@ -5,12 +5,18 @@ A loss function has the signature `loss_fn(params, batch) -> (loss_sum, aux)`:
   - `aux`: dict of scalars; `aux["weight"]` is the number of units in `loss_sum` (tokens with loss_mask 1, pairs, …);
     every other entry is also a sum over the same units, reported divided by the total weight.
 Summing makes gradient accumulation and data parallelism exact: the step divides by the global weight once.
+
+The losses: `next_token_loss` (pretraining, SFT), `pairwise_loss` (reward models: `ranking_loss` with the margin
+`margin_for`), `ppo_policy_loss` and `ppo_value_loss` (PPO; `sequence_logprobs` gives the log-probabilities both the
+rollout and the policy loss use).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from llama2_jax import rlhf
 
 Array = jax.Array
 
@@ -57,6 +63,91 @@ def margin_for(rating_index: Array, table: str) -> Array:
         raise ValueError(f"unknown margin table {table!r}; known: {', '.join(MARGIN_TABLES)}")
     values = jnp.asarray(MARGIN_TABLES[table] + (0.0,), jnp.float32)  # index -1 -> the trailing 0
     return values[rating_index]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reward model: the pairwise ranking loss (paper section 3.2.2, Eq. 2)
+
+RATING_LEVELS = RATINGS + ("unrated",)  # per-level metrics; "unrated" = rating index -1 (HH, OASST: every pair)
+
+
+def pair_scores(params, batch: dict, model) -> tuple[Array, Array]:
+    """(r_chosen [P], r_rejected [P]): one forward pass over the 2P sequences of a pair batch (see data/rm.py).
+    `model.apply({"params": p}, tokens [N, T], lengths [N]) -> [N]` (a `score_model.ScoreModel`)."""
+    tokens = batch["tokens"]
+    n_pairs, _, length = tokens.shape
+    scores = model.apply({"params": params}, tokens.reshape(2 * n_pairs, length),
+                         batch["lengths"].reshape(2 * n_pairs))
+    scores = scores.reshape(n_pairs, 2)
+    return scores[:, 0], scores[:, 1]
+
+
+def pairwise_loss(params, batch: dict, *, model, margin_table: str = "none") -> tuple[Array, dict]:
+    """Binary ranking loss with margin, -log sigma(r_c - r_r - m(rating)) (paper Eq. 2): (sum over pairs, aux of
+    sums), aux["weight"] = number of real pairs.
+
+    batch: tokens [P, 2, T], lengths [P, 2], rating [P] (-1 = none: margin 0), optional valid [P] (0 = padding pair).
+    aux (all sums over pairs): "accuracy" (r_c > r_r; a tie counts as wrong), "margin" (r_c - r_r),
+    "score_chosen"/"score_rejected" (raw scores), and per rating level L in RATING_LEVELS "n_L" (pairs at that level)
+    and "correct_L" (of those, ranked right). The loop divides every entry by the total weight, so per-level accuracy
+    is correct_L / n_L of the same record (`per_rating_accuracy`).
+    """
+    r_chosen, r_rejected = pair_scores(params, batch, model)
+    rating = batch["rating"].astype(jnp.int32)
+    valid = batch.get("valid", jnp.ones_like(r_chosen)).astype(jnp.float32)
+    per_pair = ranking_loss(r_chosen, r_rejected, margin_for(rating, margin_table)) * valid
+    correct = (r_chosen > r_rejected).astype(jnp.float32) * valid
+    aux = {"weight": jnp.sum(valid), "accuracy": jnp.sum(correct), "margin": jnp.sum((r_chosen - r_rejected) * valid),
+           "score_chosen": jnp.sum(r_chosen * valid), "score_rejected": jnp.sum(r_rejected * valid)}
+    for index, level in enumerate(RATING_LEVELS):
+        in_level = (rating == (index if index < len(RATINGS) else -1)).astype(jnp.float32) * valid
+        aux[f"n_{level}"] = jnp.sum(in_level)
+        aux[f"correct_{level}"] = jnp.sum(correct * in_level)
+    return jnp.sum(per_pair), aux
+
+
+def per_rating_accuracy(metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """{f"{prefix}accuracy_{L}": correct_L / n_L} for the levels present in a metrics record of `pairwise_loss`
+    (sums or means over the same weight). Levels with no pairs are left out."""
+    out = {}
+    for level in RATING_LEVELS:
+        n = metrics.get(f"{prefix}n_{level}", 0.0)
+        if n > 0:
+            out[f"{prefix}accuracy_{level}"] = metrics[f"{prefix}correct_{level}"] / n
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PPO (paper section 3.2.3): the clipped surrogate of the policy and the clipped value loss, summed over actions.
+# batch: ids [B, S + 1] (prompt + response + EOS slot), mask [B, S] (1 where ids[:, j + 1] is an action) and the
+# rollout's logprobs / values / advantages / returns [B, S] (see llama2_jax/ppo_rollout.py).
+
+
+def sequence_logprobs(params, ids: Array, *, model, temperature: float = 1.0) -> tuple[Array, Array]:
+    """ids [B, S + 1] -> (log pi(ids[:, j + 1] | ids[:, :j + 1]) [B, S], entropy [B, S]) under softmax(logits / T),
+    the distribution the sampler draws from. `model` is a `Llama`."""
+    logits = model.apply({"params": params}, ids[:, :-1]).astype(jnp.float32) / temperature
+    return -token_cross_entropy(logits, ids[:, 1:]), rlhf.entropy(logits)
+
+
+def ppo_policy_loss(params, batch: dict, *, model, temperature: float, clip_ratio: float) -> tuple[Array, dict]:
+    """Clipped surrogate (`rlhf.policy_objective`) summed over the action tokens; aux: weight (actions), clipfrac,
+    entropy and approx_kl sums."""
+    logprobs, ent = sequence_logprobs(params, batch["ids"], model=model, temperature=temperature)
+    mask = batch["mask"]
+    loss, clipped = rlhf.policy_objective(logprobs, batch["logprobs"], batch["advantages"], clip_ratio)
+    total = lambda x: jnp.sum(x * mask)  # noqa: E731
+    return total(loss), {"weight": jnp.sum(mask), "clipfrac": total(clipped), "entropy": total(ent),
+                         "approx_kl": total(rlhf.approx_kl(logprobs, batch["logprobs"]))}
+
+
+def ppo_value_loss(params, batch: dict, *, model, clip_value: float) -> tuple[Array, dict]:
+    """TRL's clipped value loss (`rlhf.value_objective`) summed over the action tokens. `model` is a
+    `score_model.ScoreModel` read at every position: the value of action j is the head at position j."""
+    values = model.apply({"params": params}, batch["ids"])[:, :-1]
+    mask = batch["mask"]
+    loss, clipped = rlhf.value_objective(values, batch["values"], batch["returns"], clip_value)
+    return jnp.sum(loss * mask), {"weight": jnp.sum(mask), "clipfrac": jnp.sum(clipped * mask)}
 
 
 def ranking_loss(r_chosen: Array, r_rejected: Array, margin: Array) -> Array:

@@ -1,5 +1,6 @@
-"""RLHF math (spec F): the piecewise reward, logit + whitening, the per-token KL penalty, GAE, the clipped PPO
-objectives, and the best-of-K curve of rejection sampling. Pure functions, unit-tested on hand-computed values.
+"""RLHF math (paper section 3.2.3): the piecewise reward, logit + whitening, the per-token KL penalty, GAE, the clipped
+PPO objectives, scoring sampled sequences with the reward models, and the best-of-K curve of rejection sampling. Pure
+functions, unit-tested on hand-computed values.
 
 Shape legend: B batch (sequences), T per-token positions, K samples per prompt. Per-token arrays are [B, T] and come
 with a `mask` [B, T] (1.0 on *response* tokens, the policy's actions; 0.0 on prompt and padding). In `train.ppo`
@@ -7,7 +8,8 @@ position j holds the action token `tokens[:, j + 1]`: its log-probability comes 
 V(tokens[:, :j + 1]) from the hidden state at j. The response is one contiguous run of 1s in each row.
 
 The paper fixes: the piecewise rule with the 0.15 threshold, R̃c = whiten(logit(Rc)), R = R̃c - β·KL, the ratio
-clip 0.2 and β. It leaves the rest open (spec "Not verified" 4); the choices here follow InstructGPT / TRL's PPO:
+clip 0.2 and β. It leaves the rest open (the KL estimator, whitening statistics, GAE, the critic); the choices here
+follow InstructGPT / TRL's PPO:
 
 * **KL**: per token, the k1 estimator log πθ(a_t|s_t) - log π0(a_t|s_t) on the *sampled* tokens (unbiased for
   KL(πθ‖π0) of the sequence when summed over its tokens; single tokens can be negative). β·KL is charged at every
@@ -23,12 +25,16 @@ clip 0.2 and β. It leaves the rest open (spec "Not verified" 4); the choices he
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+ScoreFn = Callable[[Any, Array, Array], Array]  # (params, tokens [B, T], lengths [B]) -> sigmoid scores [B]
+REWARD_NAMES = ("helpful", "safety")  # the two reward models of the paper (section 3.2.2)
+META_PAD_ID = -1  # the sampler's padding (Llama 2's tokenizer has no pad piece; generate.META_PAD_ID)
 
 SAFETY_THRESHOLD = 0.15  # Rs below this counts as unsafe whatever the prompt's tag (precision 0.89, recall 0.55)
 LOGIT_EPS = 1e-6  # sigmoid scores are clipped to [eps, 1 - eps] before the logit: |logit| <= 13.8
@@ -72,6 +78,36 @@ def whiten(x: Array, mask: Array | None = None, *, shift_mean: bool = True, eps:
     if not shift_mean:
         out = out + mean
     return out if mask is None else out * mask
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring sampled sequences with the reward models (rejection sampling and PPO)
+
+
+def scoring_sequences(tokens: Array, prompt_lens: Array, lengths: Array, eos_id: int, pad_id: int = META_PAD_ID
+                      ) -> tuple[Array, Array]:
+    """Sampler output -> what the reward models score: [B, S + 1] = prompt + kept response + EOS (written after the
+    kept response, which already ends there with an EOS unless it was cut at max_gen_len: the reward models read
+    their score at the EOS that ends an answer), padding -> 0; and the lengths [B].
+
+    tokens [B, S] (prompt + response, right-padded with pad_id), prompt_lens [B], lengths [B] kept response tokens."""
+    ids = jnp.where(tokens == pad_id, 0, tokens)
+    ids = jnp.concatenate([ids, jnp.zeros_like(ids[:, :1])], axis=1)
+    end = prompt_lens + lengths  # [B] slot after the kept response
+    ids = jnp.where(jnp.arange(ids.shape[1])[None, :] == end[:, None], eos_id, ids)
+    return ids, end + 1
+
+
+def score_sequences(score_fns: dict[str, ScoreFn], reward_params: dict, tokens: Array, lengths: Array,
+                    is_safety: Array, threshold: float = SAFETY_THRESHOLD) -> dict[str, Array]:
+    """{"helpful", "safety" (those given), "combined"}: sigmoid scores [B]; combined by the piecewise rule
+    (`combine_rewards`) when both reward models are given, else the one model's score."""
+    scores = {name: fn(reward_params[name], tokens, lengths) for name, fn in score_fns.items()}
+    if len(scores) == 2:
+        scores["combined"] = combine_rewards(scores["helpful"], scores["safety"], is_safety, threshold)
+    else:
+        scores["combined"] = next(iter(scores.values()))
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
-# Llama 2's SentencePiece trainer settings (spec B), read back from Meta's `tokenizer.model` trainer_spec. Everything
+# Llama 2's SentencePiece trainer settings, read back from Meta's `tokenizer.model` trainer_spec. Everything
 # that decides how text is split is here; `input_sentence_size` / `num_threads` only change speed and sampling.
 LLAMA2_TRAINER_SPEC: dict = dict(
     model_type="bpe",

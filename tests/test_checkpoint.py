@@ -138,3 +138,18 @@ def test_error_save_existing_and_mismatched(params, converted_dir, tmp_path):
         ckpt.save_params(converted_dir, params, CFG)
     with pytest.raises(ValueError, match=r"output has shape \(64, 128\) in the params but \(64, 256\)"):
         ckpt.save_params(tmp_path, params, CFG.replace(vocab_size=256))
+
+
+@pytest.mark.parametrize("stored_scanned,scan_layers", [(False, True), (True, False)])
+def test_score_model_workdir_loads_in_either_layout_and_a_llama_is_no_score_model(params, converted_dir, tmp_path,
+                                                                                   stored_scanned, scan_layers):
+    score = {k: v for k, v in params.items() if k != "output"}
+    score["score_head"] = {"kernel": np.arange(CFG.dim, dtype=np.float32)[:, None]}
+    stored = stack_layers(score, CFG.n_layers) if stored_scanned else score
+    with ocp.StandardCheckpointer() as saver:  # the layout of a train.reward workdir
+        saver.save((tmp_path / "checkpoints" / "7" / "params").absolute(), stored)
+    (tmp_path / "llama_config.json").write_text(json.dumps(CFG.to_dict()))
+    loaded, cfg = ckpt.load_params(tmp_path, CFG.replace(scan_layers=scan_layers), kind="score")
+    _assert_tree_equal(loaded, stack_layers(score, CFG.n_layers) if scan_layers else score)
+    with pytest.raises(ValueError, match=r"missing \['score_head/kernel'\], unexpected \['output'\]"):
+        ckpt.load_params(converted_dir, CFG, kind="score")

@@ -119,3 +119,19 @@ def test_cli_with_the_real_sampler_on_a_random_tiny_model(tmp_path):
         assert dialog[0]["role"] == "system" and all(m["content"] for m in dialog)
     data = sft.make_sft_data(samples, tokenizer, seq_len=256, batch_size=2, seed=0, val_fraction=0.0)
     assert data.stats.supervised_tokens > 0 and np.isfinite(data.stats.supervised_fraction)
+
+
+def test_cli_bad_input_is_one_line_and_exit_status_1(tmp_path, capsys):
+    dialogs = tmp_path / "dialogs.jsonl"
+    dialogs.write_text("".join(json.dumps({"messages": d}) + "\n" for d in MULTI_TURN))
+    args = [f"--checkpoint={tmp_path / 'missing'}", f"--tokenizer={tmp_path / 'none.model'}", f"--dialogs={dialogs}",
+            f"--out={tmp_path / 'out.jsonl'}"]
+    with pytest.raises(SystemExit) as exit_info:
+        gatt.main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --checkpoint / --tokenizer: ") and "missing" in err[0]
+    with pytest.raises(SystemExit):
+        gatt.main(args[:2] + [f"--dialogs={tmp_path / 'nope.jsonl'}"] + args[3:])
+    assert capsys.readouterr().err.startswith("error: --dialogs: ")
+    assert not (tmp_path / "out.jsonl").exists()

@@ -13,11 +13,8 @@ import pytest
 from test_rejection_sampling import CFG, llama_params, make_tokenizer, save_policy
 
 from configs import ppo_7b, ppo_tiny
-from llama2_jax import checkpoint
-from llama2_jax import reward_model as rm_model
-from llama2_jax import value_model as vm
-from train import common
-from train import ppo, ppo_phases
+from llama2_jax import checkpoint, ppo_rollout, score_model
+from train import common, ppo
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
@@ -40,7 +37,7 @@ def constant_safety(params, tokens, lengths):
 
 def test_action_mask_covers_the_response_and_the_generated_eos():
     tokens = jnp.array([[1, 5, 6, 7, 2, -1], [1, 5, 7, 8, 9, 9], [1, 5, 6, 2, -1, -1]])
-    mask = ppo_phases.action_mask(tokens, jnp.array([2, 2, 3]), jnp.array([2, 3, 0]), eos_id=2)
+    mask = ppo_rollout.action_mask(tokens, jnp.array([2, 2, 3]), jnp.array([2, 3, 0]), eos_id=2)
     # row 0: tokens 2, 3 (response) and 4 (EOS) are actions -> positions 1..3; row 1: cut at max_gen_len, no EOS
     # row 2: an immediate EOS is the only action (position 2)
     np.testing.assert_array_equal(mask, [[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0]])
@@ -49,15 +46,15 @@ def test_action_mask_covers_the_response_and_the_generated_eos():
 def test_map_chunks_matches_one_call():
     x = {"a": jnp.arange(24.0).reshape(8, 3), "b": jnp.arange(8)}
     fn = lambda t: {"s": t["a"].sum(axis=1) * t["b"], "c": t["a"] * 2}  # noqa: E731
-    whole, chunked = fn(x), ppo_phases.map_chunks(fn, x, rows=2)
+    whole, chunked = fn(x), ppo_rollout.map_chunks(fn, x, rows=2)
     assert all(np.array_equal(whole[k], chunked[k]) for k in whole)
 
 
 def test_value_model_equals_the_reward_model_at_each_position():
-    params = rm_model.init_reward_params_from_llama(llama_params(CFG, 0), jax.random.PRNGKey(1), 0.5)
+    params = score_model.init_score_params_from_llama(llama_params(CFG, 0), jax.random.PRNGKey(1), 0.5)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, CFG.vocab_size)
-    values = jax.jit(vm.token_values, static_argnums=1)(params, CFG, tokens)
-    scores = jax.jit(rm_model.score_tokens, static_argnums=1)
+    values = jax.jit(score_model.token_values, static_argnums=1)(params, CFG, tokens)
+    scores = jax.jit(score_model.score_tokens, static_argnums=1)
     for t in (0, 4, 8):
         np.testing.assert_allclose(values[:, t], scores(params, CFG, tokens, jnp.array([t + 1] * 2)),
                                    rtol=1e-5, atol=1e-6)
@@ -173,3 +170,18 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path, tokenizer, monkeypatch
     monkeypatch.setattr(ppo, "run_iteration", run_iteration)
     second = ppo.train_and_evaluate(config, str(work), **kwargs)
     assert [h["iteration"] for h in second] == [3] and second[0]["policy_step"] == 12
+
+
+def test_sequence_logprobs_are_the_tempered_softmax_of_the_next_token_by_hand():
+    from llama2_jax import losses
+    from llama2_jax.model import Llama
+
+    params = llama_params(CFG, 0)
+    ids = jax.random.randint(jax.random.PRNGKey(3), (2, 7), 0, CFG.vocab_size)
+    logprobs, ent = jax.jit(lambda p, x: losses.sequence_logprobs(p, x, model=Llama(CFG), temperature=0.7))(params, ids)
+    logits = np.asarray(Llama(CFG).apply({"params": params}, ids[:, :-1]), np.float64) / 0.7
+    log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    expected = np.take_along_axis(log_p, np.asarray(ids[:, 1:])[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(logprobs, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ent, -(np.exp(log_p) * log_p).sum(-1), rtol=1e-5, atol=1e-5)

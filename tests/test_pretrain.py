@@ -56,7 +56,7 @@ def test_resume_gives_bitwise_identical_losses(tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     pretrain.train_and_evaluate(small_config(), str(straight))
 
-    real_to_global, calls = loop.to_global, []
+    real_to_global, calls = loop.process_rows_to_global, []
 
     def crash_at_step_6(batch, mesh):  # a crash after the step-4 checkpoint, mid-way to the next one
         calls.append(1)
@@ -64,10 +64,10 @@ def test_resume_gives_bitwise_identical_losses(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real_to_global(batch, mesh)
 
-    monkeypatch.setattr(loop, "to_global", crash_at_step_6)
+    monkeypatch.setattr(loop, "process_rows_to_global", crash_at_step_6)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pretrain.train_and_evaluate(small_config(async_checkpoints=False), str(resumed))
-    monkeypatch.setattr(loop, "to_global", real_to_global)
+    monkeypatch.setattr(loop, "process_rows_to_global", real_to_global)
     pretrain.train_and_evaluate(small_config(), str(resumed))  # resumes model, optimizer and data iterator
     a, b = train_losses(straight), train_losses(resumed)
     assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # exact float equality

@@ -13,9 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import rs_7b, rs_tiny
-from llama2_jax import checkpoint, rlhf
-from llama2_jax import reward_model as rm_model
+from llama2_jax import checkpoint, rlhf, score_model
 from llama2_jax.config import LlamaConfig
+from llama2_jax.data import prompts as prompt_data
 from llama2_jax.model import Llama
 from llama2_jax.tokenizer import train_tokenizer
 from train import common
@@ -53,7 +53,7 @@ def save_policy(path, tokenizer, seed=0):
 
 def save_reward_model(path, seed=1, head_init_std=0.5):
     """A random reward model in the layout train.reward writes (llama_config.json + params/)."""
-    params = rm_model.init_reward_params_from_llama(llama_params(CFG, seed), jax.random.PRNGKey(seed), head_init_std)
+    params = score_model.init_score_params_from_llama(llama_params(CFG, seed), jax.random.PRNGKey(seed), head_init_std)
     with ocp.StandardCheckpointer() as saver:
         saver.save((path / "params").absolute(), jax.device_get(params))
     (path / "llama_config.json").write_text(json.dumps(CFG.to_dict()))
@@ -73,23 +73,23 @@ def write_prompts(path, n):
 
 
 def test_prompt_files_and_preference_files(tmp_path):
-    prompts = rs.read_prompts(str(write_prompts(tmp_path / "p.jsonl", 4)))
+    prompts = prompt_data.read_prompts(str(write_prompts(tmp_path / "p.jsonl", 4)))
     assert [p.is_safety for p in prompts] == [True, False, True, False]
     assert prompts[0].messages[0]["role"] == "system" and prompts[1].messages == [
         {"role": "user", "content": "why the cat 1"}]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": q, "chosen": "yes", "rejected": "no"}) + "\n"
                              for q in ("a?", "b?", "a?")))
-    from_pairs = rs.read_prompts(str(pairs), is_safety=True)
+    from_pairs = prompt_data.read_prompts(str(pairs), is_safety=True)
     assert [p.messages[0]["content"] for p in from_pairs] == ["a?", "b?"] and all(p.is_safety for p in from_pairs)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "is_safety": "yes"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: 'is_safety' is str"):
-        rs.read_prompts(str(tmp_path / "bad.jsonl"))
+        prompt_data.read_prompts(str(tmp_path / "bad.jsonl"))
 
 
 def test_scoring_sequence_appends_eos_after_the_kept_response():
     tokens = jnp.array([[5, 6, 7, 2, -1, -1], [5, 7, 8, 9, 9, 9]])  # row 0 ended (EOS); row 1 cut at max_gen_len 3
-    ids, lengths = rs.scoring_sequences(tokens, jnp.array([2, 2]), jnp.array([1, 3]), eos_id=2)
+    ids, lengths = rlhf.scoring_sequences(tokens, jnp.array([2, 2]), jnp.array([1, 3]), eos_id=2)
     np.testing.assert_array_equal(ids, [[5, 6, 7, 2, 0, 0, 0], [5, 7, 8, 9, 9, 2, 0]])
     np.testing.assert_array_equal(lengths, [4, 6])
 
@@ -97,14 +97,14 @@ def test_scoring_sequence_appends_eos_after_the_kept_response():
 def test_combined_score_uses_the_piecewise_rule_with_two_models_and_the_one_model_otherwise():
     fns = {"helpful": lambda p, t, n: jnp.full(t.shape[:1], p), "safety": lambda p, t, n: jnp.array([0.1, 0.9, 0.9])}
     tokens, lengths = jnp.zeros((3, 4), jnp.int32), jnp.ones((3,), jnp.int32)
-    both = rs.score_sequences(fns, {"helpful": 0.7, "safety": None}, tokens, lengths, jnp.array([False, False, True]))
+    both = rlhf.score_sequences(fns, {"helpful": 0.7, "safety": None}, tokens, lengths, jnp.array([False, False, True]))
     np.testing.assert_allclose(both["combined"], [0.1, 0.7, 0.9])
-    one = rs.score_sequences({"helpful": fns["helpful"]}, {"helpful": 0.7}, tokens, lengths, jnp.array([1, 1, 1]))
+    one = rlhf.score_sequences({"helpful": fns["helpful"]}, {"helpful": 0.7}, tokens, lengths, jnp.array([1, 1, 1]))
     np.testing.assert_allclose(one["combined"], [0.7] * 3)
 
 
 def test_pool_keeps_the_best_answer_per_prompt_across_iterations(tokenizer):
-    prompts = [rs.Prompt([{"role": "user", "content": "q"}]), rs.Prompt([{"role": "user", "content": "r"}])]
+    prompts = [prompt_data.Prompt([{"role": "user", "content": "q"}]), prompt_data.Prompt([{"role": "user", "content": "r"}])]
     answer = tokenizer.encode("yes")
     first = {"responses": [[answer, []], [[], answer]], "scores": {"combined": np.array([[0.9, 0.1], [0.2, 0.3]])}}
     pool = rs.update_pool({}, prompts, tokenizer, first, iteration=0)

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llama2_jax import losses, score_model
 from llama2_jax import reward_model as rm_model
-from llama2_jax.checkpoint import save_params
+from llama2_jax.checkpoint import load_params, save_params
 from llama2_jax.config import LlamaConfig
 from llama2_jax.data import rm as rm_data
 from llama2_jax.data.preferences import RATINGS, PreferencePair
@@ -57,14 +58,14 @@ def hand_loss(r_c, r_r, m):
 def test_loss_equals_hand_computed_values(table, margins):
     params = {"r": jnp.asarray([0.5, -0.25])}  # every pair: r_c = 0.5, r_r = -0.25
     ratings = [0, 1, 2, 3, -1]
-    loss_sum, aux = rm_model.pairwise_loss(params, pair_batch([[0, 1]] * 5, ratings), model=TableModel(),
+    loss_sum, aux = losses.pairwise_loss(params, pair_batch([[0, 1]] * 5, ratings), model=TableModel(),
                                            margin_table=table)
     expected = [hand_loss(0.5, -0.25, m) for m in margins] + [hand_loss(0.5, -0.25, 0.0)]  # -1: no rating, m = 0
     assert float(loss_sum) == pytest.approx(sum(expected), rel=1e-6)
     assert float(aux["weight"]) == 5 and float(aux["accuracy"]) == 5
     assert float(aux["margin"]) == pytest.approx(5 * 0.75)
     if table == "small":  # one value written out: rating "better", -log sigma(0.75 - 2/3)
-        one, _ = rm_model.pairwise_loss(params, pair_batch([[0, 1]], [1]), model=TableModel(), margin_table=table)
+        one, _ = losses.pairwise_loss(params, pair_batch([[0, 1]], [1]), model=TableModel(), margin_table=table)
         assert float(one) == pytest.approx(math.log(1.0 + math.exp(-(0.75 - 2.0 / 3.0))), rel=1e-6)
 
 
@@ -75,7 +76,7 @@ def test_no_margin_equals_trl_pairwise_loss():
     r_c, r_r = torch.from_numpy(scores[:8]), torch.from_numpy(scores[8:])
     trl = float(-torch.nn.functional.logsigmoid(r_c - r_r).mean())  # trl RewardTrainer.compute_loss, no margin
     batch = pair_batch([[i, 8 + i] for i in range(8)], [0, 1, 2, 3, -1, 0, 1, 2])
-    loss_sum, aux = rm_model.pairwise_loss({"r": jnp.asarray(scores)}, batch, model=TableModel(), margin_table="none")
+    loss_sum, aux = losses.pairwise_loss({"r": jnp.asarray(scores)}, batch, model=TableModel(), margin_table="none")
     assert float(loss_sum / aux["weight"]) == pytest.approx(trl, rel=1e-6)
 
 
@@ -85,18 +86,18 @@ def test_per_rating_table_on_a_hand_made_batch():
     pairs = [[0, 1], [1, 0], [0, 1], [0, 1], [1, 1], [0, 1], [1, 0], [0, 1]]
     ratings = [0, 0, 1, 2, 3, -1, -1, 2]
     valid = [1, 1, 1, 1, 1, 1, 1, 0]  # the last pair is padding
-    _, aux = rm_model.pairwise_loss(params, pair_batch(pairs, ratings, valid), model=TableModel())
+    _, aux = losses.pairwise_loss(params, pair_batch(pairs, ratings, valid), model=TableModel())
     aux = {k: float(v) for k, v in aux.items()}
     assert aux["weight"] == 7 and aux["accuracy"] == 4
-    counts = {level: (aux[f"n_{level}"], aux[f"correct_{level}"]) for level in rm_model.RATING_LEVELS}
+    counts = {level: (aux[f"n_{level}"], aux[f"correct_{level}"]) for level in losses.RATING_LEVELS}
     assert counts == {"significantly_better": (2, 1), "better": (1, 1), "slightly_better": (1, 1),
                       "negligibly_better": (1, 0), "unrated": (2, 1)}
     expected = {"accuracy_significantly_better": 0.5, "accuracy_better": 1.0, "accuracy_slightly_better": 1.0,
                 "accuracy_negligibly_better": 0.0, "accuracy_unrated": 0.5}
-    assert rm_model.per_rating_accuracy(aux) == expected
+    assert losses.per_rating_accuracy(aux) == expected
     # What the loop logs: every sum divided by the weight, prefixed "eval_". The ratios are unchanged.
     logged = {f"eval_{k}": v / aux["weight"] for k, v in aux.items() if k != "weight"}
-    assert rm_model.per_rating_accuracy(logged, "eval_") == pytest.approx({f"eval_{k}": v for k, v in expected.items()})
+    assert losses.per_rating_accuracy(logged, "eval_") == pytest.approx({f"eval_{k}": v for k, v in expected.items()})
 
 
 def test_gradient_accumulation_keeps_pairs_together():
@@ -106,7 +107,7 @@ def test_gradient_accumulation_keeps_pairs_together():
     params = {"r": jnp.linspace(-1.0, 1.0, 16)}
     rng = np.random.default_rng(0)
     batch = pair_batch(rng.integers(0, 16, size=(8, 2)), rng.integers(-1, 4, size=8), [1] * 7 + [0])
-    loss_fn = functools.partial(rm_model.pairwise_loss, model=TableModel(), margin_table="small")
+    loss_fn = functools.partial(losses.pairwise_loss, model=TableModel(), margin_table="small")
     results = []
     for accum in (1, 4):
         state = train_state.TrainState.create(params, train_state.make_optimizer(0.1))
@@ -129,14 +130,14 @@ def llama_params(cfg, seed=0):
 
 @pytest.fixture(scope="module")
 def reward_params():
-    return rm_model.init_reward_params_from_llama(llama_params(CFG), jax.random.PRNGKey(1), head_init_std=0.5)
+    return score_model.init_score_params_from_llama(llama_params(CFG), jax.random.PRNGKey(1), head_init_std=0.5)
 
 
-score_jit = jax.jit(rm_model.score_tokens, static_argnums=1)
+score_jit = jax.jit(score_model.score_tokens, static_argnums=1)
 
 
 def test_params_are_the_llama_trunk_plus_a_head(reward_params):
-    abstract = rm_model.abstract_reward_params(CFG)
+    abstract = score_model.abstract_score_params(CFG)
     assert jax.tree.map(np.shape, reward_params) == jax.tree.map(lambda x: x.shape, abstract)
     assert "output" not in reward_params and reward_params["score_head"]["kernel"].shape == (CFG.dim, 1)
 
@@ -167,8 +168,8 @@ def random_pair_batch(rng, n_pairs, width=12):
 
 def test_pair_order_and_batch_order_do_not_change_the_result(reward_params):
     batch = random_pair_batch(np.random.default_rng(1), 6)
-    model = rm_model.RewardModel(CFG)
-    loss_fn = jax.jit(functools.partial(rm_model.pairwise_loss, model=model, margin_table="small"))
+    model = score_model.ScoreModel(CFG)
+    loss_fn = jax.jit(functools.partial(losses.pairwise_loss, model=model, margin_table="small"))
     loss, aux = loss_fn(reward_params, batch)
     perm = np.random.default_rng(2).permutation(6)
     loss_p, aux_p = loss_fn(reward_params, {k: v[perm] for k, v in batch.items()})
@@ -176,7 +177,7 @@ def test_pair_order_and_batch_order_do_not_change_the_result(reward_params):
     for name in aux:
         assert float(aux_p[name]) == pytest.approx(float(aux[name]), rel=1e-5, abs=1e-5), name
     # Each pair's scores equal the scores of its two sequences on their own (no interaction between rows).
-    r_c, r_r = jax.jit(lambda p, b: rm_model.pair_scores(p, b, model))(reward_params, batch)
+    r_c, r_r = jax.jit(lambda p, b: losses.pair_scores(p, b, model))(reward_params, batch)
     for p in range(6):
         for side, r in ((0, r_c), (1, r_r)):
             own = score_jit(reward_params, CFG, jnp.asarray(batch["tokens"][p, side, None]),
@@ -285,9 +286,9 @@ def test_train_and_evaluate_end_to_end(tmp_path, tokenizer):
     config = rm_tiny.get_config()
     config.init_from = str(init_dir)
     config.data.path = str(write_pairs(tmp_path / "pairs.jsonl", 80))
-    config.mesh.fsdp = -1  # the 8 simulated devices
+    config.mesh.data, config.mesh.fsdp = 1, -1  # FSDP over the 8 simulated devices
     config.batch_size, config.seq_len, config.model.max_seq_len = 8, 32, 32
-    config.num_epochs, config.num_train_steps, config.eval_every_steps = None, 6, 3
+    config.num_epochs, config.num_train_steps, config.eval_every_steps = 0.0, 6, 3
     config.learning_rate, config.async_checkpoints, config.progress_bar = 3e-3, False, False
     state, history = reward.train_and_evaluate(config, str(tmp_path / "rm"))
 
@@ -298,7 +299,7 @@ def test_train_and_evaluate_end_to_end(tmp_path, tokenizer):
     assert sum(row["pairs"] for row in summary["per_rating"].values()) == 8
     assert summary["accuracy"] == evals[-1]["eval_accuracy"] and np.isfinite(summary["loss"])
 
-    params, cfg = rm_model.load_reward_params(tmp_path / "rm")  # the RM workdir serves rejection sampling / PPO
+    params, cfg = load_params(tmp_path / "rm", kind="score")  # the RM workdir serves rejection sampling / PPO
     dialogs = [rm_model.dialog_for_scoring([{"role": "user", "content": "why the cat"}], answer)
                for answer in ("yes please thanks", "no dog dog")]
     scores = rm_model.score(params, cfg, dialogs, tokenizer, batch_size=2)

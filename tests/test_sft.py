@@ -300,14 +300,66 @@ def test_model_comes_from_the_checkpoint_and_the_tokenizer_from_its_dir(tmp_path
     config = sft_tiny.get_config()
     config.init_from = str(tmp_path / "init")
     config.seq_len = 128
-    model_cfg = sft_trainer.sft_model_config(config)
+    model_cfg = common.resolve_model_config(config, config.seq_len)
     assert (model_cfg.dim, model_cfg.n_layers, model_cfg.vocab_size) == (TINY.dim, TINY.n_layers, TINY.vocab_size)
     assert model_cfg.dtype == "float32"  # numerics from config.model
     assert model_cfg.max_seq_len == 128  # raised to seq_len
     with pytest.raises(common.ConfigError, match="config.tokenizer.path is empty and .*tokenizer.model does not"):
-        sft_trainer.tokenizer_path(config)
+        common.load_tokenizer(config, model_cfg.vocab_size)
     (tmp_path / "init" / "tokenizer.model").write_bytes(b"")
-    assert sft_trainer.tokenizer_path(config) == str(tmp_path / "init" / "tokenizer.model")
+    assert common.tokenizer_path(config) == str(tmp_path / "init" / "tokenizer.model")
+
+
+def snapshot(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_a_workdir_of_another_model_fails_before_anything_in_it_is_rewritten(tmp_path):
+    """Resuming a workdir with another architecture (here: an init_from of another size) is one line naming both
+    sides, raised before llama_config.json or tokenizer.model are touched."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "llama_config.json").write_text(json.dumps(TINY.to_dict()))
+    (work / "tokenizer.model").write_bytes(b"the earlier run's tokenizer")
+    before = snapshot(work)
+    save_tiny_checkpoint(tmp_path / "init", TINY.replace(dim=64, n_layers=3), tokenizer_file=None)
+    (tmp_path / "init" / "tokenizer.model").write_bytes(b"another tokenizer")
+    config = sft_tiny.get_config()
+    config.init_from = str(tmp_path / "init")
+    config.data.path = str(write_jsonl(tmp_path / "d.jsonl", [{"messages": MULTI_TURN[0]}]))
+    config.seq_len = 64
+    with pytest.raises(common.ConfigError, match=r"llama_config.json: the workdir holds a run of another model "
+                                                 r"\(dim=32, n_layers=2, hidden_dim=96\) than this run's \(dim=64, n_layers=3, "
+                                                 r"hidden_dim=176\)"):
+        sft_trainer.train_and_evaluate(config, str(work))
+    assert snapshot(work) == before
+
+
+def test_an_init_from_whose_params_are_another_model_fails_before_the_workdir_is_written(tmp_path):
+    save_tiny_checkpoint(tmp_path / "init", TINY)
+    (tmp_path / "init" / "llama_config.json").write_text(json.dumps(TINY.replace(dim=64).to_dict()))
+    config = sft_tiny.get_config()
+    config.init_from = str(tmp_path / "init")
+    config.tokenizer.path = str(tmp_path / "none.model")
+    with pytest.raises(common.ConfigError, match=r"^config.init_from: checkpoint .* layers_0/attention/wk has "
+                                                 r"shape \(32, 2, 8\) in the checkpoint but \(64, 2, 16\) in the config"):
+        common.prepare_workdir(config, str(tmp_path / "work"), common.resolve_model_config(config))
+    assert not (tmp_path / "work").exists()
+
+
+def test_prepare_workdir_copies_a_given_tokenizer_and_writes_the_model_config(tmp_path):
+    words = "the a cat dog safe help answer question please thanks why how what no yes sorry can you I".split()
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, size=12)) + f" {i}." for i in range(400)]
+    tokenizer = train_tokenizer(texts, tmp_path / "tok", vocab_size=384, num_threads=1)
+    config = sft_tiny.get_config()
+    config.model.update(TINY.replace(vocab_size=384).to_dict())
+    config.tokenizer.path = tokenizer.model_path
+    model_cfg = common.resolve_model_config(config)
+    common.prepare_workdir(config, str(tmp_path / "work"), model_cfg)
+    assert (tmp_path / "work" / "tokenizer.model").read_bytes() == open(tokenizer.model_path, "rb").read()
+    assert checkpoint.load_config(tmp_path / "work") == model_cfg
+    common.prepare_workdir(config, str(tmp_path / "work"), model_cfg.replace(dtype="bfloat16"))  # numerics may change
 
 
 # ------------------------------------------------------------------------------------------------------ end to end

@@ -1,4 +1,4 @@
-r"""Ghost Attention (spec G): turn multi-turn dialogs into an SFT dataset where one instruction holds for every turn.
+r"""Ghost Attention (paper section 3.3): an SFT dataset of dialogs where one instruction holds for every turn.
 
     python -m train.gatt --checkpoint=DIR --tokenizer=PATH --dialogs=FILE --out=FILE [--max_turns=N --seed=S ...]
     python -m train.sft --config=configs/sft_7b.py --config.init_from=DIR --config.data.path=FILE ...
@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import random
+import sys
 from typing import Callable, Optional, Sequence
 
 from llama2_jax import chat
@@ -211,14 +212,34 @@ def write_jsonl(path: str, records: Sequence[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> GattStats:
+def load_inputs(args: argparse.Namespace):
+    """(dialogs, params, LlamaConfig, tokenizer) for the CLI; bad input raises a one-line ConfigError naming the flag."""
     from llama2_jax import generate
     from llama2_jax.data.dialogs import read_dialogs
+    from llama2_jax.tokenizer import check_vocab
+    from train import common
+
+    try:
+        dialogs, _ = read_dialogs(args.dialogs, format=args.format)
+    except (ValueError, FileNotFoundError) as error:
+        raise common.ConfigError(f"--dialogs: {error}") from None
+    try:
+        params, cfg, tokenizer = generate.load_model(args.checkpoint, args.tokenizer)
+        check_vocab(tokenizer, cfg.vocab_size)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        raise common.ConfigError(f"--checkpoint / --tokenizer: {error}") from None
+    return dialogs[: args.max_dialogs or None], params, cfg, tokenizer
+
+
+def main(argv: Optional[Sequence[str]] = None) -> GattStats:
+    from train import common
 
     args = parse_args(argv)
-    dialogs, _ = read_dialogs(args.dialogs, format=args.format)
-    dialogs = dialogs[: args.max_dialogs or None]
-    params, cfg, tokenizer = generate.load_model(args.checkpoint, args.tokenizer)
+    try:
+        dialogs, params, cfg, tokenizer = load_inputs(args)
+    except common.ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     sampler = ModelSampler(params, cfg, tokenizer, temperature=args.temperature, top_p=args.top_p,
                            max_gen_len=args.max_gen_len, batch_size=args.batch_size, seed=args.seed,
                            min_reply_tokens=args.min_reply_tokens)

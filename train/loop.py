@@ -1,6 +1,6 @@
 """The one training loop: batches -> step -> metrics / progress bar / TensorBoard -> eval -> checkpoint.
 
-Every trainer (pretrain, SFT, reward, rejection sampling) builds its state, its jitted step and its data, then calls
+Every step-based trainer (pretrain, SFT, reward, rejection sampling's SFT rounds) builds its state, its jitted step and its data, then calls
 `run_loop`. The loop resumes from the workdir's latest checkpoint, saves every `checkpoint_every_steps` and on
 SIGTERM (then exits cleanly), and writes `WORKDIR/metrics.jsonl` (one JSON object per logged step and per eval).
 """
@@ -45,8 +45,9 @@ class LoopSettings:
         return cls(**{name: config[name] for name in names if name in config})
 
 
-def to_global(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays split over the data axes of the mesh."""
+def process_rows_to_global(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a global batch -> global arrays split over the data axes of the mesh (each process
+    gives its own rows; `train.common.host_to_global` is for an array that every process holds whole)."""
     return {name: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, value.ndim), value)
             for name, value in batch.items()}
 
@@ -111,7 +112,7 @@ def evaluate(params, eval_step: Callable, batches: list[Batch], mesh: Mesh) -> d
     """Exact mean over all eval batches: sums and weights are added before dividing."""
     totals: dict[str, float] = {}
     for batch in batches:
-        out = jax.device_get(eval_step(params, to_global(batch, mesh)))
+        out = jax.device_get(eval_step(params, process_rows_to_global(batch, mesh)))
         for name, value in out.items():
             totals[name] = totals.get(name, 0.0) + float(value)
     weight = max(totals.pop("weight", 0.0), 1.0)
@@ -186,7 +187,7 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainSt
     step = start
     with TerminationFlag() as termination:
         while step < settings.num_train_steps and not termination.requested:
-            batch = to_global(next(train_iter), mesh)
+            batch = process_rows_to_global(next(train_iter), mesh)
             state, metrics = train_step(state, batch)
             step += 1
             if progress is not None:

@@ -1,15 +1,15 @@
-r"""PPO (spec F): `python -m train.ppo --config=configs/ppo_tiny.py --workdir=DIR --config.init_from=POLICY
+r"""PPO (paper section 3.2.3): `python -m train.ppo --config=configs/ppo_tiny.py --workdir=DIR --config.init_from=POLICY
     --config.reward.helpful_path=RM_H --config.reward.safety_path=RM_S --config.prompts.path=PROMPTS.jsonl`.
 
 Models: the policy πθ (init_from: an RS/SFT checkpoint; AdamW, constant LR), the frozen reference π0 (a copy of the
-initial policy), a value model (`value_model.ValueModel`: trunk + scalar head at every token; from
+initial policy), a value model (`score_model.ScoreModel` read at every token: trunk + scalar head; from
 `value.init_from`: a reward model, as InstructGPT, or "policy" = the policy's trunk with a fresh head) with its own
 AdamW, and one or two frozen reward models. Everything stays sharded on the mesh.
 
-One iteration = three compiled calls (train/ppo_phases.py), no host round-trip of model outputs between them (only
+One iteration = three compiled calls (llama2_jax/ppo_rollout.py, and `ppo_update` here), no host round-trip of model outputs between them (only
 scalars come back):
   1. `rollout`: `generate.sample` inside jit on `batch_size` prompts (policy params as they are on device);
-  2. `make_experience`: RM scores of prompt + response (+ EOS when cut; see rejection_sampling.scoring_sequences),
+  2. `make_experience`: RM scores of prompt + response (+ EOS when cut; see rlhf.scoring_sequences),
      Rc by the piecewise rule, R̃c = whiten(logit(Rc)) over the batch, log πθ, log π0, values, per-token rewards
      -β·KL + R̃c at the last token, GAE, whitened advantages (llama2_jax.rlhf documents every choice);
   3. `ppo_update`: `ppo_epochs` passes over the batch in shuffled minibatches of `minibatch_size`, one optimizer step
@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import time
 
 import jax
@@ -41,18 +40,13 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
-from llama2_jax import checkpoint as param_checkpoint
-from llama2_jax import generate
-from llama2_jax import reward_model as rm_model
+from llama2_jax import generate, losses, score_model
+from llama2_jax import ppo_rollout
+from llama2_jax.model import Llama
 from llama2_jax import sharding as sh
-from llama2_jax import value_model as vm
-from llama2_jax.tokenizer import TOKENIZER_FILENAME
 from train import common, loop
-from train import ppo_phases
-from train import rejection_sampling as rs
-from train import sft as sft_trainer
 from train import state as train_state
-from train.checkpoints import TrainCheckpointer, write_model_config
+from train.checkpoints import TrainCheckpointer
 
 
 def check_config(config, mesh, cfg) -> None:
@@ -143,6 +137,7 @@ def init_policy(config, cfg, mesh):
 
 
 VALUE_FROM_RM = {"helpful_rm": "helpful_path", "safety_rm": "safety_path"}
+VALUE_DIR = "value"  # WORKDIR/value: the value model's llama_config.json and checkpoints
 
 
 def value_init_path(config) -> str:
@@ -163,43 +158,75 @@ def value_init_path(config) -> str:
 
 
 def value_model_config(config, cfg):
-    """The value model's architecture: that of its reward-model workdir, or the policy's."""
+    """The value model's architecture: that of its reward-model workdir (numerics of the policy's `cfg`), or the
+    policy's."""
     path = value_init_path(config)
-    if not path:
-        return cfg
-    try:
-        stored = param_checkpoint.load_config(path)
-    except (ValueError, FileNotFoundError) as error:
-        raise common.ConfigError(f"config.value.init_from ({path}): {error}") from None
-    return stored.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
-                          remat_policy=cfg.remat_policy, attention_impl=cfg.attention_impl)
+    return common.model_config_from(path, cfg, f"config.value.init_from ({path})") if path else cfg
 
 
 def init_value(config, value_cfg, policy_params, mesh):
     """(value TrainState, its shardings) from a reward-model workdir or from the policy's trunk + a fresh head."""
     tx = make_tx(config, config.value.learning_rate)
-    shardings = train_state.state_shardings(vm.abstract_value_params(value_cfg, boxed=True), tx, mesh)
+    shardings = train_state.state_shardings(score_model.abstract_score_params(value_cfg, boxed=True), tx, mesh)
     path = value_init_path(config)
     if path:
-        try:
-            params, _ = rm_model.load_reward_params(path, value_cfg)
-        except (ValueError, FileNotFoundError) as error:
-            raise common.ConfigError(f"config.value.init_from ({path}): {error}") from None
+        params = common.load_score_params(path, value_cfg, shardings.params, f"config.value.init_from ({path})")
     else:
-        params = vm.init_value_params_from_llama(policy_params, jax.random.PRNGKey(config.seed + 1),
-                                                 config.value.head_init_std)
+        params = score_model.init_score_params_from_llama(policy_params, jax.random.PRNGKey(config.seed + 1),
+                                                          config.value.head_init_std)
     return train_state.state_from_params(params, tx, shardings), shardings
 
 
-def compile_phases(config, cfg, value_cfg, score_fns, settings: ppo_phases.Settings, mesh, shardings, value_shardings):
+def settings_from(config, eos_id: int) -> ppo_rollout.Settings:
+    same_name = ("beta", "gamma", "lam", "clip_ratio", "clip_value", "whiten_advantages", "minibatch_size",
+                 "ppo_epochs", "grad_accum_steps")
+    s = config.sampling
+    return ppo_rollout.Settings(max_gen_len=s.max_gen_len, temperature=s.temperature, top_p=s.top_p, eos_id=eos_id,
+                                safety_threshold=config.reward.safety_threshold, chunk_rows=config.rollout_chunk_size,
+                                **{name: config[name] for name in same_name})
+
+
+def ppo_update(policy_state, value_state, experience: dict, rng, *, cfg, value_cfg, settings: ppo_rollout.Settings,
+               mesh):
+    """ppo_epochs passes of shuffled minibatches, one policy step and one value step per minibatch (a lax.scan).
+    Returns (policy state, value state, metrics averaged over the steps)."""
+    batch = experience["mask"].shape[0]
+    per_epoch = batch // settings.minibatch_size
+    order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(rng, e), batch)
+                             for e in range(settings.ppo_epochs)]).reshape(-1, settings.minibatch_size)
+    p_loss = functools.partial(losses.ppo_policy_loss, model=Llama(cfg), temperature=settings.temperature,
+                               clip_ratio=settings.clip_ratio)
+    v_loss = functools.partial(losses.ppo_value_loss, model=score_model.ScoreModel(value_cfg),
+                               clip_value=settings.clip_value)
+
+    def step(states, rows):
+        minibatch = {k: jax.lax.with_sharding_constraint(v[rows], sh.batch_sharding(mesh, v.ndim))
+                     for k, v in experience.items()}
+        policy, p_metrics = train_state.train_step(states[0], minibatch, loss_fn=p_loss,
+                                                   grad_accum_steps=settings.grad_accum_steps)
+        value, v_metrics = train_state.train_step(states[1], minibatch, loss_fn=v_loss,
+                                                  grad_accum_steps=settings.grad_accum_steps)
+        metrics = {**{f"policy_{k}": v for k, v in p_metrics.items() if k != "weight"},
+                   **{f"value_{k}": v for k, v in v_metrics.items() if k != "weight"}}
+        return (policy, value), metrics
+
+    (policy_state, value_state), metrics = jax.lax.scan(step, (policy_state, value_state), order)
+    metrics = jax.tree.map(jnp.mean, metrics)
+    metrics["minibatch_steps"] = jnp.asarray(per_epoch * settings.ppo_epochs, jnp.float32)
+    return policy_state, value_state, metrics
+
+
+def compile_phases(config, cfg, value_cfg, score_fns, settings: ppo_rollout.Settings, mesh, shardings,
+                   value_shardings):
     """The three phases bound to their static arguments and jitted once (states donated to the update). Experience
     and update trace with the model's activations pinned to the rules table; the sampler shards its own buffers."""
     bind = functools.partial
-    generate_fn = jax.jit(bind(ppo_phases.rollout, cfg=cfg, settings=settings, mesh=mesh),
+    generate_fn = jax.jit(bind(ppo_rollout.rollout, cfg=cfg, settings=settings, mesh=mesh),
                           compiler_options=generate.DECODE_COMPILER_OPTIONS)
-    experience = bind(ppo_phases.make_experience, cfg=cfg, value_cfg=value_cfg, score_fns=score_fns, settings=settings)
+    experience = bind(ppo_rollout.make_experience, cfg=cfg, value_cfg=value_cfg, score_fns=score_fns,
+                      settings=settings)
     experience_fn = jax.jit(sh.with_activation_sharding(experience, mesh))
-    update = bind(ppo_phases.ppo_update, cfg=cfg, value_cfg=value_cfg, settings=settings, mesh=mesh)
+    update = bind(ppo_update, cfg=cfg, value_cfg=value_cfg, settings=settings, mesh=mesh)
     update_fn = jax.jit(sh.with_activation_sharding(update, mesh),
                         in_shardings=(shardings, value_shardings, None, None),
                         out_shardings=(shardings, value_shardings, sh.replicated(mesh)), donate_argnums=(0, 1))
@@ -210,14 +237,6 @@ def compile_phases(config, cfg, value_cfg, score_fns, settings: ppo_phases.Setti
 # Checkpoints
 
 
-def save_workdir_files(workdir: str, cfg, value_cfg, tokenizer_path: str) -> None:
-    write_model_config(workdir, cfg)
-    write_model_config(os.path.join(workdir, "value"), value_cfg)
-    target = os.path.join(workdir, TOKENIZER_FILENAME)
-    if jax.process_index() == 0 and os.path.abspath(tokenizer_path) != os.path.abspath(target):
-        shutil.copyfile(tokenizer_path, target)
-
-
 class Checkpoints:
     """Policy state in WORKDIR/checkpoints (llama workdir layout: an init_from), value state in WORKDIR/value; the
     iteration and the prompt order are saved with the policy."""
@@ -225,7 +244,7 @@ class Checkpoints:
     def __init__(self, config, workdir: str):
         options = dict(max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
         self.policy = TrainCheckpointer(workdir, **options)
-        self.value = TrainCheckpointer(os.path.join(workdir, "value"), **options)
+        self.value = TrainCheckpointer(os.path.join(workdir, VALUE_DIR), **options)
 
     def save(self, policy_state, value_state, iteration: int, prompts: PromptBatches) -> None:
         extra = {"iteration": iteration, "prompts": prompts.state()}
@@ -261,7 +280,7 @@ def run_iteration(phases, states, models, batch, rng, mesh, epochs: int) -> tupl
     """Generate, score and update once. Returns (policy state, value state, host metrics)."""
     generate_fn, experience_fn, update_fn = phases
     policy_state, value_state = states
-    tokens, lengths, is_safety = (rs.to_global(x, mesh) for x in batch)
+    tokens, lengths, is_safety = (common.host_to_global(x, mesh) for x in batch)
     rolled, t_gen = timed(generate_fn, policy_state.params, tokens, lengths, jax.random.fold_in(rng, 0))
     (experience, exp_metrics), t_exp = timed(experience_fn, policy_state.params, models["reference"],
                                              value_state.params, models["reward"], rolled, is_safety)
@@ -279,7 +298,7 @@ def run_iteration(phases, states, models, batch, rng, mesh, epochs: int) -> tupl
 def evaluate(phases, states, models, batches: PromptBatches, rng, mesh) -> dict:
     """Held-out prompts: generate and score with the current policy, no update. eval_* metrics."""
     generate_fn, experience_fn, _ = phases
-    tokens, lengths, is_safety = (rs.to_global(x, mesh) for x in batches.next())
+    tokens, lengths, is_safety = (common.host_to_global(x, mesh) for x in batches.next())
     rolled = generate_fn(states[0].params, tokens, lengths, rng)
     _, metrics = experience_fn(states[0].params, models["reference"], states[1].params, models["reward"], rolled,
                                is_safety)
@@ -302,22 +321,24 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
     score_fns / reward_params: stand-in reward models ({"helpful"/"safety": fn(params, tokens, lengths) -> sigmoid
     scores}) instead of config.reward's checkpoints (tests)."""
     mesh = common.make_mesh(config)
-    cfg = rs.policy_config(config)
+    cfg = common.resolve_model_config(config, required=True)
     check_config(config, mesh, cfg)
-    tokenizer = sft_trainer.load_tokenizer(config, cfg.vocab_size)
-    prompts, encoded = rs.load_prompts(config, tokenizer)
+    value_cfg = value_model_config(config, cfg)
+    common.check_workdir(os.path.join(workdir, VALUE_DIR), value_cfg, init_from=value_init_path(config), kind="score",
+                         field="config.value.init_from")
+    tokenizer = common.prepare_workdir(config, workdir, cfg)
+    common.write_workdir_files(os.path.join(workdir, VALUE_DIR), value_cfg)
+    prompts, encoded = common.load_prompts(config, tokenizer)
     (train_p, train_e), (val_p, val_e) = split_prompts(prompts, encoded, config.prompts.val_fraction, config.seed)
     if score_fns is None:
-        score_fns, reward_params = rs.load_reward_models(config, mesh, cfg.vocab_size)
-    value_cfg = value_model_config(config, cfg)
-    settings = ppo_phases.settings_from(config, tokenizer.eos_id)
+        score_fns, reward_params = common.load_reward_models(config, mesh, cfg.vocab_size)
+    settings = settings_from(config, tokenizer.eos_id)
     policy_state, shardings, reference = init_policy(config, cfg, mesh)
     value_state, value_shardings = init_value(config, value_cfg, policy_state.params, mesh)
     phases = compile_phases(config, cfg, value_cfg, score_fns, settings, mesh, shardings, value_shardings)
     width = config.prompts.max_prompt_len
     batches = PromptBatches(train_e, train_p, config.batch_size, width, config.seed)
     val_batches = PromptBatches(val_e, val_p, config.batch_size, width, config.seed) if val_e else None
-    save_workdir_files(workdir, cfg, value_cfg, tokenizer.model_path)
     checkpoints = Checkpoints(config, workdir)
     policy_state, value_state, start = checkpoints.restore((policy_state, shardings), (value_state, value_shardings),
                                                            batches)

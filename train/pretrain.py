@@ -5,21 +5,15 @@ The embedded default trains offline on CPU: `python -m train.pretrain --config=c
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import jax
 from absl import app
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from llama2_jax import generate, losses
+from llama2_jax import generate
 from llama2_jax.data import packing, pipeline, sources
-from llama2_jax.model import Llama
-from llama2_jax.tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer
-from train import common, loop
-from train import state as train_state
-from train.checkpoints import write_model_config
+from train import common
 
 
 def load_corpus(config) -> list[str]:
@@ -31,22 +25,6 @@ def load_corpus(config) -> list[str]:
         raise common.ConfigError(f"config.data: {error}") from None
 
 
-def load_tokenizer(config, workdir: str, documents, vocab_size: int) -> Tokenizer:
-    """The configured SentencePiece model, or one trained on the corpus by process 0 and cached in the workdir."""
-    try:
-        if config.tokenizer.path:
-            tokenizer = Tokenizer(config.tokenizer.path)
-        else:
-            if jax.process_index() == 0:
-                load_or_train_tokenizer(workdir, documents, config.tokenizer.train_vocab_size)
-            multihost_utils.sync_global_devices("tokenizer trained")
-            tokenizer = load_or_train_tokenizer(workdir, documents, config.tokenizer.train_vocab_size)
-        check_vocab(tokenizer, vocab_size)
-    except (ValueError, FileNotFoundError) as error:
-        raise common.ConfigError(f"config.tokenizer: {error}") from None
-    return tokenizer
-
-
 def make_data(config, documents, tokenizer):
     """(train iterator of this process's rows, eval batches function). Every process reads the global stream."""
     try:
@@ -55,12 +33,7 @@ def make_data(config, documents, tokenizer):
             process_index=0, process_count=1, max_eval_batches=config.eval_batches or None)
     except ValueError as error:
         raise common.ConfigError(f"config.data: {error}") from None
-    index, count = jax.process_index(), jax.process_count()
-
-    def local_eval_batches():
-        return [next(common.ProcessRows(iter([b]), index, count)) for b in eval_batches()]
-
-    return common.ProcessRows(train_iter, index, count), local_eval_batches
+    return common.process_local(train_iter, eval_batches)
 
 
 def corpus_unigram_entropy(documents, tokenizer) -> float:
@@ -68,28 +41,16 @@ def corpus_unigram_entropy(documents, tokenizer) -> float:
 
 
 def train_and_evaluate(config, workdir: str):
-    """Pretrain a Llama on the configured corpus; returns (final state, logged metrics)."""
-    model_cfg = common.model_config(config)
+    """Pretrain a Llama on the configured corpus (from scratch, or continued from config.init_from); returns (final
+    state, logged metrics). The tokenizer is config.tokenizer.path, init_from's, or one trained on the corpus."""
+    model_cfg = common.resolve_model_config(config)
     mesh = common.make_mesh(config)
     common.check_batch(config, mesh, model_cfg, config.seq_len)
     documents = load_corpus(config)
-    tokenizer = load_tokenizer(config, workdir, documents, model_cfg.vocab_size)
+    tokenizer = common.prepare_workdir(config, workdir, model_cfg, texts=documents)
     train_iter, eval_batches = make_data(config, documents, tokenizer)
-    write_model_config(workdir, model_cfg)
-
-    tx, schedule = common.make_tx(config, config.num_train_steps)
-    state, shardings = common.init_llama_state(config, model_cfg, mesh, tx)
-    model = Llama(model_cfg)
-    loss_fn = functools.partial(losses.next_token_loss, model=model)
-    step = train_state.jit_train_step(loss_fn, shardings, mesh, grad_accum_steps=config.grad_accum_steps,
-                                      learning_rate_fn=schedule)
-    eval_step = train_state.jit_eval_step(loss_fn, shardings.params, mesh)
-
-    settings = loop.LoopSettings.from_config(config)
-    state, history = loop.run_loop(
-        settings=settings, workdir=workdir, mesh=mesh, state=state, shardings=shardings, train_step=step,
-        train_iter=train_iter, eval_step=eval_step, eval_batches=eval_batches,
-        tokens_per_step=config.batch_size * config.seq_len, flops_per_token=model_cfg.flops_per_token(config.seq_len))
+    state, history = common.train_llama(config, workdir, model_cfg, mesh, train_iter, eval_batches,
+                                        config.num_train_steps)
     report(config, model_cfg, state, tokenizer, documents, history)
     return state, history
 

@@ -1,4 +1,4 @@
-r"""Rejection-sampling fine-tuning (spec F): `python -m train.rejection_sampling --config=configs/rs_tiny.py
+r"""Rejection-sampling fine-tuning (paper section 3.2.3): `python -m train.rejection_sampling --config=configs/rs_tiny.py
     --workdir=DIR --config.init_from=POLICY --config.reward.helpful_path=RM [--config.reward.safety_path=RM]
     --config.prompts.path=PROMPTS.jsonl`.
 
@@ -15,7 +15,7 @@ Per iteration i = 0 .. iterations - 1:
      scores from different iterations are comparable;
   4. write the pool as an SFT dataset (messages JSONL with `"train_on": "last"`: only the chosen answer is trained;
      earlier turns of a multi-turn prompt are context) and fine-tune the *current* policy on it with the SFT trainer
-     (`train.sft.train_and_evaluate`, config `config.sft` with init_from = the current policy).
+     (`common.fine_tune`, the SFT trainer's run, with config `config.sft` and init_from = the current policy).
 
 Outputs: WORKDIR/iter_<i>/samples.jsonl (every sample and its scores), WORKDIR/iter_<i>/pool.jsonl (the SFT data),
 WORKDIR/iter_<i>/sft/ (the fine-tuned policy: an init_from for PPO or the next round), WORKDIR/metrics.jsonl (one
@@ -24,190 +24,32 @@ per iteration: the unbiased estimator `rlhf.best_of_k_curve`). A finished iterat
 the command is re-run, so a killed run resumes (the SFT trainer resumes from its own checkpoints).
 
 Distillation (the paper ran RS with the 70B only): fine-tune a smaller model on a pool with `python -m train.sft
---config.data.path=WORKDIR/iter_<i>/pool.jsonl`. The prompt readers and reward-model loading here are shared with
+--config.data.path=WORKDIR/iter_<i>/pool.jsonl`. Prompts (`llama2_jax.data.prompts`), reward-model loading
+(`common.load_reward_models`) and scoring (`rlhf.scoring_sequences`, `rlhf.score_sequences`) are shared with
 `train.ppo`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
 import os
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from llama2_jax import chat, generate, rlhf
 from llama2_jax import checkpoint as param_checkpoint
-from llama2_jax import reward_model as rm_model
+from llama2_jax import generate, rlhf
 from llama2_jax import sharding as sh
-from llama2_jax.data import dialogs, preferences
 from llama2_jax.model import abstract_params
 from train import common
-from train import sft as sft_trainer
 
-ScoreFn = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, tokens [B, T], lengths [B]) -> sigmoid [B]
-REWARD_NAMES = ("helpful", "safety")
-PROMPT_FORMATS = ("auto", "prompts") + tuple(preferences.CONVERTERS)
 _log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Prompts (shared with train.ppo)
-
-
-@dataclasses.dataclass
-class Prompt:
-    messages: list[dict[str, str]]  # a dialog ending with a user message
-    is_safety: bool = False
-
-
-def prompt_from_record(record: Any, is_safety: Optional[bool] = None) -> Prompt:
-    """`{"prompt": str | [messages], "is_safety": bool (optional)}` -> Prompt."""
-    record = dialogs.require_dict(record, "prompt")
-    messages = record["prompt"]
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    if not isinstance(messages, list):
-        raise ValueError(f"'prompt' is {type(messages).__name__}, expected a string or a list of messages")
-    for i, message in enumerate(messages):
-        chat.check_message(message, i)
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    chat.normalize_dialog(messages, last_role="user")
-    flag = record.get("is_safety", False) if is_safety is None else is_safety
-    if not isinstance(flag, bool):
-        raise ValueError(f"'is_safety' is {type(flag).__name__}, expected true/false")
-    return Prompt(messages, flag)
-
-
-def read_prompts(path: str, format: str = "auto", on_error: str = "raise",
-                 is_safety: Optional[bool] = None) -> list[Prompt]:
-    """Prompts of a prompt file (`format="prompts"`) or of a preference file (any `preferences` format: each distinct
-    prompt once, tagged with its pair's is_safety). "auto": a preference file when the first record has
-    chosen/rejected, else a prompt file. `is_safety` True/False overrides the records' tags."""
-    if format == "auto":
-        first = dialogs.first_record(path)
-        is_pairs = isinstance(first, dict) and {"chosen", "rejected"} <= set(first)
-        format = preferences.detect_format(path) if is_pairs else "prompts"
-    if format == "prompts":
-        return dialogs.convert_records(path, format, functools.partial(prompt_from_record, is_safety=is_safety),
-                                       on_error)[0]
-    pairs, _ = preferences.read_preferences(path, format, on_error=on_error, is_safety=is_safety)
-    unique = {json.dumps(p.prompt, sort_keys=True): Prompt(p.prompt, p.is_safety) for p in pairs}
-    return list(unique.values())
-
-
-def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_len: int) -> tuple[list[Prompt], list[list[int]]]:
-    """Meta's chat encoding of each prompt; prompts longer than max_prompt_len tokens are dropped (and counted)."""
-    kept, encoded = [], []
-    for prompt in prompts:
-        tokens = chat.encode_dialog(tokenizer, prompt.messages)
-        if len(tokens) <= max_prompt_len:
-            kept.append(prompt)
-            encoded.append(tokens)
-    if len(kept) < len(prompts):
-        _log.warning("dropped %d of %d prompts longer than max_prompt_len=%d tokens", len(prompts) - len(kept),
-                     len(prompts), max_prompt_len)
-    return kept, encoded
-
-
-def load_prompts(config, tokenizer) -> tuple[list[Prompt], list[list[int]]]:
-    p = config.prompts
-    if not p.path or not os.path.isfile(p.path):
-        raise common.ConfigError(f"config.prompts.path: {p.path or '(empty)'} is not a file")
-    if p.format not in PROMPT_FORMATS:
-        raise common.ConfigError(f"config.prompts.format={p.format!r}; known: {', '.join(PROMPT_FORMATS)}")
-    try:
-        prompts = read_prompts(p.path, p.format, p.on_error, p.is_safety)
-    except ValueError as error:
-        raise common.ConfigError(f"config.prompts: {error}") from None
-    kept, encoded = encode_prompts(tokenizer, prompts, p.max_prompt_len)
-    if not kept:
-        raise common.ConfigError(f"config.prompts: no prompt of {p.path} fits in max_prompt_len={p.max_prompt_len}")
-    if p.max_prompts:  # the first max_prompts of those that fit
-        kept, encoded = kept[:p.max_prompts], encoded[:p.max_prompts]
-    return kept, encoded
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Models (shared with train.ppo)
-
-
-def policy_config(config):
-    """The architecture of config.init_from, numerics (dtype, scan_layers, ...) from config.model."""
-    if not config.init_from:
-        raise common.ConfigError("config.init_from is empty: pass the policy (an SFT/RLHF workdir or checkpoint dir)")
-    try:
-        stored = param_checkpoint.load_config(config.init_from)
-    except (ValueError, FileNotFoundError) as error:
-        raise common.ConfigError(f"config.init_from: {error}") from None
-    return stored.replace(**{name: config.model[name] for name in sft_trainer.MODEL_OVERRIDES})
-
-
-def rm_sigmoid_score(params, tokens, lengths, *, cfg) -> jax.Array:
-    return jax.nn.sigmoid(rm_model.score_tokens(params, cfg, tokens, lengths))
-
-
-def load_reward_models(config, mesh, vocab_size: int) -> tuple[dict[str, ScoreFn], dict[str, Any]]:
-    """({name: score fn}, {name: params sharded on the mesh}) for config.reward.helpful_path / safety_path (either may
-    be empty, not both; one path given twice is loaded once). Compute numerics from config.model."""
-    paths = {name: config.reward[f"{name}_path"] for name in REWARD_NAMES if config.reward[f"{name}_path"]}
-    if not paths:
-        raise common.ConfigError("config.reward.helpful_path and config.reward.safety_path are both empty")
-    fns, params, loaded = {}, {}, {}
-    for name, path in paths.items():
-        if path not in loaded:
-            loaded[path] = _load_reward_model(config, path, mesh, vocab_size, name)
-        cfg, params[name] = loaded[path]
-        fns[name] = functools.partial(rm_sigmoid_score, cfg=cfg)
-    return fns, params
-
-
-def _load_reward_model(config, path: str, mesh, vocab_size: int, name: str):
-    try:
-        cfg = param_checkpoint.load_config(path).replace(dtype=config.model.dtype,
-                                                         scan_layers=config.model.scan_layers, remat_policy="none")
-        params, cfg = rm_model.load_reward_params(path, cfg)
-    except (ValueError, FileNotFoundError) as error:
-        raise common.ConfigError(f"config.reward.{name}_path: {error}") from None
-    if cfg.vocab_size != vocab_size:
-        raise common.ConfigError(f"config.reward.{name}_path: vocabulary {cfg.vocab_size} differs from the policy's "
-                                 f"{vocab_size} (the RMs must share the policy's tokenizer)")
-    shardings = sh.tree_shardings(rm_model.abstract_reward_params(cfg, boxed=True), mesh)
-    return cfg, jax.device_put(params, shardings)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Scoring rollouts (pure; shared with train.ppo)
-
-
-def scoring_sequences(tokens, prompt_lens, lengths, eos_id: int, pad_id: int = generate.META_PAD_ID):
-    """Sampler output -> what the RMs score: [B, S + 1] = prompt + kept response + EOS (written after the kept
-    response, which already ends there with an EOS unless it was cut), padding -> 0; and the lengths [B]."""
-    ids = jnp.where(tokens == pad_id, 0, tokens)
-    ids = jnp.concatenate([ids, jnp.zeros_like(ids[:, :1])], axis=1)
-    end = prompt_lens + lengths  # [B] slot after the kept response
-    ids = jnp.where(jnp.arange(ids.shape[1])[None, :] == end[:, None], eos_id, ids)
-    return ids, end + 1
-
-
-def score_sequences(score_fns: dict[str, ScoreFn], reward_params: dict, tokens, lengths, is_safety,
-                    threshold: float = rlhf.SAFETY_THRESHOLD) -> dict[str, jax.Array]:
-    """{"helpful", "safety" (those given), "combined"}: sigmoid scores [B]; combined by the piecewise rule when both
-    RMs are given, else the one RM's score."""
-    scores = {name: fn(reward_params[name], tokens, lengths) for name, fn in score_fns.items()}
-    if len(scores) == 2:
-        scores["combined"] = rlhf.combine_rewards(scores["helpful"], scores["safety"], is_safety, threshold)
-    else:
-        scores["combined"] = next(iter(scores.values()))
-    return scores
 
 
 def sample_and_score(policy_params, reward_params, prompt_tokens, prompt_lens, is_safety, rng, *, cfg,
@@ -216,22 +58,9 @@ def sample_and_score(policy_params, reward_params, prompt_tokens, prompt_lens, i
     """One batch, pure: sample, then score. Returns tokens [B, S], lengths [B] and the scores [B]."""
     out = generate.sample(policy_params, cfg, prompt_tokens, prompt_lens, rng, max_gen_len=max_gen_len,
                           temperature=temperature, top_p=top_p, eos_id=eos_id, mesh=mesh)
-    ids, lengths = scoring_sequences(out["tokens"], out["prompt_lens"], out["lengths"], eos_id)
-    scores = score_sequences(score_fns, reward_params, ids, lengths, is_safety, threshold)
+    ids, lengths = rlhf.scoring_sequences(out["tokens"], out["prompt_lens"], out["lengths"], eos_id)
+    scores = rlhf.score_sequences(score_fns, reward_params, ids, lengths, is_safety, threshold)
     return {"tokens": out["tokens"], "lengths": out["lengths"], **scores}
-
-
-def to_global(array: np.ndarray, mesh) -> jax.Array:
-    """The same host array on every process -> a global array split over the mesh's data axes."""
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, sh.batch_sharding(mesh, array.ndim), lambda index: array[index])
-
-
-def to_host(tree):
-    """Global arrays -> numpy on every process."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -266,8 +95,9 @@ def sample_all(config, sampler, policy_params, reward_params, encoded, prompts, 
         tokens, lens = generate.pad_prompts([encoded[p] for p, _ in padded], generate.META_PAD_ID,
                                             config.prompts.max_prompt_len, bucket=config.prompts.max_prompt_len)
         safety = np.array([prompts[p].is_safety for p, _ in padded])
-        out = to_host(sampler(policy_params, reward_params, to_global(tokens, mesh), to_global(lens, mesh),
-                              to_global(safety, mesh), jax.random.fold_in(rng, start)))
+        to_global = functools.partial(common.host_to_global, mesh=mesh)
+        out = common.to_host(sampler(policy_params, reward_params, to_global(tokens), to_global(lens),
+                                     to_global(safety), jax.random.fold_in(rng, start)))
         for row, (p, s) in enumerate(chunk):
             responses[p][s] = out["tokens"][row, lens[row]:lens[row] + out["lengths"][row]].tolist()
             for name in out.keys() - {"tokens", "lengths"}:
@@ -330,8 +160,7 @@ def fine_tune(config, policy_dir: str, pool_path: str, tokenizer_path: str, work
     sft.init_from, sft.data.path, sft.tokenizer.path = policy_dir, pool_path, tokenizer_path
     sft.mesh = config.mesh
     sft.seed = config.seed + iteration
-    sft.sample_prompts = ()
-    sft_trainer.train_and_evaluate(sft, workdir)
+    common.fine_tune(sft, workdir)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -374,7 +203,7 @@ def make_sampler(config, cfg, score_fns, eos_id: int, mesh):
         compiler_options=generate.DECODE_COMPILER_OPTIONS)
 
 
-def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, ScoreFn]] = None,
+def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, rlhf.ScoreFn]] = None,
                        reward_params: Optional[dict] = None) -> list[dict]:
     """Run config.iterations rounds of sample -> score -> pool -> SFT; returns the per-iteration records.
 
@@ -382,14 +211,15 @@ def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, Score
     scores}) instead of config.reward's checkpoints (tests)."""
     mesh = common.make_mesh(config)
     check_config(config, mesh)
-    cfg = policy_config(config)
+    cfg = common.resolve_model_config(config, required=True)
     if config.prompts.max_prompt_len + config.sampling.max_gen_len > cfg.max_seq_len:
         raise common.ConfigError(f"config.prompts.max_prompt_len + config.sampling.max_gen_len exceeds the policy's "
                                  f"max_seq_len {cfg.max_seq_len}")
-    tokenizer = sft_trainer.load_tokenizer(config, cfg.vocab_size)
-    prompts, encoded = load_prompts(config, tokenizer)
+    common.check_workdir(workdir, cfg, init_from=config.init_from)
+    tokenizer = common.load_tokenizer(config, cfg.vocab_size)
+    prompts, encoded = common.load_prompts(config, tokenizer)
     if score_fns is None:
-        score_fns, reward_params = load_reward_models(config, mesh, cfg.vocab_size)
+        score_fns, reward_params = common.load_reward_models(config, mesh, cfg.vocab_size)
     sampler = make_sampler(config, cfg, score_fns, tokenizer.eos_id, mesh)
     print(f"rejection sampling: {len(prompts)} prompts x {config.sampling.num_samples} samples, "
           f"{config.iterations} iteration(s), reward models: {', '.join(score_fns)}")

@@ -1,16 +1,17 @@
-r"""Reward-model training (spec E): `python -m train.reward --config=configs/rm_tiny.py --workdir=DIR
+r"""Reward-model training (paper section 3.2.2): `python -m train.reward --config=configs/rm_tiny.py --workdir=DIR
 [--config.init_from=PRETRAINED --config.data.path=PAIRS.jsonl]`.
 
 Pairs -> mix -> held-out split -> chat encoding truncated to seq_len (llama2_jax.data.rm) -> the shared train step with
-`reward_model.pairwise_loss` -> the shared loop (eval on the held-out split, checkpoints, metrics.jsonl).
+`losses.pairwise_loss` on a `score_model.ScoreModel` -> the shared loop (eval on the held-out split, checkpoints,
+metrics.jsonl).
 
 * Model: the architecture comes from `init_from`'s llama_config.json when set (its `output` head is dropped and a
-  scalar head added); dtype, param_dtype, scan_layers, remat_policy, attention_impl and max_seq_len come from
-  config.model. Without init_from: a random model from config.model.
+  scalar head added), the numerics (`LlamaConfig.NUMERICS_FIELDS`) from config.model; max_seq_len is raised to
+  seq_len when that is longer. Without init_from: a random model from config.model.
 * Tokenizer: config.tokenizer.path, else `tokenizer.model` in the init_from dir, else one trained on the pairs' text
   and cached in the workdir. It is copied to WORKDIR/tokenizer.model so the RM workdir is self-contained.
-* Steps: with config.num_epochs set (not None), num_train_steps = floor(num_epochs * train pairs / batch_size) (at
-  least 1), computed at run time from the data; warmup = max(min_warmup_steps, round(warmup_fraction * steps)) when
+* Steps: with config.num_epochs > 0 (0 = use num_train_steps), num_train_steps = floor(num_epochs * train pairs /
+  batch_size) (at least 1), computed at run time from the data; warmup = max(min_warmup_steps, round(warmup_fraction * steps)) when
   warmup_fraction > 0 (the paper: 3 %, minimum 5), else config.warmup_steps.
 * Metrics: loss, accuracy (r_c > r_r), margin (mean r_c - r_r), score_chosen/rejected, and per rating level
   n_L / correct_L (as shares of all pairs, since the loop divides every sum by the pair count) from which
@@ -25,32 +26,22 @@ import functools
 import json
 import logging
 import os
-import shutil
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from absl import app
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from llama2_jax import checkpoint as param_checkpoint
-from llama2_jax import losses
-from llama2_jax import reward_model as rm_model
+from llama2_jax import losses, score_model
 from llama2_jax import sharding as sh
 from llama2_jax.data import rm as rm_data
 from llama2_jax.data.preferences import read_preferences
 from llama2_jax.model import abstract_params
-from llama2_jax.tokenizer import TOKENIZER_FILENAME, Tokenizer, check_vocab, load_or_train_tokenizer
 from train import common, loop
 from train import state as train_state
-from train.checkpoints import write_model_config
 
-config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/rm_*.py).", lock_config=True)
-common.define_runtime_flags()
-
-# Runtime/numerics fields taken from config.model even when the architecture comes from init_from.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "max_seq_len")
 EVAL_FILE = "rm_eval.json"
 
 
@@ -70,26 +61,13 @@ def check_fields(config) -> None:
                                  f"{', '.join(losses.MARGIN_TABLES)}")
     if config.data.mix not in rm_data.MIXES:
         raise common.ConfigError(f"config.data.mix={config.data.mix!r}; known: {', '.join(rm_data.MIXES)}")
-    if config.num_epochs is not None and not config.num_epochs > 0:
-        raise common.ConfigError(f"config.num_epochs={config.num_epochs} must be > 0 (None = use num_train_steps)")
+    common.check_num_epochs(config)
     if not 0.0 <= config.warmup_fraction < 1.0:
         raise common.ConfigError(f"config.warmup_fraction={config.warmup_fraction} must be in [0, 1)")
     if config.head_init_std < 0:
         raise common.ConfigError(f"config.head_init_std={config.head_init_std} must be >= 0")
     if not config.data.path and not config.data.safety_path:
         raise common.ConfigError("config.data.path: no preference file given (also none in config.data.safety_path)")
-
-
-def resolve_model_config(config):
-    """config.model, or init_from's architecture with config.model's runtime fields."""
-    model_cfg = common.model_config(config)
-    if not config.init_from:
-        return model_cfg
-    try:
-        stored = param_checkpoint.load_config(config.init_from)
-    except (ValueError, FileNotFoundError) as error:
-        raise common.ConfigError(f"config.init_from: {error}") from None
-    return stored.replace(**{name: getattr(model_cfg, name) for name in RUNTIME_FIELDS})
 
 
 def _paths(text: str) -> list[str]:
@@ -116,28 +94,6 @@ def _pair_texts(pairs):
         yield pair.rejected
 
 
-def load_tokenizer(config, workdir: str, pairs, vocab_size: int) -> Tokenizer:
-    """config.tokenizer.path, init_from's tokenizer.model, or one trained on the pairs (cached in the workdir)."""
-    try:
-        inherited = os.path.join(config.init_from, TOKENIZER_FILENAME) if config.init_from else ""
-        path = config.tokenizer.path or (inherited if inherited and os.path.isfile(inherited) else "")
-        if path:
-            tokenizer = Tokenizer(path)
-        else:
-            if jax.process_index() == 0:
-                load_or_train_tokenizer(workdir, _pair_texts(pairs), vocab_size)
-            multihost_utils.sync_global_devices("tokenizer trained")
-            tokenizer = load_or_train_tokenizer(workdir, _pair_texts(pairs), vocab_size)
-        check_vocab(tokenizer, vocab_size)
-    except (ValueError, FileNotFoundError) as error:
-        raise common.ConfigError(f"config.tokenizer: {error}") from None
-    target = os.path.join(workdir, TOKENIZER_FILENAME)
-    if jax.process_index() == 0 and os.path.abspath(tokenizer.model_path) != os.path.abspath(target):
-        os.makedirs(workdir, exist_ok=True)
-        shutil.copyfile(tokenizer.model_path, target)
-    return tokenizer
-
-
 def make_data(config, pairs, tokenizer) -> RMData:
     """Split, encode (truncation counted), and build this process's train iterator and eval batches."""
     try:
@@ -153,18 +109,14 @@ def make_data(config, pairs, tokenizer) -> RMData:
                                                              dataclasses.astuple(val_stats))))
     train_iter = rm_data.make_train_iterator(train_enc, config.batch_size, config.seq_len, config.seed)
     eval_list = rm_data.make_eval_batches(val_enc, config.batch_size, config.seq_len, config.eval_batches or None)
-    index, count = jax.process_index(), jax.process_count()
-    local_eval = [next(common.ProcessRows(iter([b]), index, count)) for b in eval_list]
     n_eval = int(sum(b["valid"].sum() for b in eval_list))
-    return RMData(common.ProcessRows(train_iter, index, count), lambda: list(local_eval), len(train_enc), n_eval,
-                  stats)
+    local_train, local_eval = common.process_local(train_iter, lambda: eval_list)
+    return RMData(local_train, local_eval, len(train_enc), n_eval, stats)
 
 
 def schedule_steps(config, n_train: int) -> tuple[int, int]:
     """(num_train_steps, warmup_steps) from num_epochs / warmup_fraction (see the module docstring)."""
-    steps = config.num_train_steps
-    if config.num_epochs is not None:
-        steps = max(1, int(config.num_epochs * n_train // config.batch_size))
+    steps = common.num_train_steps(config, lambda epochs: max(1, int(epochs * n_train // config.batch_size)))
     warmup = config.warmup_steps
     if config.warmup_fraction > 0:
         warmup = max(config.min_warmup_steps, round(config.warmup_fraction * steps))
@@ -173,7 +125,7 @@ def schedule_steps(config, n_train: int) -> tuple[int, int]:
 
 def init_reward_state(config, model_cfg, mesh, tx):
     """Sharded TrainState: random init, or the init_from Llama's trunk (loaded onto its shardings) + a new head."""
-    model = rm_model.RewardModel(model_cfg, config.head_init_std)
+    model = score_model.ScoreModel(model_cfg, config.head_init_std)
     tokens, lengths = jnp.zeros((1, 8), jnp.int32), jnp.ones((1,), jnp.int32)
     rng = jax.random.PRNGKey(config.seed)
     init_fn = functools.partial(lambda r: model.init(r, tokens, lengths)["params"], rng)
@@ -185,7 +137,7 @@ def init_reward_state(config, model_cfg, mesh, tx):
         llama_params, _ = param_checkpoint.load_params(config.init_from, model_cfg, shardings=llama_shardings)
     except (ValueError, FileNotFoundError) as error:
         raise common.ConfigError(f"config.init_from: {error}") from None
-    params = rm_model.init_reward_params_from_llama(llama_params, jax.random.fold_in(rng, 1), config.head_init_std)
+    params = score_model.init_score_params_from_llama(llama_params, jax.random.fold_in(rng, 1), config.head_init_std)
     return train_state.state_from_params(params, tx, shardings), shardings
 
 
@@ -194,14 +146,14 @@ def with_rating_tables(history: list[dict]) -> list[dict]:
     out = []
     for record in history:
         prefix = "eval_" if "eval_accuracy" in record else ""
-        out.append({**record, **rm_model.per_rating_accuracy(record, prefix)})
+        out.append({**record, **losses.per_rating_accuracy(record, prefix)})
     return out
 
 
 def eval_summary(record: dict, data: RMData) -> dict:
     """The last eval as a table: overall and per rating level, with pair counts."""
     levels = {}
-    for level in rm_model.RATING_LEVELS:
+    for level in losses.RATING_LEVELS:
         n = round(record.get(f"eval_n_{level}", 0.0) * data.n_eval)
         if n:
             levels[level] = {"pairs": n, "accuracy": record[f"eval_accuracy_{level}"]}
@@ -228,24 +180,23 @@ def report(workdir: str, history: list[dict], data: RMData) -> dict | None:
 def train_and_evaluate(config, workdir: str):
     """Train a reward model; returns (final state, logged metrics with per-rating accuracies)."""
     check_fields(config)
-    model_cfg = resolve_model_config(config)
+    model_cfg = common.resolve_model_config(config, config.seq_len)
     mesh = common.make_mesh(config)
     common.check_batch(config, mesh, model_cfg, config.seq_len)
     pairs = load_pairs(config)
-    tokenizer = load_tokenizer(config, workdir, pairs, model_cfg.vocab_size)
+    tokenizer = common.prepare_workdir(config, workdir, model_cfg, texts=_pair_texts(pairs))
     data = make_data(config, pairs, tokenizer)
     if jax.process_index() == 0:
         print(f"reward-model data: {data.n_train} train / {len(pairs) - data.n_train} held-out pairs; "
               f"{data.truncation.summary()}")
-    write_model_config(workdir, model_cfg)
 
     steps, warmup = schedule_steps(config, data.n_train)
     resolved = config.copy_and_resolve_references()
     resolved.num_train_steps, resolved.warmup_steps = steps, warmup
     tx, schedule = common.make_tx(resolved, steps)
     state, shardings = init_reward_state(config, model_cfg, mesh, tx)
-    model = rm_model.RewardModel(model_cfg, config.head_init_std)
-    loss_fn = functools.partial(rm_model.pairwise_loss, model=model, margin_table=config.margin_table)
+    model = score_model.ScoreModel(model_cfg, config.head_init_std)
+    loss_fn = functools.partial(losses.pairwise_loss, model=model, margin_table=config.margin_table)
     step = train_state.jit_train_step(loss_fn, shardings, mesh, grad_accum_steps=config.grad_accum_steps,
                                       learning_rate_fn=schedule)
     eval_step = train_state.jit_eval_step(loss_fn, shardings.params, mesh)
@@ -262,5 +213,7 @@ def train_and_evaluate(config, workdir: str):
 
 
 if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/rm_*.py).", lock_config=True)
+    common.define_runtime_flags()
     logging.getLogger("absl").setLevel(logging.WARNING)
     app.run(common.run_main(train_and_evaluate))

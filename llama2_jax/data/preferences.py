@@ -1,4 +1,4 @@
-"""Readers of pairwise preference data for reward models (spec section E), and their Llama 2 chat encoding.
+"""Readers of pairwise preference data for reward models (paper section 3.2.2), and their Llama 2 chat encoding.
 
 Every reader yields `PreferencePair`s: a prompt (a dialog ending with a user message, optionally starting with a
 system message), a chosen and a rejected response, an optional Meta-style rating and a safety flag.

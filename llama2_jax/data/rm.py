@@ -1,4 +1,5 @@
-"""Reward-model data (spec E): preference pairs -> truncated token pairs -> Grain batches; held-out split; data mixes.
+"""Reward-model data (paper section 3.2.2): preference pairs -> truncated token pairs -> Grain batches; held-out
+split; data mixes.
 
 Batch format (every array has the pair axis P first, so splitting the batch over processes, data-parallel devices or
 micro-batches never separates a chosen row from its rejected row):
@@ -18,7 +19,7 @@ Truncation to `max_len` tokens (`truncate_pair`; never silent: counted in `Trunc
   Both sequences of a pair keep the same prompt tokens (the budget comes from the longer response), so the pair still
   compares two answers to one context.
 
-Mixes (spec E "Data mix"), deterministic by seed, over pairs flagged with `is_safety`:
+Mixes (paper section 3.2.2), deterministic by seed, over pairs flagged with `is_safety`:
   * "helpful": all helpfulness pairs (is_safety False) + an equal number sampled uniformly without replacement from
     the rest (the safety pairs); all of them when there are fewer.
   * "safety": all safety pairs + helpfulness pairs sampled so that safety : helpfulness = 90 : 10.

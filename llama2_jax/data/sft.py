@@ -1,13 +1,15 @@
-"""Supervised fine-tuning data (spec D): dialogs -> (tokens, loss mask) -> packed rows -> Grain batches; eval split.
+"""Supervised fine-tuning data (paper section 3.1): dialogs -> (tokens, loss mask) -> packed rows -> Grain batches;
+eval split.
 
     file ─read_sft_samples─> (dialog, train_on) ─split (fixed)─> train / held-out dialogs
          ─encode_dialog_for_training─> (tokens, mask) ─fit_to_length (overlong)─> samples <= seq_len
          ─shuffle(seed), new order each epoch, repeat─> pack WHOLE samples into rows [T] ─> batch [B, T]
 
 * Loss mask: `chat.encode_dialog_for_training` marks the assistant-output tokens (answer + "▁" + EOS) of every turn
-  ("all", spec D: loss zeroed on prompt tokens) or of the last turn only ("last": Ghost Attention records, spec G).
+  ("all": the paper zeroes the loss on prompt tokens, section 3.1) or of the last turn only ("last": Ghost
+  Attention records, section 3.3).
   A record may carry `"train_on": "all" | "last"` next to its messages (any format; default "all").
-* Packing (spec D: "prompts and answers are concatenated to fill the 4096-token sequences"): samples are packed
+* Packing (paper section 3.1: prompts and answers are concatenated to fill the 4096-token sequences): samples are packed
   greedily into rows with segment ids and positions restarting at 0 per sample (`packing.RowBuilder`); attention and
   targets never cross samples. Unlike pretraining, a sample is never split across rows: one that does not fit in the
   free space starts the next row (the free space is padding, loss 0), so every answer sees its whole prompt.
