@@ -153,3 +153,85 @@ def ppo_value_loss(params, batch: dict, *, model, clip_value: float) -> tuple[Ar
 def ranking_loss(r_chosen: Array, r_rejected: Array, margin: Array) -> Array:
     """Per-pair binary ranking loss with margin, -log sigma(r_c - r_r - m) (paper Eq. 2). Shapes [P] -> [P]."""
     return -jax.nn.log_sigmoid(r_chosen.astype(jnp.float32) - r_rejected.astype(jnp.float32) - margin)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Direct preference optimisation (Rafailov et al. 2023) and two variants of its per-pair loss.
+#
+# With h = [log pi(y_c|x) - log ref(y_c|x)] - [log pi(y_r|x) - log ref(y_r|x)] (sequence log-probabilities of the
+# response tokens only):
+#   sigmoid  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)    DPO, Eq. 7; eps > 0 is conservative DPO
+#   ipo      (h - 1 / (2 beta))^2, log-probabilities averaged over the response tokens    IPO, Azar et al. 2023
+#   hinge    max(0, 1 - beta h)                                       SLiC-HF, Zhao et al. 2023
+# The implicit rewards beta * (log pi - log ref) of the chosen and the rejected response are what the trainer logs.
+# These match TRL's DPOTrainer ("sigmoid", "ipo" with per-token averaging, "hinge").
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+
+
+def preference_loss(h: Array, beta: float, loss_type: str, label_smoothing: float = 0.0) -> Array:
+    """Per-pair loss of the log-ratio difference h [P] (see above) -> [P] float32."""
+    h = h.astype(jnp.float32)
+    if loss_type == "sigmoid":
+        return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(-beta * h)
+    if loss_type == "ipo":
+        return jnp.square(h - 1.0 / (2.0 * beta))
+    if loss_type == "hinge":
+        return jax.nn.relu(1.0 - beta * h)
+    raise ValueError(f"unknown DPO loss {loss_type!r}; known: {', '.join(DPO_LOSSES)}")
+
+
+def response_logprobs(logits: Array, tokens: Array, prompt_lens: Array, lengths: Array) -> tuple[Array, Array]:
+    """Summed log-probabilities of each sequence's response tokens, and how many there are.
+
+    logits [N, T-1, V] of inputs tokens[:, :-1]; tokens [N, T]; prompt_lens, lengths [N]: token j (1 <= j < T) is
+    scored when prompt_len <= j < length. Returns (logp [N] float32, n_tokens [N] float32)."""
+    targets = tokens[:, 1:]
+    index = jnp.arange(1, tokens.shape[1], dtype=jnp.int32)[None, :]
+    mask = ((index >= prompt_lens[:, None]) & (index < lengths[:, None])).astype(jnp.float32)
+    return -jnp.sum(token_cross_entropy(logits, targets) * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+def dpo_from_logprobs(policy: Array, reference: Array, n_tokens: Array, valid: Array, *, beta: float,
+                      loss_type: str, label_smoothing: float = 0.0) -> tuple[Array, dict]:
+    """The DPO family's loss with the contract above, from sequence log-probs [P, 2] ([:, 0] chosen, [:, 1]
+    rejected) of the policy and the (gradient-free) reference, response token counts [P, 2] and valid [P]."""
+    reference = jax.lax.stop_gradient(reference)
+    if loss_type == "ipo":
+        count = jnp.maximum(n_tokens, 1.0)
+        policy, reference = policy / count, reference / count
+    log_ratio = policy - reference  # [P, 2]
+    h = log_ratio[:, 0] - log_ratio[:, 1]
+    per_pair = preference_loss(h, beta, loss_type, label_smoothing) * valid
+    rewards = jax.lax.stop_gradient(beta * log_ratio)
+    aux = {"weight": jnp.sum(valid),
+           "rewards_chosen": jnp.sum(rewards[:, 0] * valid),
+           "rewards_rejected": jnp.sum(rewards[:, 1] * valid),
+           "reward_accuracy": jnp.sum((rewards[:, 0] > rewards[:, 1]).astype(jnp.float32) * valid),
+           "reward_margin": jnp.sum((rewards[:, 0] - rewards[:, 1]) * valid),
+           "logps_chosen": jnp.sum(jax.lax.stop_gradient(policy[:, 0]) * valid),
+           "logps_rejected": jnp.sum(jax.lax.stop_gradient(policy[:, 1]) * valid)}
+    return jnp.sum(per_pair), aux
+
+
+def dpo_loss(params, batch: dict, frozen, *, model, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[Array, dict]:
+    """DPO on a pair batch: the policy is `model` with `params`, the reference the same model with `frozen` params.
+
+    batch: tokens int32 [P, 2, T] (prompt + chosen, prompt + rejected, right-padded), lengths [P, 2], prompt_lens
+    [P, 2] (tokens before the response), optional valid [P]. The chosen and rejected rows go through each model in one
+    forward pass of 2P rows; the reference's log-probs are computed once and never differentiated."""
+    tokens = batch["tokens"]
+    n_pairs, _, length = tokens.shape
+    flat = tokens.reshape(2 * n_pairs, length)
+    prompt_lens, lengths = batch["prompt_lens"].reshape(-1), batch["lengths"].reshape(-1)
+
+    def logprobs(variables):
+        logits = model.apply({"params": variables}, flat[:, :-1])
+        return response_logprobs(logits, flat, prompt_lens, lengths)
+
+    policy, n_tokens = logprobs(params)
+    reference, _ = logprobs(jax.lax.stop_gradient(frozen))
+    valid = batch.get("valid", jnp.ones((n_pairs,), jnp.float32)).astype(jnp.float32)
+    return dpo_from_logprobs(policy.reshape(n_pairs, 2), reference.reshape(n_pairs, 2), n_tokens.reshape(n_pairs, 2),
+                             valid, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)

@@ -26,7 +26,6 @@ import functools
 import json
 import logging
 import os
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,21 +36,11 @@ from llama2_jax import checkpoint as param_checkpoint
 from llama2_jax import losses, score_model
 from llama2_jax import sharding as sh
 from llama2_jax.data import rm as rm_data
-from llama2_jax.data.preferences import read_preferences
 from llama2_jax.model import abstract_params
 from train import common, loop
 from train import state as train_state
 
 EVAL_FILE = "rm_eval.json"
-
-
-@dataclasses.dataclass
-class RMData:
-    train_iter: common.ProcessRows
-    eval_batches: Callable[[], list]
-    n_train: int
-    n_eval: int  # held-out pairs actually evaluated (eval_batches may cap them)
-    truncation: rm_data.TruncationStats
 
 
 def check_fields(config) -> None:
@@ -70,19 +59,13 @@ def check_fields(config) -> None:
         raise common.ConfigError("config.data.path: no preference file given (also none in config.data.safety_path)")
 
 
-def _paths(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
 def load_pairs(config) -> list:
     """Every file of data.path (is_safety from data.is_safety or the records) and data.safety_path (is_safety True),
     then the configured mix (deterministic by config.seed)."""
-    data, pairs = config.data, []
-    sources = [(p, data.is_safety) for p in _paths(data.path)] + [(p, True) for p in _paths(data.safety_path)]
+    data = config.data
     try:
-        for path, is_safety in sources:
-            pairs += read_preferences(path, data.format, on_error=data.on_error, is_safety=is_safety)[0]
-        return rm_data.apply_mix(data.mix, pairs, config.seed)
+        return rm_data.read_pair_files(data.path, data.safety_path, format=data.format, on_error=data.on_error,
+                                       is_safety=data.is_safety, mix=data.mix, seed=config.seed)
     except (ValueError, FileNotFoundError) as error:
         raise common.ConfigError(f"config.data: {error}") from None
 
@@ -94,24 +77,14 @@ def _pair_texts(pairs):
         yield pair.rejected
 
 
-def make_data(config, pairs, tokenizer) -> RMData:
-    """Split, encode (truncation counted), and build this process's train iterator and eval batches."""
+def make_data(config, pairs, tokenizer) -> rm_data.PairData:
+    """Split, encode (truncation counted), and build the global train iterator and eval batches."""
     try:
-        train_pairs, val_pairs = rm_data.split_pairs(pairs, config.data.val_fraction)
-        train_enc, train_stats = rm_data.encode_pairs(tokenizer, train_pairs, config.seq_len)
-        val_enc, val_stats = rm_data.encode_pairs(tokenizer, val_pairs, config.seq_len)
+        return rm_data.make_pair_data(tokenizer, pairs, seq_len=config.seq_len, batch_size=config.batch_size,
+                                      seed=config.seed, val_fraction=config.data.val_fraction,
+                                      max_eval_batches=config.eval_batches or None)
     except ValueError as error:
         raise common.ConfigError(f"config.data: {error}") from None
-    if len(train_enc) < config.batch_size:
-        raise common.ConfigError(f"config.batch_size ({config.batch_size} pairs) exceeds the {len(train_enc)} "
-                                 "training pairs")
-    stats = rm_data.TruncationStats(*(a + b for a, b in zip(dataclasses.astuple(train_stats),
-                                                             dataclasses.astuple(val_stats))))
-    train_iter = rm_data.make_train_iterator(train_enc, config.batch_size, config.seq_len, config.seed)
-    eval_list = rm_data.make_eval_batches(val_enc, config.batch_size, config.seq_len, config.eval_batches or None)
-    n_eval = int(sum(b["valid"].sum() for b in eval_list))
-    local_train, local_eval = common.process_local(train_iter, lambda: eval_list)
-    return RMData(local_train, local_eval, len(train_enc), n_eval, stats)
 
 
 def schedule_steps(config, n_train: int) -> tuple[int, int]:
@@ -150,7 +123,7 @@ def with_rating_tables(history: list[dict]) -> list[dict]:
     return out
 
 
-def eval_summary(record: dict, data: RMData) -> dict:
+def eval_summary(record: dict, data: rm_data.PairData) -> dict:
     """The last eval as a table: overall and per rating level, with pair counts."""
     levels = {}
     for level in losses.RATING_LEVELS:
@@ -162,7 +135,7 @@ def eval_summary(record: dict, data: RMData) -> dict:
             "per_rating": levels, "truncation": dataclasses.asdict(data.truncation)}
 
 
-def report(workdir: str, history: list[dict], data: RMData) -> dict | None:
+def report(workdir: str, history: list[dict], data: rm_data.PairData) -> dict | None:
     evals = [h for h in history if "eval_accuracy" in h]
     if not evals:
         return None
@@ -189,6 +162,7 @@ def train_and_evaluate(config, workdir: str):
     if jax.process_index() == 0:
         print(f"reward-model data: {data.n_train} train / {len(pairs) - data.n_train} held-out pairs; "
               f"{data.truncation.summary()}")
+    train_iter, eval_batches = common.process_local(data.train_iter, lambda: data.eval_batches)
 
     steps, warmup = schedule_steps(config, data.n_train)
     resolved = config.copy_and_resolve_references()
@@ -205,8 +179,8 @@ def train_and_evaluate(config, workdir: str):
     flops = model_cfg.flops_per_token(config.seq_len) - 6.0 * model_cfg.vocab_size * model_cfg.dim
     state, history = loop.run_loop(
         settings=loop.LoopSettings.from_config(resolved), workdir=workdir, mesh=mesh, state=state,
-        shardings=shardings, train_step=step, train_iter=data.train_iter, eval_step=eval_step,
-        eval_batches=data.eval_batches, tokens_per_step=2 * config.batch_size * config.seq_len, flops_per_token=flops)
+        shardings=shardings, train_step=step, train_iter=train_iter, eval_step=eval_step,
+        eval_batches=eval_batches, tokens_per_step=2 * config.batch_size * config.seq_len, flops_per_token=flops)
     history = with_rating_tables(history)
     report(workdir, history, data)
     return state, history

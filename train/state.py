@@ -1,10 +1,12 @@
 """The shared training state, optimizer, and ONE pure train step that every trainer uses with its own loss.
 
-    state, metrics = train_step(state, batch, loss_fn=…, grad_accum_steps=…)
+    state, metrics = train_step(state, batch, frozen=None, loss_fn=…, grad_accum_steps=…)
 
 `loss_fn(params, batch) -> (loss_sum, aux)` follows the contract in `llama2_jax/losses.py` (sums plus a "weight").
-Trainers bind `loss_fn` with `functools.partial` and jit the step once with shardings and donation
-(`jit_train_step`). Parameters and optimizer state are float32 (master weights); the model computes in
+A trainer with a frozen model (DPO's reference policy, a LoRA base, a distillation teacher) passes it as `frozen`:
+the step then calls `loss_fn(params, batch, frozen)`, differentiates `params` only, and never updates or donates
+`frozen` (it is sharded like params). Trainers bind `loss_fn` with `functools.partial` and jit the step once with
+shardings and donation (`jit_train_step`). Parameters and optimizer state are float32 (master weights); the model computes in
 `LlamaConfig.dtype` (bfloat16 by default).
 """
 
@@ -22,7 +24,16 @@ from jax.sharding import Mesh
 
 from llama2_jax import sharding as sh
 
-LossFn = Callable[[Any, dict], tuple[jax.Array, dict]]
+LossFn = Callable[..., tuple[jax.Array, dict]]  # (params, batch) or (params, batch, frozen) -> (loss_sum, aux)
+
+
+def _bind_frozen(loss_fn: LossFn, frozen: Any) -> Callable[[Any, dict], tuple[jax.Array, dict]]:
+    """loss_fn(params, batch) as is, or with the frozen tree bound (gradients cannot reach it: it is a closure
+    constant of the differentiated function, and stop_gradient makes that explicit)."""
+    if frozen is None:
+        return loss_fn
+    frozen = jax.lax.stop_gradient(frozen)
+    return lambda params, batch: loss_fn(params, batch, frozen)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -120,14 +131,14 @@ def accumulate_gradients(params, batch: dict, loss_fn: LossFn, grad_accum_steps:
     return totals
 
 
-def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, grad_accum_steps: int = 1,
+def train_step(state: TrainState, batch: dict, frozen: Any = None, *, loss_fn: LossFn, grad_accum_steps: int = 1,
                learning_rate_fn: Optional[optax.Schedule] = None) -> tuple[TrainState, dict]:
-    """One optimizer step on a global batch. Pure: (state, batch) -> (new state, metrics).
+    """One optimizer step on a global batch. Pure: (state, batch[, frozen]) -> (new state, metrics).
 
     The gradient is d(sum of losses)/d(params) divided by the global weight (tokens or pairs), i.e. exactly the
     gradient of the mean loss over the whole global batch, however it is split into micro-batches or devices.
     """
-    loss_sum, aux, grads = accumulate_gradients(state.params, batch, loss_fn, grad_accum_steps)
+    loss_sum, aux, grads = accumulate_gradients(state.params, batch, _bind_frozen(loss_fn, frozen), grad_accum_steps)
     weight = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -142,24 +153,31 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, grad_accum_st
     return new_state, metrics
 
 
-def eval_step(params, batch: dict, *, loss_fn: LossFn) -> dict:
+def eval_step(params, batch: dict, frozen: Any = None, *, loss_fn: LossFn) -> dict:
     """Sums (not means) for one eval batch, so the caller can combine batches exactly: {"loss_sum", "weight", …}."""
-    loss_sum, aux = loss_fn(params, batch)
+    loss_sum, aux = _bind_frozen(loss_fn, frozen)(params, batch)
     return {**aux, "loss_sum": loss_sum}
 
 
 def jit_train_step(loss_fn: LossFn, shardings: TrainState, mesh: Mesh, *, grad_accum_steps: int = 1,
-                   learning_rate_fn: Optional[optax.Schedule] = None):
+                   learning_rate_fn: Optional[optax.Schedule] = None, frozen_shardings: Any = None):
     """`train_step` bound to a loss and jitted once: state sharded and donated, every batch entry split over the
     data axes along its first dimension (any rank), activations pinned by `sh.activation_sharding`, metrics
-    replicated."""
+    replicated. With `frozen_shardings` the jitted step takes `(state, batch, frozen)`; frozen is not donated."""
     step = functools.partial(train_step, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps,
                              learning_rate_fn=learning_rate_fn)
-    return jax.jit(sh.with_activation_sharding(step, mesh), in_shardings=(shardings, sh.batch_sharding(mesh, 1)),
+    in_shardings = (shardings, sh.batch_sharding(mesh, 1))
+    if frozen_shardings is not None:
+        in_shardings += (frozen_shardings,)
+    return jax.jit(sh.with_activation_sharding(step, mesh), in_shardings=in_shardings,
                    out_shardings=(shardings, sh.replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(loss_fn: LossFn, params_shardings: Any, mesh: Mesh):
+def jit_eval_step(loss_fn: LossFn, params_shardings: Any, mesh: Mesh, *, frozen_shardings: Any = None):
+    """`eval_step` jitted: (params, batch[, frozen]) -> replicated sums."""
     step = functools.partial(eval_step, loss_fn=loss_fn)
-    return jax.jit(sh.with_activation_sharding(step, mesh), in_shardings=(params_shardings, sh.batch_sharding(mesh, 1)),
+    in_shardings = (params_shardings, sh.batch_sharding(mesh, 1))
+    if frozen_shardings is not None:
+        in_shardings += (frozen_shardings,)
+    return jax.jit(sh.with_activation_sharding(step, mesh), in_shardings=in_shardings,
                    out_shardings=sh.replicated(mesh))

@@ -6,6 +6,7 @@ micro-batches never separates a chosen row from its rejected row):
 
   tokens   int32   [P, 2, T]  [:, 0] = prompt + chosen response, [:, 1] = prompt + rejected; right-padded with 0
   lengths  int32   [P, 2]     real tokens per sequence (the score is read at token lengths - 1: the answer's EOS)
+  prompt_lens int32 [P, 2]  tokens before the response (the same for both sequences; DPO scores only the rest)
   rating   int32   [P]        index into RATINGS (0 significantly better .. 3 negligibly better), -1 = no rating
   valid    float32 [P]        1 for a real pair, 0 for the padding pairs that fill the last eval batch
 
@@ -39,7 +40,7 @@ import numpy as np
 
 from llama2_jax import chat
 from llama2_jax.data.pipeline import split_documents
-from llama2_jax.data.preferences import RATINGS, PreferencePair
+from llama2_jax.data.preferences import RATINGS, PreferencePair, read_preferences
 
 Batch = dict[str, np.ndarray]
 PAD_ID = 0
@@ -54,6 +55,7 @@ class EncodedPair(NamedTuple):
     chosen: np.ndarray  # int32 [n_c], at most max_len
     rejected: np.ndarray  # int32 [n_r]
     rating: int  # RATINGS index or -1
+    prompt_len: int = 0  # leading tokens of both sequences that are the (possibly truncated) prompt
 
 
 @dataclasses.dataclass
@@ -89,6 +91,18 @@ def _keep_prompt(prompt: list[int], keep: int, bos_id: int | None) -> list[int]:
     return list(prompt[len(prompt) - keep:])
 
 
+def _prompt_budget(prompt_len: int, longest: int, max_len: int) -> int:
+    """Prompt tokens kept when prompt + the longest response exceed max_len (see the module docstring)."""
+    return max(max_len - longest, min(prompt_len, max_len // 2))
+
+
+def kept_prompt_len(prompt_len: int, longest: int, max_len: int) -> int:
+    """How many prompt tokens `truncate_pair` keeps."""
+    if prompt_len + longest <= max_len:
+        return prompt_len
+    return min(prompt_len, _prompt_budget(prompt_len, longest, max_len))
+
+
 def truncate_pair(prompt: list[int], responses: Sequence[list[int]], max_len: int,
                   bos_id: int | None = None) -> tuple[list[list[int]], bool, bool]:
     """prompt + each response, cut to at most max_len tokens by the rules in the module docstring.
@@ -99,8 +113,7 @@ def truncate_pair(prompt: list[int], responses: Sequence[list[int]], max_len: in
     longest = max(len(r) for r in responses)
     if len(prompt) + longest <= max_len:
         return [list(prompt) + list(r) for r in responses], False, False
-    keep = max(max_len - longest, min(len(prompt), max_len // 2))
-    head = _keep_prompt(prompt, keep, bos_id)
+    head = _keep_prompt(prompt, _prompt_budget(len(prompt), longest, max_len), bos_id)
     room = max_len - len(head)
     sequences = [head + list(r[:room]) for r in responses]
     return sequences, len(head) < len(prompt), longest > room
@@ -122,7 +135,9 @@ def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], max_len: int) -> tu
         if prompt_r != prompt:  # only where the answer boundary moved (chat.encode_turn_for_training's fallback)
             prompt, chosen, rejected = _common_prompt(prompt, chosen, prompt_r, rejected)
         (c, r), prompt_cut, response_cut = truncate_pair(prompt, [chosen, rejected], max_len, tokenizer.bos_id)
-        encoded.append(EncodedPair(np.asarray(c, np.int32), np.asarray(r, np.int32), rating_index(pair.rating)))
+        n_prompt = kept_prompt_len(len(prompt), max(len(chosen), len(rejected)), max_len)
+        encoded.append(EncodedPair(np.asarray(c, np.int32), np.asarray(r, np.int32), rating_index(pair.rating),
+                                   n_prompt))
         stats.pairs += 1
         stats.prompt_truncated += prompt_cut
         stats.response_truncated += response_cut
@@ -143,13 +158,15 @@ def pair_row(pair: EncodedPair, max_len: int) -> Batch:
             raise ValueError(f"a sequence of {len(seq)} tokens exceeds max_len={max_len}; encode with this max_len")
         tokens[i, :len(seq)] = seq
         lengths[i] = len(seq)
-    return {"tokens": tokens, "lengths": lengths, "rating": np.int32(pair.rating), "valid": np.float32(1.0)}
+    prompt_lens = np.full((2,), pair.prompt_len, np.int32)
+    return {"tokens": tokens, "lengths": lengths, "prompt_lens": prompt_lens, "rating": np.int32(pair.rating),
+            "valid": np.float32(1.0)}
 
 
 def empty_row(max_len: int) -> Batch:
     """A padding pair (valid 0): one pad token per sequence, no rating."""
     return {"tokens": np.zeros((2, max_len), np.int32), "lengths": np.ones((2,), np.int32),
-            "rating": np.int32(NO_RATING), "valid": np.float32(0.0)}
+            "prompt_lens": np.ones((2,), np.int32), "rating": np.int32(NO_RATING), "valid": np.float32(0.0)}
 
 
 def stack_rows(rows: Sequence[Batch]) -> Batch:
@@ -222,3 +239,45 @@ def apply_mix(name: str, pairs: Sequence[PreferencePair], seed: int) -> list[Pre
     if name not in MIXES:
         raise ValueError(f"unknown data mix {name!r}; known: {', '.join(MIXES)}")
     return MIXES[name](pairs, seed)
+
+
+# ------------------------------------------------------------------------------------------------ files -> batches
+
+
+def _paths(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def read_pair_files(paths: str, safety_paths: str = "", *, format: str = "auto", on_error: str = "raise",
+                    is_safety: bool | None = None, mix: str = "none", seed: int = 0) -> list[PreferencePair]:
+    """Every comma-separated file of `paths` (is_safety as given, None = the records' field) and `safety_paths`
+    (is_safety True), then the data mix (deterministic by seed). Errors are ValueError("<file>:<line>: ...")."""
+    pairs: list[PreferencePair] = []
+    for path, safety in [(p, is_safety) for p in _paths(paths)] + [(p, True) for p in _paths(safety_paths)]:
+        pairs += read_preferences(path, format, on_error=on_error, is_safety=safety)[0]
+    return apply_mix(mix, pairs, seed)
+
+
+@dataclasses.dataclass
+class PairData:
+    """Global pair batches for a preference trainer (reward model, DPO)."""
+
+    train_iter: grain.DatasetIterator
+    eval_batches: list[Batch]
+    n_train: int
+    n_eval: int  # held-out pairs in eval_batches (max_eval_batches may cap them)
+    truncation: TruncationStats
+
+
+def make_pair_data(tokenizer, pairs: Sequence[PreferencePair], *, seq_len: int, batch_size: int, seed: int,
+                   val_fraction: float, max_eval_batches: int | None = None) -> PairData:
+    """Held-out split, encoding (truncations counted), the shuffled train iterator and fixed eval batches."""
+    train_pairs, val_pairs = split_pairs(pairs, val_fraction)
+    train_enc, train_stats = encode_pairs(tokenizer, train_pairs, seq_len)
+    val_enc, val_stats = encode_pairs(tokenizer, val_pairs, seq_len)
+    if len(train_enc) < batch_size:
+        raise ValueError(f"batch_size ({batch_size} pairs) exceeds the {len(train_enc)} training pairs")
+    stats = TruncationStats(*(a + b for a, b in zip(dataclasses.astuple(train_stats), dataclasses.astuple(val_stats))))
+    eval_batches = make_eval_batches(val_enc, batch_size, seq_len, max_eval_batches)
+    return PairData(make_train_iterator(train_enc, batch_size, seq_len, seed), eval_batches, len(train_enc),
+                    int(sum(b["valid"].sum() for b in eval_batches)), stats)
