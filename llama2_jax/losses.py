@@ -62,3 +62,9 @@ def margin_for(rating_index: Array, table: str) -> Array:
 def ranking_loss(r_chosen: Array, r_rejected: Array, margin: Array) -> Array:
     """Per-pair binary ranking loss with margin, -log sigma(r_c - r_r - m) (paper Eq. 2). Shapes [P] -> [P]."""
     return -jax.nn.log_sigmoid(r_chosen.astype(jnp.float32) - r_rejected.astype(jnp.float32) - margin)
+
+
+def token_logprobs(logits: Array, targets: Array) -> Array:
+    """log softmax(logits)[target]: logits [..., V] float32, targets [...] int -> [...] float32."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]

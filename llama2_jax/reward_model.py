@@ -60,7 +60,7 @@ class RewardModel(nn.Module):
         cfg = self.config
         if positions is None:
             positions = default_positions(tokens)
-        hidden, _ = run_trunk(cfg, tokens, positions, segment_ids, None, None)  # [B, T, D]
+        hidden = run_trunk(cfg, tokens, positions, segment_ids)  # [B, T, D]
         last = jnp.clip(lengths.astype(jnp.int32) - 1, 0, tokens.shape[1] - 1)
         final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0, :]  # [B, D]
         return ScoreHead(cfg, self.head_init_std, name=HEAD)(final)

@@ -39,7 +39,7 @@ class ValueModel(nn.Module):
         cfg = self.config
         if positions is None:
             positions = default_positions(tokens)
-        hidden, _ = run_trunk(cfg, tokens, positions, segment_ids, None, None)  # [B, T, D]
+        hidden = run_trunk(cfg, tokens, positions, segment_ids)  # [B, T, D]
         batch, length, dim = hidden.shape
         values = ScoreHead(cfg, self.head_init_std, name=HEAD)(hidden.reshape(batch * length, dim))
         return values.reshape(batch, length)

@@ -187,10 +187,10 @@ class ModelSampler:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    from llama2_jax import generate
+    from llama2_jax.cli.common import add_sampling_flags
 
     parser = argparse.ArgumentParser(prog="python -m train.gatt", description=__doc__.split("\n")[0])
-    generate.add_sampling_flags(parser)  # --checkpoint --tokenizer --max_gen_len --temperature --top_p --seed
+    add_sampling_flags(parser)  # --checkpoint --tokenizer --max_gen_len --temperature --top_p --seed --dtype
     parser.set_defaults(max_gen_len=256)
     parser.add_argument("--dialogs", required=True, help="multi-turn dialogs (any format of read_dialogs)")
     parser.add_argument("--format", default="auto", help="dialog file format (default: detected)")
@@ -212,13 +212,13 @@ def write_jsonl(path: str, records: Sequence[dict]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> GattStats:
-    from llama2_jax import generate
+    from llama2_jax.cli.common import load_model
     from llama2_jax.data.dialogs import read_dialogs
 
     args = parse_args(argv)
     dialogs, _ = read_dialogs(args.dialogs, format=args.format)
     dialogs = dialogs[: args.max_dialogs or None]
-    params, cfg, tokenizer = generate.load_model(args.checkpoint, args.tokenizer)
+    params, cfg, tokenizer = load_model(args.checkpoint, args.tokenizer, args.dtype)
     sampler = ModelSampler(params, cfg, tokenizer, temperature=args.temperature, top_p=args.top_p,
                            max_gen_len=args.max_gen_len, batch_size=args.batch_size, seed=args.seed,
                            min_reply_tokens=args.min_reply_tokens)

@@ -8,7 +8,7 @@ AdamW, and one or two frozen reward models. Everything stays sharded on the mesh
 
 One iteration = three compiled calls (train/ppo_phases.py), no host round-trip of model outputs between them (only
 scalars come back):
-  1. `rollout`: `generate.sample` inside jit on `batch_size` prompts (policy params as they are on device);
+  1. `rollout`: `decode.sample` inside jit on `batch_size` prompts (policy params as they are on device);
   2. `make_experience`: RM scores of prompt + response (+ EOS when cut; see rejection_sampling.scoring_sequences),
      Rc by the piecewise rule, R̃c = whiten(logit(Rc)) over the batch, log πθ, log π0, values, per-token rewards
      -β·KL + R̃c at the last token, GAE, whitened advantages (llama2_jax.rlhf documents every choice);
@@ -42,7 +42,7 @@ from absl import app
 from ml_collections import config_flags
 
 from llama2_jax import checkpoint as param_checkpoint
-from llama2_jax import generate
+from llama2_jax import decode, generate
 from llama2_jax import reward_model as rm_model
 from llama2_jax import sharding as sh
 from llama2_jax import value_model as vm
@@ -104,7 +104,7 @@ class PromptBatches:
                 order = self._order()
             picked.append(int(order[self.position]))
             self.position += 1
-        tokens, lengths = generate.pad_prompts([self.encoded[i] for i in picked], generate.META_PAD_ID, self.width,
+        tokens, lengths = generate.pad_prompts([self.encoded[i] for i in picked], decode.META_PAD_ID, self.width,
                                                bucket=self.width)
         return tokens, lengths, np.array([self.flags[i].is_safety for i in picked])
 
@@ -196,7 +196,7 @@ def compile_phases(config, cfg, value_cfg, score_fns, settings: ppo_phases.Setti
     and update trace with the model's activations pinned to the rules table; the sampler shards its own buffers."""
     bind = functools.partial
     generate_fn = jax.jit(bind(ppo_phases.rollout, cfg=cfg, settings=settings, mesh=mesh),
-                          compiler_options=generate.DECODE_COMPILER_OPTIONS)
+                          compiler_options=decode.DECODE_COMPILER_OPTIONS)
     experience = bind(ppo_phases.make_experience, cfg=cfg, value_cfg=value_cfg, score_fns=score_fns, settings=settings)
     experience_fn = jax.jit(sh.with_activation_sharding(experience, mesh))
     update = bind(ppo_phases.ppo_update, cfg=cfg, value_cfg=value_cfg, settings=settings, mesh=mesh)

@@ -14,9 +14,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from llama2_jax import generate, rlhf
+from llama2_jax import decode, rlhf
 from llama2_jax import sharding as sh
 from llama2_jax import value_model as vm
+from llama2_jax.losses import token_logprobs
 from llama2_jax.model import Llama
 from train import rejection_sampling as rs
 from train import state as train_state
@@ -65,9 +66,9 @@ def map_chunks(fn, inputs, rows: int):
 
 
 def rollout(policy_params, prompt_tokens, prompt_lens, rng, *, cfg, settings: Settings, mesh) -> dict:
-    """Sample one response per prompt: {"tokens" [B, S], "prompt_lens", "lengths", "done"} (generate.sample)."""
+    """Sample one response per prompt: {"tokens" [B, S], "prompt_lens", "lengths", "done"} (decode.sample)."""
     def sample_chunk(chunk):
-        return generate.sample(policy_params, cfg, chunk["tokens"], chunk["lens"], chunk["rng"][0],
+        return decode.sample(policy_params, cfg, chunk["tokens"], chunk["lens"], chunk["rng"][0],
                                max_gen_len=settings.max_gen_len, temperature=settings.temperature,
                                top_p=settings.top_p, eos_id=settings.eos_id, mesh=mesh)
 
@@ -89,7 +90,7 @@ def action_mask(tokens, prompt_lens, lengths, eos_id: int):
 def policy_logprobs(params, cfg, ids, temperature: float):
     """ids [B, S + 1] -> (log π(ids[:, j + 1] | ids[:, :j + 1]) [B, S], entropy [B, S]) of softmax(logits / T)."""
     logits = Llama(cfg).apply({"params": params}, ids[:, :-1]) / temperature
-    return generate.token_logprobs(logits, ids[:, 1:]), rlhf.entropy(logits)
+    return token_logprobs(logits, ids[:, 1:]), rlhf.entropy(logits)
 
 
 def make_experience(policy_params, ref_params, value_params, reward_params, rolled: dict, is_safety, *, cfg, value_cfg,

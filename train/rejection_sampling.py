@@ -5,7 +5,7 @@ r"""Rejection-sampling fine-tuning (spec F): `python -m train.rejection_sampling
 Per iteration i = 0 .. iterations - 1:
   1. sample K = `sampling.num_samples` responses per prompt from the current policy (`init_from` for i = 0, then the
      previous iteration's SFT workdir) at `sampling.temperature` (paper: best at T = 1.2-1.3 for 10-100 samples), with
-     the compiled sampler on the mesh (`generate.sample` inside one jit with the reward models);
+     the compiled sampler on the mesh (`decode.sample` inside one jit with the reward models);
   2. score prompt + response (+ EOS, appended to responses cut at max_gen_len: the RMs read their score at the EOS
      that ends an answer) with the reward model(s): with both RMs, the piecewise rule of PPO (`rlhf.combine_rewards`:
      the safety score where the prompt is tagged `is_safety` or the safety score is < 0.15, else the helpful score);
@@ -44,7 +44,7 @@ from absl import app
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from llama2_jax import chat, generate, rlhf
+from llama2_jax import chat, decode, generate, rlhf
 from llama2_jax import checkpoint as param_checkpoint
 from llama2_jax import reward_model as rm_model
 from llama2_jax import sharding as sh
@@ -188,7 +188,7 @@ def _load_reward_model(config, path: str, mesh, vocab_size: int, name: str):
 # Scoring rollouts (pure; shared with train.ppo)
 
 
-def scoring_sequences(tokens, prompt_lens, lengths, eos_id: int, pad_id: int = generate.META_PAD_ID):
+def scoring_sequences(tokens, prompt_lens, lengths, eos_id: int, pad_id: int = decode.META_PAD_ID):
     """Sampler output -> what the RMs score: [B, S + 1] = prompt + kept response + EOS (written after the kept
     response, which already ends there with an EOS unless it was cut), padding -> 0; and the lengths [B]."""
     ids = jnp.where(tokens == pad_id, 0, tokens)
@@ -214,7 +214,7 @@ def sample_and_score(policy_params, reward_params, prompt_tokens, prompt_lens, i
                      score_fns, max_gen_len: int, temperature: float, top_p: float, eos_id: int, threshold: float,
                      mesh) -> dict[str, jax.Array]:
     """One batch, pure: sample, then score. Returns tokens [B, S], lengths [B] and the scores [B]."""
-    out = generate.sample(policy_params, cfg, prompt_tokens, prompt_lens, rng, max_gen_len=max_gen_len,
+    out = decode.sample(policy_params, cfg, prompt_tokens, prompt_lens, rng, max_gen_len=max_gen_len,
                           temperature=temperature, top_p=top_p, eos_id=eos_id, mesh=mesh)
     ids, lengths = scoring_sequences(out["tokens"], out["prompt_lens"], out["lengths"], eos_id)
     scores = score_sequences(score_fns, reward_params, ids, lengths, is_safety, threshold)
@@ -263,7 +263,7 @@ def sample_all(config, sampler, policy_params, reward_params, encoded, prompts, 
     for start in range(0, len(order), rows):
         chunk = order[start:start + rows]
         padded = chunk + [chunk[0]] * (rows - len(chunk))
-        tokens, lens = generate.pad_prompts([encoded[p] for p, _ in padded], generate.META_PAD_ID,
+        tokens, lens = generate.pad_prompts([encoded[p] for p, _ in padded], decode.META_PAD_ID,
                                             config.prompts.max_prompt_len, bucket=config.prompts.max_prompt_len)
         safety = np.array([prompts[p].is_safety for p, _ in padded])
         out = to_host(sampler(policy_params, reward_params, to_global(tokens, mesh), to_global(lens, mesh),
@@ -371,7 +371,7 @@ def make_sampler(config, cfg, score_fns, eos_id: int, mesh):
     return jax.jit(functools.partial(
         sample_and_score, cfg=cfg, score_fns=score_fns, max_gen_len=s.max_gen_len, temperature=s.temperature,
         top_p=s.top_p, eos_id=eos_id, threshold=config.reward.safety_threshold, mesh=mesh),
-        compiler_options=generate.DECODE_COMPILER_OPTIONS)
+        compiler_options=decode.DECODE_COMPILER_OPTIONS)
 
 
 def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, ScoreFn]] = None,
