@@ -332,9 +332,9 @@ def init_slots(cfg: LlamaConfig, n_slots: int, max_len: int, rng: Array, *, temp
     """n_slots free decode slots with a KV cache of max_len (<= max_seq_len) slots each; pos, end [n_slots]."""
     if max_len > cfg.max_seq_len:
         raise ValueError(f"max_len {max_len} exceeds max_seq_len {cfg.max_seq_len}")
-    zeros = jnp.zeros((n_slots,), jnp.int32)
+    zeros = lambda: jnp.zeros((n_slots,), jnp.int32)  # distinct buffers: the jitted step donates the state
     return DecodeState(tokens=jnp.full((n_slots, max_len), pad_id, jnp.int32),
-                       cache=init_layer_caches(cfg, n_slots, max_len), pos=zeros, end=zeros, prompt_lens=zeros,
+                       cache=init_layer_caches(cfg, n_slots, max_len), pos=zeros(), end=zeros(), prompt_lens=zeros(),
                        done=jnp.ones((n_slots,), bool), rng=rng, temperature=jnp.asarray(temperature, jnp.float32),
                        top_p=jnp.asarray(top_p, jnp.float32), eos_id=jnp.asarray(eos_id, jnp.int32))
 
