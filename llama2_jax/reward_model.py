@@ -1,4 +1,4 @@
-"""The reward model (spec E): the Llama trunk with the next-token head replaced by a scalar regression head.
+"""The reward model (paper Section 3.2.2): the Llama trunk with the output head replaced by a scalar regression head.
 
     RewardModel(cfg).apply({"params": params}, tokens [B, T], lengths [B]) -> raw scores [B] float32
 
@@ -6,7 +6,7 @@ Parameter tree: the Llama trunk's names (tok_embeddings, layers_{i} or layers, n
 plus `score_head/kernel [D, 1]`. A Llama checkpoint therefore loads into the trunk unchanged
 (`init_reward_params_from_llama`).
 
-Choices the paper leaves open (spec "Not verified" 5), made here:
+Choices the paper leaves open, made here:
 * **Which token feeds the head.** Sequences are right-padded; the score is read from the final hidden state of the
   **last real token**, `tokens[b, lengths[b] - 1]`. For a pair encoded in Meta's chat format (BOS [INST] ... [/INST]
   answer "▁" EOS) that is the EOS that ends the assistant answer: the one position that has seen the whole prompt and
@@ -16,9 +16,9 @@ Choices the paper leaves open (spec "Not verified" 5), made here:
   ~0.5, loss ~log 2) so the first steps do not fight a random ranking. There is no bias because the pairwise loss only
   sees r_chosen - r_rejected: a bias would never get a gradient (HF's LlamaForSequenceClassification has none either).
   The head runs in float32 on the final-norm hidden state.
-* **Scores for rejection sampling and PPO** are sigmoid(raw score) in [0, 1] (spec E: thresholds 0.5 and 0.15 are on
-  that scale). `score_tokens` (raw, pure, jit-able) and `score` (host-side: dialogs -> sorted, bucketed, padded
-  batches -> sigmoid scores in input order).
+* **Scores for rejection sampling and PPO** are sigmoid(raw score) in [0, 1] (the paper's thresholds 0.5 and 0.15,
+  Section 3.2.3 and Appendix A.3.4, are on that scale). `score_tokens` (raw, pure, jit-able) and `score` (host-side:
+  dialogs -> sorted, bucketed, padded batches -> sigmoid scores in input order).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
 `values[:, t]` is V(tokens[:, :t + 1]): the head on the final-norm hidden state at t, which has seen tokens 0..t.
 
 The parameter tree is exactly `reward_model.RewardModel`'s (the Llama trunk's names plus `score_head/kernel [D, 1]`),
-so a reward-model checkpoint is a value model as it stands. The paper does not describe its critic (spec "Not
-verified" 4); InstructGPT initialises the value function from the reward model, and that is the default in
+so a reward-model checkpoint is a value model as it stands. The paper does not describe its critic;
+InstructGPT initialises the value function from the reward model, and that is the default in
 `train.ppo` (`config.value.init_from = "helpful_rm"`). "policy" takes the policy's trunk and a fresh head
 (`init_value_params_from_llama`), as TRL's shared-trunk value head does at the start of training.
 """

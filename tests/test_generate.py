@@ -135,7 +135,7 @@ def test_greedy_matches_hf_generate():
 
 
 def meta_top_p(probs: np.ndarray, p: float) -> np.ndarray:
-    """The spec's sample_top_p as a distribution over the vocabulary (float64, numpy)."""
+    """Meta's sample_top_p (llama/generation.py) as a distribution over the vocabulary (float64, numpy)."""
     order = np.argsort(-probs, kind="stable")
     sorted_probs = probs[order]
     kept = np.where(np.cumsum(sorted_probs) - sorted_probs > p, 0.0, sorted_probs)

@@ -1,4 +1,4 @@
-r"""Ghost Attention (spec G): turn multi-turn dialogs into an SFT dataset where one instruction holds for every turn.
+r"""Ghost Attention (paper Section 3.3): multi-turn dialogs -> an SFT dataset where one instruction holds every turn.
 
     python -m train.gatt --checkpoint=DIR --tokenizer=PATH --dialogs=FILE --out=FILE [--max_turns=N --seed=S ...]
     python -m train.sft --config=configs/sft_7b.py --config.init_from=DIR --config.data.path=FILE ...

@@ -1,4 +1,4 @@
-r"""PPO (spec F): `python -m train.ppo --config=configs/ppo_tiny.py --workdir=DIR --config.init_from=POLICY
+r"""PPO (paper Section 3.2.3): `python -m train.ppo --config=configs/ppo_tiny.py --workdir=DIR --config.init_from=POLICY
     --config.reward.helpful_path=RM_H --config.reward.safety_path=RM_S --config.prompts.path=PROMPTS.jsonl`.
 
 Models: the policy πθ (init_from: an RS/SFT checkpoint; AdamW, constant LR), the frozen reference π0 (a copy of the

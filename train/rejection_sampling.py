@@ -1,4 +1,4 @@
-r"""Rejection-sampling fine-tuning (spec F): `python -m train.rejection_sampling --config=configs/rs_tiny.py
+r"""Rejection sampling (paper Section 3.2.3): `python -m train.rejection_sampling --config=configs/rs_tiny.py
     --workdir=DIR --config.init_from=POLICY --config.reward.helpful_path=RM [--config.reward.safety_path=RM]
     --config.prompts.path=PROMPTS.jsonl`.
 
