@@ -1,6 +1,9 @@
 """Decode slots (decode.prefill / insert / generate_step): independent requests at their own positions in one batch
 decode the same greedy tokens as `decode.sample` does for each prompt alone."""
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,3 +101,14 @@ def test_bad_slot_shapes_are_one_line_errors(params):
     state = decode.init_slots(CFG, 2, 8, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="prompt width 16 exceeds the slots' cache length 8"):
         decode.insert(state, prefix_of(params, PROMPTS[0]), 0, max_gen_len=GEN_LEN)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA:CPU's copy insertion")
+def test_generate_step_updates_the_slot_caches_in_place(params):
+    """The per-slot cache writes (one scatter per layer buffer) alias the donated state: no cache-sized copy."""
+    state = decode.init_slots(CFG, N_SLOTS, MAX_LEN, jax.random.PRNGKey(0), temperature=0.0)
+    hlo = decode.generate_step_jit.lower(params, CFG, state).compile().as_text()
+    cache_size = N_SLOTS * CFG.n_kv_heads * CFG.head_dim * MAX_LEN
+    copied = [math.prod(int(d) for d in dims.split(",")) for dims in re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} copy\(",
+                                                                                  hlo)]
+    assert "input_output_alias" in hlo and all(size < cache_size for size in copied), copied
