@@ -92,6 +92,12 @@ def test_chat_cli_rejects_bad_flags(flags, message, capsys):
     assert run_cli(chat_cli.main, MISSING + flags, capsys) == message
 
 
+@pytest.mark.parametrize("main,flags", [(generate_cli.main, ["--prompt=hi"]), (chat_cli.main, [])])
+def test_missing_checkpoint_is_a_one_line_error(main, flags, capsys):
+    err = run_cli(main, MISSING + flags, capsys)
+    assert err.startswith("error: /nonexistent/ckpt/llama_config.json not found"), err
+
+
 def test_dtype_default_follows_the_backend():
     args = generate_cli.parse_args(MISSING + ["--prompt=hi"])
     assert args.dtype == ("float32" if jax.default_backend() == "cpu" else "bfloat16")

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence, TextIO
 import jax
 
 from llama2_jax import chat
-from llama2_jax.cli.common import add_sampling_flags, check_sampling_flags, fail, load_model
+from llama2_jax.cli.common import add_sampling_flags, check_sampling_flags, fail, load_model_or_exit
 from llama2_jax.config import LlamaConfig
 from llama2_jax.generate import stream_reply
 from llama2_jax.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
@@ -100,7 +100,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    params, cfg, tokenizer = load_model(args.checkpoint, args.tokenizer, args.dtype)
+    params, cfg, tokenizer = load_model_or_exit(args)
     run_repl(params, cfg, tokenizer, system=args.system, seed=args.seed, max_gen_len=args.max_gen_len,
              temperature=args.temperature, top_p=args.top_p, chunk=args.chunk)
 

@@ -61,3 +61,11 @@ def load_model(checkpoint: str, tokenizer_path: str, dtype: str | None = None):
     dtype = dtype or default_dtype()
     params, cfg = load_params(checkpoint, load_config(checkpoint).replace(dtype=dtype, param_dtype=dtype))
     return jax.device_put(params), cfg, Tokenizer(tokenizer_path)
+
+
+def load_model_or_exit(args: argparse.Namespace):
+    """`load_model` for a command line: a missing or malformed checkpoint or tokenizer exits with `error: ...`."""
+    try:
+        return load_model(args.checkpoint, args.tokenizer, args.dtype)
+    except (OSError, ValueError) as error:
+        fail(str(error))

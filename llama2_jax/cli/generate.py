@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from llama2_jax.cli.common import add_sampling_flags, check_sampling_flags, load_model
+from llama2_jax.cli.common import add_sampling_flags, check_sampling_flags, load_model_or_exit
 from llama2_jax.generate import text_completion
 
 
@@ -26,7 +26,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    params, cfg, tokenizer = load_model(args.checkpoint, args.tokenizer, args.dtype)
+    params, cfg, tokenizer = load_model_or_exit(args)
     results = text_completion(params, cfg, tokenizer, args.prompt, temperature=args.temperature, top_p=args.top_p,
                               max_gen_len=args.max_gen_len, echo=args.echo, rng=args.seed)
     for result in results:
