@@ -1,4 +1,4 @@
-"""Decode throughput: our compiled sampler (llama2_jax.generate) against HF transformers `LlamaForCausalLM.generate`.
+"""Decode throughput: our compiled sampler (llama2_jax.decode) against HF transformers `LlamaForCausalLM.generate`.
 
 Both sides decode greedily with a KV cache from the same random weights (ours are copied into the torch model in this
 process), generate exactly --new_tokens tokens per row (no EOS), and are timed end to end (prefill included) after
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama2_jax import generate as gen
+from llama2_jax import decode
 from llama2_jax.config import LlamaConfig, get_config
 from llama2_jax.model import Llama
 
@@ -108,10 +108,10 @@ def ours_runner(params, cfg, prompts: np.ndarray, new_tokens: int, xla_options: 
     args = (params, cfg, jnp.asarray(prompts), jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32),
             jax.random.PRNGKey(0))
     kwargs = dict(max_gen_len=new_tokens, temperature=0.0, top_p=1.0, eos_id=NO_EOS)
-    sample = gen.sample_jit
+    sample = decode.sample_jit
     if xla_options:
-        sample = jax.jit(gen.sample, static_argnames=gen._STATIC,
-                         compiler_options={**gen.DECODE_COMPILER_OPTIONS, **xla_options})
+        sample = jax.jit(decode.sample, static_argnames=decode.SAMPLE_STATIC,
+                         compiler_options={**decode.DECODE_COMPILER_OPTIONS, **xla_options})
 
     def run():
         out = jax.block_until_ready(sample(*args, **kwargs))

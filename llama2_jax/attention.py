@@ -71,7 +71,7 @@ def cached_attention(q: Array, k: Array, v: Array, k_cache: Array, v_cache: Arra
       k, v: [B, T, K, H] their keys (rotated) and values.
       k_cache: [B, K, H, S] and v_cache: [B, K, S, H] (model.KV_CACHE_AXES); slots < q_offset are attended, later
         slots are ignored.
-      q_offset: scalar int.
+      q_offset: scalar int (every row), or [B] int (one offset per row: decode slots at different positions).
     Returns [B, T, N, H] in q's dtype; float32 scores and softmax as `xla_attention`. Equal to causal attention over
     the cache with k, v written at slots q_offset .. q_offset + T - 1.
 
@@ -87,7 +87,7 @@ def cached_attention(q: Array, k: Array, v: Array, k_cache: Array, v_cache: Arra
     k = k.transpose(0, 2, 1, 3).astype(k_cache.dtype)  # [B, K, U, H], U = T new keys
     v = v.transpose(0, 2, 1, 3).astype(v_cache.dtype)
     old = jnp.einsum("BKRTH,BKHS->BKRTS", q, k_cache, preferred_element_type=jnp.float32) * scale
-    old = jnp.where(jnp.arange(kv_len) < q_offset, old, neg)
+    old = jnp.where(jnp.arange(kv_len) < jnp.reshape(q_offset, (-1, 1, 1, 1, 1)), old, neg)  # [B or 1, 1, 1, 1, 1]
     new = jnp.einsum("BKRTH,BKUH->BKRTU", q, k, preferred_element_type=jnp.float32) * scale
     new = jnp.where(jnp.tril(jnp.ones((q_len, q_len), bool)), new, neg)
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v_cache.dtype)

@@ -2,7 +2,7 @@
 
 A *dialog* is a list of messages ``{"role": "system" | "user" | "assistant", "content": str}``.
 
-Prompt construction (Meta's ``llama/generation.py`` ``chat_completion``; spec section B):
+Prompt construction (Meta's ``llama/generation.py`` ``chat_completion``):
 
 * an optional leading system message is merged into the first user message as
   ``B_SYS + system + E_SYS + user`` (exactly Meta's string concatenation; the later ``strip()`` only trims the
@@ -168,9 +168,9 @@ def encode_dialog_for_training(
     uses ``loss_mask[1:]`` with logits from ``tokens[:-1]``.
 
     train_on:
-      "all":  every assistant answer is trained (SFT, spec D: loss zeroed on user-prompt tokens).
+      "all":  every assistant answer is trained (SFT: the paper, Section 3.1, zeroes the loss on user-prompt tokens).
       "last": only the last answer is trained; every token of previous turns, assistant turns included, has mask 0
-              (Ghost Attention, spec G step 5).
+              (Ghost Attention, the paper's Section 3.3).
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on!r}, expected one of {', '.join(TRAIN_ON)}")
@@ -235,7 +235,7 @@ def parse_hh_transcript(text: str) -> list[dict[str, str]]:
     return messages
 
 
-if __name__ == "__main__":  # python -m llama2_jax.chat --checkpoint=DIR --tokenizer=PATH [--system=...]
-    from llama2_jax.chat_repl import main
+if __name__ == "__main__":  # python -m llama2_jax.chat --checkpoint=DIR --tokenizer=PATH: the CLI entry point only
+    from llama2_jax.cli.chat import main
 
     main()

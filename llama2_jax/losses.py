@@ -235,3 +235,9 @@ def dpo_loss(params, batch: dict, frozen, *, model, beta: float, loss_type: str 
     valid = batch.get("valid", jnp.ones((n_pairs,), jnp.float32)).astype(jnp.float32)
     return dpo_from_logprobs(policy.reshape(n_pairs, 2), reference.reshape(n_pairs, 2), n_tokens.reshape(n_pairs, 2),
                              valid, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+
+
+def token_logprobs(logits: Array, targets: Array) -> Array:
+    """log softmax(logits)[target]: logits [..., V] float32, targets [...] int -> [...] float32."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]

@@ -33,7 +33,7 @@ from llama2_jax.attention import cached_attention, dot_product_attention
 from llama2_jax.config import LlamaConfig, RematPolicy
 
 Array = jax.Array
-KVCache = dict  # {"k": [L, B, K, H, S], "v": [L, B, K, S, H]}: see KV_CACHE_AXES
+LayerCache = dict  # one layer's KV cache {"k": [B, K, H, S], "v": [B, K, S, H]}: see KV_CACHE_AXES
 
 # The KV cache layout of one layer, heads-major with keys stored transposed, so that both attention products over
 # the cache are batched matmuls in XLA's canonical operand layout (attention.cached_attention). With the [B, S, K, H]
@@ -101,14 +101,15 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with rotary embeddings and an optional KV cache."""
+    """Grouped-query self-attention with rotary embeddings and an optional KV cache (decoding: llama2_jax.decode)."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, layer_cache: Optional[KVCache], cache_index):
+    def __call__(self, x, positions, segment_ids, layer_cache: Optional[LayerCache] = None, cache_index=None):
         """x [B, T, D]; positions, segment_ids [B, T]; layer_cache {"k", "v"} (KV_CACHE_AXES) or None;
-        cache_index: scalar int, slot of x's first token in the cache. Returns ([B, T, D], new layer cache)."""
+        cache_index: the slot of x's first token in the cache, a scalar int (every row) or [B] int (one per row).
+        Returns ([B, T, D], new layer cache or None)."""
         cfg = self.config
         d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         dtype = jnp.dtype(cfg.dtype)
@@ -130,9 +131,7 @@ class Attention(nn.Module):
                                    cache_index)
             new_cache = {}  # written after the reads above, so that XLA can update the buffers in place
             for name, new in (("k", key.transpose(0, 2, 3, 1)), ("v", value.transpose(0, 2, 1, 3))):  # KV_CACHE_AXES
-                buffer = layer_cache[name]
-                new_cache[name] = jax.lax.dynamic_update_slice_in_dim(
-                    buffer, new.astype(buffer.dtype), cache_index, axis=cache_length_axis(name))
+                new_cache[name] = write_cache(layer_cache[name], new, cache_index, cache_length_axis(name))
         return project(out, wo, n_in=2), new_cache
 
 
@@ -159,7 +158,7 @@ class Block(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, layer_cache, cache_index):
+    def __call__(self, x, positions, segment_ids, layer_cache=None, cache_index=None):
         x = sh.constrain(x, (sh.BATCH, sh.LENGTH, None))  # the residual stream: batch-sharded, replicated over tensor
         attn_out, new_cache = Attention(self.config, name="attention")(
             RMSNorm(self.config, name="attention_norm")(x), positions, segment_ids, layer_cache, cache_index)
@@ -175,13 +174,10 @@ def _block_class(cfg: LlamaConfig):
     return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
 
 
-def _layer_slice(cache: Optional[KVCache], i: int):
-    return None if cache is None else jax.tree.map(lambda c: c[i], cache)
-
-
-def run_trunk(cfg: LlamaConfig, tokens, positions, segment_ids, cache, cache_index):
+def run_trunk(cfg: LlamaConfig, tokens, positions, segment_ids):
     """Embeddings -> L blocks -> final norm, inside the calling module's `nn.compact` (so the parameter names are
-    the caller's: Llama and the reward model share the trunk's names). Returns (hidden [B, T, D], new cache)."""
+    the caller's: Llama and the reward model share the trunk's names). Returns hidden [B, T, D].
+    (Decoding with a KV cache runs the same blocks one by one: llama2_jax.decode.decode_forward.)"""
     embedding = nn.Embed(cfg.vocab_size, cfg.dim, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(_INIT_STD),
                                                                      (sh.VOCAB, sh.EMBED)),
@@ -190,22 +186,18 @@ def run_trunk(cfg: LlamaConfig, tokens, positions, segment_ids, cache, cache_ind
     block_cls = _block_class(cfg)
     if cfg.scan_layers:
         scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
+                          in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                           metadata_params={nn.PARTITION_NAME: sh.LAYERS})
-        x, new_cache = scanned(cfg, name="layers")(x, positions, segment_ids, cache, cache_index)
+        x, _ = scanned(cfg, name="layers")(x, positions, segment_ids)
     else:
-        new_layers = []
         for i in range(cfg.n_layers):
-            x, layer_cache = block_cls(cfg, name=f"layers_{i}")(x, positions, segment_ids, _layer_slice(cache, i),
-                                                              cache_index)
-            new_layers.append(layer_cache)
-        new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
-    return RMSNorm(cfg, name="norm")(x), new_cache
+            x, _ = block_cls(cfg, name=f"layers_{i}")(x, positions, segment_ids)
+    return RMSNorm(cfg, name="norm")(x)
 
 
 def default_positions(tokens: Array, cache_index=None) -> Array:
-    """[B, T] positions 0..T-1 (offset by cache_index when decoding)."""
-    start = 0 if cache_index is None else cache_index
+    """[B, T] positions 0..T-1, offset when decoding by cache_index (a scalar, or [B]: one offset per row)."""
+    start = 0 if cache_index is None else jnp.reshape(jnp.asarray(cache_index, jnp.int32), (-1, 1))  # [1 or B, 1]
     return jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
 
@@ -216,29 +208,25 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Optional[Array] = None, segment_ids: Optional[Array] = None,
-                 cache: Optional[KVCache] = None, cache_index: Optional[Array] = None, return_hidden: bool = False):
+                 return_hidden: bool = False):
         """tokens [B, T] int; positions [B, T] (default 0..T-1, per-document positions for packed rows);
-        segment_ids [B, T] (None = one document per row); cache/cache_index: see `init_cache` (decoding).
+        segment_ids [B, T] (None = one document per row).
 
-        Returns logits [B, T, V] float32 (or the final-norm hidden states [B, T, D] with `return_hidden`), and the
-        updated cache as a second output when a cache is given."""
+        Returns logits [B, T, V] float32, or the final-norm hidden states [B, T, D] with `return_hidden`.
+        Decoding with a KV cache: llama2_jax.decode (the same blocks and parameters)."""
         cfg = self.config
         if positions is None:
-            positions = default_positions(tokens, cache_index)
-        if cache is not None and cache_index is None:
-            cache_index = jnp.zeros((), jnp.int32)
-        hidden, new_cache = run_trunk(cfg, tokens, positions, segment_ids, cache, cache_index)
+            positions = default_positions(tokens)
+        hidden = run_trunk(cfg, tokens, positions, segment_ids)
         if return_hidden:
-            out = hidden
-        else:
-            kernel = _param(self, "output", (cfg.dim, cfg.vocab_size), (sh.EMBED, sh.VOCAB))
-            out = project(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)  # [B, T, V]
-            out = sh.constrain(out, (sh.BATCH, sh.LENGTH, sh.VOCAB))
-        return out if cache is None else (out, new_cache)
+            return hidden
+        kernel = _param(self, "output", (cfg.dim, cfg.vocab_size), (sh.EMBED, sh.VOCAB))
+        out = project(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)  # [B, T, V]
+        return sh.constrain(out, (sh.BATCH, sh.LENGTH, sh.VOCAB))
 
 
 def cache_length_axis(name: str) -> int:
-    """The slot axis of a per-layer cache buffer ("k" or "v", KV_CACHE_AXES); one more in the stacked cache."""
+    """The slot axis of a per-layer cache buffer ("k" or "v", KV_CACHE_AXES)."""
     return KV_CACHE_AXES[name].index(sh.LENGTH)
 
 
@@ -247,11 +235,16 @@ def layer_cache_shape(cfg: LlamaConfig, name: str, batch: int, max_len: int) -> 
     return tuple(sizes[axis] for axis in KV_CACHE_AXES[name])
 
 
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """Zeroed KV cache {"k": [L, B, K, H, max_len], "v": [L, B, K, max_len, H]} in the compute dtype."""
-    dtype = jnp.dtype(dtype or cfg.dtype)
-    return {name: jnp.zeros((cfg.n_layers,) + layer_cache_shape(cfg, name, batch, max_len), dtype)
-            for name in KV_CACHE_AXES}
+def write_cache(buffer: Array, new: Array, cache_index, axis: int) -> Array:
+    """buffer (one layer's "k" or "v", KV_CACHE_AXES) with `new` (same layout, T slots) written at slots
+    cache_index .. cache_index + T - 1 along `axis`: a scalar index (every row; an in-place dynamic-update-slice) or
+    [B] indices (one per row, for decode slots at different positions)."""
+    new = new.astype(buffer.dtype)
+    cache_index = jnp.asarray(cache_index, jnp.int32)
+    if cache_index.ndim == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buffer, new, cache_index, axis=axis)
+    write_row = lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=axis - 1)
+    return jax.vmap(write_row)(buffer, new, cache_index)
 
 
 def stack_layers(params: dict, n_layers: int) -> dict:

@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from llama2_jax import generate, losses, rlhf
+from llama2_jax import decode, losses, rlhf
 from llama2_jax.model import Llama
 from llama2_jax.score_model import ScoreModel
 
@@ -55,9 +55,9 @@ def map_chunks(fn, inputs, rows: int):
 
 
 def rollout(policy_params, prompt_tokens, prompt_lens, rng, *, cfg, settings: Settings, mesh) -> dict:
-    """Sample one response per prompt: {"tokens" [B, S], "prompt_lens", "lengths", "done"} (generate.sample)."""
+    """Sample one response per prompt: {"tokens" [B, S], "prompt_lens", "lengths", "done"} (decode.sample)."""
     def sample_chunk(chunk):
-        return generate.sample(policy_params, cfg, chunk["tokens"], chunk["lens"], chunk["rng"][0],
+        return decode.sample(policy_params, cfg, chunk["tokens"], chunk["lens"], chunk["rng"][0],
                                max_gen_len=settings.max_gen_len, temperature=settings.temperature,
                                top_p=settings.top_p, eos_id=settings.eos_id, mesh=mesh)
 

@@ -71,7 +71,7 @@ class ScoreModel(nn.Module):
         cfg = self.config
         if positions is None:
             positions = default_positions(tokens)
-        hidden, _ = run_trunk(cfg, tokens, positions, segment_ids, None, None)  # [B, T, D]
+        hidden = run_trunk(cfg, tokens, positions, segment_ids)  # [B, T, D]
         head = ScoreHead(cfg, self.head_init_std, name=HEAD)
         if lengths is None:
             batch, length, dim = hidden.shape

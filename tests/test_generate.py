@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax import chat, chat_repl
+from llama2_jax import chat, decode, sampling
 from llama2_jax import generate as gen
 from llama2_jax import sharding as sh
+from llama2_jax.cli import chat as chat_cli
+from llama2_jax.cli import generate as generate_cli
 from llama2_jax.config import LlamaConfig
-from llama2_jax.model import Llama, init_cache, stack_layers
+from llama2_jax.model import Llama, stack_layers
 
 CFG = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=96,
                   dtype="float32")
@@ -61,13 +63,13 @@ def prefill_then_steps(apply, params, tokens, cache, prefill_len=5) -> np.ndarra
 
 
 def sampler_forward(params, cfg, tokens, caches, index):
-    """The sampler's own forward pass (per-layer caches built from the model's blocks) -> (logits, caches)."""
-    params = gen.layer_params(params, cfg)
-    hidden, caches = gen.decode_forward(params, cfg, tokens, caches, index)
-    return gen._project(params, hidden), caches
+    """The one cached forward pass (per-layer caches built from the model's blocks) -> (logits, caches)."""
+    params = decode.layer_params(params, cfg)
+    hidden, caches = decode.decode_forward(params, cfg, tokens, caches, index)
+    return decode.project_logits(params, hidden), caches
 
 
-@pytest.mark.parametrize("n_kv_heads,scan,check_model,dtype", [
+@pytest.mark.parametrize("n_kv_heads,scan,per_row_index,dtype", [
     pytest.param(4, False, True, "float32", id="mha-unrolled"),
     pytest.param(2, True, False, "float32", id="gqa-scan"),
     pytest.param(2, False, False, "bfloat16", id="gqa-bf16"),
@@ -75,10 +77,10 @@ def sampler_forward(params, cfg, tokens, caches, index):
     pytest.param(4, True, True, "float32", id="mha-scan", marks=pytest.mark.slow),
     pytest.param(2, False, True, "float32", id="gqa-unrolled", marks=pytest.mark.slow),
 ])
-def test_cached_decoding_matches_full_forward(n_kv_heads, scan, check_model, dtype):
-    """Prefill + single-token steps with a KV cache give the full forward pass's logits: the sampler's per-layer
-    caches and (check_model) the model's own cache API; in bfloat16 (the GPU dtype: cache and compute) within a few
-    bfloat16 roundings."""
+def test_cached_decoding_matches_full_forward(n_kv_heads, scan, per_row_index, dtype):
+    """Prefill + single-token steps with a KV cache (decode.decode_forward, the only cached path) give the full
+    forward pass's logits: with a scalar cache index (batch decoding) and (per_row_index) with one index per row
+    (decode slots); in bfloat16 (the GPU dtype: cache and compute) within a few bfloat16 roundings."""
     cfg = CFG.replace(n_kv_heads=n_kv_heads, scan_layers=scan, dtype=dtype)
     params = init_params(cfg, seed=1)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 12)))
@@ -87,17 +89,17 @@ def test_cached_decoding_matches_full_forward(n_kv_heads, scan, check_model, dty
     tolerance = dict(rtol=scale, atol=scale * np.abs(expected).max())
     ours = jax.jit(functools.partial(sampler_forward, cfg=cfg))
     np.testing.assert_allclose(prefill_then_steps(
-        lambda p, x, c, i: ours(p, tokens=x, caches=c, index=i), params, tokens, gen.init_layer_caches(cfg, 2, 16)),
+        lambda p, x, c, i: ours(p, tokens=x, caches=c, index=i), params, tokens, decode.init_layer_caches(cfg, 2, 16)),
         expected, **tolerance)
-    if check_model:
-        model_apply = jax.jit(lambda p, x, cache, i: Llama(cfg).apply({"params": p}, x, cache=cache, cache_index=i))
-        np.testing.assert_allclose(prefill_then_steps(model_apply, params, tokens, init_cache(cfg, 2, 16)), expected,
-                                   **tolerance)
+    if per_row_index:  # the same index in a [B] array: the per-row cache write and attention mask of decode slots
+        per_row = lambda p, x, c, i: ours(p, tokens=x, caches=c, index=jnp.full((x.shape[0],), i))
+        np.testing.assert_allclose(prefill_then_steps(per_row, params, tokens, decode.init_layer_caches(cfg, 2, 16)),
+                                   expected, **tolerance)
 
 
 def test_kv_cache_shardings_follow_logical_rules():
     mesh = sh.make_mesh(data=2, fsdp=2, tensor=2)
-    shardings = gen.kv_cache_shardings(mesh, CFG.n_layers)
+    shardings = decode.kv_cache_shardings(mesh, CFG.n_layers)
     assert len(shardings) == CFG.n_layers
     # k [B, K, H, S], v [B, K, S, H]: batch over the data axes, KV heads over tensor
     assert shardings[0]["k"].spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
@@ -133,7 +135,7 @@ def test_greedy_matches_hf_generate():
 
 
 def meta_top_p(probs: np.ndarray, p: float) -> np.ndarray:
-    """The spec's sample_top_p as a distribution over the vocabulary (float64, numpy)."""
+    """Meta's sample_top_p (llama/generation.py) as a distribution over the vocabulary (float64, numpy)."""
     order = np.argsort(-probs, kind="stable")
     sorted_probs = probs[order]
     kept = np.where(np.cumsum(sorted_probs) - sorted_probs > p, 0.0, sorted_probs)
@@ -144,7 +146,7 @@ def meta_top_p(probs: np.ndarray, p: float) -> np.ndarray:
 
 def draw(logits, temperature, top_p, n=20000, seed=0) -> np.ndarray:
     keys = jax.random.split(jax.random.PRNGKey(seed), n)
-    one = lambda key: gen.choose_next(key, jnp.asarray(logits)[None], temperature, top_p)[0]
+    one = lambda key: sampling.choose_next(key, jnp.asarray(logits)[None], temperature, top_p)[0]
     return np.asarray(jax.jit(jax.vmap(one))(keys))
 
 
@@ -169,7 +171,7 @@ def test_top_token_always_kept():
 
 def test_temperature_zero_is_argmax():
     logits = jax.random.normal(jax.random.PRNGKey(3), (5, 1000))
-    chosen = gen.choose_next(jax.random.PRNGKey(0), logits, 0.0, 0.9)
+    chosen = sampling.choose_next(jax.random.PRNGKey(0), logits, 0.0, 0.9)
     np.testing.assert_array_equal(chosen, np.argmax(logits, axis=-1))
 
 
@@ -192,7 +194,7 @@ def test_prompts_kept_and_buffer_filled_to_meta_total_len(params):
     assert out["tokens"].shape == (4, 64 + GEN_LEN)
     for row, prompt in zip(out["tokens"], PROMPTS):
         assert row[: len(prompt)].tolist() == prompt
-        assert np.all(row[len(prompt): total] >= 0) and np.all(row[total:] == gen.META_PAD_ID)
+        assert np.all(row[len(prompt): total] >= 0) and np.all(row[total:] == decode.META_PAD_ID)
     np.testing.assert_array_equal(out["lengths"], [GEN_LEN] * 4)
     assert not out["done"].any()
 
@@ -218,7 +220,7 @@ def test_eos_stops_rows_and_exits_early(params):
     out = run_sample(params, [PROMPTS[0]] * 4, eos_id=eos)
     assert out["done"].all()
     first_eos = len(PROMPTS[0]) + out["lengths"][0]
-    assert np.all(out["tokens"][:, first_eos + 1:] == gen.META_PAD_ID)
+    assert np.all(out["tokens"][:, first_eos + 1:] == decode.META_PAD_ID)
 
 
 def test_eos_inside_the_prompt_does_not_stop(params):
@@ -260,25 +262,25 @@ def test_logprobs_match_full_forward(params):
 def test_chunked_decoding_matches_one_call(params):
     """Streaming (decode_steps in chunks of 3, state carried) draws exactly the tokens of one sample() call."""
     one = run_sample(params, PROMPTS, temperature=1.0, rng=7)
-    tokens, lens = gen.pad_prompts(PROMPTS, gen.META_PAD_ID, CFG.max_seq_len)
-    state = gen.init_decode_jit(params, CFG, jnp.asarray(tokens), jnp.asarray(lens), jax.random.PRNGKey(7),
-                                max_gen_len=GEN_LEN, temperature=1.0, top_p=0.9, eos_id=NO_EOS)
-    while int(state["pos"]) < int(state["end"]):
-        before = int(state["pos"])
-        state = gen.decode_steps_jit(params, CFG, state, max_steps=3)
-        assert int(state["pos"]) - before <= 3
-    np.testing.assert_array_equal(state["tokens"], one["tokens"])
+    tokens, lens = gen.pad_prompts(PROMPTS, decode.META_PAD_ID, CFG.max_seq_len)
+    state = decode.init_decode_jit(params, CFG, jnp.asarray(tokens), jnp.asarray(lens), jax.random.PRNGKey(7),
+                                   max_gen_len=GEN_LEN, temperature=1.0, top_p=0.9, eos_id=NO_EOS)
+    while int(state.pos) < int(state.end):
+        before = int(state.pos)
+        state = decode.decode_steps_jit(params, CFG, state, max_steps=3)
+        assert int(state.pos) - before <= 3
+    np.testing.assert_array_equal(state.tokens, one["tokens"])
 
 
 def test_cache_prefix_segments_match_one_loop(params, monkeypatch):
     """Decoding in loops over growing cache prefixes (12, 20, 40, 74 slots here; this shape otherwise runs one loop
     over all 74) draws the same tokens with the same log-probabilities."""
     one = run_sample(params, PROMPTS, logprobs=True, temperature=1.0, rng=3)
-    monkeypatch.setattr(gen, "SEGMENT_ROUND", 4)
-    assert gen.cache_segments(74) == [12, 20, 40, 74]
-    segmented = jax.jit(lambda p, t, n, r: gen.sample(p, CFG, t, n, r, max_gen_len=GEN_LEN, temperature=1.0,
-                                                      top_p=0.9, eos_id=NO_EOS, logprobs=True))
-    tokens, lens = gen.pad_prompts(PROMPTS, gen.META_PAD_ID, CFG.max_seq_len)
+    monkeypatch.setattr(decode, "SEGMENT_ROUND", 4)
+    assert decode.cache_segments(74) == [12, 20, 40, 74]
+    segmented = jax.jit(lambda p, t, n, r: decode.sample(p, CFG, t, n, r, max_gen_len=GEN_LEN, temperature=1.0,
+                                                         top_p=0.9, eos_id=NO_EOS, logprobs=True))
+    tokens, lens = gen.pad_prompts(PROMPTS, decode.META_PAD_ID, CFG.max_seq_len)
     out = segmented(params, jnp.asarray(tokens), jnp.asarray(lens), jax.random.PRNGKey(3))
     np.testing.assert_array_equal(out["tokens"], one["tokens"])
     np.testing.assert_allclose(out["logprobs"], one["logprobs"], rtol=1e-5, atol=1e-5)
@@ -298,11 +300,11 @@ def test_decode_loop_updates_the_kv_cache_in_place(params):
     """No copy of a cache-sized buffer inside the compiled decode loops. Each such copy costs a full pass over a
     layer's cache per step; they came back whenever attention read the cache after the step's write or the jit
     lacked DECODE_COMPILER_OPTIONS (benchmarks/RESULTS.md, session 3)."""
-    tokens, lens = gen.pad_prompts(PROMPTS, gen.META_PAD_ID, CFG.max_seq_len)
-    hlo = gen.sample_jit.lower(params, CFG, jnp.asarray(tokens), jnp.asarray(lens), jax.random.PRNGKey(0),
-                               max_gen_len=GEN_LEN, temperature=0.0, top_p=0.9, eos_id=NO_EOS).compile().as_text()
-    size = min(CFG.max_seq_len, tokens.shape[1] + GEN_LEN)  # the buffer length S (gen.init_decode)
-    smallest_cache = len(PROMPTS) * CFG.n_kv_heads * CFG.head_dim * min(gen.cache_segments(size))
+    tokens, lens = gen.pad_prompts(PROMPTS, decode.META_PAD_ID, CFG.max_seq_len)
+    hlo = decode.sample_jit.lower(params, CFG, jnp.asarray(tokens), jnp.asarray(lens), jax.random.PRNGKey(0),
+                                  max_gen_len=GEN_LEN, temperature=0.0, top_p=0.9, eos_id=NO_EOS).compile().as_text()
+    size = min(CFG.max_seq_len, tokens.shape[1] + GEN_LEN)  # the buffer length S (decode.init_decode)
+    smallest_cache = len(PROMPTS) * CFG.n_kv_heads * CFG.head_dim * min(decode.cache_segments(size))
     bodies = [body for body in while_bodies(hlo) if "dynamic-update-slice" in body]
     assert bodies, "no decode loop found in the compiled sample"
     for body in bodies:
@@ -329,12 +331,12 @@ def mesh_and_shardings():
 
 def test_sample_inside_jit_on_a_sharded_mesh(params):
     mesh, shardings = mesh_and_shardings()
-    tokens, lens = gen.pad_prompts(PROMPTS, gen.META_PAD_ID, CFG.max_seq_len)
+    tokens, lens = gen.pad_prompts(PROMPTS, decode.META_PAD_ID, CFG.max_seq_len)
 
     @jax.jit
     def step(p, tokens, lens, rng):  # e.g. inside a PPO step
-        return gen.sample(p, CFG, tokens, lens, rng, max_gen_len=GEN_LEN, temperature=1.0, top_p=0.9,
-                          eos_id=NO_EOS, mesh=mesh)
+        return decode.sample(p, CFG, tokens, lens, rng, max_gen_len=GEN_LEN, temperature=1.0, top_p=0.9,
+                             eos_id=NO_EOS, mesh=mesh)
 
     batch = jax.device_put(jnp.asarray(tokens), sh.batch_sharding(mesh))
     out = step(jax.device_put(params, shardings), batch, jnp.asarray(lens), jax.random.PRNGKey(2))
@@ -346,12 +348,12 @@ def test_sample_inside_jit_on_a_sharded_mesh(params):
 @pytest.mark.slow
 def test_kv_cache_is_sharded_inside_jit(params):
     mesh, shardings = mesh_and_shardings()
-    tokens, lens = gen.pad_prompts(PROMPTS, gen.META_PAD_ID, CFG.max_seq_len)
-    state = gen.init_decode_jit(jax.device_put(params, shardings), CFG, jnp.asarray(tokens), jnp.asarray(lens),
-                                jax.random.PRNGKey(2), max_gen_len=GEN_LEN, eos_id=NO_EOS, mesh=mesh)
-    state = gen.decode_steps_jit(params, CFG, state, mesh=mesh)
-    expected = gen.kv_cache_shardings(mesh, CFG.n_layers)
-    for layer, layer_expected in zip(state["cache"], expected):
+    tokens, lens = gen.pad_prompts(PROMPTS, decode.META_PAD_ID, CFG.max_seq_len)
+    state = decode.init_decode_jit(jax.device_put(params, shardings), CFG, jnp.asarray(tokens), jnp.asarray(lens),
+                                   jax.random.PRNGKey(2), max_gen_len=GEN_LEN, eos_id=NO_EOS, mesh=mesh)
+    state = decode.decode_steps_jit(params, CFG, state, mesh=mesh)
+    expected = decode.kv_cache_shardings(mesh, CFG.n_layers)
+    for layer, layer_expected in zip(state.cache, expected):
         for name in ("k", "v"):
             assert layer[name].sharding.is_equivalent_to(layer_expected[name], 4)
 
@@ -401,8 +403,7 @@ DIALOG = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y
 
 def test_streamed_reply_matches_chat_completion(params):
     tok = AsciiTokenizer()
-    pieces = list(chat_repl.stream_reply(params, CFG, tok, DIALOG, rng=0, max_gen_len=GEN_LEN, temperature=0.0,
-                                         chunk=3))
+    pieces = list(gen.stream_reply(params, CFG, tok, DIALOG, rng=0, max_gen_len=GEN_LEN, temperature=0.0, chunk=3))
     assert len(pieces) >= 3  # streamed in several pieces
     dialogs = [DIALOG, DIALOG[:1], DIALOG[2:], [{"role": "user", "content": "other"}]]  # batch of 4: shared shape
     expected = gen.chat_completion(params, CFG, tok, dialogs, max_gen_len=GEN_LEN, temperature=0.0)[0]
@@ -412,8 +413,8 @@ def test_streamed_reply_matches_chat_completion(params):
 def test_repl_keeps_history_and_resets(params):
     lines = iter(["hi", "say [INST] again", "how are you", "/reset", "hi", "/exit"])
     out = io.StringIO()
-    dialog = chat_repl.run_repl(params, CFG, AsciiTokenizer(), system="be brief", max_gen_len=GEN_LEN,
-                                temperature=0.0, chunk=3, read=lambda prompt: next(lines), out=out)
+    dialog = chat_cli.run_repl(params, CFG, AsciiTokenizer(), system="be brief", max_gen_len=GEN_LEN,
+                               temperature=0.0, chunk=3, read=lambda prompt: next(lines), out=out)
     assert [m["role"] for m in dialog] == ["system", "user", "assistant"] and dialog[1]["content"] == "hi"
     text = out.getvalue()
     assert text.count("assistant> ") == 4 and "special tags are not allowed" in text
@@ -423,10 +424,10 @@ def test_fit_history_drops_oldest_pairs():
     tok = AsciiTokenizer()
     dialog = [{"role": "system", "content": "s"}] + [
         {"role": role, "content": f"{role} {i}"} for i in range(3) for role in ("user", "assistant")][:-1]
-    fitted = chat_repl.fit_history(tok, dialog, len(chat.encode_dialog(tok, dialog)) - 1)
+    fitted = chat_cli.fit_history(tok, dialog, len(chat.encode_dialog(tok, dialog)) - 1)
     assert fitted == dialog[:1] + dialog[3:]
     with pytest.raises(ValueError, match="does not fit"):
-        chat_repl.fit_history(tok, dialog, 5)
+        chat_cli.fit_history(tok, dialog, 5)
 
 
 @pytest.mark.slow
@@ -435,13 +436,13 @@ def test_command_lines(tmp_path, llama_tokenizer_path, monkeypatch, capsys):
     cfg = CFG.replace(vocab_size=32000)
     checkpoint.save_params(tmp_path / "ckpt", init_params(cfg, seed=3), cfg)
     flags = [f"--checkpoint={tmp_path / 'ckpt'}", f"--tokenizer={llama_tokenizer_path}", "--max_gen_len=5"]
-    gen.main(flags + ["--prompt=Once upon a time", "--temperature=0"])
+    generate_cli.main(flags + ["--prompt=Once upon a time", "--temperature=0"])
     completion = capsys.readouterr().out
-    gen.main(flags + ["--prompt=Once upon a time", "--temperature=0", "--echo"])
+    generate_cli.main(flags + ["--prompt=Once upon a time", "--temperature=0", "--echo"])
     echoed = capsys.readouterr().out
     assert echoed.startswith("Once upon a time") and not completion.startswith("Once upon a time")
     assert completion.strip() and completion.strip() in echoed  # the same greedy completion, prompt in front
     lines = iter(["Hello there", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
-    chat_repl.main(flags + ["--system=be brief", "--top_p=0.5"])
+    chat_cli.main(flags + ["--system=be brief", "--top_p=0.5"])
     assert "assistant> " in capsys.readouterr().out

@@ -188,10 +188,10 @@ class ModelSampler:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    from llama2_jax import generate
+    from llama2_jax.cli.common import add_sampling_flags, check_sampling_flags
 
     parser = argparse.ArgumentParser(prog="python -m train.gatt", description=__doc__.split("\n")[0])
-    generate.add_sampling_flags(parser)  # --checkpoint --tokenizer --max_gen_len --temperature --top_p --seed
+    add_sampling_flags(parser)  # --checkpoint --tokenizer --max_gen_len --temperature --top_p --seed --dtype
     parser.set_defaults(max_gen_len=256)
     parser.add_argument("--dialogs", required=True, help="multi-turn dialogs (any format of read_dialogs)")
     parser.add_argument("--format", default="auto", help="dialog file format (default: detected)")
@@ -203,7 +203,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--terse_probability", type=float, default=0.5, help="share of terse training instructions")
     parser.add_argument("--batch_size", type=int, default=16, help="dialogs per sampling call")
     parser.add_argument("--min_reply_tokens", type=int, default=16, help="stop a dialog when less context is left")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_sampling_flags(args)  # one-line errors, exit 1; fills in the default --dtype
+    return args
 
 
 def write_jsonl(path: str, records: Sequence[dict]) -> None:
@@ -214,7 +216,7 @@ def write_jsonl(path: str, records: Sequence[dict]) -> None:
 
 def load_inputs(args: argparse.Namespace):
     """(dialogs, params, LlamaConfig, tokenizer) for the CLI; bad input raises a one-line ConfigError naming the flag."""
-    from llama2_jax import generate
+    from llama2_jax.cli.common import load_model
     from llama2_jax.data.dialogs import read_dialogs
     from llama2_jax.tokenizer import check_vocab
     from train import common
@@ -224,7 +226,7 @@ def load_inputs(args: argparse.Namespace):
     except (ValueError, FileNotFoundError) as error:
         raise common.ConfigError(f"--dialogs: {error}") from None
     try:
-        params, cfg, tokenizer = generate.load_model(args.checkpoint, args.tokenizer)
+        params, cfg, tokenizer = load_model(args.checkpoint, args.tokenizer, args.dtype)
         check_vocab(tokenizer, cfg.vocab_size)
     except (ValueError, FileNotFoundError, OSError) as error:
         raise common.ConfigError(f"--checkpoint / --tokenizer: {error}") from None

@@ -8,7 +8,7 @@ AdamW, and one or two frozen reward models. Everything stays sharded on the mesh
 
 One iteration = three compiled calls (llama2_jax/ppo_rollout.py, and `ppo_update` here), no host round-trip of model outputs between them (only
 scalars come back):
-  1. `rollout`: `generate.sample` inside jit on `batch_size` prompts (policy params as they are on device);
+  1. `rollout`: `decode.sample` inside jit on `batch_size` prompts (policy params as they are on device);
   2. `make_experience`: RM scores of prompt + response (+ EOS when cut; see rlhf.scoring_sequences),
      Rc by the piecewise rule, R̃c = whiten(logit(Rc)) over the batch, log πθ, log π0, values, per-token rewards
      -β·KL + R̃c at the last token, GAE, whitened advantages (llama2_jax.rlhf documents every choice);
@@ -40,7 +40,7 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
-from llama2_jax import generate, losses, score_model
+from llama2_jax import decode, generate, losses, score_model
 from llama2_jax import ppo_rollout
 from llama2_jax.model import Llama
 from llama2_jax import sharding as sh
@@ -222,7 +222,7 @@ def compile_phases(config, cfg, value_cfg, score_fns, settings: ppo_rollout.Sett
     and update trace with the model's activations pinned to the rules table; the sampler shards its own buffers."""
     bind = functools.partial
     generate_fn = jax.jit(bind(ppo_rollout.rollout, cfg=cfg, settings=settings, mesh=mesh),
-                          compiler_options=generate.DECODE_COMPILER_OPTIONS)
+                          compiler_options=decode.DECODE_COMPILER_OPTIONS)
     experience = bind(ppo_rollout.make_experience, cfg=cfg, value_cfg=value_cfg, score_fns=score_fns,
                       settings=settings)
     experience_fn = jax.jit(sh.with_activation_sharding(experience, mesh))

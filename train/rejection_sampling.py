@@ -5,7 +5,7 @@ r"""Rejection-sampling fine-tuning (paper section 3.2.3): `python -m train.rejec
 Per iteration i = 0 .. iterations - 1:
   1. sample K = `sampling.num_samples` responses per prompt from the current policy (`init_from` for i = 0, then the
      previous iteration's SFT workdir) at `sampling.temperature` (paper: best at T = 1.2-1.3 for 10-100 samples), with
-     the compiled sampler on the mesh (`generate.sample` inside one jit with the reward models);
+     the compiled sampler on the mesh (`decode.sample` inside one jit with the reward models);
   2. score prompt + response (+ EOS, appended to responses cut at max_gen_len: the RMs read their score at the EOS
      that ends an answer) with the reward model(s): with both RMs, the piecewise rule of PPO (`rlhf.combine_rewards`:
      the safety score where the prompt is tagged `is_safety` or the safety score is < 0.15, else the helpful score);
@@ -44,7 +44,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from llama2_jax import checkpoint as param_checkpoint
-from llama2_jax import generate, rlhf
+from llama2_jax import decode, generate, rlhf
 from llama2_jax import sharding as sh
 from llama2_jax.model import abstract_params
 from train import common
@@ -56,7 +56,7 @@ def sample_and_score(policy_params, reward_params, prompt_tokens, prompt_lens, i
                      score_fns, max_gen_len: int, temperature: float, top_p: float, eos_id: int, threshold: float,
                      mesh) -> dict[str, jax.Array]:
     """One batch, pure: sample, then score. Returns tokens [B, S], lengths [B] and the scores [B]."""
-    out = generate.sample(policy_params, cfg, prompt_tokens, prompt_lens, rng, max_gen_len=max_gen_len,
+    out = decode.sample(policy_params, cfg, prompt_tokens, prompt_lens, rng, max_gen_len=max_gen_len,
                           temperature=temperature, top_p=top_p, eos_id=eos_id, mesh=mesh)
     ids, lengths = rlhf.scoring_sequences(out["tokens"], out["prompt_lens"], out["lengths"], eos_id)
     scores = rlhf.score_sequences(score_fns, reward_params, ids, lengths, is_safety, threshold)
@@ -200,7 +200,7 @@ def make_sampler(config, cfg, score_fns, eos_id: int, mesh):
     return jax.jit(functools.partial(
         sample_and_score, cfg=cfg, score_fns=score_fns, max_gen_len=s.max_gen_len, temperature=s.temperature,
         top_p=s.top_p, eos_id=eos_id, threshold=config.reward.safety_threshold, mesh=mesh),
-        compiler_options=generate.DECODE_COMPILER_OPTIONS)
+        compiler_options=decode.DECODE_COMPILER_OPTIONS)
 
 
 def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, rlhf.ScoreFn]] = None,

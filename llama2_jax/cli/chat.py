@@ -1,13 +1,13 @@
-"""Interactive multi-turn chat with a Llama 2 chat model, streaming each reply as it is decoded.
+"""`python -m llama2_jax.chat`: interactive multi-turn chat with a Llama 2 chat model, streaming each reply.
 
   python -m llama2_jax.chat --checkpoint=DIR --tokenizer=PATH [--system="You are a pirate."]
-      [--temperature=0.6 --top_p=0.9 --max_gen_len=N --seed=1 --chunk=16]
+      [--temperature=0.6 --top_p=0.9 --max_gen_len=N --seed=1 --chunk=16 --dtype=float32]
 
 The dialog history is kept and re-encoded every turn in Meta's format (chat.encode_dialog); when it no longer fits in
 max_seq_len the oldest (user, assistant) pairs are dropped (the system message stays). Replies are decoded `chunk`
-tokens per compiled call (generate.decode_steps), the KV cache staying on the device between calls, and printed as
-they come. Commands: /reset clears the history, /exit (or Ctrl-D) quits. A message containing Meta's special tags is
-answered with chat.UNSAFE_ERROR and not added to the history.
+tokens per compiled call (generate.stream_reply) and printed as they come. Commands: /reset clears the history, /exit
+(or Ctrl-D) quits. A message containing Meta's special tags is answered with chat.UNSAFE_ERROR and not added to the
+history.
 """
 
 from __future__ import annotations
@@ -15,48 +15,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from typing import Callable, Iterator, Optional, Sequence, TextIO
+from typing import Callable, Optional, Sequence, TextIO
 
 import jax
-import jax.numpy as jnp
 
 from llama2_jax import chat
-from llama2_jax import generate as gen
+from llama2_jax.cli.common import add_sampling_flags, check_sampling_flags, fail, load_model_or_exit
 from llama2_jax.config import LlamaConfig
+from llama2_jax.generate import stream_reply
+from llama2_jax.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 MIN_REPLY_TOKENS = 64  # history is trimmed to leave min(this, max_gen_len) tokens for the reply
 DEFAULT_CHUNK = 16
-
-
-def reply_tokens(tokens, prompt_len: int, pos: int, max_gen_len: int, eos_id: int) -> list[int]:
-    """The reply so far: row tokens [prompt_len, min(pos, prompt_len + max_gen_len)), cut before the first EOS."""
-    row = [int(t) for t in tokens[prompt_len: min(pos, prompt_len + max_gen_len)]]
-    return row[: row.index(eos_id)] if eos_id in row else row
-
-
-def stream_reply(params: dict, cfg: LlamaConfig, tokenizer, dialog: chat.Dialog, *, rng,
-                 max_gen_len: Optional[int] = None, temperature: float = gen.DEFAULT_TEMPERATURE,
-                 top_p: float = gen.DEFAULT_TOP_P, chunk: int = DEFAULT_CHUNK) -> Iterator[str]:
-    """Yield the assistant's reply to `dialog` (ending with a user message) as text pieces, `chunk` tokens at a time.
-    The pieces concatenate to what `generate.chat_completion` answers for the same dialog and rng."""
-    prompt = chat.encode_dialog(tokenizer, dialog)
-    max_gen_len = cfg.max_seq_len - 1 if max_gen_len is None else max_gen_len
-    tokens, lens = gen.pad_prompts([prompt], gen.META_PAD_ID, cfg.max_seq_len)
-    state = gen.init_decode_jit(params, cfg, jnp.asarray(tokens), jnp.asarray(lens), gen.prng_key(rng),
-                                max_gen_len=max_gen_len, temperature=temperature, top_p=top_p,
-                                eos_id=tokenizer.eos_id)
-    shown = ""
-    while True:
-        pos, end, done = (int(x) for x in jax.device_get((state["pos"], state["end"], state["done"][0])))
-        finished = done or pos >= end
-        text = tokenizer.decode(reply_tokens(jax.device_get(state["tokens"][0]), len(prompt), pos, max_gen_len,
-                                             tokenizer.eos_id))
-        if not text.endswith("\ufffd") or finished:  # hold back a character whose bytes are still arriving
-            yield text[len(shown):]
-            shown = text
-        if finished:
-            return
-        state = gen.decode_steps_jit(params, cfg, state, max_steps=chunk)
 
 
 def fit_history(tokenizer, dialog: list[dict], max_prompt_len: int) -> list[dict]:
@@ -72,8 +42,8 @@ def fit_history(tokenizer, dialog: list[dict], max_prompt_len: int) -> list[dict
 
 
 def run_repl(params: dict, cfg: LlamaConfig, tokenizer, *, system: Optional[str] = None, seed: int = 1,
-             max_gen_len: Optional[int] = None, temperature: float = gen.DEFAULT_TEMPERATURE,
-             top_p: float = gen.DEFAULT_TOP_P, chunk: int = DEFAULT_CHUNK,
+             max_gen_len: Optional[int] = None, temperature: float = DEFAULT_TEMPERATURE,
+             top_p: float = DEFAULT_TOP_P, chunk: int = DEFAULT_CHUNK,
              read: Optional[Callable[[str], str]] = None, out: Optional[TextIO] = None) -> list[dict]:
     """The chat loop: read a line (default `input`), answer it with a streamed reply (default to stdout). Returns the
     final dialog (for tests)."""
@@ -115,13 +85,22 @@ def run_repl(params: dict, cfg: LlamaConfig, tokenizer, *, system: Optional[str]
     return dialog
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The flags, checked (`error: ...` and exit 1 on a bad value)."""
     parser = argparse.ArgumentParser(prog="python -m llama2_jax.chat", description=__doc__.split("\n")[0])
-    gen.add_sampling_flags(parser)
+    add_sampling_flags(parser)
     parser.add_argument("--system", default=None, help="system message (Meta uses none by default)")
-    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="tokens decoded per compiled call")
+    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="tokens decoded per compiled call (>= 1)")
     args = parser.parse_args(argv)
-    params, cfg, tokenizer = gen.load_model(args.checkpoint, args.tokenizer)
+    check_sampling_flags(args)
+    if args.chunk < 1:
+        fail(f"--chunk must be >= 1, got {args.chunk}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    params, cfg, tokenizer = load_model_or_exit(args)
     run_repl(params, cfg, tokenizer, system=args.system, seed=args.seed, max_gen_len=args.max_gen_len,
              temperature=args.temperature, top_p=args.top_p, chunk=args.chunk)
 

@@ -1,0 +1,71 @@
+"""Flags and model loading shared by the generation and chat command lines (and train.gatt)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+import jax
+
+from llama2_jax.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_max_gen_len, check_sampling
+
+DTYPES = ("float32", "bfloat16")
+
+
+def default_dtype() -> str:
+    """float32 on CPU (exact, and XLA:CPU has no fast bfloat16 matmuls), bfloat16 on GPU/TPU."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --tokenizer, --max_gen_len, --temperature, --top_p, --seed, --dtype."""
+    parser.add_argument("--checkpoint", required=True, help="converted checkpoint dir or trainer workdir")
+    parser.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
+    parser.add_argument("--max_gen_len", type=int, default=None, help="default: max_seq_len - 1")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
+    parser.add_argument("--top_p", type=float, default=DEFAULT_TOP_P)
+    parser.add_argument("--seed", type=int, default=1, help="Meta fixes the seed at 1")
+    parser.add_argument("--dtype", default=None,
+                        help=f"compute and weight dtype, one of {', '.join(DTYPES)} (default: float32 on CPU, "
+                             "bfloat16 on GPU/TPU)")
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: message` to stderr and exit with status 1."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """Exit with `error: --flag ...` unless max_gen_len >= 0, temperature >= 0, 0 < top_p <= 1 and --dtype is known;
+    fills in the default dtype. Call before loading anything."""
+    try:
+        if args.max_gen_len is not None:
+            check_max_gen_len(args.max_gen_len, name="--max_gen_len")
+        check_sampling(args.temperature, args.top_p)
+    except ValueError as error:
+        fail(str(error) if str(error).startswith("--") else f"--{error}")
+    if args.dtype is None:
+        args.dtype = default_dtype()
+    if args.dtype not in DTYPES:
+        fail(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+
+
+def load_model(checkpoint: str, tokenizer_path: str, dtype: str | None = None):
+    """(params on the device, LlamaConfig, Tokenizer) from a checkpoint dir and a tokenizer file. `dtype` (default
+    `default_dtype()`) is both the compute dtype and the dtype the weights are read in."""
+    from llama2_jax.checkpoint import load_config, load_params
+    from llama2_jax.tokenizer import Tokenizer
+
+    dtype = dtype or default_dtype()
+    params, cfg = load_params(checkpoint, load_config(checkpoint).replace(dtype=dtype, param_dtype=dtype))
+    return jax.device_put(params), cfg, Tokenizer(tokenizer_path)
+
+
+def load_model_or_exit(args: argparse.Namespace):
+    """`load_model` for a command line: a missing or malformed checkpoint or tokenizer exits with `error: ...`."""
+    try:
+        return load_model(args.checkpoint, args.tokenizer, args.dtype)
+    except (OSError, ValueError) as error:
+        fail(str(error))

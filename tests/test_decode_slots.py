@@ -1,0 +1,114 @@
+"""Decode slots (decode.prefill / insert / generate_step): independent requests at their own positions in one batch
+decode the same greedy tokens as `decode.sample` does for each prompt alone."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_generate import CFG, GEN_LEN, NO_EOS, PROMPTS, init_params
+
+from llama2_jax import decode
+from llama2_jax import generate as gen
+
+N_SLOTS = 3
+WIDTH = 16  # the prefill bucket of every prompt here (one prefill compilation)
+MAX_LEN = 40  # the slots' cache length: >= WIDTH, and >= the longest prompt + GEN_LEN
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG)
+
+
+def reference_tokens(params, prompt, eos_id=NO_EOS) -> list[int]:
+    """The greedy continuation `sample` keeps for the prompt (Meta's output rule)."""
+    return gen.generate(params, CFG, [prompt], max_gen_len=GEN_LEN, temperature=0.0, eos_id=eos_id)[0]
+
+
+def prefix_of(params, prompt):
+    tokens = np.full((WIDTH,), decode.META_PAD_ID, np.int32)
+    tokens[: len(prompt)] = prompt
+    return decode.prefill_jit(params, CFG, jnp.asarray(tokens), len(prompt))
+
+
+def slot_tokens(state, slot, eos_id=NO_EOS) -> list[int]:
+    """The tokens slot `slot` generated, cut before EOS as Meta's output rule does."""
+    start, stop = int(state.prompt_lens[slot]), int(state.pos[slot])
+    row = np.asarray(state.tokens[slot, start:stop]).tolist()
+    return row[: row.index(eos_id)] if eos_id in row else row
+
+
+def run_requests(params, arrivals, eos_id=NO_EOS):
+    """Serve prompts arriving at given steps ({step: prompt}) with N_SLOTS slots: insert each into the lowest free
+    slot between steps, step until every slot is free. Returns {prompt index: generated tokens}."""
+    state = decode.init_slots(CFG, N_SLOTS, MAX_LEN, jax.random.PRNGKey(0), temperature=0.0, eos_id=eos_id)
+    assert np.asarray(decode.free_slots(state)).all()
+    owner, results, step = {}, {}, 0
+    while arrivals or owner:
+        for slot in list(owner):
+            if bool(decode.free_slots(state)[slot]):  # finished: hand the tokens back, free the slot
+                results[owner.pop(slot)] = slot_tokens(state, slot, eos_id)
+        for when in sorted(w for w in arrivals if w <= step):
+            free = [s for s in range(N_SLOTS) if s not in owner]
+            if not free:
+                break
+            index, prompt = arrivals.pop(when)
+            state = decode.insert_jit(state, prefix_of(params, prompt), free[0], max_gen_len=GEN_LEN)
+            owner[free[0]] = index
+        state = decode.generate_step_jit(params, CFG, state)
+        step += 1
+        assert step < 100, "slots never finished"
+    return results
+
+
+def test_slots_decode_the_greedy_tokens_of_sample(params):
+    # four prompts of different lengths, arriving at different steps, more requests than slots (one waits)
+    arrivals = {0: (0, PROMPTS[1]), 1: (1, PROMPTS[0]), 3: (2, PROMPTS[2]), 4: (3, PROMPTS[3])}
+    results = run_requests(params, dict(arrivals))
+    assert sorted(results) == [0, 1, 2, 3]
+    for index, prompt in arrivals.values():
+        expected = reference_tokens(params, prompt)
+        assert len(expected) == GEN_LEN
+        assert results[index] == expected, index
+
+
+def test_slot_stops_at_eos_and_is_reused(params):
+    free = reference_tokens(params, PROMPTS[0])
+    eos = free[2]  # the third generated token of prompt 0 becomes EOS
+    arrivals = {0: (0, PROMPTS[0]), 1: (1, PROMPTS[1]), 2: (2, PROMPTS[0]), 3: (3, PROMPTS[2])}
+    results = run_requests(params, dict(arrivals), eos_id=eos)
+    for index, prompt in arrivals.values():
+        assert results[index] == reference_tokens(params, prompt, eos_id=eos), index
+    assert results[0] == free[:2]
+
+
+def test_prefill_logits_match_the_full_forward(params):
+    from test_generate import full_logits
+
+    prompt = PROMPTS[1]
+    prefix = prefix_of(params, prompt)
+    expected = full_logits(params, CFG, np.asarray([prompt]))[0, -1]
+    np.testing.assert_allclose(np.asarray(prefix.logits), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert int(prefix.length) == len(prompt) and prefix.cache[0]["k"].shape == (1, CFG.n_kv_heads, CFG.head_dim, WIDTH)
+
+
+def test_bad_slot_shapes_are_one_line_errors(params):
+    with pytest.raises(ValueError, match="max_len 200 exceeds max_seq_len 96"):
+        decode.init_slots(CFG, 2, 200, jax.random.PRNGKey(0))
+    state = decode.init_slots(CFG, 2, 8, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="prompt width 16 exceeds the slots' cache length 8"):
+        decode.insert(state, prefix_of(params, PROMPTS[0]), 0, max_gen_len=GEN_LEN)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA:CPU's copy insertion")
+def test_generate_step_updates_the_slot_caches_in_place(params):
+    """The per-slot cache writes (one scatter per layer buffer) alias the donated state: no cache-sized copy."""
+    state = decode.init_slots(CFG, N_SLOTS, MAX_LEN, jax.random.PRNGKey(0), temperature=0.0)
+    hlo = decode.generate_step_jit.lower(params, CFG, state).compile().as_text()
+    cache_size = N_SLOTS * CFG.n_kv_heads * CFG.head_dim * MAX_LEN
+    copied = [math.prod(int(d) for d in dims.split(",")) for dims in re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} copy\(",
+                                                                                  hlo)]
+    assert "input_output_alias" in hlo and all(size < cache_size for size in copied), copied
