@@ -6,6 +6,7 @@ The embedded default trains offline on CPU: `python -m train.pretrain --config=c
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 
 import jax
@@ -14,21 +15,39 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from llama2_jax import generate, losses
-from llama2_jax.data import packing, pipeline, sources
+from llama2_jax.data import hf_source, packing, pipeline, sources
 from llama2_jax.model import Llama
 from llama2_jax.tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer
 from train import common, loop
 from train import state as train_state
 from train.checkpoints import write_model_config
 
+STREAM_TOKENIZER_DOCS = 20_000  # a streamed corpus trains the tokenizer on its first documents
 
-def load_corpus(config) -> list[str]:
+
+def load_corpus(config):
+    """The configured documents: a random-access sequence, or for `data.streaming` a (train, validation) pair of
+    `hf_source.StreamingDocuments` (validation None when data.val_fraction is 0)."""
     data = config.data
     try:
+        if data.get("streaming", False):
+            if data.source != "hf":
+                raise ValueError(f"streaming=True needs source='hf' (source is {data.source!r})")
+            return hf_source.streaming_documents(
+                data.path, split=data.split, field=data.field, val_fraction=data.val_fraction,
+                window=data.shuffle_window, seed=config.seed, cache_dir=data.data_dir or None)
         return sources.load_documents(data.source, data.path or None, field=data.field, split=data.split,
                                       data_dir=data.data_dir or None, one_doc_per_file=data.one_doc_per_file)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         raise common.ConfigError(f"config.data: {error}") from None
+
+
+def tokenizer_corpus(documents):
+    """Texts to train a tokenizer on: the documents, or the first STREAM_TOKENIZER_DOCS training documents of a stream
+    (one pass: a short stream is not repeated)."""
+    if isinstance(documents, tuple):
+        return itertools.islice(iter(documents[0].one_pass()), STREAM_TOKENIZER_DOCS)
+    return documents
 
 
 def load_tokenizer(config, workdir: str, documents, vocab_size: int) -> Tokenizer:
@@ -37,10 +56,11 @@ def load_tokenizer(config, workdir: str, documents, vocab_size: int) -> Tokenize
         if config.tokenizer.path:
             tokenizer = Tokenizer(config.tokenizer.path)
         else:
+            vocab = config.tokenizer.train_vocab_size
             if jax.process_index() == 0:
-                load_or_train_tokenizer(workdir, documents, config.tokenizer.train_vocab_size)
+                load_or_train_tokenizer(workdir, tokenizer_corpus(documents), vocab)
             multihost_utils.sync_global_devices("tokenizer trained")
-            tokenizer = load_or_train_tokenizer(workdir, documents, config.tokenizer.train_vocab_size)
+            tokenizer = load_or_train_tokenizer(workdir, tokenizer_corpus(documents), vocab)
         check_vocab(tokenizer, vocab_size)
     except (ValueError, FileNotFoundError) as error:
         raise common.ConfigError(f"config.tokenizer: {error}") from None
@@ -50,9 +70,14 @@ def load_tokenizer(config, workdir: str, documents, vocab_size: int) -> Tokenize
 def make_data(config, documents, tokenizer):
     """(train iterator of this process's rows, eval batches function). Every process reads the global stream."""
     try:
-        train_iter, eval_batches = pipeline.make_pretrain_iterators(
-            documents, tokenizer, config.seq_len, config.batch_size, config.seed, config.data.val_fraction,
-            process_index=0, process_count=1, max_eval_batches=config.eval_batches or None)
+        if isinstance(documents, tuple):  # streamed: (train, validation) document streams
+            train_iter, eval_batches = pipeline.make_stream_pretrain_iterators(
+                *documents, tokenizer, config.seq_len, config.batch_size, process_index=0, process_count=1,
+                max_eval_batches=config.eval_batches or None)
+        else:
+            train_iter, eval_batches = pipeline.make_pretrain_iterators(
+                documents, tokenizer, config.seq_len, config.batch_size, config.seed, config.data.val_fraction,
+                process_index=0, process_count=1, max_eval_batches=config.eval_batches or None)
     except ValueError as error:
         raise common.ConfigError(f"config.data: {error}") from None
     index, count = jax.process_index(), jax.process_count()

@@ -29,6 +29,7 @@ from ml_collections import config_flags
 from llama2_jax import checkpoint as param_checkpoint
 from llama2_jax import losses
 from llama2_jax.config import LlamaConfig
+from llama2_jax.data import records
 from llama2_jax.data import sft as sft_data
 from llama2_jax.model import Llama
 from llama2_jax.tokenizer import TOKENIZER_FILENAME, Tokenizer, check_vocab
@@ -84,7 +85,7 @@ def check_sft_config(config) -> None:
     if not data.path:
         raise common.ConfigError("config.data.path is empty: pass --config.data.path=FILE (a dialog file: messages, "
                                  "alpaca, sharegpt JSON/JSONL or OASST trees)")
-    if not os.path.isfile(data.path):
+    if not os.path.isfile(data.path) and not records.is_dataset_spec(data.path):  # hf:/tfds: specs read later
         raise common.ConfigError(f"config.data.path: {data.path} does not exist")
     if data.overlong not in sft_data.OVERLONG:
         raise common.ConfigError(f"config.data.overlong is {data.overlong!r}, expected one of "
