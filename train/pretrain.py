@@ -97,6 +97,7 @@ def train_and_evaluate(config, workdir: str):
     model_cfg = common.model_config(config)
     mesh = common.make_mesh(config)
     common.check_batch(config, mesh, model_cfg, config.seq_len)
+    settings = loop.LoopSettings.from_config(config)  # checks profile_steps and wandb before anything is compiled
     documents = load_corpus(config)
     tokenizer = load_tokenizer(config, workdir, documents, model_cfg.vocab_size)
     train_iter, eval_batches = make_data(config, documents, tokenizer)
@@ -110,7 +111,6 @@ def train_and_evaluate(config, workdir: str):
                                       learning_rate_fn=schedule)
     eval_step = train_state.jit_eval_step(loss_fn, shardings.params, mesh)
 
-    settings = loop.LoopSettings.from_config(config)
     state, history = loop.run_loop(
         settings=settings, workdir=workdir, mesh=mesh, state=state, shardings=shardings, train_step=step,
         train_iter=train_iter, eval_step=eval_step, eval_batches=eval_batches,
