@@ -4,12 +4,16 @@
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import tensorflow_datasets as tfds
 
 from llama2_jax.data import hf_source, pipeline, preferences, records, sft, sources
+
+# The [tfds] and [hf] extras (.ci/run installs both); without them these tests are skipped with the reason.
+tfds = pytest.importorskip("tensorflow_datasets", reason="needs the [tfds] extra: pip install -e .[tfds]")
+pytest.importorskip("array_record", reason="needs the [tfds] extra: pip install -e .[tfds]")
+pytest.importorskip("datasets", reason="needs the [hf] extra: pip install -e .[hf]")
+pa = pytest.importorskip("pyarrow", reason="needs the [hf] extra: pip install -e .[hf]")
+pq = pytest.importorskip("pyarrow.parquet", reason="needs the [hf] extra: pip install -e .[hf]")
 
 DOCS = [f"document {i}: {'word ' * (i % 7)}end" for i in range(40)]
 PAIRS = [{"prompt": f"question {i}?", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"} for i in range(6)]
@@ -294,3 +298,41 @@ def test_one_pass_reads_the_training_documents_once_in_stored_order(tmp_path):
     train, _ = streams(tmp_path)
     stored = [d for s in range(3) for d in DOCS[s::3]]
     assert list(train.one_pass()) == [d for i, d in enumerate(stored) if i % 5 != 4]
+
+
+# -------------------------------------------------------------------------------------------------- SFT end to end
+
+
+@pytest.mark.slow
+def test_sft_from_a_parquet_dataset_trains_exactly_like_the_same_json_file(tmp_path):
+    from conftest import shared_file
+    from test_sft import save_tiny_checkpoint
+
+    from configs import sft_tiny
+    from llama2_jax.config import LlamaConfig
+    from llama2_jax.tokenizer import train_tokenizer
+    from train import sft as sft_trainer
+
+    records_ = json.loads(shared_file("alpaca-cleaned-first1000.json").read_text())[:160]
+    json_path = tmp_path / "alpaca.json"
+    json_path.write_text(json.dumps(records_))
+    write_parquet(tmp_path / "alpaca", records_)
+    texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in records_] + ["[INST] <<SYS>> [/INST]"]
+    tokenizer = train_tokenizer(texts, tmp_path / "tok", vocab_size=512, num_threads=1)
+    cfg = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=128,
+                      dtype="float32")
+    save_tiny_checkpoint(tmp_path / "init", cfg, tokenizer.model_path)
+
+    def run(data_path, workdir):
+        config = sft_tiny.get_config()
+        config.init_from, config.data.path = str(tmp_path / "init"), data_path
+        config.seq_len, config.batch_size, config.num_epochs, config.num_train_steps = 128, 8, 0.0, 6
+        config.eval_every_steps, config.checkpoint_every_steps, config.log_every_steps = 6, 6, 1
+        config.data.val_fraction, config.progress_bar, config.sample_prompts = 0.1, False, ()
+        state, history = sft_trainer.train_and_evaluate(config, str(tmp_path / workdir))
+        assert int(state.step) == 6
+        return [(h["step"], h.get("loss"), h.get("eval_loss")) for h in history]
+
+    from_parquet = run(f"hf:{tmp_path / 'alpaca'}", "parquet")
+    assert from_parquet == run(str(json_path), "json")  # same dialogs, same order: identical losses
+    assert any(loss is not None for _, loss, _ in from_parquet) and from_parquet[-1][2] is not None

@@ -92,6 +92,7 @@ def jsonl_metrics(workdir):
 
 
 def test_tracker_sends_the_same_scalars_to_jsonl_tensorboard_and_wandb(tmp_path):
+    pytest.importorskip("wandb", reason="needs the [wandb] extra: pip install -e .[wandb]")
     tracker = loop.Tracker(str(tmp_path), loop.WandbSettings(project="llama2-jax-test", mode="offline"), {"seed": 3})
     logged = {1: {"loss": 2.5, "learning_rate": 1e-4}, 2: {"loss": 2.25, "learning_rate": 2e-4}, 3: {"eval_loss": 2.0}}
     for step, metrics in logged.items():
@@ -123,6 +124,7 @@ def test_bad_tracking_fields_are_one_line_config_errors(field, value, message):
 
 @pytest.mark.slow
 def test_pretraining_logs_to_wandb_offline_resumes_its_run_and_profiles_steps(tmp_path):
+    pytest.importorskip("wandb", reason="needs the [wandb] extra: pip install -e .[wandb]")
     from test_pretrain import small_config
 
     from train import pretrain

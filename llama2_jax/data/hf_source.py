@@ -2,11 +2,11 @@
 
 `path` is what `datasets.load_dataset` takes as its first argument, resolved like this:
 
-| path                                   | loaded as                                                                |
-| -------------------------------------- | ------------------------------------------------------------------------ |
-| a `.parquet`, `.json`/`.jsonl`, `.arrow`, `.csv` or `.txt` file | `load_dataset("parquet" / "json" / ..., data_files=path)` |
-| a directory                            | `load_dataset(path)`: the data files in it (Parquet, JSON, Arrow, ...)   |
-| anything else, e.g. `"allenai/c4"`     | a hub name; nothing is downloaded when `HF_DATASETS_OFFLINE=1` (or `HF_HUB_OFFLINE=1`) is set, so it must already be in the local cache |
+* a `.parquet`, `.json`/`.jsonl`, `.arrow`, `.csv` or `.txt` file: `load_dataset("parquet", data_files=path)` (the
+  builder named by the suffix, `BUILDERS`);
+* a directory: `load_dataset(path)`, which reads the data files in it (Parquet, JSON, Arrow, ...);
+* anything else, e.g. `"allenai/c4"`: a hub name. With `HF_DATASETS_OFFLINE=1` (or `HF_HUB_OFFLINE=1`) nothing is
+  downloaded, so it must already be in the local cache (`HF_DATASETS_CACHE`, or `cache_dir`).
 
 `datasets` is imported only here and only when used (the `[hf]` extra: `pip install -e .[hf]`).
 

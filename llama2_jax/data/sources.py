@@ -9,7 +9,9 @@ Every reader returns a random-access sequence of documents (`str`), which is wha
 | `text`    | a paragraph: text files are split on blank lines (or one document per file with `one_doc_per_file`) |
 | `jsonl`   | one JSON object per line; the document is its `field` (default "text")                               |
 | `tfds`    | one example of a TFDS dataset read with `tfds.data_source` (ArrayRecord; TensorFlow not needed)       |
-| `hf`      | one row of a Hugging Face `datasets` dataset (local Parquet/JSON/Arrow file or directory, cached hub name); its `field` |
+| `hf`      | the `field` of one row of a Hugging Face `datasets` dataset (local file or directory, cached hub name) |
+
+Streaming a `hf` corpus (not random access) is `hf_source.streaming_documents`.
 
 Blank-line splitting is the default for text so that one big file (e.g. Tiny Shakespeare, one speech per paragraph)
 still gives enough documents for a validation split and for shuffling.
