@@ -106,6 +106,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling.top_p = 1.0  # nucleus sampling; 1 = plain temperature sampling
     config.sampling.max_gen_len = 1024  # new tokens per response
     config.iterations = 1  # RS rounds / PPO iterations in this run
+
+    # --- ecosystem: streamed HF data, experiment tracking, profiling (train.loop) ---
+    config.data.streaming = False  # source "hf" only: stream the corpus instead of loading it (exact resume still)
+    config.data.shuffle_window = 1024  # streaming: documents shuffled together (1 = stored order)
+    config.wandb = ml_collections.ConfigDict()
+    config.wandb.project = ""  # "" = no Weights & Biases; else the same scalars as metrics.jsonl go to this project
+    config.wandb.entity = ""  # W&B team or user ("" = your default)
+    config.wandb.mode = "online"  # online | offline (files under WORKDIR/wandb, `wandb sync` later) | disabled
+    config.wandb.name = ""  # display name of the run ("" = W&B's)
+    config.profile_steps = ""  # "START:STOP": a jax.profiler trace of steps START..STOP into WORKDIR/profile
     return config
 
 

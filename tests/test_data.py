@@ -1,8 +1,6 @@
 """Data: sources, packing (exact arrays), and the Grain pretraining pipeline (determinism, state, sharding, eval)."""
 
 import json
-import sys
-import types
 
 import grain
 import numpy as np
@@ -156,22 +154,6 @@ def test_load_documents_errors(tmp_path):
     (tmp_path / "blank.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="file is empty"):
         sources.load_documents("jsonl", tmp_path / "blank.jsonl")
-
-
-def test_tfds_source_with_a_fake_module(monkeypatch):
-    """tfds.data_source needs a prepared dataset (no download here), so a fake module stands in for the library."""
-    calls = {}
-
-    def data_source(name, *, split, data_dir, download):
-        calls.update(name=name, split=split, data_dir=data_dir, download=download)
-        return [{"text": b"caf\xc3\xa9 one"}, {"text": b"two"}, {"title": b"no text"}]
-
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", types.SimpleNamespace(data_source=data_source))
-    docs = sources.load_documents("tfds", "fake/en", split="validation")
-    assert calls == {"name": "fake/en", "split": "validation", "data_dir": None, "download": False}
-    assert len(docs) == 3 and docs[0] == "café one" and docs[1] == "two"
-    with pytest.raises(ValueError, match=r"tfds:fake/en/validation\[2\]: record has no 'text' field"):
-        docs[2]
 
 
 # ---------------------------------------------------------------------------------------------------------- pipeline

@@ -36,6 +36,7 @@ from llama2_jax import losses, rlhf, score_model
 from llama2_jax import sharding as sh
 from llama2_jax.config import LlamaConfig
 from llama2_jax.data import prompts as prompt_data
+from llama2_jax.data import records
 from llama2_jax.data import sft as sft_data
 from llama2_jax.model import Llama
 from llama2_jax.tokenizer import TOKENIZER_FILENAME, Tokenizer, check_vocab, load_or_train_tokenizer
@@ -288,7 +289,7 @@ def train_llama(config, workdir: str, model_cfg: LlamaConfig, mesh, train_iter, 
     history = []
     if eval_step is not None and eval_at_start and not has_checkpoint(workdir):
         metrics = loop.evaluate(state.params, eval_step, eval_batches(), mesh)
-        writer = loop.MetricsWriter(workdir)
+        writer = loop.Tracker.from_config(config, workdir)
         writer.write(0, metrics)
         writer.close()
         history.append({"step": 0, **metrics})
@@ -319,7 +320,7 @@ def check_sft_fields(config) -> None:
     if not data.path:
         raise ConfigError("config.data.path is empty: pass --config.data.path=FILE (a dialog file: messages, "
                           "alpaca, sharegpt JSON/JSONL or OASST trees)")
-    if not os.path.isfile(data.path):
+    if not os.path.isfile(data.path) and not records.is_dataset_spec(data.path):  # hf:/tfds: specs are read later
         raise ConfigError(f"config.data.path: {data.path} does not exist")
     if data.overlong not in sft_data.OVERLONG:
         raise ConfigError(f"config.data.overlong is {data.overlong!r}, expected one of {', '.join(sft_data.OVERLONG)}")

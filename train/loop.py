@@ -2,17 +2,21 @@
 
 Every step-based trainer (pretrain, SFT, reward, rejection sampling's SFT rounds) builds its state, its jitted step and its data, then calls
 `run_loop`. The loop resumes from the workdir's latest checkpoint, saves every `checkpoint_every_steps` and on
-SIGTERM (then exits cleanly), and writes `WORKDIR/metrics.jsonl` (one JSON object per logged step and per eval).
+SIGTERM (then exits cleanly), and logs through one `Tracker`: `WORKDIR/metrics.jsonl` (one JSON object per logged step
+and per eval), TensorBoard, and Weights & Biases when `config.wandb.project` is set. `config.profile_steps` traces a
+window of steps with `jax.profiler` (`Profiler`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
 import signal
 import time
+import uuid
 from typing import Callable, Iterator, Optional
 
 import jax
@@ -21,6 +25,7 @@ from jax.sharding import Mesh
 
 from llama2_jax import perf
 from llama2_jax import sharding as sh
+from train import common
 from train.checkpoints import TrainCheckpointer
 from train.state import TrainState
 
@@ -38,11 +43,19 @@ class LoopSettings:
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     progress_bar: bool = True
+    profile_steps: str = ""  # "START:STOP" (see Profiler)
+    wandb: Optional["WandbSettings"] = None  # W&B when wandb.project is set (see Tracker)
+    config: Optional[dict] = None  # the flattened trainer config, stored with the W&B run
 
     @classmethod
     def from_config(cls, config) -> "LoopSettings":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{name: config[name] for name in names if name in config})
+        """The loop fields of a trainer config; profile_steps and wandb are checked here (ConfigError), before any
+        step is compiled."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"wandb", "config"}
+        settings = cls(**{name: config[name] for name in names if name in config})
+        parse_profile_steps(settings.profile_steps)
+        wandb, flat = wandb_from_config(config)
+        return dataclasses.replace(settings, wandb=wandb, config=flat)
 
 
 def process_rows_to_global(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
@@ -52,37 +65,189 @@ def process_rows_to_global(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
             for name, value in batch.items()}
 
 
-class MetricsWriter:
-    """metrics.jsonl + TensorBoard event files (tensorboardX: no TensorFlow needed), written by process 0 only."""
+class JsonlBackend:
+    """WORKDIR/metrics.jsonl: one JSON object per write, appended (a resumed run continues the file)."""
 
     def __init__(self, workdir: str):
-        self.enabled = jax.process_index() == 0
-        self.jsonl = None
-        self.tensorboard = None
-        if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            try:
-                from tensorboardX import SummaryWriter
-                self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except ImportError:  # optional: metrics.jsonl is always written
-                logging.warning("tensorboardX is not installed: no TensorBoard event files")
+        self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if self.tensorboard is not None:
-            for name, value in metrics.items():
-                self.tensorboard.add_scalar(name, float(value), step)
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
 
     def close(self) -> None:
-        if self.jsonl is not None:
-            self.jsonl.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        self.file.close()
+
+
+class TensorBoardBackend:
+    """WORKDIR/tensorboard event files (tensorboardX: no TensorFlow needed)."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+WANDB_RUN_ID_FILE = "wandb_run_id"
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+class WandbBackend:
+    """A Weights & Biases run whose files live in WORKDIR/wandb. Its id is kept in WORKDIR/wandb_run_id, so a resumed
+    training run continues the same W&B run (`resume="allow"`). Offline mode needs no login and no network."""
+
+    def __init__(self, workdir: str, settings: "WandbSettings", config: Optional[dict] = None):
+        import wandb  # optional (the [wandb] extra); WandbSettings.from_config checked that it is installed
+        id_file = os.path.join(workdir, WANDB_RUN_ID_FILE)
+        if os.path.exists(id_file):
+            with open(id_file) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]  # W&B run ids are short alphanumeric strings
+            with open(id_file, "w") as f:
+                f.write(run_id + "\n")
+        self.run = wandb.init(project=settings.project, entity=settings.entity or None, name=settings.name or None,
+                              mode=settings.mode, id=run_id, resume="allow", dir=workdir, config=config,
+                              settings=wandb.Settings(console="off", x_disable_stats=True))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbSettings:
+    """`config.wandb`: project "" means no W&B."""
+
+    project: str = ""
+    entity: str = ""
+    mode: str = "online"
+    name: str = ""
+
+    @classmethod
+    def from_config(cls, config) -> "WandbSettings":
+        wandb = config.get("wandb")
+        if wandb is None:
+            return cls()
+        settings = cls(**{f.name: wandb[f.name] for f in dataclasses.fields(cls) if f.name in wandb})
+        if settings.mode not in WANDB_MODES:
+            raise common.ConfigError(f"config.wandb.mode is {settings.mode!r}, expected one of "
+                                     f"{', '.join(WANDB_MODES)}")
+        if settings.project and importlib.util.find_spec("wandb") is None:
+            raise common.ConfigError(f"config.wandb.project is {settings.project!r} but wandb is not installed: "
+                                     "pip install -e .[wandb]")
+        return settings
+
+
+class Tracker:
+    """The one metrics interface of every trainer: each `write(step, metrics)` goes to metrics.jsonl, TensorBoard and,
+    when configured, W&B, with the same scalar names and values. Only process 0 writes.
+
+    `Tracker(workdir)` writes JSONL and TensorBoard; `Tracker.from_config(config, workdir)` adds W&B when
+    `config.wandb.project` is set (the flattened config is stored with the W&B run).
+    """
+
+    def __init__(self, workdir: str, wandb: Optional[WandbSettings] = None, config: Optional[dict] = None):
+        self.enabled = jax.process_index() == 0
+        self.backends: list = []
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.backends.append(JsonlBackend(workdir))
+        try:
+            self.backends.append(TensorBoardBackend(workdir))
+        except ImportError:  # optional: metrics.jsonl is always written
+            logging.warning("tensorboardX is not installed: no TensorBoard event files")
+        if wandb is not None and wandb.project:
+            self.backends.append(WandbBackend(workdir, wandb, config))
+
+    @classmethod
+    def from_config(cls, config, workdir: str) -> "Tracker":
+        return cls(workdir, *wandb_from_config(config))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        values = {name: float(value) for name, value in metrics.items()}
+        for backend in self.backends:
+            backend.write(step, values)
+
+    def close(self) -> None:
+        for backend in self.backends:
+            backend.close()
+        self.backends = []
+
+
+MetricsWriter = Tracker  # the former name (JSONL + TensorBoard only)
+
+
+def wandb_from_config(config) -> tuple["WandbSettings", Optional[dict]]:
+    """(W&B settings, the flattened config to store with the run, or None when W&B is off)."""
+    settings = WandbSettings.from_config(config)
+    flat = _flatten(config.to_dict()) if settings.project and hasattr(config, "to_dict") else None
+    return settings, flat
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+class Profiler:
+    """`config.profile_steps = "START:STOP"`: a `jax.profiler` trace of steps START..STOP (1-based, inclusive) into
+    WORKDIR/profile (open with xprof or TensorBoard's profile plugin). Process 0 only; "" disables it."""
+
+    def __init__(self, workdir: str, steps: str = ""):
+        self.directory = os.path.join(workdir, "profile")
+        self.window = parse_profile_steps(steps)
+        self.active = False
+
+    @classmethod
+    def from_config(cls, config, workdir: str) -> "Profiler":
+        return cls(workdir, config.get("profile_steps", "") or "")
+
+    def before_step(self, step: int) -> None:
+        """Call before running step `step` (1-based)."""
+        if self.window and not self.active and self.window[0] <= step <= self.window[1] \
+                and jax.process_index() == 0:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after_step(self, step: int, outputs=None) -> None:
+        """Call after step `step` with its outputs (waited for, so the trace holds the device work)."""
+        if self.active and step >= self.window[1]:
+            jax.block_until_ready(outputs)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+def parse_profile_steps(text: str) -> Optional[tuple[int, int]]:
+    """"START:STOP" -> (START, STOP) with 1 <= START <= STOP; "" -> None. ConfigError naming the field otherwise."""
+    if not text:
+        return None
+    start, colon, stop = text.partition(":")
+    try:
+        window = (int(start), int(stop))
+    except ValueError:
+        window = None
+    if not colon or window is None or not 1 <= window[0] <= window[1]:
+        raise common.ConfigError(f"config.profile_steps is {text!r}, expected START:STOP with 1 <= START <= STOP")
+    return window
 
 
 class TerminationFlag:
@@ -174,7 +339,8 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainSt
         train_iter.set_state(data_state)
         logging.info("resumed from step %d", checkpointer.latest_step())
     start = int(jax.device_get(state.step))
-    writer, history = MetricsWriter(workdir), []
+    writer, history = Tracker(workdir, settings.wandb, settings.config), []
+    profiler = Profiler(workdir, settings.profile_steps)
     throughput = Throughput(tokens_per_step, flops_per_token, last_step=start)
     progress = _progress(settings, start)
 
@@ -188,8 +354,10 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainSt
     with TerminationFlag() as termination:
         while step < settings.num_train_steps and not termination.requested:
             batch = process_rows_to_global(next(train_iter), mesh)
+            profiler.before_step(step + 1)
             state, metrics = train_step(state, batch)
             step += 1
+            profiler.after_step(step, metrics)
             if progress is not None:
                 progress.update(1)
             if step % settings.log_every_steps == 0 or step == settings.num_train_steps:
@@ -202,6 +370,7 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainSt
                 checkpointer.save(state, train_iter.get_state())
         if termination.requested and checkpointer.latest_step() != step:
             checkpointer.save(state, train_iter.get_state(), force=True)
+    profiler.stop()
     checkpointer.close()
     writer.close()
     if progress is not None:

@@ -347,7 +347,7 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
           f"{config.minibatch_size}, reward models: {', '.join(score_fns)}, value model from "
           f"{value_init_path(config) or 'the policy'}")
 
-    writer, history, rng = loop.MetricsWriter(workdir), [], jax.random.PRNGKey(config.seed)
+    writer, history, rng = loop.Tracker.from_config(config, workdir), [], jax.random.PRNGKey(config.seed)
     with loop.TerminationFlag() as termination:
         for iteration in range(start + 1, config.iterations + 1):
             step_rng = jax.random.fold_in(rng, iteration)

@@ -5,6 +5,7 @@ The embedded default trains offline on CPU: `python -m train.pretrain --config=c
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import jax
@@ -12,25 +13,48 @@ from absl import app
 from ml_collections import config_flags
 
 from llama2_jax import generate
-from llama2_jax.data import packing, pipeline, sources
-from train import common
+from llama2_jax.data import hf_source, packing, pipeline, sources
+from train import common, loop
+
+STREAM_TOKENIZER_DOCS = 20_000  # a streamed corpus trains the tokenizer on its first documents
 
 
-def load_corpus(config) -> list[str]:
+def load_corpus(config):
+    """The configured documents: a random-access sequence, or for `data.streaming` a (train, validation) pair of
+    `hf_source.StreamingDocuments` (validation None when data.val_fraction is 0)."""
     data = config.data
     try:
+        if data.get("streaming", False):
+            if data.source != "hf":
+                raise ValueError(f"streaming=True needs source='hf' (source is {data.source!r})")
+            return hf_source.streaming_documents(
+                data.path, split=data.split, field=data.field, val_fraction=data.val_fraction,
+                window=data.shuffle_window, seed=config.seed, cache_dir=data.data_dir or None)
         return sources.load_documents(data.source, data.path or None, field=data.field, split=data.split,
                                       data_dir=data.data_dir or None, one_doc_per_file=data.one_doc_per_file)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         raise common.ConfigError(f"config.data: {error}") from None
+
+
+def tokenizer_corpus(documents):
+    """Texts to train a tokenizer on: the documents, or the first STREAM_TOKENIZER_DOCS training documents of a stream
+    (one pass: a short stream is not repeated)."""
+    if isinstance(documents, tuple):
+        return itertools.islice(iter(documents[0].one_pass()), STREAM_TOKENIZER_DOCS)
+    return documents
 
 
 def make_data(config, documents, tokenizer):
     """(train iterator of this process's rows, eval batches function). Every process reads the global stream."""
     try:
-        train_iter, eval_batches = pipeline.make_pretrain_iterators(
-            documents, tokenizer, config.seq_len, config.batch_size, config.seed, config.data.val_fraction,
-            process_index=0, process_count=1, max_eval_batches=config.eval_batches or None)
+        if isinstance(documents, tuple):  # streamed: (train, validation) document streams
+            train_iter, eval_batches = pipeline.make_stream_pretrain_iterators(
+                *documents, tokenizer, config.seq_len, config.batch_size, process_index=0, process_count=1,
+                max_eval_batches=config.eval_batches or None)
+        else:
+            train_iter, eval_batches = pipeline.make_pretrain_iterators(
+                documents, tokenizer, config.seq_len, config.batch_size, config.seed, config.data.val_fraction,
+                process_index=0, process_count=1, max_eval_batches=config.eval_batches or None)
     except ValueError as error:
         raise common.ConfigError(f"config.data: {error}") from None
     return common.process_local(train_iter, eval_batches)
@@ -46,8 +70,9 @@ def train_and_evaluate(config, workdir: str):
     model_cfg = common.resolve_model_config(config)
     mesh = common.make_mesh(config)
     common.check_batch(config, mesh, model_cfg, config.seq_len)
+    loop.LoopSettings.from_config(config)  # checks profile_steps and wandb before anything is read or compiled
     documents = load_corpus(config)
-    tokenizer = common.prepare_workdir(config, workdir, model_cfg, texts=documents)
+    tokenizer = common.prepare_workdir(config, workdir, model_cfg, texts=tokenizer_corpus(documents))
     train_iter, eval_batches = make_data(config, documents, tokenizer)
     state, history = common.train_llama(config, workdir, model_cfg, mesh, train_iter, eval_batches,
                                         config.num_train_steps)

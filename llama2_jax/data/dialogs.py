@@ -38,6 +38,7 @@ import os
 from typing import Any, Callable, Iterator, Literal
 
 from llama2_jax import chat
+from llama2_jax.data import records as dataset_records
 
 OnError = Literal["raise", "skip"]
 ON_ERROR = ("raise", "skip")
@@ -87,9 +88,13 @@ def _is_json_list(path: str) -> bool:
 def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     """Yield ``(location, record)`` for a JSON list file or a JSONL file.
 
-    location is ``"file:line"`` (1-based) for JSONL, ``"file: record i"`` (0-based) for a JSON list. A JSONL line that
-    is not valid JSON is yielded as an `InvalidJson` record so that the caller can skip it like any malformed record.
+    location is ``"file:line"`` (1-based) for JSONL, ``"file: record i"`` (0-based) for a JSON list and for a
+    ``hf:``/``tfds:`` dataset spec (`llama2_jax.data.records`). A JSONL line that is not valid JSON is yielded as an
+    `InvalidJson` record so that the caller can skip it like any malformed record.
     """
+    if dataset_records.is_dataset_spec(path):  # hf:... / tfds:... (see llama2_jax.data.records)
+        yield from dataset_records.iter_dataset_records(path)
+        return
     path = os.fspath(path)
     if _is_json_list(path):
         with open(path, encoding="utf-8") as f:

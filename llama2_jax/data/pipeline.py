@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import grain
@@ -192,7 +192,7 @@ def make_train_dataset(
 
 
 def make_eval_batches(
-    val_docs: Sequence[str],
+    val_docs: Iterable[str],
     tokenizer: Tokenizer,
     seq_len: int,
     global_batch: int,
@@ -202,11 +202,12 @@ def make_eval_batches(
 ) -> list[Batch]:
     """Validation batches for one process: a list of dicts of [global_batch // process_count, seq_len] arrays.
 
-    All validation documents are packed in a fixed order (up to `max_batches` global batches); the last batch is filled
+    `val_docs` is a sequence or a re-iterable stream (e.g. `hf_source.StreamingDocuments`). All validation documents
+    are packed in a fixed order (up to `max_batches` global batches); the last batch is filled
     with padding rows (loss_mask 0). Process p takes rows [p*L, (p+1)*L) of every global batch of L*process_count rows.
     """
     process_index, process_count, local = resolve_processes(global_batch, process_index, process_count)
-    tokens = (encode_document(tokenizer, val_docs[i]) for i in range(len(val_docs)))
+    tokens = (encode_document(tokenizer, doc) for doc in val_docs)
     rows = packing.iter_packed_rows(((t, None) for t in tokens), seq_len)
     if max_batches is not None:
         rows = (row for _, row in zip(range(max_batches * global_batch), rows))
@@ -265,3 +266,38 @@ def make_pretrain_iterators(
 
     return iter(train), eval_batches
 
+
+
+def make_stream_pretrain_iterators(
+    train_docs: grain.IterDataset,
+    val_docs: Iterable[str] | None,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    global_batch: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    max_eval_batches: int | None = None,
+) -> tuple[grain.DatasetIterator, Callable[[], list[Batch]]]:
+    """`make_pretrain_iterators` for a corpus read as a stream (`hf_source.streaming_documents`): same batches format,
+    same `get_state()`/`set_state()` exactness. The stream is neither split nor shuffled here (the stream does both);
+    with several processes each takes its own slice of every global batch. `val_docs` None: no validation batches.
+    """
+    process_index, process_count, local_batch = resolve_processes(global_batch, process_index, process_count)
+    tokens = train_docs.map(functools.partial(encode_document, tokenizer))
+    rows = PackedRowsDataset(tokens, seq_len).batch(global_batch, drop_remainder=True)
+    mine = slice(process_index * local_batch, (process_index + 1) * local_batch)
+    train = rows.map(lambda batch: {name: value[mine] for name, value in batch.items()})
+
+    @functools.cache
+    def cached_eval_batches() -> list[Batch]:
+        if val_docs is None:
+            return []
+        return make_eval_batches(
+            val_docs, tokenizer, seq_len, global_batch, process_index, process_count, max_batches=max_eval_batches
+        )
+
+    def eval_batches() -> list[Batch]:
+        return list(cached_eval_batches())
+
+    return iter(train), eval_batches

@@ -1,4 +1,4 @@
-"""Document sources for pretraining: plain text, JSONL, TFDS, and an embedded default corpus.
+"""Document sources for pretraining: plain text, JSONL, TFDS, Hugging Face datasets, and an embedded default corpus.
 
 Every reader returns a random-access sequence of documents (`str`), which is what `pipeline.py` and Grain's
 `MapDataset.source` expect. Errors are one line and name the path (and the line for JSONL).
@@ -9,6 +9,9 @@ Every reader returns a random-access sequence of documents (`str`), which is wha
 | `text`    | a paragraph: text files are split on blank lines (or one document per file with `one_doc_per_file`) |
 | `jsonl`   | one JSON object per line; the document is its `field` (default "text")                               |
 | `tfds`    | one example of a TFDS dataset read with `tfds.data_source` (ArrayRecord; TensorFlow not needed)       |
+| `hf`      | the `field` of one row of a Hugging Face `datasets` dataset (local file or directory, cached hub name) |
+
+Streaming a `hf` corpus (not random access) is `hf_source.streaming_documents`.
 
 Blank-line splitting is the default for text so that one big file (e.g. Tiny Shakespeare, one speech per paragraph)
 still gives enough documents for a validation split and for shuffling.
@@ -134,6 +137,8 @@ class _FieldSequence(Sequence[str]):
         return len(self._source)
 
     def __getitem__(self, index):  # only int indices: Grain's MapDataset.source calls it that way
+        if not 0 <= index < len(self._source):
+            raise IndexError(f"{self._name}: index {index} out of range for {len(self._source)} records")
         record = self._source[index]
         if self._field not in record:
             raise ValueError(f"{self._name}[{index}]: record has no {self._field!r} field (has {sorted(record)})")
@@ -153,9 +158,13 @@ def tfds_documents(
     """
     try:
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-        raise ImportError(f"source 'tfds' needs tensorflow-datasets and array-record ({e})") from None
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+    except ImportError:
+        raise ImportError("source 'tfds' needs tensorflow-datasets and array-record: pip install -e .[tfds]") from None
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+    except Exception as error:  # DatasetNotFoundError (with a list of every dataset), unknown split, missing files
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"tfds:{name}/{split}: {first_line}") from None
     return _FieldSequence(source, field, f"tfds:{name}/{split}")
 
 
@@ -176,11 +185,18 @@ def _load_tfds(path, *, field="text", split="train", data_dir=None, **unused) ->
     return tfds_documents(path, split=split, field=field, data_dir=data_dir)
 
 
+def _load_hf(path, *, field="text", split="train", data_dir=None, **unused) -> Sequence[str]:
+    from llama2_jax.data import hf_source  # pylint: disable=g-import-not-at-top  (datasets is optional)
+
+    return hf_source.hf_documents(str(path), split=split, field=field, cache_dir=data_dir)
+
+
 SOURCES: dict[str, Callable[..., Sequence[str]]] = {
     "default": _load_default,
     "text": _load_text,
     "jsonl": _load_jsonl,
     "tfds": _load_tfds,
+    "hf": _load_hf,
 }
 
 
@@ -196,11 +212,12 @@ def load_documents(
     """Documents from one of `SOURCES` (plain arguments, so a trainer can pass its config fields straight through).
 
     Args:
-      source: "default" (embedded corpus, `path` ignored), "text", "jsonl" or "tfds".
-      path: files/directories/globs for "text" and "jsonl"; the dataset name (e.g. "c4/en") for "tfds".
-      field: the text field of a JSONL record or TFDS example.
-      split: TFDS split (e.g. "train", "train[:1%]").
-      data_dir: TFDS data directory.
+      source: "default" (embedded corpus, `path` ignored), "text", "jsonl", "tfds" or "hf".
+      path: files/directories/globs for "text" and "jsonl"; the dataset name (e.g. "c4/en") for "tfds"; a file,
+        directory or cached hub name for "hf" (`hf_source.load_hf_dataset`).
+      field: the text field of a JSONL record, TFDS example or HF row.
+      split: TFDS / HF split (e.g. "train", "train[:1%]").
+      data_dir: TFDS data directory; for "hf" the `datasets` cache directory ("" = HF_DATASETS_CACHE).
       one_doc_per_file: "text" only: a whole file is one document instead of one per paragraph.
 
     Returns:
@@ -209,7 +226,7 @@ def load_documents(
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; expected one of {sorted(SOURCES)}")
     if source != "default" and not path:
-        raise ValueError(f"data source {source!r} needs a path (or a dataset name for 'tfds')")
+        raise ValueError(f"data source {source!r} needs a path (or a dataset name for 'tfds' and 'hf')")
     docs = SOURCES[source](path, field=field, split=split, data_dir=data_dir, one_doc_per_file=one_doc_per_file)
     if len(docs) == 0:
         raise ValueError(f"data source {source!r} ({path}) has no documents")
