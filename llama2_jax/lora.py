@@ -24,6 +24,7 @@ trains, e.g. a reward model's score head), and checkpoint.save_adapters / load_a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -154,11 +155,16 @@ def abstract(base: Params, cfg: LlamaConfig, lora_cfg: LoraConfig, boxed: bool =
 
 
 def init(rng: Array, base: Params, cfg: LlamaConfig, lora_cfg: LoraConfig) -> Params:
-    """Fresh adapters for `base` (unrolled or scanned; a Llama or a reward model's params): a ~ U(±1/sqrt(fan_in))
-    as PEFT's lora_A, b = 0. Call under jit with out_shardings from `abstract(..., boxed=True)` to init sharded."""
-    dtype = jnp.dtype(lora_cfg.dtype)
+    """Fresh adapters for `base` (unrolled or scanned; a Llama or a reward model's params; only its shapes are
+    read): a ~ U(±1/sqrt(fan_in)) as PEFT's lora_A, b = 0. One jitted program; call it inside a jit with
+    out_shardings from `abstract(..., boxed=True)` to create the adapters sharded."""
+    specs = adapter_specs(base, cfg, lora_cfg)
+    return jax.jit(functools.partial(_init_from_specs, specs, jnp.dtype(lora_cfg.dtype)))(rng)
+
+
+def _init_from_specs(specs: dict, dtype, rng: Array) -> Params:
     adapters = {}
-    for key, block in adapter_specs(base, cfg, lora_cfg).items():
+    for key, block in specs.items():
         n_lead = 1 if key == SCANNED_KEY else 0
         for module, kernels in block.items():
             for name, spec in kernels.items():
@@ -201,14 +207,15 @@ def variables(frozen: Params, trainable: Params, lora_cfg: LoraConfig) -> dict:
 def apply(model: nn.Module, frozen: Params, trainable: Params, lora_cfg: LoraConfig, *args,
           rng: Optional[Array] = None, **kwargs):
     """`model.apply` with adapters: trainable = {"lora": adapters, ...}. With `rng`, dropout (rate
-    `lora_cfg.dropout`) on the adapters' input, as in training; without, deterministic. The model's config must
-    carry `lora_dropout=lora_cfg.dropout` (see `adapted_model`)."""
+    `lora_cfg.dropout`) on the adapters' input, as in training; without, deterministic."""
     rngs = None if rng is None else {LORA_DROPOUT_RNG: rng}
-    return model.apply(variables(frozen, trainable, lora_cfg), *args, rngs=rngs, **kwargs)
+    return adapted_model(model, lora_cfg).apply(variables(frozen, trainable, lora_cfg), *args, rngs=rngs, **kwargs)
 
 
 def adapted_model(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
-    """The same model class with `config.lora_dropout` set from the LoRA config."""
+    """The same model with `config.lora_dropout` (read by model.adapted_project) set from the LoRA config."""
+    if model.config.lora_dropout == lora_cfg.dropout:
+        return model
     return model.clone(config=model.config.replace(lora_dropout=lora_cfg.dropout))
 
 
@@ -228,8 +235,6 @@ def adapted_loss(loss_fn: Callable, model: nn.Module, lora_cfg: LoraConfig) -> C
 
     Differentiate `fn` w.r.t. `trainable` only ({"lora": adapters} plus any trained top-level base entries); the
     frozen base is an ordinary (non-differentiated) argument, so jit it as an argument, never close over it."""
-    model = adapted_model(model, lora_cfg)
-
     def fn(trainable: Params, batch: dict, frozen: Params, rng: Optional[Array] = None):
         return loss_fn(trainable, batch, model=_AdaptedApply(model, frozen, lora_cfg, rng))
 
