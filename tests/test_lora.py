@@ -292,3 +292,20 @@ def test_convert_merge_lora_and_peft(trained, lora_dir, tmp_path, capsys):
 def test_bad_lora_config(field, value, message):
     with pytest.raises(ValueError, match=message):
         lora.LoraConfig(**{field: value})
+
+
+def test_lora_memory_benchmark_step_keeps_only_adapter_state():
+    """benchmarks/memory.py --lora_rank: the compiled step's outputs (the new TrainState) are the adapters' state
+    only, its arguments hold the bfloat16 base."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import memory  # noqa: E402  (the XLA device flag is set by conftest)
+
+    cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, remat_policy="minimal")
+    result = memory.compile_lora_step(cfg, 1, 32, 1, rank=4)
+    n_adapter = lora.count(lora.abstract(abstract_params(cfg), cfg, lora.LoraConfig(rank=4)))
+    assert result.argument >= 2 * cfg.param_count()  # the frozen base in bfloat16 is an argument
+    assert result.output <= 12 * n_adapter + 4096  # adapters, Adam mu and nu (float32), step and metrics
+    assert result.output < 2 * cfg.param_count()  # a state holding the base would be larger than the base alone
