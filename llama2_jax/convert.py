@@ -473,8 +473,7 @@ def _parser() -> argparse.ArgumentParser:
                "  meta  Meta folder: params.json + consolidated.NN.pth\n"
                "  jax   ours: llama_config.json + params/ (Orbax); as --src also a trainer workdir (latest step)")
     parser.add_argument("--from", dest="src_format", required=True, choices=FORMATS, help="source format")
-    parser.add_argument("--to", dest="dst_format", required=True, choices=FORMATS + ("peft",),
-                        help="destination format (peft: a LoRA dir's adapter alone)")
+    parser.add_argument("--to", dest="dst_format", required=True, choices=FORMATS + ("peft",), help="target format")
     parser.add_argument("--src", required=True, help="source folder")
     parser.add_argument("--dst", required=True, help="destination folder (new or empty)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
