@@ -16,6 +16,10 @@ fusion and scheduling differ from XLA:GPU's (it may keep extra float32 copies wh
 latency-hiding scheduler for the FSDP all-gathers); attention is the reference "xla" einsum, which materialises
 [B, N, T, T] scores (cuDNN flash attention on a GPU does not; the formula's "attention" term shows that part).
 
+With --lora_rank=R the step is LoRA SFT instead (llama2_jax/lora.py): the base frozen in bfloat16, float32 adapters
+of rank R on all seven kernels, AdamW state and gradients over the adapters only; default sizes 7b and 13b on one
+device, 70b on fsdp=8, remat "minimal" unless --remat says otherwise (see the XLA:CPU flag below).
+
 The XLA flag below must be set before JAX is imported, so run this file as a script (tests import only the
 formula and set their own device count).
 """
@@ -28,6 +32,13 @@ import sys
 if __name__ == "__main__":  # 64 simulated CPU devices: enough for the 70B mesh; 7B/13B use the first 8
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=64").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
+    if any(arg.startswith("--lora_rank") and not arg.endswith("=0") for arg in sys.argv):
+        # XLA:CPU has no bfloat16 matmul: it converts the operands to float32, and its while-loop invariant code
+        # motion then hoists that conversion of the WHOLE stacked bfloat16 base out of the layer scan, a float32
+        # copy of the base that XLA:GPU/TPU (native bfloat16 dots) never make (measured on 7B: temp +0.75 GiB per
+        # layer with the passes, constant without). LoRA mode is the only one with a bfloat16 base: disable them.
+        os.environ["XLA_FLAGS"] += (" --xla_disable_hlo_passes=while-loop-invariant-code-motion,"
+                                    "while-loop-expensive-invariant-code-motion")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
@@ -39,14 +50,15 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from llama2_jax import losses  # noqa: E402
+from llama2_jax import lora, losses  # noqa: E402
 from llama2_jax import sharding as sh  # noqa: E402
 from llama2_jax.config import LlamaConfig, RematPolicy, get_config  # noqa: E402
-from llama2_jax.model import Llama  # noqa: E402
+from llama2_jax.model import Llama, abstract_params  # noqa: E402
 from train import state as train_state  # noqa: E402
 
 GIB = 1024 ** 3
 SIZES = {"7b": 8, "13b": 8, "70b": 64}  # preset -> fsdp devices
+LORA_SIZES = {"7b": (1, 24.0), "13b": (1, 40.0), "70b": (8, 40.0)}  # preset -> (fsdp devices, GiB budget), LoRA SFT
 # Policies from least to most recomputation; "auto" takes the first whose formula fits the budget.
 POLICY_ORDER = (RematPolicy.NONE.value, RematPolicy.DOTS.value, RematPolicy.DOTS_NO_BATCH.value,
                 RematPolicy.MINIMAL.value)
@@ -165,6 +177,70 @@ def compile_step(cfg: LlamaConfig, n_devices: int, seq: int, batch_per_device: i
     return Compiled(arg + out + temp - alias, arg, out, temp, alias, compile_s)
 
 
+def compile_lora_step(cfg: LlamaConfig, n_devices: int, seq: int, batch_per_device: int, rank: int) -> Compiled:
+    """AOT-compile one LoRA SFT step: the trainer's `train_state.train_step` over {"lora": adapters} with the
+    frozen base (cfg.param_dtype) as a separate, non-donated argument; nothing is allocated."""
+    mesh = sh.make_mesh(1, n_devices, 1, devices=jax.devices()[:n_devices])
+    lora_cfg = lora.LoraConfig(rank=rank, alpha=2.0 * rank)
+    base_boxed = abstract_params(cfg, boxed=True)
+    base_shardings = sh.tree_shardings(base_boxed, mesh)
+    sh.check_divisible(nn.unbox(base_boxed), base_shardings)
+    trainable_boxed = {"lora": lora.abstract(nn.unbox(base_boxed), cfg, lora_cfg, boxed=True)}
+    schedule = train_state.warmup_cosine_schedule(2e-4, 100, 10_000)
+    tx = train_state.make_optimizer(schedule, weight_decay=0.0)
+    shardings = train_state.state_shardings(trainable_boxed, tx, mesh)
+    abstract = jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), nn.unbox(trainable_boxed))
+    with_sharding = lambda tree, shards: jax.tree.map(  # noqa: E731
+        lambda s, shard: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard), tree, shards)
+    abstract_state = with_sharding(abstract, shardings)
+    abstract_base = with_sharding(nn.unbox(base_boxed), base_shardings)
+    rows = batch_per_device * n_devices
+    batch_sharding = sh.batch_sharding(mesh)
+    abstract_batch = {name: jax.ShapeDtypeStruct((rows, seq), jnp.float32 if name == "loss_mask" else jnp.int32,
+                                                 sharding=batch_sharding)
+                      for name in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+    print(f"  {cfg.n_layers} layers: " + lora.describe(abstract.params, nn.unbox(base_boxed)), flush=True)
+    loss_fn = lora.adapted_loss(losses.next_token_loss, Llama(cfg), lora_cfg)
+
+    def step(state, frozen, batch):
+        return train_state.train_step(state, batch, loss_fn=lambda t, b: loss_fn(t, b, frozen))
+
+    jitted = jax.jit(sh.with_activation_sharding(step, mesh), in_shardings=(shardings, base_shardings, batch_sharding),
+                     out_shardings=(shardings, sh.replicated(mesh)), donate_argnums=0)
+    start = time.perf_counter()
+    compiled = jitted.lower(abstract_state, abstract_base, abstract_batch).compile()
+    compile_s = time.perf_counter() - start
+    m = compiled.memory_analysis()
+    arg, out, temp, alias = (int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
+                             int(m.alias_size_in_bytes))
+    return Compiled(arg + out + temp - alias, arg, out, temp, alias, compile_s)
+
+
+def lora_main(args) -> None:
+    """--lora_rank: XLA's per-device figure of LoRA SFT for each size against its budget."""
+    for name in args.sizes.split(","):
+        n, budget = LORA_SIZES[name]
+        remat = RematPolicy.MINIMAL.value if args.remat == "auto" else args.remat
+        cfg = get_config(name, dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, max_seq_len=args.seq,
+                         remat_policy=remat)
+        counts = [int(x) for x in args.layers.split(",")] if args.layers else [cfg.n_layers]
+        results = [compile_lora_step(cfg.replace(n_layers=c), n, args.seq, args.batch_per_device, args.lora_rank)
+                   for c in counts]
+        if len(counts) > 1:
+            (l0, r0), (l1, r1) = (counts[0], results[0]), (counts[-1], results[-1])
+            per_layer = (r1.total - r0.total) / (l1 - l0)
+            total = r0.total + per_layer * (cfg.n_layers - l0)
+            how = f"extrapolated from {l0} and {l1} layers: {per_layer / GIB:.3f} GiB/layer"
+        else:
+            r = results[0]
+            total = r.total
+            how = f"arg {fmt(r.argument)} + out {fmt(r.output)} + temp {fmt(r.temp)} - alias {fmt(r.alias)}"
+        fits = "fits" if total <= budget * GIB else "DOES NOT FIT"
+        print(f"lora rank={args.lora_rank} {name} fsdp={n} seq={args.seq} batch/device={args.batch_per_device} "
+              f"remat={remat} base=bfloat16: xla={fmt(total)} GiB/device ({how}; compile "
+              f"{sum(r.compile_s for r in results):.0f}s) -> {fits} in {budget:.0f} GiB", flush=True)
+
+
 def fmt(nbytes: float) -> str:
     return f"{nbytes / GIB:.1f}"
 
@@ -179,7 +255,11 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", default="",
                         help="compile with these layer counts (e.g. 2,4) and extrapolate linearly to the full depth "
                              "instead of compiling the full model")
+    parser.add_argument("--lora_rank", type=int, default=0,
+                        help="> 0: LoRA SFT of this rank (frozen bfloat16 base) on 7b/13b x1 device, 70b on fsdp=8")
     args = parser.parse_args(argv)
+    if args.lora_rank > 0:
+        return lora_main(args)
 
     for name in args.sizes.split(","):
         n = SIZES[name]

@@ -13,6 +13,13 @@ Two layouts are read:
 given shardings (so a large model never lands on one device) or, without shardings, as numpy arrays in host memory.
 Both layouts hold either a Llama (`kind="llama"`: trunk + `output`) or a score-head model (`kind="score"`: trunk +
 `score_head`, the reward and value models of `score_model.py`, written by `train.reward` and `train.ppo`).
+
+LoRA dirs hold the adapters apart from the base (lora.py) and record the base they were trained on:
+      PATH/lora_config.json             {"lora": LoraConfig fields, "base": the base checkpoint's path}
+      PATH/llama_config.json
+      PATH/lora/  or  PATH/checkpoints/<step>/lora/    Orbax adapter tree (saved dir / trainer workdir)
+`load_params` on a LoRA dir loads the recorded base and returns it merged (W + alpha/r a b), so everything that
+loads params (generation, chat, evaluation, init_from) accepts a LoRA dir; `load_adapters` reads the adapters alone.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama2_jax import score_model
+from llama2_jax import lora
 from llama2_jax.config import LlamaConfig
 from llama2_jax.model import abstract_params, unstack_layers
 
@@ -38,6 +46,8 @@ PARAMS_ITEM = "params"
 CHECKPOINTS_DIR = "checkpoints"
 SCANNED_KEY = "layers"  # the scanned blocks' key; unrolled blocks are layers_{i}
 KINDS = ("llama", "score")  # what a checkpoint holds: a Llama, or a score-head model (reward / value)
+LORA_CONFIG_FILE = "lora_config.json"
+ADAPTERS_ITEM = "lora"
 
 Params = dict
 
@@ -104,29 +114,29 @@ def load_config(path) -> LlamaConfig:
     return LlamaConfig.from_dict(json.loads(config_file.read_text()))
 
 
-def find_params_dir(path) -> epath.Path:
-    """The Orbax params item of a converted dir (`path/params`) or a trainer workdir (latest
-    `path/checkpoints/<step>/params`)."""
+def find_params_dir(path, item: str = PARAMS_ITEM) -> epath.Path:
+    """The Orbax item (default params) of a converted dir (`path/<item>`) or a trainer workdir (latest
+    `path/checkpoints/<step>/<item>`)."""
     root = _as_path(path)
     if not root.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    if (root / PARAMS_ITEM).is_dir() and (root / CONFIG_FILE).exists():
-        return root / PARAMS_ITEM
+    if (root / item).is_dir() and (root / CONFIG_FILE).exists():
+        return root / item
     if (root / CHECKPOINTS_DIR).is_dir() and (root / CONFIG_FILE).exists():
-        steps = _finished_steps(root / CHECKPOINTS_DIR)
+        steps = _finished_steps(root / CHECKPOINTS_DIR, item)
         if not steps:
-            raise FileNotFoundError(f"trainer workdir {path} has no finished checkpoint with a '{PARAMS_ITEM}' item "
+            raise FileNotFoundError(f"trainer workdir {path} has no finished checkpoint with a '{item}' item "
                                     f"under {root / CHECKPOINTS_DIR}")
-        return root / CHECKPOINTS_DIR / steps[max(steps)] / PARAMS_ITEM
-    raise ValueError(f"{path} is neither a converted checkpoint ({CONFIG_FILE} + {PARAMS_ITEM}/) nor a trainer workdir "
-                     f"({CONFIG_FILE} + {CHECKPOINTS_DIR}/<step>/{PARAMS_ITEM}/)")
+        return root / CHECKPOINTS_DIR / steps[max(steps)] / item
+    raise ValueError(f"{path} is neither a converted checkpoint ({CONFIG_FILE} + {item}/) nor a trainer workdir "
+                     f"({CONFIG_FILE} + {CHECKPOINTS_DIR}/<step>/{item}/)")
 
 
-def _finished_steps(checkpoints_dir: epath.Path) -> dict[int, str]:
+def _finished_steps(checkpoints_dir: epath.Path, item: str = PARAMS_ITEM) -> dict[int, str]:
     """{step: dir name} of finalized steps (Orbax's in-progress dirs carry a non-numeric suffix)."""
     steps = {}
     for child in checkpoints_dir.iterdir():
-        if child.name.isdigit() and (child / PARAMS_ITEM).is_dir():
+        if child.name.isdigit() and (child / item).is_dir():
             steps[int(child.name)] = child.name
     return steps
 
@@ -146,8 +156,10 @@ def load_params(path, config: Optional[LlamaConfig] = None, shardings: Any = Non
       kind: "llama" (trunk + `output`) or "score" (trunk + `score_head`: a reward or value model).
 
     Returns:
-      (params, config).
+      (params, config). For a LoRA dir: the recorded base merged with the adapters (see the module docstring).
     """
+    if is_lora_dir(path):
+        return _load_merged(path, config, shardings)
     item_dir = find_params_dir(path)
     config = config or load_config(path)
     stored_scanned = check_params(path, config, kind=kind)
@@ -178,6 +190,83 @@ def _abstract(config: LlamaConfig, kind: str) -> Params:
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind {kind!r}, expected one of {', '.join(KINDS)}")
     return abstract_params(config) if kind == "llama" else score_model.abstract_score_params(config)
+# --------------------------------------------------------------------------------------------------------- LoRA
+
+
+def is_lora_dir(path) -> bool:
+    return (_as_path(path) / LORA_CONFIG_FILE).exists()
+
+
+def write_lora_config(path, lora_cfg: "lora.LoraConfig", base_path) -> None:
+    """`path/lora_config.json`: the LoRA hyperparameters and the base checkpoint (absolute path when local)."""
+    base = os.fspath(base_path)
+    base = base if "://" in base else os.path.abspath(base)
+    if jax.process_index() == 0:
+        path = _as_path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / LORA_CONFIG_FILE).write_text(json.dumps({"lora": lora_cfg.to_dict(), "base": base}, indent=2) + "\n")
+
+
+def load_lora_config(path) -> tuple["lora.LoraConfig", str]:
+    """(LoraConfig, base checkpoint path) recorded in a LoRA dir."""
+    config_file = _as_path(path) / LORA_CONFIG_FILE
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: {path} is not a LoRA checkpoint or workdir")
+    record = json.loads(config_file.read_text())
+    if not isinstance(record, dict) or not {"lora", "base"} <= set(record):
+        raise ValueError(f"{config_file}: expected an object with keys 'lora' and 'base'")
+    return lora.LoraConfig.from_dict(record["lora"]), record["base"]
+
+
+def save_adapters(path, adapters: Params, config: LlamaConfig, lora_cfg: "lora.LoraConfig", base_path, *,
+                  overwrite: bool = False) -> None:
+    """Write a LoRA dir: `path/lora/` (Orbax, unrolled layout), `path/lora_config.json` (recording `base_path`) and
+    `path/llama_config.json`. The base itself is not copied."""
+    path = _as_path(path)
+    adapters = lora.to_layout(nn.unbox(adapters), config.n_layers, scanned=False)
+    expected = lora.abstract(abstract_params(config.replace(scan_layers=False)), config, lora_cfg)
+    _check_shapes({n: tuple(np.shape(a)) for n, a in _flatten(adapters).items()},
+                  {n: tuple(a.shape) for n, a in _flatten(expected).items()},
+                  f"adapters given to save_adapters({path})", "the adapters", "the LoRA config")
+    item_dir = path / ADAPTERS_ITEM
+    if item_dir.exists() and not overwrite:
+        raise FileExistsError(f"{item_dir} already exists; pass overwrite=True or pick another path")
+    path.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(item_dir, adapters, force=overwrite)
+    write_lora_config(path, lora_cfg, base_path)
+    if jax.process_index() == 0:
+        (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def load_adapters(path, config: Optional[LlamaConfig] = None) -> tuple[Params, "lora.LoraConfig", LlamaConfig]:
+    """(adapters as host numpy arrays in `config`'s layout, their LoraConfig, config) from a LoRA dir (a saved
+    dir or the latest step of a trainer workdir)."""
+    lora_cfg, _ = load_lora_config(path)
+    config = config or load_config(path)
+    item_dir = find_params_dir(path, ADAPTERS_ITEM)
+    stored = _stored_shapes(item_dir)
+    scanned = any(name.startswith(SCANNED_KEY + "/") for name in stored)
+    expected = lora.abstract(abstract_params(config.replace(scan_layers=scanned)), config, lora_cfg)
+    _check_shapes(stored, {n: tuple(a.shape) for n, a in _flatten(expected).items()}, f"adapters {item_dir}",
+                  "the checkpoint", f"{LORA_CONFIG_FILE} and {CONFIG_FILE}")
+    adapters = _restore(item_dir, expected, jnp.dtype(lora_cfg.dtype), None)
+    return lora.to_layout(adapters, config.n_layers, config.scan_layers), lora_cfg, config
+
+
+def _load_merged(path, config: Optional[LlamaConfig], shardings: Any) -> tuple[Params, LlamaConfig]:
+    """The base recorded in a LoRA dir, merged with its adapters (in `shardings` when given)."""
+    _, base_path = load_lora_config(path)
+    config = config or load_config(path)
+    if "://" not in base_path and not os.path.exists(base_path):
+        raise FileNotFoundError(f"the base checkpoint {base_path} recorded in {_as_path(path) / LORA_CONFIG_FILE} "
+                                f"does not exist")
+    adapters, lora_cfg, _ = load_adapters(path, config)
+    base, _ = load_params(base_path, config, shardings)
+    if shardings is None:
+        return lora.merge(base, adapters, lora_cfg), config
+    merge = jax.jit(lambda b, a: lora.merge(b, a, lora_cfg), out_shardings=shardings, donate_argnums=0)
+    return merge(base, adapters), config
 
 
 def _stored_shapes(item_dir: epath.Path) -> dict[str, tuple]:

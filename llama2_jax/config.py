@@ -69,6 +69,7 @@ class LlamaConfig:
     scan_layers: bool = False  # nn.scan over the blocks: one compiled block, stacked params [L, ...]
     remat_policy: str = RematPolicy.NONE.value
     attention_impl: str = AttentionImpl.XLA.value
+    lora_dropout: float = 0.0  # dropout on the LoRA adapters' input while training (lora.py); no effect without them
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -101,6 +102,8 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
             raise ValueError(f"LlamaConfig.ffn_dim_multiplier must be > 0 or None, got {self.ffn_dim_multiplier!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LlamaConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"LlamaConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")

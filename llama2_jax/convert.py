@@ -31,7 +31,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from llama2_jax import checkpoint
+from llama2_jax import checkpoint, convert_peft
 from llama2_jax.config import LlamaConfig, ffn_hidden_dim
 
 FORMATS = ("hf", "meta", "jax")
@@ -443,10 +443,10 @@ def load_jax(src, dtype: Optional[str] = None) -> tuple[dict, LlamaConfig]:
 
 
 def convert(src_format: str, dst_format: str, src, dst, dtype: Optional[str] = None,
-            num_shards: Optional[int] = None, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> None:
+            num_shards: Optional[int] = None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, merge_lora: bool = False) -> None:
     """Any format -> any format through one host copy of our params. dtype None keeps the source's dtype, except
-    for the jax format, which defaults to float32 (our master weights)."""
-    for flag, value, allowed in (("--from", src_format, FORMATS), ("--to", dst_format, FORMATS),
+    for the jax format, which defaults to float32 (our master weights). LoRA dirs: convert_peft.py."""
+    for flag, value, allowed in (("--from", src_format, FORMATS), ("--to", dst_format, FORMATS + ("peft",)),
                                  ("--dtype", dtype or DTYPES[0], DTYPES)):
         if value not in allowed:
             raise ValueError(f"{flag}={value!r}: expected one of {allowed}")
@@ -454,6 +454,9 @@ def convert(src_format: str, dst_format: str, src, dst, dtype: Optional[str] = N
         raise FileNotFoundError(f"--src {src} does not exist")
     if pathlib.Path(dst).exists() and any(pathlib.Path(dst).iterdir()):
         raise FileExistsError(f"--dst {dst} exists and is not empty; pick a new directory")
+    if dst_format == "peft":
+        return convert_peft.export_peft(src_format, src, dst, dtype)
+    convert_peft.check_merge_flag(src_format, src, merge_lora)
     readers = {"hf": load_hf, "meta": load_meta, "jax": load_jax}
     writers = {"hf": lambda p, c: save_hf(dst, p, c, max_shard_size=max_shard_size),
                "meta": lambda p, c: save_meta(dst, p, c, num_shards=num_shards),
@@ -470,7 +473,7 @@ def _parser() -> argparse.ArgumentParser:
                "  meta  Meta folder: params.json + consolidated.NN.pth\n"
                "  jax   ours: llama_config.json + params/ (Orbax); as --src also a trainer workdir (latest step)")
     parser.add_argument("--from", dest="src_format", required=True, choices=FORMATS, help="source format")
-    parser.add_argument("--to", dest="dst_format", required=True, choices=FORMATS, help="destination format")
+    parser.add_argument("--to", dest="dst_format", required=True, choices=FORMATS + ("peft",), help="target format")
     parser.add_argument("--src", required=True, help="source folder")
     parser.add_argument("--dst", required=True, help="destination folder (new or empty)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
@@ -480,6 +483,7 @@ def _parser() -> argparse.ArgumentParser:
                              "else 1)")
     parser.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE,
                         help="largest safetensors file for --to=hf, e.g. 5GB, 500MB (default %(default)s)")
+    parser.add_argument("--merge_lora", action="store_true", help="--src is a LoRA dir: write base + adapters merged")
     return parser
 
 
@@ -487,7 +491,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         convert(args.src_format, args.dst_format, args.src, args.dst, dtype=args.dtype, num_shards=args.num_shards,
-                max_shard_size=args.max_shard_size)
+                max_shard_size=args.max_shard_size, merge_lora=args.merge_lora)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

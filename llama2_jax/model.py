@@ -56,6 +56,26 @@ def _param(module: nn.Module, name: str, shape: tuple, axes: tuple, init=None):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+LORA = "lora"  # variable collection of LoRA adapters (lora.py), laid out like "params"; absent = the plain model
+LORA_DROPOUT_RNG = "lora_dropout"  # rng stream that switches on dropout of the adapters' input (training)
+
+
+def adapted_project(module: nn.Module, name: str, x: Array, kernel: Array, n_in: int = 1) -> Array:
+    """`project(x, kernel)`, plus the LoRA term `project(project(dropout(x), a), b)` when the "lora" collection holds
+    {"a": [*in, r], "b": [r, *out]} for this kernel (b arrives scaled by alpha / r: lora.apply). The frozen kernel
+    is used as given; dropout (rate `config.lora_dropout`) applies only when a "lora_dropout" rng is passed."""
+    y = project(x, kernel, n_in)
+    if not module.has_variable(LORA, name):
+        return y
+    adapter = module.get_variable(LORA, name)
+    rate = module.config.lora_dropout
+    if rate > 0 and module.has_rng(LORA_DROPOUT_RNG):
+        keep = jax.random.bernoulli(module.make_rng(LORA_DROPOUT_RNG), 1.0 - rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+    low_rank = project(x, adapter["a"].astype(x.dtype), n_in)  # [..., r]
+    return y + project(low_rank, adapter["b"].astype(x.dtype)).astype(y.dtype)
+
+
 def project(x: Array, kernel: Array, n_in: int = 1, preferred_element_type=None) -> Array:
     """x [..., *in] times kernel [*in, *out] -> [..., *out], computed as ONE 2-D matmul [rows, in] @ [in, out].
 
@@ -118,9 +138,9 @@ class Attention(nn.Module):
         wv = _param(self, "wv", (d, k, h), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM)).astype(dtype)
         wo = _param(self, "wo", (n, h, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED)).astype(dtype)
 
-        q = apply_rope(project(x, wq), positions, cfg.rope_theta)  # [B, T, N, H]
-        key = apply_rope(project(x, wk), positions, cfg.rope_theta)  # [B, T, K, H]
-        value = project(x, wv)
+        q = apply_rope(adapted_project(self, "wq", x, wq), positions, cfg.rope_theta)  # [B, T, N, H]
+        key = apply_rope(adapted_project(self, "wk", x, wk), positions, cfg.rope_theta)  # [B, T, K, H]
+        value = adapted_project(self, "wv", x, wv)
 
         if layer_cache is None:
             out = dot_product_attention(q, key, value, impl=cfg.attention_impl,
@@ -132,7 +152,7 @@ class Attention(nn.Module):
             new_cache = {}  # written after the reads above, so that XLA can update the buffers in place
             for name, new in (("k", key.transpose(0, 2, 3, 1)), ("v", value.transpose(0, 2, 1, 3))):  # KV_CACHE_AXES
                 new_cache[name] = write_cache(layer_cache[name], new, cache_index, cache_length_axis(name))
-        return project(out, wo, n_in=2), new_cache
+        return adapted_project(self, "wo", out, wo, n_in=2), new_cache
 
 
 class FeedForward(nn.Module):
@@ -147,9 +167,9 @@ class FeedForward(nn.Module):
         w1 = _param(self, "w1", (cfg.dim, cfg.hidden_dim), (sh.EMBED, sh.MLP)).astype(dtype)
         w3 = _param(self, "w3", (cfg.dim, cfg.hidden_dim), (sh.EMBED, sh.MLP)).astype(dtype)
         w2 = _param(self, "w2", (cfg.hidden_dim, cfg.dim), (sh.MLP, sh.EMBED)).astype(dtype)
-        gate = jax.nn.silu(project(x, w1))  # [B, T, F]
-        up = project(x, w3)
-        return project(gate * up, w2)
+        gate = jax.nn.silu(adapted_project(self, "w1", x, w1))  # [B, T, F]
+        up = adapted_project(self, "w3", x, w3)
+        return adapted_project(self, "w2", gate * up, w2)
 
 
 class Block(nn.Module):
@@ -185,7 +205,8 @@ def run_trunk(cfg: LlamaConfig, tokens, positions, segment_ids):
     x = embedding(tokens)
     block_cls = _block_class(cfg)
     if cfg.scan_layers:
-        scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+        scanned = nn.scan(block_cls, variable_axes={"params": 0, LORA: 0},
+                          split_rngs={"params": True, LORA_DROPOUT_RNG: True},
                           in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                           metadata_params={nn.PARTITION_NAME: sh.LAYERS})
         x, _ = scanned(cfg, name="layers")(x, positions, segment_ids)
