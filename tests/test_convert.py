@@ -174,7 +174,7 @@ def _expected_params(weights: dict, cfg: LlamaConfig) -> dict:
 
 
 def _meta_reference_logits(weights: dict, cfg: LlamaConfig, tokens: np.ndarray) -> np.ndarray:
-    """Meta's forward (spec A) in float64 numpy: interleaved-pair RoPE as complex phasors, GQA repeat-interleave."""
+    """Meta's forward (llama/model.py) in float64 numpy: interleaved-pair RoPE as complex phasors, GQA repeat-interleave."""
     w = {k: v.astype(np.float64) for k, v in weights.items()}
     n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     t = tokens.shape[0]
