@@ -443,9 +443,11 @@ def load_jax(src, dtype: Optional[str] = None) -> tuple[dict, LlamaConfig]:
 
 
 def convert(src_format: str, dst_format: str, src, dst, dtype: Optional[str] = None,
-            num_shards: Optional[int] = None, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> None:
+            num_shards: Optional[int] = None, max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+            tokenizer: Optional[str] = None) -> None:
     """Any format -> any format through one host copy of our params. dtype None keeps the source's dtype, except
-    for the jax format, which defaults to float32 (our master weights)."""
+    for the jax format, which defaults to float32 (our master weights). `tokenizer` (a SentencePiece file, --to=hf
+    only) is exported next to the weights (hf_tokenizer.save_hf_tokenizer)."""
     for flag, value, allowed in (("--from", src_format, FORMATS), ("--to", dst_format, FORMATS),
                                  ("--dtype", dtype or DTYPES[0], DTYPES)):
         if value not in allowed:
@@ -454,12 +456,18 @@ def convert(src_format: str, dst_format: str, src, dst, dtype: Optional[str] = N
         raise FileNotFoundError(f"--src {src} does not exist")
     if pathlib.Path(dst).exists() and any(pathlib.Path(dst).iterdir()):
         raise FileExistsError(f"--dst {dst} exists and is not empty; pick a new directory")
+    if tokenizer is not None and (dst_format != "hf" or not pathlib.Path(tokenizer).is_file()):
+        raise ValueError(f"--tokenizer={tokenizer}: " + ("only --to=hf exports a tokenizer" if dst_format != "hf"
+                                                           else "file not found"))
     readers = {"hf": load_hf, "meta": load_meta, "jax": load_jax}
     writers = {"hf": lambda p, c: save_hf(dst, p, c, max_shard_size=max_shard_size),
                "meta": lambda p, c: save_meta(dst, p, c, num_shards=num_shards),
                "jax": lambda p, c: checkpoint.save_params(dst, p, c)}
     params, cfg = readers[src_format](src, dtype or ("float32" if dst_format == "jax" else None))
     writers[dst_format](params, cfg)
+    if tokenizer is not None:
+        from llama2_jax.hf_tokenizer import save_hf_tokenizer
+        save_hf_tokenizer(tokenizer, dst, model_max_length=cfg.max_seq_len)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -480,6 +488,8 @@ def _parser() -> argparse.ArgumentParser:
                              "else 1)")
     parser.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE,
                         help="largest safetensors file for --to=hf, e.g. 5GB, 500MB (default %(default)s)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="SentencePiece tokenizer.model to export with --to=hf (tokenizer.json for AutoTokenizer)")
     return parser
 
 
@@ -487,7 +497,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         convert(args.src_format, args.dst_format, args.src, args.dst, dtype=args.dtype, num_shards=args.num_shards,
-                max_shard_size=args.max_shard_size)
+                max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
