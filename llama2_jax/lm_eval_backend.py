@@ -62,8 +62,11 @@ class LlamaJaxLM(TemplateLM):
 
     def __init__(self, checkpoint: Optional[str] = None, tokenizer: Optional[str] = None, dtype: Optional[str] = None,
                  batch_size: int | str = 16, mesh: Optional[str] = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
-                 **unused: Any):
+                 device: Any = None, max_batch_size: Any = None, trust_remote_code: Any = None, **unknown: Any):
+        """model_args; device / max_batch_size / trust_remote_code are lm-eval's and not used (jax places arrays)."""
         super().__init__()
+        if unknown:
+            raise ValueError(f"unknown model_args for llama2_jax: {', '.join(sorted(unknown))}")
         if checkpoint is None or tokenizer is None:
             raise ValueError("model_args need checkpoint=DIR and tokenizer=FILE")
         from llama2_jax.checkpoint import load_params

@@ -65,8 +65,9 @@ def model_inputs(context: Sequence[int], continuation: Sequence[int], max_len: i
 def score_tokens(params, cfg: LlamaConfig, inputs: jax.Array, targets: jax.Array, lengths: jax.Array,
                  cont_lengths: jax.Array, columns: int) -> tuple[jax.Array, jax.Array]:
     """Left-padded inputs, targets [B, W] int32, lengths [B] (real tokens per row), cont_lengths [B] (scored
-    targets, at the end of the row, <= columns) -> (sum of log-probabilities of the scored targets [B] float32, all
-    scored targets are the argmax [B] bool). `columns` (static) is C."""
+    targets, at the end of the row, <= columns) -> (log-probabilities of the targets in the last C columns [B, C]
+    float32, 0 where not scored; all scored targets are the argmax [B] bool). `columns` (static) is C. The host
+    sums the log-probabilities in float64, so long continuations add no float32 rounding of their own."""
     params = nn.unbox(params)
     width = inputs.shape[1]
     pad = width - lengths[:, None]  # [B, 1]
@@ -81,7 +82,7 @@ def score_tokens(params, cfg: LlamaConfig, inputs: jax.Array, targets: jax.Array
     target_lp = jnp.take_along_axis(log_probs, tail[..., None], axis=-1)[..., 0]  # [B, C]
     scored = jnp.arange(columns)[None, :] >= columns - cont_lengths[:, None]
     greedy = jnp.argmax(logits, axis=-1) == tail
-    return jnp.sum(jnp.where(scored, target_lp, 0.0), axis=-1), jnp.all(greedy | ~scored, axis=-1)
+    return jnp.where(scored, target_lp, 0.0), jnp.all(greedy | ~scored, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "columns", "mesh"))
@@ -130,7 +131,8 @@ def continuation_logprobs(params, cfg: LlamaConfig, requests: Sequence[Request],
         arrays, columns = _batch_arrays([rows[i] for i in chunk], batch_size, cfg.max_seq_len)
         if mesh is not None:
             arrays = tuple(jax.device_put(a, sh.batch_sharding(mesh, a.ndim)) for a in arrays)
-        sums, greedy = jax.device_get(score_tokens_jit(params, cfg, *arrays, columns=columns, mesh=mesh))
+        token_lps, greedy = jax.device_get(score_tokens_jit(params, cfg, *arrays, columns=columns, mesh=mesh))
+        sums = np.asarray(token_lps, np.float64).sum(axis=-1)
         for row, i in enumerate(chunk):
             results[i] = (float(sums[row]), bool(greedy[row]))
     return results

@@ -1,10 +1,8 @@
-"""The `llama2_jax` lm-eval backend without HF: scoring against the full forward pass computed by hand, tokenization
+"""The `llama2_jax` lm-eval backend: scores against an unpadded HF forward pass (torch) summed by hand, tokenization
 as lm-eval's hf backend does it for Llama, Meta's chat format, sharding, bad input, and `evaluate_tasks`."""
 
 import json
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 
@@ -12,13 +10,13 @@ pytest.importorskip("lm_eval", reason="the lm-eval backend needs lm-eval (pip in
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
+import hf_reference  # noqa: E402  (tests/hf_reference.py: skips without torch / transformers)
 from llama2_jax import chat, lm_scoring  # noqa: E402
 from llama2_jax import sharding as sh  # noqa: E402
 from llama2_jax.config import LlamaConfig  # noqa: E402
 from llama2_jax.data.sources import default_corpus  # noqa: E402
 from llama2_jax.evaluate import evaluate_tasks  # noqa: E402
 from llama2_jax.lm_eval_backend import LlamaJaxLM  # noqa: E402
-from llama2_jax.model import Llama  # noqa: E402
 from llama2_jax.tokenizer import train_tokenizer  # noqa: E402
 
 CFG = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=48,
@@ -31,9 +29,14 @@ def tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def params():
-    params = nn.unbox(Llama(CFG).init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"])
-    return jax.tree.map(lambda x: np.asarray(x) * 3.0, jax.device_get(params))  # peakier logits than init
+def hf():
+    """The reference: a random HF LlamaForCausalLM (torch, eager)."""
+    return hf_reference.hf_model(CFG, seed=3)
+
+
+@pytest.fixture(scope="module")
+def params(hf):
+    return hf_reference.params_from_hf(hf, CFG)
 
 
 @pytest.fixture(scope="module")
@@ -41,42 +44,42 @@ def lm(params, tokenizer):
     return LlamaJaxLM.from_params(params, CFG, tokenizer, batch_size=4)
 
 
-def _hand_score(params, context, continuation, max_len):
-    """Sum of log-probs of the continuation and its greedy flag, from one unpadded forward pass."""
+def _hand_score(hf, context, continuation, max_len):
+    """Sum of log-probs of the continuation and its greedy flag, from one unpadded HF forward pass (float64 softmax)."""
     whole = (list(context) + list(continuation))[-(max_len + 1):]
-    logits = np.asarray(Llama(CFG).apply({"params": params}, np.array([whole[:-1]], np.int32)))[0]
-    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
+    logits = hf_reference.hf_logits(hf, np.array([whole[:-1]]))[0].astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
     rows = np.arange(len(whole) - 1 - len(continuation), len(whole) - 1)
     targets = np.array(whole[1:])[rows]
     return float(log_probs[rows, targets].sum()), bool((logits[rows].argmax(-1) == targets).all())
 
 
-def _requests(params):
+def _requests(hf):
     rng = np.random.default_rng(0)
     requests = [(list(rng.integers(3, 512, n)), list(rng.integers(3, 512, m)))
                 for n, m in [(1, 1), (5, 3), (20, 2), (7, 30), (40, 20), (3, 12), (11, 1)]]
     # a continuation that is the model's greedy path, so is_greedy must be True
     context = [1, 17, 99]
-    logits = np.asarray(Llama(CFG).apply({"params": params}, np.array([context], np.int32)))[0]
+    logits = hf_reference.hf_logits(hf, np.array([context]))[0]
     requests.append((context, [int(logits[-1].argmax())]))
     return requests
 
 
-def test_scores_equal_the_unpadded_forward_pass(params):
-    requests = _requests(params)
+def test_scores_equal_the_unpadded_hf_forward_pass(params, hf):
+    requests = _requests(hf)
     got = lm_scoring.continuation_logprobs(params, CFG, requests, batch_size=3)
     for (context, continuation), (logprob, greedy) in zip(requests, got):
-        want_lp, want_greedy = _hand_score(params, context, continuation, CFG.max_seq_len)
+        want_lp, want_greedy = _hand_score(hf, context, continuation, CFG.max_seq_len)
         assert abs(logprob - want_lp) <= 1e-4 * max(1.0, abs(want_lp)), (len(context), len(continuation))
         assert greedy == want_greedy
     assert got[-1][1]  # the greedy continuation
     assert any(len(c) + len(x) > CFG.max_seq_len + 1 for c, x in requests)  # left truncation was exercised
 
 
-def test_scores_on_a_mesh_equal_the_single_device_scores(params):
+def test_scores_on_a_mesh_equal_the_single_device_scores(params, hf):
     mesh = sh.make_mesh(data=2, fsdp=2, tensor=2)
-    requests = _requests(params)
+    requests = _requests(hf)
     sharded = lm_scoring.shard_params(params, CFG, mesh)
     got = lm_scoring.continuation_logprobs(sharded, CFG, requests, batch_size=3, mesh=mesh)
     want = lm_scoring.continuation_logprobs(params, CFG, requests, batch_size=3)
@@ -107,20 +110,20 @@ def test_tok_encode_follows_hf_llama_bos_rules(lm, tokenizer):
         tokenizer.encode("a") + [tokenizer.eos_id, tokenizer.bos_id] + tokenizer.encode("b")
 
 
-def test_loglikelihood_splits_context_and_continuation_as_lm_eval(lm, tokenizer, params):
+def test_loglikelihood_splits_context_and_continuation_as_lm_eval(lm, tokenizer, hf):
     """Trailing context spaces move to the continuation; continuation = encode(whole)[len(encode(context)):]."""
     requests = [Instance("loglikelihood", {}, ("Question: what is it?\nAnswer: ", "a test"), 0),
                 Instance("loglikelihood", {}, ("", "no context"), 0)]
     got = lm.loglikelihood(requests, disable_tqdm=True)
     whole = [tokenizer.bos_id] + tokenizer.encode("Question: what is it?\nAnswer: a test")
     context = [tokenizer.bos_id] + tokenizer.encode("Question: what is it?\nAnswer:")
-    assert got[0][0] == pytest.approx(_hand_score(params, context, whole[len(context):], CFG.max_seq_len)[0],
+    assert got[0][0] == pytest.approx(_hand_score(hf, context, whole[len(context):], CFG.max_seq_len)[0],
                                       abs=1e-4)
-    assert got[1][0] == pytest.approx(_hand_score(params, [tokenizer.bos_id], tokenizer.encode("no context"),
+    assert got[1][0] == pytest.approx(_hand_score(hf, [tokenizer.bos_id], tokenizer.encode("no context"),
                                                   CFG.max_seq_len)[0], abs=1e-4)
 
 
-def test_rolling_loglikelihood_sums_disjoint_windows(lm, tokenizer, params):
+def test_rolling_loglikelihood_sums_disjoint_windows(lm, tokenizer, hf):
     text = default_corpus()[0][:600]
     tokens = [tokenizer.bos_id] + tokenizer.encode(text)  # lm-eval's hf backend rolls over BOS + text
     assert len(tokens) > 2 * CFG.max_seq_len
@@ -129,7 +132,7 @@ def test_rolling_loglikelihood_sums_disjoint_windows(lm, tokenizer, params):
     while start < len(tokens):  # windows of max_seq_len predictions, each conditioned on what precedes it
         end = min(start + CFG.max_seq_len, len(tokens))
         context = [tokenizer.bos_id] if start == 0 else tokens[max(0, end - CFG.max_seq_len - 1):start]
-        want += _hand_score(params, context, tokens[start:end], CFG.max_seq_len)[0]
+        want += _hand_score(hf, context, tokens[start:end], CFG.max_seq_len)[0]
         start = end
     assert got == pytest.approx(want, rel=1e-5)
 
@@ -160,6 +163,7 @@ def test_generate_until_equals_greedy_text_completion_cut_at_stops(lm, tokenizer
     assert got[0] == full[0][:full[0].index(stop)]
 
 
+@pytest.mark.slow  # lm-eval indexes its whole task library (~20 s on 2 cores)
 def test_evaluate_tasks_in_process(params, tokenizer, tmp_path):
     rows = [{"goal": f"goal {i}", "sol1": f"first answer {i}", "sol2": f"second {i}", "label": i % 2} for i in range(6)]
     (tmp_path / "piqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -171,3 +175,29 @@ def test_evaluate_tasks_in_process(params, tokenizer, tmp_path):
     assert 0.0 <= out["piqa_local"]["acc"] <= 1.0 and 0.0 <= out["piqa_local"]["acc_norm"] <= 1.0
     assert out["piqa_local"]["acc"] * 6 == pytest.approx(round(out["piqa_local"]["acc"] * 6))
     assert out["text_perplexity"]["word_perplexity"] > 1.0 and out["text_perplexity"]["bits_per_byte"] > 0.0
+
+
+@pytest.mark.slow  # lm-eval's CLI indexes its whole task library (~20 s on 2 cores)
+def test_cli_prints_lm_eval_table_and_writes_results_json(params, tokenizer, tmp_path, capsys):
+    from llama2_jax.checkpoint import save_params
+    from llama2_jax.evaluate import main
+
+    save_params(tmp_path / "ckpt", params, CFG)
+    rows = [{"goal": f"goal {i}", "sol1": f"first answer {i}", "sol2": f"second {i}", "label": i % 2} for i in range(4)]
+    (tmp_path / "piqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([f"--checkpoint={tmp_path / 'ckpt'}", f"--tokenizer={tokenizer.model_path}", "--tasks=piqa_local",
+                 "--metadata", f"piqa_path={tmp_path / 'piqa.jsonl'}", f"--output_path={tmp_path / 'out'}",
+                 "--batch_size=4"]) == 0
+    out = capsys.readouterr().out
+    assert "piqa_local" in out and "acc_norm" in out and "llama2_jax" in out  # lm-eval's table
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(results_file.read_text())
+    assert results["results"]["piqa_local"]["acc,none"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert results["config"]["model"] == "llama2_jax"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from llama2_jax.evaluate import main
+
+    assert main([f"--checkpoint={tmp_path / 'nope'}", "--tokenizer=x.model", "--tasks=piqa_local"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --checkpoint={tmp_path / 'nope'} does not exist"
