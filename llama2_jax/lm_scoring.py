@@ -8,9 +8,8 @@ Shapes: B rows per batch (`batch_size`, rounded up to the mesh's data-parallel s
 scored columns, D model dim, V vocabulary. Requests are sorted by length (longest first) and batched. Rows are
 LEFT-padded to W (`bucket_width`: powers of two and 1.5x powers of two) so that every continuation ends in the last
 column; padding is segment 0 (attends only to padding) and positions start at 0 on each row's first real token, so a
-row's numbers do not depend on its padding. Only the last C columns (C in {W/4, W/2, W}, the smallest that holds the
-batch's longest continuation) go through the output layer and the log-softmax, the largest cost at Llama 2's 32000
-vocabulary. Each (W, C) compiles once (`score_tokens_jit`). With a mesh, params are sharded by the one logical-axis
+row's numbers do not depend on its padding. Only the last C columns (the batch's longest continuation on the same
+ladder of widths) go through the output layer and the log-softmax, the largest cost at Llama 2's 32000 vocabulary. Each (W, C) compiles once (`score_tokens_jit`). With a mesh, params are sharded by the one logical-axis
 rules table (sharding.LOGICAL_RULES) and rows over the data axes, like the trainers.
 """
 
@@ -45,11 +44,8 @@ def bucket_width(length: int, max_len: int) -> int:
 
 
 def scored_columns(longest_continuation: int, width: int) -> int:
-    """C: the smallest of W/4, W/2, W that holds the batch's longest continuation."""
-    for columns in (width // 4, width // 2):
-        if longest_continuation <= columns:
-            return columns
-    return width
+    """C: the batch's longest continuation rounded up on the `bucket_width` ladder, at most W."""
+    return bucket_width(longest_continuation, width)
 
 
 def model_inputs(context: Sequence[int], continuation: Sequence[int], max_len: int) -> tuple[list[int], list[int], int]:

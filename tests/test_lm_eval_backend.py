@@ -91,7 +91,8 @@ def test_buckets():
     assert [lm_scoring.bucket_width(n, 4096) for n in (1, 16, 17, 24, 25, 33, 49, 65, 200)] == \
         [16, 16, 24, 24, 32, 48, 64, 96, 256]
     assert lm_scoring.bucket_width(300, 256) == 256
-    assert [lm_scoring.scored_columns(n, 64) for n in (1, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
+    assert [lm_scoring.scored_columns(n, 64) for n in (1, 16, 17, 32, 33, 64)] == [16, 16, 24, 32, 48, 64]
+    assert lm_scoring.scored_columns(20, 16) == 16
 
 
 def test_bad_requests_raise_one_line_errors(params):
