@@ -31,7 +31,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from llama2_jax import checkpoint
+from llama2_jax import checkpoint, hf_tokenizer
 from llama2_jax.config import LlamaConfig, ffn_hidden_dim
 
 FORMATS = ("hf", "meta", "jax")
@@ -456,9 +456,7 @@ def convert(src_format: str, dst_format: str, src, dst, dtype: Optional[str] = N
         raise FileNotFoundError(f"--src {src} does not exist")
     if pathlib.Path(dst).exists() and any(pathlib.Path(dst).iterdir()):
         raise FileExistsError(f"--dst {dst} exists and is not empty; pick a new directory")
-    if tokenizer is not None and (dst_format != "hf" or not pathlib.Path(tokenizer).is_file()):
-        raise ValueError(f"--tokenizer={tokenizer}: " + ("only --to=hf exports a tokenizer" if dst_format != "hf"
-                                                           else "file not found"))
+    hf_tokenizer.check_export(tokenizer, dst_format)
     readers = {"hf": load_hf, "meta": load_meta, "jax": load_jax}
     writers = {"hf": lambda p, c: save_hf(dst, p, c, max_shard_size=max_shard_size),
                "meta": lambda p, c: save_meta(dst, p, c, num_shards=num_shards),
@@ -466,8 +464,7 @@ def convert(src_format: str, dst_format: str, src, dst, dtype: Optional[str] = N
     params, cfg = readers[src_format](src, dtype or ("float32" if dst_format == "jax" else None))
     writers[dst_format](params, cfg)
     if tokenizer is not None:
-        from llama2_jax.hf_tokenizer import save_hf_tokenizer
-        save_hf_tokenizer(tokenizer, dst, model_max_length=cfg.max_seq_len)
+        hf_tokenizer.save_hf_tokenizer(tokenizer, dst, model_max_length=cfg.max_seq_len)
 
 
 def _parser() -> argparse.ArgumentParser:

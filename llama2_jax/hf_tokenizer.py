@@ -92,6 +92,16 @@ def build_hf_tokenizer(model_path: str | os.PathLike, model_max_length: Optional
                                    clean_up_tokenization_spaces=False, **kwargs)
 
 
+def check_export(tokenizer_path: Optional[str], dst_format: str) -> None:
+    """convert's check, before any weight is read: a tokenizer is exported with --to=hf only, from a file."""
+    if tokenizer_path is None:
+        return
+    if dst_format != "hf":
+        raise ValueError(f"--tokenizer={tokenizer_path}: only --to=hf exports a tokenizer")
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"--tokenizer={tokenizer_path}: tokenizer model file not found")
+
+
 def save_hf_tokenizer(model_path: str | os.PathLike, dst: str | os.PathLike,
                       model_max_length: Optional[int] = None) -> None:
     """Write tokenizer.json + tokenizer_config.json (loadable by `AutoTokenizer.from_pretrained(dst)`) and a copy
