@@ -141,10 +141,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         _require_lm_eval()
         cli, lm_args = _lm_eval_args(args, list(rest))
+        cli.execute(lm_args)  # bad model_args, task names or task data files raise one of these
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    cli.execute(lm_args)
     return 0
 
 

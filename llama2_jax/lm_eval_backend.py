@@ -63,7 +63,8 @@ class LlamaJaxLM(TemplateLM):
     def __init__(self, checkpoint: Optional[str] = None, tokenizer: Optional[str] = None, dtype: Optional[str] = None,
                  batch_size: int | str = 16, mesh: Optional[str] = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
                  device: Any = None, max_batch_size: Any = None, trust_remote_code: Any = None, **unknown: Any):
-        """model_args; device / max_batch_size / trust_remote_code are lm-eval's and not used (jax places arrays)."""
+        """model_args. device / max_batch_size / trust_remote_code are lm-eval's and unused (jax places the arrays);
+        batch_size="auto" means 16 (no search)."""
         super().__init__()
         if unknown:
             raise ValueError(f"unknown model_args for llama2_jax: {', '.join(sorted(unknown))}")
@@ -95,7 +96,7 @@ class LlamaJaxLM(TemplateLM):
         self.sp = tokenizer
         self.mesh = mesh
         self.params = lm_scoring.shard_params(params, self.cfg, mesh)
-        self.batch_size = 16 if str(batch_size) == "auto" else int(str(batch_size).split(":")[0])
+        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_gen_toks = int(max_gen_toks)
 
     # ------------------------------------------------------------------------------------------------ tokenization

@@ -202,3 +202,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
     assert main([f"--checkpoint={tmp_path / 'nope'}", "--tokenizer=x.model", "--tasks=piqa_local"]) == 1
     assert capsys.readouterr().err.strip() == f"error: --checkpoint={tmp_path / 'nope'} does not exist"
+
+
+@pytest.mark.slow  # lm-eval's CLI indexes its whole task library
+def test_cli_missing_task_data_is_one_line(params, tokenizer, tmp_path, capsys):
+    from llama2_jax.checkpoint import save_params
+    from llama2_jax.evaluate import main
+
+    save_params(tmp_path / "ckpt", params, CFG)
+    args = [f"--checkpoint={tmp_path / 'ckpt'}", f"--tokenizer={tokenizer.model_path}", "--tasks=piqa_local"]
+    assert main(args) == 1
+    assert capsys.readouterr().err.strip().endswith("error: task piqa_local needs its data file: pass --metadata "
+                                                    "piqa_path=FILE")
