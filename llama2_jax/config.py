@@ -24,6 +24,7 @@ class AttentionImpl(str, enum.Enum):
 
     XLA = "xla"  # reference einsum + float32 softmax; runs everywhere
     CUDNN = "cudnn"  # jax.nn.dot_product_attention(implementation="cudnn"): fused flash attention on NVIDIA GPUs
+    CHUNKED = "chunked"  # the reference math over query blocks, each recomputed in the backward pass: no [T, T] tensor
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -59,7 +60,7 @@ class LlamaConfig:
 
     # How the model is computed and stored, not what it is: overridable on top of a checkpoint's architecture.
     NUMERICS_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "scan_layers", "remat_policy",
-                                                  "attention_impl")
+                                                  "attention_impl", "attention_block_size")
 
     vocab_size: int = 32000
     dim: int = 4096
@@ -77,6 +78,7 @@ class LlamaConfig:
     scan_layers: bool = False  # nn.scan over the blocks: one compiled block, stacked params [L, ...]
     remat_policy: str = RematPolicy.NONE.value
     attention_impl: str = AttentionImpl.XLA.value
+    attention_block_size: int = 512  # "chunked" attention: queries per block ([B, N, block, S] scores live at once)
     lora_dropout: float = 0.0  # dropout on the LoRA adapters' input while training (lora.py); no effect without them
 
     def __post_init__(self):
@@ -92,7 +94,8 @@ class LlamaConfig:
         self._validate()
 
     def _validate(self):
-        positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "hidden_dim", "max_seq_len")
+        positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "hidden_dim", "max_seq_len",
+                    "attention_block_size")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
