@@ -18,6 +18,7 @@ from llama2_jax import checkpoint, convert
 from llama2_jax import generate as gen
 from llama2_jax.cli import chat as chat_cli
 from llama2_jax.cli import common as cli_common
+from llama2_jax.cli import convert as convert_cli
 from llama2_jax.cli import generate as generate_cli
 from llama2_jax.config import LlamaConfig
 from llama2_jax.data import dialogs as dialog_readers
@@ -312,12 +313,12 @@ def test_convert_truncated_safetensors_and_bad_dst(tmp_path, capsys, monkeypatch
     save_file({"model.embed_tokens.weight": torch.zeros(64, 32)}, str(src / "model.safetensors"))
     data = (src / "model.safetensors").read_bytes()
     (src / "model.safetensors").write_bytes(data[: len(data) // 2])
-    assert convert.main(["--from=hf", "--to=jax", f"--src={src}", f"--dst={tmp_path / 'out'}"]) == 1
+    assert convert_cli.main(["--from=hf", "--to=jax", f"--src={src}", f"--dst={tmp_path / 'out'}"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {src / 'model.safetensors'}: not a readable safetensors "
                                                    "file"), err
     (tmp_path / "afile").write_text("x")
-    assert convert.main(["--from=hf", "--to=jax", f"--src={src}", f"--dst={tmp_path / 'afile'}"]) == 1
+    assert convert_cli.main(["--from=hf", "--to=jax", f"--src={src}", f"--dst={tmp_path / 'afile'}"]) == 1
     assert capsys.readouterr().err == f"error: --dst {tmp_path / 'afile'} is a file, not a directory\n"
 
     def read_only(*args, **kwargs):
@@ -325,9 +326,32 @@ def test_convert_truncated_safetensors_and_bad_dst(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr("llama2_jax.cli.paths.tempfile.TemporaryFile", read_only)
     monkeypatch.setattr(convert, "load_hf", lambda *a: pytest.fail("read the source before checking --dst"))
-    assert convert.main(["--from=hf", "--to=jax", f"--src={src}", f"--dst={tmp_path / 'ro'}"]) == 1
+    assert convert_cli.main(["--from=hf", "--to=jax", f"--src={src}", f"--dst={tmp_path / 'ro'}"]) == 1
     assert capsys.readouterr().err == (f"error: --dst {tmp_path / 'ro'}: cannot write in {tmp_path / 'ro'} "
                                        "(Permission denied)\n")
+
+
+def test_evaluate_checks_its_output_paths_before_any_work(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from lm_eval._cli import HarnessCLI
+
+    from llama2_jax import evaluate, rm_eval
+
+    for name in ("ckpt", "rm"):
+        (tmp_path / name).mkdir()
+    for name in ("tok.model", "pairs.jsonl", "afile"):
+        (tmp_path / name).write_text("x")
+    monkeypatch.setattr(HarnessCLI, "execute", lambda *a: pytest.fail("ran lm-eval despite a bad --output_path"))
+    monkeypatch.setattr(rm_eval, "run", lambda *a: pytest.fail("scored pairs despite a bad --histogram"))
+    model = [f"--checkpoint={tmp_path / 'ckpt'}", f"--tokenizer={tmp_path / 'tok.model'}", "--tasks=piqa_local"]
+    for output_path in (tmp_path / "afile", tmp_path / "afile" / "results.json"):
+        assert evaluate.main(model + [f"--output_path={output_path}"]) == 1
+        assert capsys.readouterr().err == (f"error: --output_path {output_path}: {tmp_path / 'afile'} is a file, not "
+                                           "a directory\n")
+    rm = [f"--reward_model={tmp_path / 'rm'}", f"--pairs={tmp_path / 'pairs.jsonl'}",
+          f"--tokenizer={tmp_path / 'tok.model'}"]
+    assert evaluate.main(rm + [f"--histogram={tmp_path}"]) == 1
+    assert capsys.readouterr().err == f"error: --histogram {tmp_path} is a directory; pass a file path\n"
 
 
 # ---------------------------------------------------------------------------------------------- SFT data

@@ -1,6 +1,6 @@
 """Output paths checked (and their directories created) before a program does any work, so that a missing or
-read-only directory does not lose hours of sampling or conversion: `python -m train.gatt --out`,
-`python -m llama2_jax.convert --dst`. Errors are one-line ValueErrors (FileExistsError for a
+read-only directory does not lose hours of sampling, conversion or evaluation: `python -m train.gatt --out`,
+`python -m llama2_jax.convert --dst`, `python -m llama2_jax.evaluate --output_path / --histogram`. Errors are one-line ValueErrors (FileExistsError for a
 non-empty --dst) naming the flag."""
 
 from __future__ import annotations
@@ -40,3 +40,11 @@ def prepare_output_dir(path: str, flag: str) -> None:
     if os.path.isdir(path) and os.listdir(path):
         raise FileExistsError(f"{flag} {path} exists and is not empty; pick a new directory")
     _check_writable(path, flag, path)
+
+
+def prepare_results_path(path: str, flag: str) -> None:
+    """lm-eval's --output_path: a `.json` file name (written next to it, date-stamped) or a directory the results go
+    under; that directory is created and must be writable."""
+    if "://" in path:
+        return
+    _check_writable(os.path.dirname(os.path.abspath(path)) if path.endswith(".json") else path, flag, path)
