@@ -31,6 +31,7 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from llama2_jax import checkpoint, convert_peft, hf_tokenizer
+from llama2_jax.cli import paths as output_paths
 from llama2_jax.config import LlamaConfig, ffn_hidden_dim
 
 FORMATS = ("hf", "meta", "jax")
@@ -276,8 +277,10 @@ def _open_weights(path: pathlib.Path, handles: dict):
     if path not in handles:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
-
-            handles[path] = safe_open(str(path), framework="pt")
+            try:  # a truncated or corrupt file fails here (SafetensorError), before any tensor is read
+                handles[path] = safe_open(str(path), framework="pt")
+            except Exception as error:  # noqa: BLE001 (safetensors' error class is not importable in every version)
+                raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
         else:
             handles[path] = _torch_load(path)
     return handles[path]
@@ -453,9 +456,8 @@ def convert(src_format: str, dst_format: str, src, dst, dtype: Optional[str] = N
             raise ValueError(f"{flag}={value!r}: expected one of {allowed}")
     if "://" not in str(src) and not pathlib.Path(src).exists():
         raise FileNotFoundError(f"--src {src} does not exist")
-    if pathlib.Path(dst).exists() and any(pathlib.Path(dst).iterdir()):
-        raise FileExistsError(f"--dst {dst} exists and is not empty; pick a new directory")
     hf_tokenizer.check_export(tokenizer, dst_format)
+    output_paths.prepare_output_dir(str(dst), "--dst")  # created before anything is read (ValueError, FileExistsError)
     if dst_format == "peft":
         return convert_peft.export_peft(src_format, src, dst, dtype)
     convert_peft.check_merge_flag(src_format, src, merge_lora)

@@ -20,6 +20,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from llama2_jax.cli import paths
+
 DEFAULT_BATCH_SIZE = 16
 
 
@@ -137,10 +139,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ValueError(f"unknown arguments for --reward_model: {' '.join(rest)}")
             from llama2_jax import rm_eval
 
+            paths.prepare_output_file(args.histogram, "--histogram")
             rm_eval.run(args.reward_model, args.pairs, args.tokenizer, args.histogram)
             return 0
         _require_lm_eval()
         cli, lm_args = _lm_eval_args(args, list(rest))
+        if lm_args.output_path:  # checked before any model is loaded or task run
+            paths.prepare_results_path(lm_args.output_path, "--output_path")
         cli.execute(lm_args)  # bad model_args, task names or task data files raise one of these
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
