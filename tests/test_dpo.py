@@ -255,7 +255,7 @@ def test_tiny_dpo_from_a_tiny_sft_policy_learns_hh_preferences(tmp_path):
 
     config = sft_tiny.get_config()
     config.model.vocab_size, config.model.dim, config.model.n_layers = 1024, 64, 2
-    config.model.n_heads, config.model.n_kv_heads, config.model.max_seq_len = 4, 2, 128
+    config.model.n_heads, config.model.n_kv_heads, config.model.max_seq_len = 4, 2, 256
     config.tokenizer.path, config.data.path = tokenizer.model_path, str(tmp_path / "alpaca.json")
     config.seq_len, config.batch_size, config.num_epochs, config.num_train_steps = 128, 16, 0.0, 60
     config.learning_rate, config.warmup_steps, config.eval_every_steps = 3e-3, 5, 60
@@ -264,8 +264,9 @@ def test_tiny_dpo_from_a_tiny_sft_policy_learns_hh_preferences(tmp_path):
 
     config = dpo_tiny.get_config()
     config.init_from, config.data.path = str(tmp_path / "sft"), str(hh)
-    config.seq_len, config.batch_size, config.num_epochs, config.num_train_steps = 128, 16, 0.0, 80
-    config.learning_rate, config.warmup_steps, config.eval_every_steps = 1e-3, 5, 80
+    # 256 tokens: at 128, half of the HH responses lose their end (and EOS) to truncation and accuracy stays ~0.55
+    config.seq_len, config.batch_size, config.num_epochs, config.num_train_steps = 256, 16, 0.0, 70
+    config.learning_rate, config.warmup_steps, config.eval_every_steps = 3e-4, 5, 70
     config.progress_bar, config.async_checkpoints = False, False
     _, history = dpo.train_and_evaluate(config, str(tmp_path / "dpo"))
     final = [h for h in history if "eval_reward_accuracy" in h][-1]
