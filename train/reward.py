@@ -153,6 +153,7 @@ def report(workdir: str, history: list[dict], data: rm_data.PairData) -> dict | 
 def train_and_evaluate(config, workdir: str):
     """Train a reward model; returns (final state, logged metrics with per-rating accuracies)."""
     check_fields(config)
+    loop.LoopSettings.from_config(config)  # profile_steps and wandb checked before anything is read or compiled
     model_cfg = common.resolve_model_config(config, config.seq_len)
     mesh = common.make_mesh(config)
     common.check_batch(config, mesh, model_cfg, config.seq_len)
