@@ -33,9 +33,9 @@ def task_config(tmp_path, **overrides):
 
 
 @pytest.mark.slow  # a minute on a busy 2-core machine: a tiny pretrain plus three lm-eval passes
-def test_pretraining_with_eval_tasks_logs_eval_task_metric_rows(tmp_path):
+def test_pretraining_with_eval_tasks_logs_eval_task_metric_rows(tmp_path, capsys):
     workdir = tmp_path / "work"
-    state, history = pretrain.train_and_evaluate(task_config(tmp_path), str(workdir))
+    state, history = pretrain.train_and_evaluate(task_config(tmp_path, progress_bar=True), str(workdir))
     with open(workdir / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     task_rows = [r for r in rows if any(k.startswith("eval/") for k in r)]
@@ -46,6 +46,8 @@ def test_pretraining_with_eval_tasks_logs_eval_task_metric_rows(tmp_path):
         assert row["eval/text_perplexity/sample_len"] == 3
         assert all(math.isfinite(row[f"eval/text_perplexity/{m}"]) for m in METRICS)
     assert task_rows[0] != task_rows[1]  # the params of each step, not the initial ones
+    last_bits = task_rows[1]["eval/text_perplexity/bits_per_byte"]
+    assert f"text_perplexity/bits_per_byte={last_bits:.4g}" in capsys.readouterr().err  # the bar's last value
     # The step-8 row is exactly what lm-eval gives on the final params evaluated on their own.
     model_cfg = LlamaConfig.from_dict(json.loads((workdir / "llama_config.json").read_text()))
     alone = evaluate_tasks(jax.device_get(state.params), model_cfg, Tokenizer(str(workdir / "tokenizer.model")),
