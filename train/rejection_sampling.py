@@ -20,9 +20,10 @@ Per iteration i = 0 .. iterations - 1:
 Outputs: WORKDIR/iter_<i>/samples.jsonl (every sample and its scores), WORKDIR/iter_<i>/pool.jsonl (the SFT data),
 WORKDIR/iter_<i>/sft/ (the fine-tuned policy: an init_from for PPO or the next round), WORKDIR/metrics.jsonl and
 TensorBoard (`train.loop.Tracker`: one record of scalars per iteration, step = iteration; `config.profile_steps`
-traces the sampling and scoring of those iterations, 1-based), WORKDIR/best_of_k.json and WORKDIR/best_of_k.png (expected max reward of k samples, k = 1..K,
-per iteration: the unbiased estimator `rlhf.best_of_k_curve`). A finished iteration (iter_<i>/DONE) is skipped when
-the command is re-run, so a killed run resumes (the SFT trainer resumes from its own checkpoints).
+traces the sampling and scoring of those iterations, 1-based), WORKDIR/best_of_k.json and WORKDIR/best_of_k.png
+(expected max reward of k samples, k = 1..K, per iteration: the unbiased estimator `rlhf.best_of_k_curve`). A
+finished iteration (iter_<i>/DONE) is skipped when the command is re-run, so a killed run resumes (the SFT trainer
+resumes from its own checkpoints).
 
 Distillation (the paper ran RS with the 70B only): fine-tune a smaller model on a pool with `python -m train.sft
 --config.data.path=WORKDIR/iter_<i>/pool.jsonl`. Prompts (`llama2_jax.data.prompts`), reward-model loading
