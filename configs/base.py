@@ -56,6 +56,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50  # metrics to the progress bar, metrics.jsonl and TensorBoard
     config.eval_every_steps = 1000  # validation loss and perplexity
     config.eval_batches = 16  # validation batches per eval (0 = the whole held-out split)
+    # lm-eval tasks run in process during pretraining / SFT / DPO (train.task_evals; needs the [eval] extra),
+    # logged as eval/<task>/<metric>
+    config.eval_tasks = ""  # comma-separated task names, e.g. "text_perplexity,piqa_local"; "" = none
+    config.eval_tasks_every_steps = 1000  # their cadence (and always at the last step)
+    config.eval_tasks_limit = 0  # documents per task (0 = all)
+    config.eval_tasks_num_fewshot = 0  # few-shot examples per prompt
+    config.eval_tasks_metadata = ""  # the tasks' arguments as KEY=VALUE,...: e.g. "text_path=FILE,piqa_path=FILE"
     config.num_epochs = 0.0  # > 0: passes over the data, num_train_steps computed from them (SFT, RM); 0 = use
     # num_train_steps (the one "use num_train_steps" value everywhere; it works from the command line)
     config.checkpoint_every_steps = 1000  # async Orbax checkpoint

@@ -54,7 +54,8 @@ def flat_metrics(results: dict) -> dict[str, dict[str, float]]:
 
 def evaluate_tasks(params, cfg, tokenizer, tasks: Sequence[str], *, limit: Optional[int | float],
                    num_fewshot: Optional[int], mesh=None, include_path=None, batch_size: int = DEFAULT_BATCH_SIZE,
-                   metadata: Optional[dict] = None, dtype: Optional[str] = None) -> dict[str, dict[str, float]]:
+                   metadata: Optional[dict] = None, dtype: Optional[str] = None,
+                   task_manager=None) -> dict[str, dict[str, float]]:
     """Run lm-eval tasks on params in memory (no checkpoint is written): {task: {metric: value}}.
 
     Args:
@@ -64,6 +65,8 @@ def evaluate_tasks(params, cfg, tokenizer, tasks: Sequence[str], *, limit: Optio
       limit: documents per task (None = all; a float < 1 = a fraction), num_fewshot: lm-eval's.
       mesh: shard params and batches on it (sharding.LOGICAL_RULES); include_path: extra task dirs.
       metadata: task arguments, e.g. {"piqa_path": FILE}; dtype: compute dtype (default: float32 on CPU).
+      task_manager: an lm-eval TaskManager built once by the caller (then include_path and metadata are unused);
+        indexing lm-eval's own task YAMLs takes many seconds, so a training loop builds it once.
     """
     _require_lm_eval()
     import lm_eval
@@ -72,7 +75,8 @@ def evaluate_tasks(params, cfg, tokenizer, tasks: Sequence[str], *, limit: Optio
 
     lm = LlamaJaxLM.from_params(params, cfg, tokenizer, dtype=dtype, batch_size=batch_size, mesh=mesh)
     results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=_task_manager(include_path, metadata), log_samples=False,
+                                      task_manager=task_manager or _task_manager(include_path, metadata),
+                                      log_samples=False,
                                       bootstrap_iters=0, verbosity="ERROR")
     return flat_metrics(results)
 

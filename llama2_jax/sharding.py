@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Optional, Sequence
+import os
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -172,21 +173,44 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def launched_process_count(environ: Optional[Mapping[str, str]] = None) -> int:
+    """How many processes a cluster launcher that `jax.distributed.initialize()` can read by itself started for this
+    job, from its environment; 1 when none did. Detected: a SLURM `srun` step (SLURM_STEP_NODELIST, SLURM_NTASKS),
+    Open MPI's `mpirun` (OMPI_MCA_orte_hnp_uri, OMPI_COMM_WORLD_SIZE) and a TPU slice whose hosts are listed in
+    TPU_PROCESS_ADDRESSES or TPU_WORKER_HOSTNAMES (GKE sets them). A Cloud TPU VM started by hand sets none of these:
+    pass the flags there."""
+    env = os.environ if environ is None else environ
+    if "SLURM_STEP_NODELIST" in env:
+        return int(env.get("SLURM_NTASKS", "1"))
+    if "OMPI_MCA_orte_hnp_uri" in env:
+        return int(env.get("OMPI_COMM_WORLD_SIZE", "1"))
+    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    return max(1, len([h for h in hosts.split(",") if h.strip()]))
+
+
 def initialize_distributed(coordinator_address: Optional[str], num_processes: Optional[int],
                            process_id: Optional[int]) -> None:
     """Multi-host start-up on JAX's own runtime. On CPU, collectives go through gloo.
 
-    Call before any other JAX call. With no coordinator address this is a no-op (single process), unless the
-    environment (TPU pod, SLURM) lets `jax.distributed.initialize()` discover everything by itself.
+    Call before any other JAX call. With a coordinator address the three flags are used; without one,
+    `jax.distributed.initialize()` discovers them itself when `launched_process_count()` > 1 (SLURM srun, Open MPI,
+    a GKE TPU slice), and otherwise this is a no-op (single process).
     """
     if coordinator_address is None:
+        if launched_process_count() > 1:
+            _use_gloo_on_cpu()
+            jax.distributed.initialize()
         return
     if num_processes is None or process_id is None:
         raise ValueError("--coordinator_address needs --num_processes and --process_id as well")
-    if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    _use_gloo_on_cpu()
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
+
+
+def _use_gloo_on_cpu() -> None:
+    if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def sharded_init(init_fn, mesh: Mesh, *args) -> tuple[Any, Any]:

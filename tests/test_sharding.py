@@ -138,3 +138,38 @@ def test_activation_sharding_pins_activations_to_the_rules_table():
     assert sh.constrain(jnp.ones((2, 3)), (sh.BATCH, None)).shape == (2, 3)  # no mesh: the identity
     np.testing.assert_allclose(np.asarray(logits), np.asarray(jax.jit(forward)(variables["params"], TOKENS)),
                                rtol=1e-5, atol=1e-6)
+
+
+CLUSTER_VARS = ("SLURM_STEP_NODELIST", "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE",
+                "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, 1),
+    ({"SLURM_STEP_NODELIST": "node[001-004]", "SLURM_NTASKS": "4"}, 4),  # an srun step of 4 tasks
+    ({"SLURM_STEP_NODELIST": "node001", "SLURM_NTASKS": "1"}, 1),
+    ({"SLURM_NTASKS": "8"}, 1),  # the batch script itself (no srun step): one process
+    ({"OMPI_MCA_orte_hnp_uri": "123.0;tcp://10.0.0.1:5000", "OMPI_COMM_WORLD_SIZE": "2"}, 2),
+    ({"TPU_WORKER_HOSTNAMES": "host-0,host-1,host-2,host-3"}, 4),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, 1),  # a single-host TPU VM
+])
+def test_launched_process_count_reads_the_launchers_environment(environ, expected):
+    assert sh.launched_process_count(environ) == expected
+
+
+@pytest.mark.parametrize("environ, calls", [
+    ({"SLURM_STEP_NODELIST": "node[001-002]", "SLURM_NTASKS": "2"}, [{}]),  # no flags: JAX discovers them
+    ({}, []),  # a plain single process: nothing to start
+])
+def test_initialize_distributed_lets_jax_discover_a_cluster_job(monkeypatch, environ, calls):
+    for name in CLUSTER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    seen = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: seen.append(kwargs))
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)  # keep this process's CPU collectives as they are
+    sh.initialize_distributed(None, None, None)
+    assert seen == calls
+    sh.initialize_distributed("host0:1234", 2, 1)  # explicit flags win over the environment
+    assert seen[-1] == {"coordinator_address": "host0:1234", "num_processes": 2, "process_id": 1}

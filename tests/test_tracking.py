@@ -122,6 +122,16 @@ def test_bad_tracking_fields_are_one_line_config_errors(field, value, message):
         loop.LoopSettings.from_config(config)
 
 
+def assert_one_trace_of_compiled_programs(workdir):
+    """WORKDIR/profile holds one jax.profiler trace in which compiled programs ran on the devices."""
+    traces = list(pathlib.Path(workdir, "profile").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    (trace_json,) = traces[0].parent.glob("*.trace.json.gz")
+    events = json.loads(gzip.decompress(trace_json.read_bytes()))["traceEvents"]
+    executed = [e for e in events if "Execute (jit_" in e.get("name", "")]
+    assert executed  # compiled programs (the train step) ran on the devices inside the window
+
+
 @pytest.mark.slow
 def test_pretraining_logs_to_wandb_offline_resumes_its_run_and_profiles_steps(tmp_path):
     pytest.importorskip("wandb", reason="needs the [wandb] extra: pip install -e .[wandb]")
@@ -132,12 +142,7 @@ def test_pretraining_logs_to_wandb_offline_resumes_its_run_and_profiles_steps(tm
     config = small_config(**{"wandb.project": "llama2-jax-test", "wandb.mode": "offline", "profile_steps": "2:3",
                              "num_train_steps": 4, "async_checkpoints": False, "sample_prompts": ()})
     pretrain.train_and_evaluate(config, str(tmp_path))
-    traces = list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
-    assert len(traces) == 1 and traces[0].stat().st_size > 0
-    (trace_json,) = traces[0].parent.glob("*.trace.json.gz")
-    events = json.loads(gzip.decompress(trace_json.read_bytes()))["traceEvents"]
-    executed = [e for e in events if "Execute (jit_" in e.get("name", "")]
-    assert executed  # compiled programs (the train step) ran on the devices inside the window
+    assert_one_trace_of_compiled_programs(tmp_path)
 
     config.num_train_steps = 6  # resume the same workdir for two more steps
     pretrain.train_and_evaluate(config, str(tmp_path))
@@ -156,3 +161,46 @@ def test_pretraining_rejects_a_bad_profile_window_before_loading_anything(tmp_pa
     config = small_config(**{"profile_steps": "2-3", "data.source": "jsonl", "data.path": str(tmp_path / "absent")})
     with pytest.raises(common.ConfigError, match=r"^config.profile_steps is '2-3'"):
         pretrain.train_and_evaluate(config, str(tmp_path / "work"))
+
+
+@pytest.mark.slow
+def test_ppo_profiles_its_iterations_and_logs_through_the_tracker(tmp_path):
+    from test_ppo import constant_safety, prefers_target_tokens
+    from test_ppo import tiny_config as ppo_config
+    from test_rejection_sampling import make_tokenizer
+
+    from train import ppo
+
+    (tmp_path / "tok").mkdir()
+    config = ppo_config(tmp_path, make_tokenizer(tmp_path / "tok"))
+    config.iterations, config.eval_every_iterations, config.checkpoint_every_iterations = 2, 2, 2
+    config.profile_steps = "2:2"  # the second PPO iteration (rollout, scoring and updates)
+    work = tmp_path / "ppo"
+    history = ppo.train_and_evaluate(config, str(work), score_fns={"helpful": prefers_target_tokens,
+                                                                   "safety": constant_safety},
+                                     reward_params={"helpful": None, "safety": None})
+    assert_one_trace_of_compiled_programs(work)
+    logged = jsonl_metrics(work)
+    assert sorted(logged) == [1, 2] and logged[2]["kl"] == history[1]["kl"]
+    assert tensorboard_scalars(work)[2]["reward_combined"] == pytest.approx(history[1]["reward_combined"], rel=1e-6)
+
+
+@pytest.mark.parametrize("trainer", ["sft", "reward"])
+def test_sft_and_reward_reject_a_bad_profile_window_before_reading_anything(tmp_path, monkeypatch, trainer):
+    from configs import rm_tiny, sft_tiny
+
+    from train import reward, sft
+
+    def fail(*args, **kwargs):
+        raise AssertionError("read or compiled before the config error")
+
+    monkeypatch.setattr(common, "prepare_workdir", fail)
+    monkeypatch.setattr(common, "init_llama_state", fail)
+    data = tmp_path / "data.jsonl"
+    data.write_text("")  # never read: the error comes first
+    config = (sft_tiny if trainer == "sft" else rm_tiny).get_config()
+    config.data.path, config.profile_steps = str(data), "2-3"
+    module = sft if trainer == "sft" else reward
+    with pytest.raises(common.ConfigError, match=r"^config.profile_steps is '2-3'"):
+        module.train_and_evaluate(config, str(tmp_path / "work"))
+    assert not (tmp_path / "work").exists()

@@ -42,6 +42,7 @@ from llama2_jax.model import Llama
 from llama2_jax.tokenizer import TOKENIZER_FILENAME, Tokenizer, check_vocab, load_or_train_tokenizer
 from train import loop
 from train import state as train_state
+from train import task_evals as task_eval_lib
 from train.checkpoints import CONFIG_FILE, write_model_config
 from train.config_checks import (ConfigError, check_attention_backend, check_shared_fields,  # noqa: F401 (re-export)
                                  check_workdir_path, config_load_error)
@@ -282,11 +283,21 @@ def init_llama_state(config, model_cfg: LlamaConfig, mesh, tx):
     return train_state.state_from_params(params, tx, shardings), shardings
 
 
+def task_evals(config, model_cfg: LlamaConfig, tokenizer: Tokenizer, mesh) -> Optional[task_eval_lib.ExtraEvals]:
+    """config.eval_tasks as run_loop's `extra_evals` (None when empty); its fields and task names are checked now."""
+    try:
+        return task_eval_lib.make_task_evals(config, model_cfg, tokenizer, mesh)
+    except task_eval_lib.TaskEvalsError as error:
+        raise ConfigError(str(error)) from None
+
+
 def train_llama(config, workdir: str, model_cfg: LlamaConfig, mesh, train_iter, eval_batches: Optional[Callable],
-                steps: int, *, eval_at_start: bool = False) -> tuple[train_state.TrainState, list[dict]]:
+                steps: int, *, eval_at_start: bool = False,
+                extra_evals: Optional[Callable] = None) -> tuple[train_state.TrainState, list[dict]]:
     """Next-token training (pretraining, SFT): the schedule over `steps`, the state (random or init_from), the masked
     next-token loss, the shared loop; `eval_batches` None = no eval. With `eval_at_start` the initial model is
-    evaluated first (logged as step 0) unless the run resumes. Returns (final state, logged records)."""
+    evaluated first (logged as step 0) unless the run resumes. `extra_evals`: see `task_evals`. Returns (final
+    state, logged records)."""
     tx, schedule = make_tx(config, steps)
     state, shardings = init_llama_state(config, model_cfg, mesh, tx)
     loss_fn = functools.partial(losses.next_token_loss, model=Llama(model_cfg))
@@ -303,7 +314,7 @@ def train_llama(config, workdir: str, model_cfg: LlamaConfig, mesh, train_iter, 
     settings = dataclasses.replace(loop.LoopSettings.from_config(config), num_train_steps=steps)
     state, logged = loop.run_loop(
         settings=settings, workdir=workdir, mesh=mesh, state=state, shardings=shardings, train_step=step,
-        train_iter=train_iter, eval_step=eval_step, eval_batches=eval_batches,
+        train_iter=train_iter, eval_step=eval_step, eval_batches=eval_batches, extra_evals=extra_evals,
         tokens_per_step=config.batch_size * config.seq_len, flops_per_token=model_cfg.flops_per_token(config.seq_len))
     return state, history + logged
 
@@ -341,10 +352,12 @@ def fine_tune(config, workdir: str) -> FineTuned:
     assistant tokens, config.num_epochs (> 0) or config.num_train_steps steps."""
     check_shared_fields(config)
     check_sft_fields(config)
+    loop.LoopSettings.from_config(config)  # profile_steps and wandb checked before anything is read or compiled
     model_cfg = resolve_model_config(config, config.seq_len)
     mesh = make_mesh(config)
     check_batch(config, mesh, model_cfg, config.seq_len)
     tokenizer = prepare_workdir(config, workdir, model_cfg)
+    extra_evals = task_evals(config, model_cfg, tokenizer, mesh)
     data = config.data
     try:
         dialogs = sft_data.load_sft_data(
@@ -359,7 +372,7 @@ def fine_tune(config, workdir: str) -> FineTuned:
     train_iter, eval_batches = process_local(dialogs.train_iter,
                                              dialogs.eval_batches if dialogs.stats.eval_samples else None)
     state, history = train_llama(config, workdir, model_cfg, mesh, train_iter, eval_batches, steps,
-                                 eval_at_start=config.eval_at_start)
+                                 eval_at_start=config.eval_at_start, extra_evals=extra_evals)
     return FineTuned(state, history, model_cfg, tokenizer, dialogs.stats)
 
 

@@ -85,6 +85,7 @@ def train_and_evaluate(config, workdir: str):
     mesh = common.make_mesh(config)
     common.check_batch(config, mesh, model_cfg, config.seq_len)
     tokenizer = common.prepare_workdir(config, workdir, model_cfg)
+    extra_evals = common.task_evals(config, model_cfg, tokenizer, mesh)  # config.eval_tasks (lm-eval), or None
     data = make_data(config, tokenizer)
     if jax.process_index() == 0:
         print(f"DPO data: {data.n_train} train / {data.n_eval} held-out pairs; {data.truncation.summary()}")
@@ -106,7 +107,7 @@ def train_and_evaluate(config, workdir: str):
     state, history = loop.run_loop(
         settings=loop.LoopSettings.from_config(resolved), workdir=workdir, mesh=mesh, state=state,
         shardings=shardings, train_step=with_reference(step, reference), train_iter=train_iter,
-        eval_step=with_reference(eval_step, reference), eval_batches=eval_batches,
+        eval_step=with_reference(eval_step, reference), eval_batches=eval_batches, extra_evals=extra_evals,
         tokens_per_step=2 * config.batch_size * config.seq_len, flops_per_token=flops)
     report(workdir, history, data)
     return state, history

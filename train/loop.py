@@ -39,6 +39,7 @@ class LoopSettings:
     num_train_steps: int
     log_every_steps: int = 10
     eval_every_steps: int = 100
+    eval_tasks_every_steps: int = 1000  # cadence of run_loop's extra_evals (lm-eval tasks, train.task_evals)
     checkpoint_every_steps: int = 100
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
@@ -323,13 +324,22 @@ def _postfix(metrics: dict[str, float]) -> dict[str, str]:
             for name, fmt in shown.items() if name in metrics}
 
 
+def _extra_postfix(metrics: dict[str, float]) -> dict[str, str]:
+    """'eval/piqa_local/acc' -> 'piqa_local/acc': the extra evals' last values on the bar."""
+    return {name.removeprefix("eval/"): f"{value:.4g}" for name, value in metrics.items()}
+
+
 def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainState, shardings: TrainState,
              train_step: Callable, train_iter: Iterator[Batch], eval_step: Optional[Callable] = None,
              eval_batches: Optional[Callable[[], list[Batch]]] = None, tokens_per_step: int = 0,
-             flops_per_token: float = 0.0) -> tuple[TrainState, list[dict]]:
+             flops_per_token: float = 0.0,
+             extra_evals: Optional[Callable[..., dict[str, float]]] = None) -> tuple[TrainState, list[dict]]:
     """Train to `settings.num_train_steps`, resuming from the latest checkpoint in `workdir` if there is one.
 
     `train_iter` yields this process's rows of each global batch and has Grain's `get_state()`/`set_state()`.
+    `extra_evals(params, step) -> {name: value}` (e.g. lm-eval tasks, `common.task_evals`) runs every
+    `settings.eval_tasks_every_steps` steps and at the last one; its values are one logged row each time, and the
+    progress bar keeps showing the latest ones.
     Returns the final state and the list of logged records (also in metrics.jsonl).
     """
     checkpointer = TrainCheckpointer(workdir, max_to_keep=settings.keep_checkpoints,
@@ -343,12 +353,13 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainSt
     profiler = Profiler(workdir, settings.profile_steps)
     throughput = Throughput(tokens_per_step, flops_per_token, last_step=start)
     progress = _progress(settings, start)
+    latest_extra: dict[str, float] = {}  # the last extra_evals values, kept on the progress bar
 
     def log(step: int, metrics: dict[str, float]):
         writer.write(step, metrics)
         history.append({"step": step, **metrics})
         if progress is not None:
-            progress.set_postfix(_postfix(metrics), refresh=False)
+            progress.set_postfix({**_postfix(metrics), **_extra_postfix(latest_extra)}, refresh=False)
 
     step = start
     with TerminationFlag() as termination:
@@ -366,6 +377,11 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainSt
             if eval_step is not None and (step % settings.eval_every_steps == 0 or step == settings.num_train_steps):
                 log(step, evaluate(state.params, eval_step, eval_batches(), mesh))
                 throughput.measure(step)  # do not count eval time as training time
+            if extra_evals is not None and (step % settings.eval_tasks_every_steps == 0
+                                            or step == settings.num_train_steps):
+                latest_extra = extra_evals(state.params, step)
+                log(step, latest_extra)
+                throughput.measure(step)
             if step % settings.checkpoint_every_steps == 0 or step == settings.num_train_steps:
                 checkpointer.save(state, train_iter.get_state())
         if termination.requested and checkpointer.latest_step() != step:

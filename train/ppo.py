@@ -324,6 +324,7 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
     mesh = common.make_mesh(config)
     cfg = common.resolve_model_config(config, required=True)
     check_config(config, mesh, cfg)
+    loop.LoopSettings.from_config(config)  # profile_steps and wandb checked before anything is read or compiled
     value_cfg = value_model_config(config, cfg)
     common.check_workdir(os.path.join(workdir, VALUE_DIR), value_cfg, init_from=value_init_path(config), kind="score",
                          field="config.value.init_from")
@@ -349,11 +350,14 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
           f"{value_init_path(config) or 'the policy'}")
 
     writer, history, rng = loop.Tracker.from_config(config, workdir), [], jax.random.PRNGKey(config.seed)
+    profiler = loop.Profiler.from_config(config, workdir)  # profile_steps counts iterations (1-based) here
     with loop.TerminationFlag() as termination:
         for iteration in range(start + 1, config.iterations + 1):
             step_rng = jax.random.fold_in(rng, iteration)
+            profiler.before_step(iteration)
             policy_state, value_state, metrics = run_iteration(phases, (policy_state, value_state), models,
                                                                batches.next(), step_rng, mesh, config.ppo_epochs)
+            profiler.after_step(iteration, (policy_state, value_state))
             if val_batches is not None and iteration % config.eval_every_iterations == 0:
                 metrics.update(evaluate(phases, (policy_state, value_state), models, val_batches,
                                         jax.random.fold_in(step_rng, 2), mesh))
@@ -367,6 +371,7 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
                 checkpoints.save(policy_state, value_state, iteration, batches)
             if termination.requested:  # saved above; the next run resumes at iteration + 1
                 break
+    profiler.stop()
     checkpoints.close()
     writer.close()
     return history

@@ -73,9 +73,10 @@ def train_and_evaluate(config, workdir: str):
     loop.LoopSettings.from_config(config)  # checks profile_steps and wandb before anything is read or compiled
     documents = load_corpus(config)
     tokenizer = common.prepare_workdir(config, workdir, model_cfg, texts=tokenizer_corpus(documents))
+    extra_evals = common.task_evals(config, model_cfg, tokenizer, mesh)  # config.eval_tasks (lm-eval), or None
     train_iter, eval_batches = make_data(config, documents, tokenizer)
     state, history = common.train_llama(config, workdir, model_cfg, mesh, train_iter, eval_batches,
-                                        config.num_train_steps)
+                                        config.num_train_steps, extra_evals=extra_evals)
     report(config, model_cfg, state, tokenizer, documents, history)
     return state, history
 

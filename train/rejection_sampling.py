@@ -18,10 +18,12 @@ Per iteration i = 0 .. iterations - 1:
      (`common.fine_tune`, the SFT trainer's run, with config `config.sft` and init_from = the current policy).
 
 Outputs: WORKDIR/iter_<i>/samples.jsonl (every sample and its scores), WORKDIR/iter_<i>/pool.jsonl (the SFT data),
-WORKDIR/iter_<i>/sft/ (the fine-tuned policy: an init_from for PPO or the next round), WORKDIR/metrics.jsonl (one
-record per iteration), WORKDIR/best_of_k.json and WORKDIR/best_of_k.png (expected max reward of k samples, k = 1..K,
-per iteration: the unbiased estimator `rlhf.best_of_k_curve`). A finished iteration (iter_<i>/DONE) is skipped when
-the command is re-run, so a killed run resumes (the SFT trainer resumes from its own checkpoints).
+WORKDIR/iter_<i>/sft/ (the fine-tuned policy: an init_from for PPO or the next round), WORKDIR/metrics.jsonl and
+TensorBoard (`train.loop.Tracker`: one record of scalars per iteration, step = iteration; `config.profile_steps`
+traces the sampling and scoring of those iterations, 1-based), WORKDIR/best_of_k.json and WORKDIR/best_of_k.png
+(expected max reward of k samples, k = 1..K, per iteration: the unbiased estimator `rlhf.best_of_k_curve`). A
+finished iteration (iter_<i>/DONE) is skipped when the command is re-run, so a killed run resumes (the SFT trainer
+resumes from its own checkpoints).
 
 Distillation (the paper ran RS with the 70B only): fine-tune a smaller model on a pool with `python -m train.sft
 --config.data.path=WORKDIR/iter_<i>/pool.jsonl`. Prompts (`llama2_jax.data.prompts`), reward-model loading
@@ -47,7 +49,7 @@ from llama2_jax import checkpoint as param_checkpoint
 from llama2_jax import decode, generate, rlhf
 from llama2_jax import sharding as sh
 from llama2_jax.model import abstract_params
-from train import common
+from train import common, loop
 
 _log = logging.getLogger(__name__)
 
@@ -212,6 +214,7 @@ def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, rlhf.
     common.check_shared_fields(config)  # before the trainer's own fields
     mesh = common.make_mesh(config)
     check_config(config, mesh)
+    loop.LoopSettings.from_config(config)  # profile_steps and wandb checked before anything is read or compiled
     cfg = common.resolve_model_config(config, required=True)
     if config.prompts.max_prompt_len + config.sampling.max_gen_len > cfg.max_seq_len:
         raise common.ConfigError(f"config.prompts.max_prompt_len + config.sampling.max_gen_len exceeds the policy's "
@@ -226,6 +229,9 @@ def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, rlhf.
           f"{config.iterations} iteration(s), reward models: {', '.join(score_fns)}")
 
     policy_dir, pool, curves, history = config.init_from, {}, read_curves(workdir), []
+    # profile_steps counts iterations (1-based) and traces their sampling and scoring; the SFT rounds have their own
+    # loop and field (config.sft.profile_steps).
+    tracker, profiler = loop.Tracker.from_config(config, workdir), loop.Profiler.from_config(config, workdir)
     for iteration in range(config.iterations):
         iter_dir = os.path.join(workdir, f"iter_{iteration}")
         pool_path, sft_dir = os.path.join(iter_dir, "pool.jsonl"), os.path.join(iter_dir, "sft")
@@ -233,7 +239,9 @@ def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, rlhf.
             pool, policy_dir = read_pool(pool_path), sft_dir
             continue
         params, _ = param_checkpoint.load_params(policy_dir, cfg, shardings=policy_shardings(cfg, mesh))
+        profiler.before_step(iteration + 1)
         samples = sample_all(config, sampler, params, reward_params, encoded, prompts, iteration, mesh)
+        profiler.after_step(iteration + 1)  # sample_all returns host arrays: the device work is done
         del params
         pool = update_pool(pool, prompts, tokenizer, samples, iteration)
         write_samples(os.path.join(iter_dir, "samples.jsonl"), prompts, tokenizer, samples)
@@ -242,11 +250,13 @@ def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, rlhf.
         curves[iteration] = rlhf.best_of_k_curve(samples["scores"]["combined"]).tolist()
         record = {**iteration_metrics(samples, pool, iteration), "best_of_k": curves[iteration]}
         history.append(record)
-        log_iteration(workdir, record)
+        log_iteration(tracker, record)
         write_best_of_k(workdir, curves)
         fine_tune(config, policy_dir, pool_path, tokenizer.model_path, sft_dir, iteration)
         policy_dir = sft_dir
         write_jsonl(os.path.join(iter_dir, "DONE"), [{"policy": sft_dir}])
+    profiler.stop()
+    tracker.close()
     print(f"final policy: {policy_dir}")
     return history
 
@@ -264,11 +274,11 @@ def read_curves(workdir: str) -> dict[int, list[float]]:
         return {int(i): curve for i, curve in json.load(f).items()}
 
 
-def log_iteration(workdir: str, record: dict) -> None:
+def log_iteration(tracker: loop.Tracker, record: dict) -> None:
+    """The iteration's scalars through the Tracker (step = iteration; the curve itself is in best_of_k.json)."""
+    tracker.write(record["iteration"], {k: v for k, v in record.items() if k not in ("iteration", "best_of_k")})
     if jax.process_index() != 0:
         return
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
     curve = ", ".join(f"{v:.3f}" for v in record["best_of_k"])
     print(f"iteration {record['iteration']}: reward mean {record['reward_combined_mean']:.4f} max "
           f"{record['reward_combined_max']:.4f} best-of-K {record['best_of_k_mean']:.4f} pool "

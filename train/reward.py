@@ -154,6 +154,7 @@ def train_and_evaluate(config, workdir: str):
     """Train a reward model; returns (final state, logged metrics with per-rating accuracies)."""
     common.check_shared_fields(config)  # before the trainer's own fields
     check_fields(config)
+    loop.LoopSettings.from_config(config)  # profile_steps and wandb checked before anything is read or compiled
     model_cfg = common.resolve_model_config(config, config.seq_len)
     mesh = common.make_mesh(config)
     common.check_batch(config, mesh, model_cfg, config.seq_len)
