@@ -201,3 +201,67 @@ def test_tiny_lora_sft_on_alpaca_lowers_held_out_loss_and_its_workdir_loads_merg
     from_merge = generate.text_completion(expected, model_cfg, Tokenizer(str(work / "tokenizer.model")), prompt,
                                           temperature=0.0, max_gen_len=8)
     assert from_workdir == from_merge
+
+
+def test_dropout_keys_differ_per_step_and_per_micro_batch_and_eval_gets_none():
+    """train_step(rng_seed=s) passes rng = fold_in(fold_in(PRNGKey(s), step), micro-batch) to the loss."""
+    import optax
+
+    from train import state as train_state
+
+    def loss_fn(params, batch, frozen, rng=None):
+        noise = jax.random.uniform(rng, (4,))
+        return jnp.sum(params["w"] * noise) * jnp.sum(batch["x"]) + jnp.sum(frozen), {"weight": jnp.float32(1.0)}
+
+    state = train_state.TrainState.create({"w": jnp.ones(4)}, optax.sgd(0.0))
+    batch = {"x": jnp.ones((4, 1))}
+    step = jax.jit(lambda s, b: train_state.train_step(s, b, jnp.zeros(()), loss_fn=loss_fn, grad_accum_steps=2,
+                                                       rng_seed=7))
+    losses_by_step = []
+    for index in range(2):
+        state, metrics = step(state, batch)
+        key = jax.random.fold_in(jax.random.PRNGKey(7), index)
+        # each micro-batch: 2 rows of x = 1, weight 1; the step divides the summed loss by the summed weight (2)
+        expected = sum(2.0 * jnp.sum(jax.random.uniform(jax.random.fold_in(key, i), (4,))) for i in range(2)) / 2
+        assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-6)
+        losses_by_step.append(float(metrics["loss"]))
+    assert losses_by_step[0] != losses_by_step[1]
+    seen = []
+
+    def eval_loss(params, batch, frozen, rng=None):
+        seen.append(rng)
+        return jnp.float32(0.0), {"weight": jnp.float32(1.0)}
+
+    train_state.eval_step(state.params, batch, jnp.zeros(()), loss_fn=eval_loss)
+    assert seen == [None]  # eval is deterministic: no dropout key
+
+
+@pytest.mark.slow
+def test_lora_dpo_through_the_trainer_learns_the_preference_with_the_base_as_reference(tmp_path):
+    from configs import dpo_tiny
+    from llama2_jax.tokenizer import train_tokenizer
+    from train import dpo
+
+    words = "the a cat dog safe help answer question please thanks why how what no yes sorry can you I".split()
+    rng = np.random.default_rng(0)
+    tokenizer = train_tokenizer([" ".join(rng.choice(words, size=12)) + f" {i}." for i in range(400)],
+                                tmp_path / "spm", 384)
+    cfg = BASE.replace(vocab_size=384)
+    checkpoint.save_params(tmp_path / "sft", random_params(cfg), cfg)
+    (tmp_path / "sft" / "tokenizer.model").write_bytes(open(tokenizer.model_path, "rb").read())
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for i in range(80):  # a learnable rule: the chosen answer is polite
+            f.write(json.dumps({"prompt": f"question {i} why the cat", "chosen": "yes please thanks",
+                                "rejected": "no " + "dog " * int(rng.integers(1, 4))}) + "\n")
+
+    config = dpo_tiny.get_config()
+    config.init_from, config.data.path = str(tmp_path / "sft"), str(tmp_path / "pairs.jsonl")
+    config.batch_size, config.seq_len, config.num_epochs, config.num_train_steps = 8, 32, 0.0, 8
+    config.eval_every_steps, config.learning_rate, config.warmup_steps = 8, 1e-2, 1
+    config.async_checkpoints, config.progress_bar = False, False
+    config.lora.rank = 4
+    state, history = dpo.train_and_evaluate(config, str(tmp_path / "dpo"))
+    assert set(state.params) == {"lora"}
+    last = [h for h in history if "eval_reward_accuracy" in h][-1]
+    assert last["eval_reward_accuracy"] == 1.0 and last["eval_loss"] < math.log(2)
+    assert (tmp_path / "dpo" / "lora_config.json").is_file()
