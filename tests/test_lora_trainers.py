@@ -142,6 +142,12 @@ def test_reward_model_lora_trains_adapters_and_the_head_on_the_frozen_trunk(tmp_
     checkpointer = TrainCheckpointer(str(tmp_path / "w"), async_save=False)
     checkpointer.save(state, {})
     checkpointer.close()
+    assert sorted(p.name for p in (tmp_path / "w" / "checkpoints" / "0").iterdir() if p.is_dir()) == [
+        "extra", "head", "lora", "opt_state"]  # the adapters and the head apart; no base copy
+    checkpointer = TrainCheckpointer(str(tmp_path / "w"))
+    resumed, _ = checkpointer.restore(run.state, run.shardings)  # what run_loop does on resume
+    checkpointer.close()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(jax.device_get(a), b), resumed.params, moved)
     score_shardings = {**run.frozen_shardings, score_model.HEAD: run.shardings.params[score_model.HEAD]}
     merged, _ = checkpoint.load_params(tmp_path / "w", model_cfg, score_shardings, kind="score")
     tokens, lengths = jnp.asarray(token_batch(rows=2)["inputs"]), jnp.asarray([16, 9], jnp.int32)
