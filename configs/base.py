@@ -124,6 +124,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.wandb.mode = "online"  # online | offline (files under WORKDIR/wandb, `wandb sync` later) | disabled
     config.wandb.name = ""  # display name of the run ("" = W&B's)
     config.profile_steps = ""  # "START:STOP": a jax.profiler trace of steps START..STOP into WORKDIR/profile
+
+    # --- LoRA (Hu et al. 2021; llama2_jax/lora.py): train.sft, train.reward, train.dpo ---
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = 0  # 0 = off (full fine-tuning); r > 0 = adapters of rank r on the frozen init_from base
+    config.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    config.lora.dropout = 0.0  # dropout on the adapters' input while training
+    config.lora.targets = "wq,wk,wv,wo,w1,w2,w3"  # comma-separated kernels to adapt (attention and MLP)
+    config.lora.dtype = "float32"  # storage dtype of the adapters and their optimizer state
     return config
 
 

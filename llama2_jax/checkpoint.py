@@ -20,6 +20,7 @@ LoRA dirs hold the adapters apart from the base (lora.py) and record the base th
       PATH/lora/  or  PATH/checkpoints/<step>/lora/    Orbax adapter tree (saved dir / trainer workdir)
 `load_params` on a LoRA dir loads the recorded base and returns it merged (W + alpha/r a b), so everything that
 loads params (generation, chat, evaluation, init_from) accepts a LoRA dir; `load_adapters` reads the adapters alone.
+A LoRA reward-model workdir (kind="score") also holds its trained score head, `checkpoints/<step>/head/`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama2_jax import score_model
 from llama2_jax import lora
+from llama2_jax import sharding as sh
 from llama2_jax.config import LlamaConfig
 from llama2_jax.model import abstract_params, unstack_layers
 
@@ -48,6 +50,7 @@ SCANNED_KEY = "layers"  # the scanned blocks' key; unrolled blocks are layers_{i
 KINDS = ("llama", "score")  # what a checkpoint holds: a Llama, or a score-head model (reward / value)
 LORA_CONFIG_FILE = "lora_config.json"
 ADAPTERS_ITEM = "lora"
+HEAD_ITEM = "head"  # a LoRA reward model's trained score head (train/checkpoints.py)
 
 Params = dict
 
@@ -164,7 +167,7 @@ def load_params(path, config: Optional[LlamaConfig] = None, shardings: Any = Non
       (params, config). For a LoRA dir: the recorded base merged with the adapters (see the module docstring).
     """
     if is_lora_dir(path):
-        return _load_merged(path, config, shardings)
+        return _load_merged(path, config, shardings, kind)
     item_dir = find_params_dir(path)
     config = config or load_config(path)
     stored_scanned = check_params(path, config, kind=kind)
@@ -254,19 +257,41 @@ def load_adapters(path, config: Optional[LlamaConfig] = None) -> tuple[Params, "
     return lora.to_layout(adapters, config.n_layers, config.scan_layers), lora_cfg, config
 
 
-def _load_merged(path, config: Optional[LlamaConfig], shardings: Any) -> tuple[Params, LlamaConfig]:
-    """The base recorded in a LoRA dir, merged with its adapters (in `shardings` when given)."""
+def _load_merged(path, config: Optional[LlamaConfig], shardings: Any, kind: str = "llama"
+                 ) -> tuple[Params, LlamaConfig]:
+    """The base recorded in a LoRA dir, merged with its adapters (in `shardings` when given). kind="score" (a
+    LoRA reward model, train.reward): the base Llama's trunk, merged, with the dir's trained score head."""
     _, base_path = load_lora_config(path)
     config = config or load_config(path)
     if "://" not in base_path and not os.path.exists(base_path):
         raise FileNotFoundError(f"the base checkpoint {base_path} recorded in {_as_path(path) / LORA_CONFIG_FILE} "
                                 f"does not exist")
     adapters, lora_cfg, _ = load_adapters(path, config)
+    if kind == "score":
+        return _load_merged_score(path, base_path, config, adapters, lora_cfg, shardings), config
     base, _ = load_params(base_path, config, shardings)
     if shardings is None:
         return lora.merge(base, adapters, lora_cfg), config
     merge = jax.jit(lambda b, a: lora.merge(b, a, lora_cfg), out_shardings=shardings, donate_argnums=0)
     return merge(base, adapters), config
+
+
+def _load_merged_score(path, base_path, config: LlamaConfig, adapters: Params, lora_cfg, shardings: Any) -> Params:
+    """Trunk of the base Llama + adapters merged, and the score head stored in the LoRA dir's `head` item."""
+    llama_shardings = None
+    if shardings is not None:  # the base's `output` needs a sharding too: the same mesh, by its logical axes
+        mesh = jax.tree.leaves(shardings)[0].mesh
+        llama_shardings = sh.tree_shardings(abstract_params(config, boxed=True), mesh)
+    base, _ = load_params(base_path, config, llama_shardings)
+    trunk = {k: v for k, v in base.items() if k != "output"}
+    head_abstract = {score_model.HEAD: score_model.abstract_score_params(config)[score_model.HEAD]}
+    head = _restore(find_params_dir(path, HEAD_ITEM), head_abstract, jnp.dtype(config.param_dtype),
+                    None if shardings is None else {score_model.HEAD: shardings[score_model.HEAD]})
+    if shardings is None:
+        return {**lora.merge(trunk, adapters, lora_cfg), **head}
+    trunk_shardings = {k: v for k, v in shardings.items() if k != score_model.HEAD}
+    merged = jax.jit(lambda b, a: lora.merge(b, a, lora_cfg), out_shardings=trunk_shardings, donate_argnums=0)
+    return {**merged(trunk, adapters), **head}
 
 
 def _stored_shapes(item_dir: epath.Path) -> dict[str, tuple]:

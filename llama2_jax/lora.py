@@ -217,23 +217,32 @@ def adapted_model(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
 
 
 class _AdaptedApply:
-    """Stands in for the model inside a losses.py loss: `.apply({"params": trainable}, ...)` runs the adapted model."""
+    """Stands in for the model inside a losses.py loss: `.apply({"params": trainable}, ...)` runs the adapted model
+    when the tree holds "lora"; a tree without it (e.g. DPO's reference: the frozen base itself) runs as plain
+    params, adapters off."""
 
     def __init__(self, model, frozen, lora_cfg, rng):
         self.model, self.frozen, self.lora_cfg, self.rng = model, frozen, lora_cfg, rng
         self.config = model.config
 
     def apply(self, variables_: dict, *args, **kwargs):
+        if LORA not in variables_["params"]:
+            return self.model.apply(variables_, *args, **kwargs)
         return apply(self.model, self.frozen, variables_["params"], self.lora_cfg, *args, rng=self.rng, **kwargs)
 
 
-def adapted_loss(loss_fn: Callable, model: nn.Module, lora_cfg: LoraConfig) -> Callable:
+def adapted_loss(loss_fn: Callable, model: nn.Module, lora_cfg: LoraConfig, *, pass_frozen: bool = False) -> Callable:
     """A losses.py loss `loss_fn(params, batch, *, model)` -> `fn(trainable, batch, frozen, rng=None)`.
 
     Differentiate `fn` w.r.t. `trainable` only ({"lora": adapters} plus any trained top-level base entries); the
-    frozen base is an ordinary (non-differentiated) argument, so jit it as an argument, never close over it."""
+    frozen base is an ordinary (non-differentiated) argument, so jit it as an argument, never close over it. With
+    `pass_frozen` the loss is `loss_fn(params, batch, frozen, *, model)` (losses.dpo_loss: the base, adapters off,
+    is then the reference policy)."""
     def fn(trainable: Params, batch: dict, frozen: Params, rng: Optional[Array] = None):
-        return loss_fn(trainable, batch, model=_AdaptedApply(model, frozen, lora_cfg, rng))
+        adapted = _AdaptedApply(model, frozen, lora_cfg, rng)
+        if pass_frozen:
+            return loss_fn(trainable, batch, frozen, model=adapted)
+        return loss_fn(trainable, batch, model=adapted)
 
     return fn
 

@@ -129,3 +129,23 @@ def test_gpu_script_plumbing_runs_on_cpu_with_tiny_shapes(tmp_path):
                      "model=dim288/L1", "ratio="):
         assert expected in table, (expected, table)
     assert not re.search(r"^(FAILED|TIMEOUT|NO RESULT|SKIPPED)", table, re.M), table
+
+
+def test_lora_step_prints_one_comparable_line(capsys):
+    import lora_step
+
+    line = lora_step.main(["--dim=32", "--n_layers=1", "--n_heads=4", "--n_kv_heads=2", "--ffn=64", "--vocab=128",
+                           "--seq=16", "--steps=2", "--warmup=1", "--lora_rank=4", "--param_dtype=bfloat16"])
+    assert capsys.readouterr().out.strip() == line
+    fields = dict(field.split("=", 1) for field in line.split() if "=" in field)
+    full_ms, lora_ms, ratio = float(fields["full_ms"]), float(fields["lora_ms"]), float(fields["ratio"])
+    assert full_ms > 0 and lora_ms > 0 and ratio == pytest.approx(lora_ms / full_ms, rel=0.02, abs=2e-3)
+    # rank 4 on the seven kernels of one block: a [in, 4] + b [4, out] each (dim 32, 4 + 2 + 2 + 4 heads of 8, F 64)
+    assert fields["trainable"] == f"{4 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + 2 * (32 + 64) + (64 + 32)):,}"
+    assert fields["base_param_dtype"] == "bfloat16" and np_isfinite(fields["lora_loss"])
+
+
+def np_isfinite(text: str) -> bool:
+    import math
+
+    return math.isfinite(float(text))

@@ -32,3 +32,33 @@ def test_quickstart_notebook_executes(monkeypatch):
     samples = [ast.literal_eval(line.removeprefix("sample: ")) for line in lines if line.startswith("sample: ")]
     assert len(samples) == 2 and samples[0].startswith("The") and samples[1].startswith("In Python,"), samples
     assert len(samples[0]) > len("The") and len(samples[1]) > len("In Python,")  # text generated after the prompts
+
+
+FINETUNE = os.path.join(os.path.dirname(NOTEBOOK), "finetune.ipynb")
+
+
+@pytest.mark.slow
+def test_finetune_notebook_lowers_the_loss_and_writes_the_adapters(monkeypatch):
+    """convert (a tiny random HF model), LoRA SFT on the Alpaca records, chat, PEFT export: the loss fell, the
+    adapter files exist, and the PEFT model on the HF base gives our merged model's logits."""
+    import json
+
+    from conftest import shared_file
+
+    monkeypatch.setenv("ALPACA_PATH", str(shared_file("alpaca-cleaned-first1000.json")))
+    monkeypatch.setenv("FINETUNE_STEPS", "30")
+    monkeypatch.setenv("FINETUNE_RECORDS", "240")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    notebook = nbformat.read(FINETUNE, as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": os.path.dirname(FINETUNE)}})
+    client.execute()
+    lines = [line for cell in notebook.cells for out in cell.get("outputs", [])
+             for line in out.get("text", "").splitlines() if line.startswith("SUMMARY ")]
+    assert len(lines) == 1, lines
+    summary = json.loads(lines[0][len("SUMMARY "):])
+    assert summary["steps"] == 30 and summary["eval_loss_end"] < summary["eval_loss_start"] - 0.1, summary
+    assert {os.path.basename(p) for p in summary["peft_files"]} >= {"adapter_config.json",
+                                                                     "adapter_model.safetensors"}
+    assert all(os.path.getsize(p) > 0 for p in summary["peft_files"]) and os.path.isfile(summary["lora_config"])
+    assert summary["peft_max_abs_logit_diff"] < 1e-3

@@ -6,6 +6,9 @@ Workdir layout (also read by `llama2_jax.checkpoint.load_params`, so any workdir
     WORKDIR/checkpoints/<step>/params/      float32 params (the model's layout: scanned or unrolled)
     WORKDIR/checkpoints/<step>/opt_state/   optimizer state
     WORKDIR/checkpoints/<step>/extra/       JSON: {"step": int, "data": data-iterator state}
+A LoRA run (params = {"lora": adapters[, "score_head": ...]}) writes its trained tree apart from any base:
+    WORKDIR/checkpoints/<step>/lora/        the adapters (read by `llama2_jax.checkpoint.load_adapters`)
+    WORKDIR/checkpoints/<step>/head/        the other trained entries (a reward model's score head), if any
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from train.state import TrainState
 
 CONFIG_FILE = "llama_config.json"
 _log = logging.getLogger(__name__)
+LORA_ITEM, HEAD_ITEM = "lora", "head"  # llama2_jax.model.LORA and llama2_jax.checkpoint.ADAPTERS_ITEM: "lora"
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -39,7 +43,7 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("params", "opt_state", "extra"))
+                                             item_names=("params", LORA_ITEM, HEAD_ITEM, "opt_state", "extra"))
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -47,23 +51,25 @@ class TrainCheckpointer:
     def save(self, state: TrainState, data_state: Any, *, force: bool = False) -> bool:
         step = int(jax.device_get(state.step))
         extra = {"step": step, "data": data_state}
+        items = {name: ocp.args.StandardSave(tree) for name, tree in _param_items(state.params).items()}
         return self.manager.save(step, force=force, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            extra=ocp.args.JsonSave(extra)))
+            **items, opt_state=ocp.args.StandardSave(state.opt_state), extra=ocp.args.JsonSave(extra)))
 
     def restore(self, state: TrainState, shardings: TrainState, step: Optional[int] = None) -> tuple[TrainState, Any]:
         """Restore into the structure and shardings of `state` (arrays may be abstract). Returns (state, data
         state)."""
         step = self.latest_step() if step is None else step
+        abstract_items = _param_items(_abstract(state.params, shardings.params))
+        items = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(state.params, shardings.params)),
-            opt_state=ocp.args.StandardRestore(_abstract(state.opt_state, shardings.opt_state)),
+            **items, opt_state=ocp.args.StandardRestore(_abstract(state.opt_state, shardings.opt_state)),
             extra=ocp.args.JsonRestore()))
         extra = restored["extra"]
+        params = restored["params"] if "params" in items else {
+            LORA_ITEM: restored[LORA_ITEM], **(restored[HEAD_ITEM] if HEAD_ITEM in items else {})}
         new_state = state.replace(step=jax.device_put(jax.numpy.asarray(extra["step"], jax.numpy.int32),
                                                       shardings.step),
-                                  params=restored["params"], opt_state=restored["opt_state"])
+                                  params=params, opt_state=restored["opt_state"])
         return new_state, extra["data"]
 
     def wait(self) -> None:
@@ -84,6 +90,12 @@ def warn_about_stray_entries(directory: str) -> list[str]:
     if stray:
         _log.warning("%s: ignoring %s (not step directories)", directory, ", ".join(map(repr, stray)))
     return stray
+def _param_items(params: Any) -> dict[str, Any]:
+    """{item name: tree}: {"params": params}, or for a LoRA run {"lora": adapters[, "head": the other entries]}."""
+    if not isinstance(params, dict) or LORA_ITEM not in params:
+        return {"params": params}
+    head = {k: v for k, v in params.items() if k != LORA_ITEM}
+    return {LORA_ITEM: params[LORA_ITEM], **({HEAD_ITEM: head} if head else {})}
 
 
 def write_model_config(workdir: str, config: LlamaConfig) -> None:

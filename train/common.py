@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import sys
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,13 +32,12 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 from llama2_jax import checkpoint as param_checkpoint
-from llama2_jax import losses, rlhf, score_model
+from llama2_jax import lora, losses, score_model
 from llama2_jax import sharding as sh
 from llama2_jax.config import LlamaConfig
-from llama2_jax.data import prompts as prompt_data
 from llama2_jax.data import records
 from llama2_jax.data import sft as sft_data
-from llama2_jax.model import Llama
+from llama2_jax.model import LORA, Llama, abstract_params
 from llama2_jax.tokenizer import TOKENIZER_FILENAME, Tokenizer, check_vocab, load_or_train_tokenizer
 from train import loop
 from train import state as train_state
@@ -46,6 +45,8 @@ from train import task_evals as task_eval_lib
 from train.checkpoints import CONFIG_FILE, write_model_config
 from train.config_checks import (ConfigError, check_attention_backend, check_shared_fields,  # noqa: F401 (re-export)
                                  check_workdir_path, config_load_error)
+from train.hosts import ProcessRows, host_to_global, process_local, to_host  # noqa: F401 (the trainers' names)
+from train.rlhf_setup import load_prompts, load_reward_models, load_score_params, sigmoid_reward  # noqa: F401
 
 FLAGS = flags.FLAGS
 _log = logging.getLogger(__name__)
@@ -294,16 +295,23 @@ def task_evals(config, model_cfg: LlamaConfig, tokenizer: Tokenizer, mesh) -> Op
 def train_llama(config, workdir: str, model_cfg: LlamaConfig, mesh, train_iter, eval_batches: Optional[Callable],
                 steps: int, *, eval_at_start: bool = False,
                 extra_evals: Optional[Callable] = None) -> tuple[train_state.TrainState, list[dict]]:
-    """Next-token training (pretraining, SFT): the schedule over `steps`, the state (random or init_from), the masked
-    next-token loss, the shared loop; `eval_batches` None = no eval. With `eval_at_start` the initial model is
-    evaluated first (logged as step 0) unless the run resumes. `extra_evals`: see `task_evals`. Returns (final
-    state, logged records)."""
+    """Next-token training (pretraining, SFT): the schedule over `steps`, the state (random or init_from; with
+    config.lora.rank > 0 adapters on the frozen init_from), the masked next-token loss, the shared loop;
+    `eval_batches` None = no eval. With `eval_at_start` the initial model is evaluated first (logged as step 0)
+    unless the run resumes. `extra_evals`: see `task_evals`. Returns (final state, logged records)."""
     tx, schedule = make_tx(config, steps)
-    state, shardings = init_llama_state(config, model_cfg, mesh, tx)
-    loss_fn = functools.partial(losses.next_token_loss, model=Llama(model_cfg))
-    step = train_state.jit_train_step(loss_fn, shardings, mesh, grad_accum_steps=config.grad_accum_steps,
-                                      learning_rate_fn=schedule)
-    eval_step = train_state.jit_eval_step(loss_fn, shardings.params, mesh) if eval_batches is not None else None
+    lora_cfg = lora_config(config)
+    if lora_cfg is not None:  # adapters on the frozen init_from base
+        run = init_lora_state(config, model_cfg, mesh, tx, lora_cfg, workdir=workdir)
+        state, shardings = run.state, run.shardings
+        step, eval_step = run.jit_steps(losses.next_token_loss, Llama(model_cfg), config, mesh, schedule)
+    else:
+        state, shardings = init_llama_state(config, model_cfg, mesh, tx)
+        loss_fn = functools.partial(losses.next_token_loss, model=Llama(model_cfg))
+        step = train_state.jit_train_step(loss_fn, shardings, mesh, grad_accum_steps=config.grad_accum_steps,
+                                          learning_rate_fn=schedule)
+        eval_step = train_state.jit_eval_step(loss_fn, shardings.params, mesh)
+    eval_step = eval_step if eval_batches is not None else None
     history = []
     if eval_step is not None and eval_at_start and not has_checkpoint(workdir):
         metrics = loop.evaluate(state.params, eval_step, eval_batches(), mesh)
@@ -320,6 +328,85 @@ def train_llama(config, workdir: str, model_cfg: LlamaConfig, mesh, train_iter, 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021) runs of train.sft, train.reward and train.dpo: adapters trained on a frozen base
+
+
+def lora_config(config) -> Optional[lora.LoraConfig]:
+    """config.lora as a LoraConfig, or None when config.lora.rank = 0 (off). One-line ConfigErrors."""
+    fields = config.get("lora")
+    if fields is None or fields.rank == 0:
+        return None
+    try:
+        lora_cfg = lora.LoraConfig(rank=fields.rank, alpha=fields.alpha, dropout=fields.dropout,
+                                   targets=fields.targets, dtype=fields.dtype)
+    except ValueError as error:
+        raise ConfigError(f"config.lora: {error}") from None
+    if not config.init_from:
+        raise ConfigError("config.lora.rank > 0 needs config.init_from: the base the adapters are trained on")
+    return lora_cfg
+
+
+@dataclasses.dataclass
+class LoraRun:
+    """state: over {"lora": adapters[, "score_head"]} only (trained, in the optimizer); frozen: the base (init_from
+    in config.model.param_dtype, sharded by its logical axes), every step's frozen tree."""
+
+    state: train_state.TrainState
+    shardings: train_state.TrainState
+    frozen: Any
+    frozen_shardings: Any
+    lora_cfg: lora.LoraConfig
+
+    def jit_steps(self, loss_fn: Callable, model, config, mesh, schedule, *, pass_frozen: bool = False):
+        """(train step, eval step) in the loop's signature (`pass_frozen`: lora.adapted_loss); eval has no dropout."""
+        loss = lora.adapted_loss(loss_fn, model, self.lora_cfg, pass_frozen=pass_frozen)
+        step = train_state.jit_train_step(loss, self.shardings, mesh, grad_accum_steps=config.grad_accum_steps,
+                                          learning_rate_fn=schedule, frozen_shardings=self.frozen_shardings,
+                                          rng_seed=config.seed + 1 if self.lora_cfg.dropout > 0 else None)
+        eval_step = train_state.jit_eval_step(loss, self.shardings.params, mesh, frozen_shardings=self.frozen_shardings)
+        return train_state.with_frozen(step, self.frozen), train_state.with_frozen(eval_step, self.frozen)
+
+
+def init_lora_state(config, model_cfg: LlamaConfig, mesh, tx, lora_cfg: lora.LoraConfig, *, workdir: str,
+                    kind: str = "llama", head_init_std: float = score_model.DEFAULT_HEAD_INIT_STD) -> LoraRun:
+    """The base from config.init_from onto its shardings (frozen), then `lora_run` (kind="score": a reward model's
+    trunk and head), WORKDIR/lora_config.json recording the base; prints the trainable / total parameter counts."""
+    if has_checkpoint(workdir) and not param_checkpoint.is_lora_dir(workdir):
+        raise ConfigError(f"{workdir} holds a full fine-tuning run: resume without config.lora or use a new --workdir")
+    frozen_shardings = sh.tree_shardings(abstract_params(model_cfg, boxed=True), mesh)
+    try:
+        frozen, _ = param_checkpoint.load_params(config.init_from, model_cfg, shardings=frozen_shardings)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"config.init_from: {error}") from None
+    run = lora_run(frozen, frozen_shardings, model_cfg, mesh, tx, lora_cfg, seed=config.seed, kind=kind,
+                   head_init_std=head_init_std)
+    param_checkpoint.write_lora_config(workdir, lora_cfg, config.init_from)
+    if jax.process_index() == 0:
+        print(lora.describe(run.state.params, {k: v for k, v in run.frozen.items() if k not in run.state.params}))
+    return run
+
+
+def lora_run(frozen, frozen_shardings, model_cfg: LlamaConfig, mesh, tx, lora_cfg: lora.LoraConfig, *, seed: int,
+             kind: str = "llama", head_init_std: float = score_model.DEFAULT_HEAD_INIT_STD) -> LoraRun:
+    """Fresh adapters for the sharded Llama params `frozen` in a sharded TrainState; kind="score": no `output`, and a
+    fresh float32 score head trained too (frozen keeps its initial copy, replaced in every forward)."""
+    rng = jax.random.PRNGKey(seed)
+    trainable = {LORA: lora.init(rng, frozen, model_cfg, lora_cfg)}
+    boxed = {LORA: lora.abstract(frozen, model_cfg, lora_cfg, boxed=True)}
+    if kind == "score":
+        frozen = {k: v for k, v in frozen.items() if k != "output"}
+        frozen_shardings = {k: v for k, v in frozen_shardings.items() if k != "output"}
+        head = score_model.init_score_params_from_llama(frozen, jax.random.fold_in(rng, 1), head_init_std)
+        trainable[score_model.HEAD] = jax.tree.map(lambda x: np.asarray(x, np.float32), head[score_model.HEAD])
+        boxed[score_model.HEAD] = score_model.abstract_score_params(model_cfg, boxed=True)[score_model.HEAD]
+        frozen_shardings[score_model.HEAD] = jax.tree.map(lambda _: sh.replicated(mesh), head[score_model.HEAD])
+        frozen[score_model.HEAD] = jax.device_put(head[score_model.HEAD], frozen_shardings[score_model.HEAD])
+    shardings = train_state.state_shardings(boxed, tx, mesh)
+    state = train_state.state_from_params(trainable, tx, shardings)
+    return LoraRun(state, shardings, frozen, frozen_shardings, lora_cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Supervised fine-tuning on a dialog file (train.sft; train.rejection_sampling fine-tunes on its pool with it)
 
 
@@ -330,6 +417,13 @@ class FineTuned:
     model_cfg: LlamaConfig
     tokenizer: Tokenizer
     stats: sft_data.SFTStats
+    workdir: str
+
+    def host_params(self):
+        """The fine-tuned params as host arrays; for a LoRA run the workdir's base merged with its adapters."""
+        if param_checkpoint.is_lora_dir(self.workdir):
+            return param_checkpoint.load_params(self.workdir, self.model_cfg)[0]
+        return jax.device_get(self.state.params)
 
 
 def check_sft_fields(config) -> None:
@@ -345,6 +439,7 @@ def check_sft_fields(config) -> None:
     if not 0.0 <= data.val_fraction < 1.0:
         raise ConfigError(f"config.data.val_fraction must be in [0, 1), got {data.val_fraction}")
     check_num_epochs(config)
+    lora_config(config)
 
 
 def fine_tune(config, workdir: str) -> FineTuned:
@@ -373,107 +468,4 @@ def fine_tune(config, workdir: str) -> FineTuned:
                                              dialogs.eval_batches if dialogs.stats.eval_samples else None)
     state, history = train_llama(config, workdir, model_cfg, mesh, train_iter, eval_batches, steps,
                                  eval_at_start=config.eval_at_start, extra_evals=extra_evals)
-    return FineTuned(state, history, model_cfg, tokenizer, dialogs.stats)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Batches across processes
-
-
-class ProcessRows:
-    """Wraps an iterator of *global* batches and yields this process's contiguous block of rows.
-
-    Every process reads the same global stream, so a run on P processes sees exactly the batches of a run on one
-    process (the multi-host test relies on it). Reading everything on every host is cheap for tokenized text; for
-    web-scale TFDS sources shard the source per host instead.
-    """
-
-    def __init__(self, iterator: Iterator[dict], index: int, count: int):
-        self.iterator, self.index, self.count = iterator, index, count
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return self.rows(next(self.iterator))
-
-    def rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = next(iter(batch.values())).shape[0] // self.count
-        return {k: v[self.index * rows:(self.index + 1) * rows] for k, v in batch.items()}
-
-    def get_state(self):
-        return self.iterator.get_state()
-
-    def set_state(self, state) -> None:
-        self.iterator.set_state(state)
-
-
-def process_local(train_iter, eval_batches: Optional[Callable[[], list]] = None):
-    """(this process's rows of every global train batch, a function returning this process's rows of every global
-    eval batch, or None without eval batches)."""
-    local = ProcessRows(train_iter, jax.process_index(), jax.process_count())
-    if eval_batches is None:
-        return local, None
-    return local, lambda: [local.rows(batch) for batch in eval_batches()]
-
-
-def host_to_global(array, mesh) -> jax.Array:
-    """The same host array on every process -> a global array split over the mesh's data axes (for this process's
-    rows of a global batch use `loop.process_rows_to_global`)."""
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, sh.batch_sharding(mesh, array.ndim), lambda index: array[index])
-
-
-def to_host(tree):
-    """Global arrays -> numpy on every process."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# RLHF: prompts and reward models (rejection sampling, PPO)
-
-
-def load_prompts(config, tokenizer) -> tuple[list[prompt_data.Prompt], list[list[int]]]:
-    """The prompts of config.prompts (see `llama2_jax.data.prompts.load_prompts`) and their chat encodings."""
-    p = config.prompts
-    try:
-        return prompt_data.load_prompts(p.path, tokenizer, max_prompt_len=p.max_prompt_len, format=p.format,
-                                        on_error=p.on_error, is_safety=p.is_safety, max_prompts=p.max_prompts)
-    except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(f"config.prompts: {error}") from None
-
-
-def sigmoid_reward(params, tokens, lengths, *, cfg: LlamaConfig):
-    """A reward model's score in [0, 1] (`rlhf.ScoreFn` once cfg is bound)."""
-    return jax.nn.sigmoid(score_model.score_tokens(params, cfg, tokens, lengths))
-
-
-def load_score_params(path: str, cfg: LlamaConfig, shardings, field: str):
-    """The params of a score-model checkpoint or workdir (train.reward, PPO's value model) onto `shardings`."""
-    try:
-        return param_checkpoint.load_params(path, cfg, shardings=shardings, kind="score")[0]
-    except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(f"{field}: {error}") from None
-
-
-def load_reward_models(config, mesh, vocab_size: int) -> tuple[dict[str, rlhf.ScoreFn], dict[str, Any]]:
-    """({name: sigmoid score fn}, {name: params sharded on the mesh}) for config.reward.helpful_path / safety_path
-    (either may be empty, not both; one path given twice is loaded once). Numerics from config.model."""
-    paths = {name: config.reward[f"{name}_path"] for name in rlhf.REWARD_NAMES if config.reward[f"{name}_path"]}
-    if not paths:
-        raise ConfigError("config.reward.helpful_path and config.reward.safety_path are both empty")
-    numerics, fns, params, loaded = model_config(config), {}, {}, {}
-    for name, path in paths.items():
-        field = f"config.reward.{name}_path"
-        cfg = model_config_from(path, numerics, field)
-        if cfg.vocab_size != vocab_size:
-            raise ConfigError(f"{field}: vocabulary {cfg.vocab_size} differs from the policy's {vocab_size} (the "
-                              "reward models must share the policy's tokenizer)")
-        if path not in loaded:
-            shardings = sh.tree_shardings(score_model.abstract_score_params(cfg, boxed=True), mesh)
-            loaded[path] = load_score_params(path, cfg, shardings, field)
-        params[name] = loaded[path]
-        fns[name] = functools.partial(sigmoid_reward, cfg=cfg)
-    return fns, params
+    return FineTuned(state, history, model_cfg, tokenizer, dialogs.stats, workdir)

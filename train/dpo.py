@@ -5,7 +5,8 @@ Preference pairs (the reward model's readers and data mixes, `llama2_jax.data.rm
 `losses.dpo_loss` -> the shared loop (held-out eval, checkpoints, metrics.jsonl). The policy starts from init_from;
 the reference policy is a frozen copy of the same weights, passed to the step as its `frozen` tree (sharded like
 the policy, never updated, never donated). Logged for train and held-out pairs: loss, rewards_chosen,
-rewards_rejected (beta * log pi/ref of each response), reward_accuracy, reward_margin.
+rewards_rejected (beta * log pi/ref of each response), reward_accuracy, reward_margin. With `--config.lora.rank=R`
+only adapters are trained and the reference is the frozen base with the adapters off.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def check_fields(config) -> None:
     if not config.data.path and not config.data.safety_path:
         raise common.ConfigError("config.data.path: no preference file given (also none in config.data.safety_path)")
     common.check_num_epochs(config)
+    common.lora_config(config)
 
 
 def make_data(config, tokenizer) -> rm_data.PairData:
@@ -54,11 +56,6 @@ def make_data(config, tokenizer) -> rm_data.PairData:
                                       max_eval_batches=config.eval_batches or None)
     except (ValueError, FileNotFoundError) as error:
         raise common.ConfigError(f"config.data: {error}") from None
-
-
-def with_reference(jitted, reference):
-    """The loop's (state_or_params, batch) signature, with the frozen reference bound."""
-    return lambda first, batch: jitted(first, batch, reference)
 
 
 def report(workdir: str, history: list[dict], data: rm_data.PairData) -> dict | None:
@@ -93,21 +90,28 @@ def train_and_evaluate(config, workdir: str):
     resolved = config.copy_and_resolve_references()
     resolved.num_train_steps = steps
     tx, schedule = common.make_tx(resolved, steps)
-    state, shardings = common.init_llama_state(config, model_cfg, mesh, tx)
-    reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(state.params)
-
     loss_fn = functools.partial(losses.dpo_loss, model=Llama(model_cfg), beta=config.dpo.beta,
                                 loss_type=config.dpo.loss_type, label_smoothing=config.dpo.label_smoothing)
-    step = train_state.jit_train_step(loss_fn, shardings, mesh, grad_accum_steps=config.grad_accum_steps,
-                                      learning_rate_fn=schedule, frozen_shardings=shardings.params)
-    eval_step = train_state.jit_eval_step(loss_fn, shardings.params, mesh, frozen_shardings=shardings.params)
+    lora_cfg = common.lora_config(config)
+    if lora_cfg is not None:  # the reference policy is the frozen base itself (adapters off): no second copy
+        run = common.init_lora_state(config, model_cfg, mesh, tx, lora_cfg, workdir=workdir)
+        state, shardings = run.state, run.shardings
+        step, eval_step = run.jit_steps(loss_fn, Llama(model_cfg), resolved, mesh, schedule, pass_frozen=True)
+    else:
+        state, shardings = common.init_llama_state(config, model_cfg, mesh, tx)
+        reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(state.params)
+        step = train_state.with_frozen(train_state.jit_train_step(
+            loss_fn, shardings, mesh, grad_accum_steps=config.grad_accum_steps, learning_rate_fn=schedule,
+            frozen_shardings=shardings.params), reference)
+        eval_step = train_state.with_frozen(train_state.jit_eval_step(loss_fn, shardings.params, mesh,
+                                                                 frozen_shardings=shardings.params), reference)
     train_iter, eval_batches = common.process_local(data.train_iter, lambda: data.eval_batches)
     # Two sequences per pair, each through the policy (forward + backward) and the reference (forward only).
     flops = model_cfg.flops_per_token(config.seq_len) * 4.0 / 3.0
     state, history = loop.run_loop(
         settings=loop.LoopSettings.from_config(resolved), workdir=workdir, mesh=mesh, state=state,
-        shardings=shardings, train_step=with_reference(step, reference), train_iter=train_iter,
-        eval_step=with_reference(eval_step, reference), eval_batches=eval_batches, extra_evals=extra_evals,
+        shardings=shardings, train_step=step, train_iter=train_iter, eval_step=eval_step, eval_batches=eval_batches,
+        extra_evals=extra_evals,
         tokens_per_step=2 * config.batch_size * config.seq_len, flops_per_token=flops)
     report(workdir, history, data)
     return state, history

@@ -13,6 +13,7 @@ metrics.jsonl).
 * Steps: with config.num_epochs > 0 (0 = use num_train_steps), num_train_steps = floor(num_epochs * train pairs /
   batch_size) (at least 1), computed at run time from the data; warmup = max(min_warmup_steps, round(warmup_fraction * steps)) when
   warmup_fraction > 0 (the paper: 3 %, minimum 5), else config.warmup_steps.
+* LoRA: `--config.lora.rank=R` (> 0, needs init_from) trains adapters and the score head on the frozen trunk.
 * Metrics: loss, accuracy (r_c > r_r), margin (mean r_c - r_r), score_chosen/rejected, and per rating level
   n_L / correct_L (as shares of all pairs, since the loop divides every sum by the pair count) from which
   accuracy_L = correct_L / n_L is added to the returned history and written, for the last eval, to
@@ -57,6 +58,7 @@ def check_fields(config) -> None:
         raise common.ConfigError(f"config.head_init_std={config.head_init_std} must be >= 0")
     if not config.data.path and not config.data.safety_path:
         raise common.ConfigError("config.data.path: no preference file given (also none in config.data.safety_path)")
+    common.lora_config(config)
 
 
 def load_pairs(config) -> list:
@@ -170,12 +172,19 @@ def train_and_evaluate(config, workdir: str):
     resolved = config.copy_and_resolve_references()
     resolved.num_train_steps, resolved.warmup_steps = steps, warmup
     tx, schedule = common.make_tx(resolved, steps)
-    state, shardings = init_reward_state(config, model_cfg, mesh, tx)
     model = score_model.ScoreModel(model_cfg, config.head_init_std)
     loss_fn = functools.partial(losses.pairwise_loss, model=model, margin_table=config.margin_table)
-    step = train_state.jit_train_step(loss_fn, shardings, mesh, grad_accum_steps=config.grad_accum_steps,
-                                      learning_rate_fn=schedule)
-    eval_step = train_state.jit_eval_step(loss_fn, shardings.params, mesh)
+    lora_cfg = common.lora_config(config)
+    if lora_cfg is not None:  # adapters + the score head trained; the init_from trunk frozen
+        run = common.init_lora_state(config, model_cfg, mesh, tx, lora_cfg, workdir=workdir, kind="score",
+                                     head_init_std=config.head_init_std)
+        state, shardings = run.state, run.shardings
+        step, eval_step = run.jit_steps(loss_fn, model, resolved, mesh, schedule)
+    else:
+        state, shardings = init_reward_state(config, model_cfg, mesh, tx)
+        step = train_state.jit_train_step(loss_fn, shardings, mesh, grad_accum_steps=config.grad_accum_steps,
+                                          learning_rate_fn=schedule)
+        eval_step = train_state.jit_eval_step(loss_fn, shardings.params, mesh)
 
     # FLOPs per (padded) token: the LM's, minus the vocabulary projection the reward model does not have.
     flops = model_cfg.flops_per_token(config.seq_len) - 6.0 * model_cfg.vocab_size * model_cfg.dim

@@ -13,6 +13,8 @@ dialogs, `llama2_jax.data.sft`) and the loss mask (assistant tokens only; `next_
   a complete init_from / checkpoint for generation, GAtt or a further SFT round.
 * Steps: `config.num_epochs` > 0 sets num_train_steps = ceil(epochs x packed rows per epoch / batch_size).
 * Eval: the loss on assistant tokens of the held-out dialogs; with `config.eval_at_start` also before training.
+* LoRA: `--config.lora.rank=R` (> 0) trains only adapters on the frozen init_from (`common.init_lora_state`); the
+  workdir then holds the adapters and records its base (lora_config.json), and loads merged wherever params load.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def report(config, run: common.FineTuned) -> None:
         from llama2_jax import generate  # sampling is optional: imported only when asked for
 
         dialogs = [[{"role": "user", "content": p}] for p in prompts]
-        results = generate.chat_completion(jax.device_get(run.state.params), run.model_cfg, run.tokenizer, dialogs,
+        results = generate.chat_completion(run.host_params(), run.model_cfg, run.tokenizer, dialogs,
                                            temperature=0.0, max_gen_len=config.sample_tokens)
         for prompt, result in zip(prompts, results):
             print(f"--- [INST] {prompt} [/INST]\n{result['generation']['content']}")

@@ -27,13 +27,17 @@ from llama2_jax import sharding as sh
 LossFn = Callable[..., tuple[jax.Array, dict]]  # (params, batch) or (params, batch, frozen) -> (loss_sum, aux)
 
 
-def _bind_frozen(loss_fn: LossFn, frozen: Any) -> Callable[[Any, dict], tuple[jax.Array, dict]]:
+def _bind_frozen(loss_fn: LossFn, frozen: Any, rng: Optional[jax.Array] = None) -> Callable[[Any, dict], tuple]:
     """loss_fn(params, batch) as is, or with the frozen tree bound (gradients cannot reach it: it is a closure
-    constant of the differentiated function, and stop_gradient makes that explicit)."""
-    if frozen is None:
+    constant of the differentiated function, and stop_gradient makes that explicit) and, given `rng`, a dropout key
+    passed as `rng=` (LoRA's adapter dropout)."""
+    if frozen is None and rng is None:
         return loss_fn
+    extra = {} if rng is None else {"rng": rng}
+    if frozen is None:
+        return lambda params, batch: loss_fn(params, batch, **extra)
     frozen = jax.lax.stop_gradient(frozen)
-    return lambda params, batch: loss_fn(params, batch, frozen)
+    return lambda params, batch: loss_fn(params, batch, frozen, **extra)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -110,10 +114,13 @@ def _split_microbatches(batch: dict, n: int) -> dict:
     return jax.tree.map(lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def accumulate_gradients(params, batch: dict, loss_fn: LossFn, grad_accum_steps: int):
-    """Sum of loss, aux and gradients over `grad_accum_steps` micro-batches (a lax.scan: one compiled body)."""
-    def value_and_grad(micro_batch):
-        (loss_sum, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch)
+def accumulate_gradients(params, batch: dict, loss_fn: LossFn, grad_accum_steps: int, *,
+                         bind: Optional[Callable[[Optional[jax.Array]], LossFn]] = None, rng=None):
+    """Sum of loss, aux and gradients over `grad_accum_steps` micro-batches (a lax.scan: one compiled body). With
+    `rng`, micro-batch i's loss is `bind(fold_in(rng, i))` (its own dropout key) instead of `loss_fn`."""
+    def value_and_grad(micro_batch, index=0):
+        fn = loss_fn if rng is None else bind(jax.random.fold_in(rng, index))
+        (loss_sum, aux), grads = jax.value_and_grad(fn, has_aux=True)(params, micro_batch)
         return loss_sum, aux, grads
 
     if grad_accum_steps == 1:
@@ -123,22 +130,26 @@ def accumulate_gradients(params, batch: dict, loss_fn: LossFn, grad_accum_steps:
     first = jax.tree.map(lambda x: x[0], micro_batches)
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(value_and_grad, first))
 
-    def body(carry, micro_batch):
-        out = value_and_grad(micro_batch)
+    def body(carry, xs):
+        out = value_and_grad(*xs)
         return jax.tree.map(jnp.add, carry, out), None
 
-    totals, _ = jax.lax.scan(body, zeros, micro_batches)
+    totals, _ = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(grad_accum_steps)))
     return totals
 
 
 def train_step(state: TrainState, batch: dict, frozen: Any = None, *, loss_fn: LossFn, grad_accum_steps: int = 1,
-               learning_rate_fn: Optional[optax.Schedule] = None) -> tuple[TrainState, dict]:
+               learning_rate_fn: Optional[optax.Schedule] = None,
+               rng_seed: Optional[int] = None) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch. Pure: (state, batch[, frozen]) -> (new state, metrics).
 
     The gradient is d(sum of losses)/d(params) divided by the global weight (tokens or pairs), i.e. exactly the
     gradient of the mean loss over the whole global batch, however it is split into micro-batches or devices.
+    With `rng_seed` the loss also gets `rng=` a key folded from the seed, the step and the micro-batch (dropout).
     """
-    loss_sum, aux, grads = accumulate_gradients(state.params, batch, _bind_frozen(loss_fn, frozen), grad_accum_steps)
+    rng = None if rng_seed is None else jax.random.fold_in(jax.random.PRNGKey(rng_seed), state.step)
+    loss_sum, aux, grads = accumulate_gradients(state.params, batch, _bind_frozen(loss_fn, frozen), grad_accum_steps,
+                                                bind=lambda key: _bind_frozen(loss_fn, frozen, key), rng=rng)
     weight = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -160,17 +171,23 @@ def eval_step(params, batch: dict, frozen: Any = None, *, loss_fn: LossFn) -> di
 
 
 def jit_train_step(loss_fn: LossFn, shardings: TrainState, mesh: Mesh, *, grad_accum_steps: int = 1,
-                   learning_rate_fn: Optional[optax.Schedule] = None, frozen_shardings: Any = None):
+                   learning_rate_fn: Optional[optax.Schedule] = None, frozen_shardings: Any = None,
+                   rng_seed: Optional[int] = None):
     """`train_step` bound to a loss and jitted once: state sharded and donated, every batch entry split over the
     data axes along its first dimension (any rank), activations pinned by `sh.activation_sharding`, metrics
     replicated. With `frozen_shardings` the jitted step takes `(state, batch, frozen)`; frozen is not donated."""
     step = functools.partial(train_step, loss_fn=loss_fn, grad_accum_steps=grad_accum_steps,
-                             learning_rate_fn=learning_rate_fn)
+                             learning_rate_fn=learning_rate_fn, rng_seed=rng_seed)
     in_shardings = (shardings, sh.batch_sharding(mesh, 1))
     if frozen_shardings is not None:
         in_shardings += (frozen_shardings,)
     return jax.jit(sh.with_activation_sharding(step, mesh), in_shardings=in_shardings,
                    out_shardings=(shardings, sh.replicated(mesh)), donate_argnums=0)
+
+
+def with_frozen(jitted: Callable, frozen: Any) -> Callable:
+    """A jitted `(state_or_params, batch, frozen)` step with its frozen tree bound: the loop's signature."""
+    return lambda first, batch: jitted(first, batch, frozen)
 
 
 def jit_eval_step(loss_fn: LossFn, params_shardings: Any, mesh: Mesh, *, frozen_shardings: Any = None):
