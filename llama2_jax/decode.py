@@ -45,7 +45,7 @@ from llama2_jax.config import LlamaConfig
 from llama2_jax.losses import token_logprobs
 from llama2_jax.model import (KV_CACHE_AXES, Block, RMSNorm, cache_length_axis, default_positions, layer_cache_shape,
                               project, unstack_layers)
-from llama2_jax.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, choose_next
+from llama2_jax.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, choose_next, sample_top_p
 
 Array = jax.Array
 LayerCaches = list  # one {"k": [B, K, H, S], "v": [B, K, S, H]} per layer (model.KV_CACHE_AXES)
@@ -401,14 +401,24 @@ def _record_logprobs(lp: SlotLogprobs, rows: Array, column: Array, active: Array
         top_values=lp.top_values.at[rows, column].set(keep(values, lp.top_values[rows, column])))
 
 
+def _choose_rows(keys: Array, logits: Array, temperature: Array, top_p: Array) -> Array:
+    """Per row what `choose_next` picks for it alone (keys [n], logits [n, V], temperature and top_p [n]). The
+    nucleus sampling (a sort over V per row) runs only when some row samples."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampling = temperature > 0
+    safe_t = jnp.where(sampling, temperature, 1.0)
+    draw = lambda key, row, t, p: sample_top_p(key, jax.nn.softmax(row[None] / t, axis=-1), p)[0]
+    drawn = jax.lax.cond(jnp.any(sampling), lambda: jax.vmap(draw)(keys, logits, safe_t, top_p), lambda: greedy)
+    return jnp.where(sampling, drawn, greedy)
+
+
 def _place_rows(state: DecodeState, rows: Array, logits: Array) -> DecodeState:
     """Choose the next token of the given slots (rows [n] int, logits [n, V]) at their own positions with their own
     temperature, top_p and key, record EOS (and log-probabilities), and advance their pos. Slots that are done or at
     their end are left unchanged."""
     pos = state.pos[rows]
     keys = jax.vmap(jax.random.fold_in)(state.rng[rows], pos)
-    choose = lambda key, row_logits, temperature, top_p: choose_next(key, row_logits[None], temperature, top_p)[0]
-    token = jax.vmap(choose)(keys, logits, state.temperature[rows], state.top_p[rows])  # [n]
+    token = _choose_rows(keys, logits, state.temperature[rows], state.top_p[rows])  # [n]
     active = ~state.done[rows] & (pos < state.end[rows])
     column = jnp.minimum(pos, state.tokens.shape[1] - 1)
     current = state.tokens[rows, column]
