@@ -310,3 +310,49 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def start_server(engine, name="tiny"):
+    """A uvicorn server for `engine` in a thread: (base url, server)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, name), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    for _ in range(400):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started
+    return f"http://127.0.0.1:{port}", server
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_gives_the_in_process_piqa_acc(tmp_path):
+    # lm-eval's `local-completions` model pointed at the server scores PIQA as the in-process llama2_jax backend
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("transformers")
+    local_completions = pytest.importorskip("lm_eval.models.openai_completions")  # registers local-completions
+    from llama2_jax.evaluate import _task_manager, evaluate_tasks
+    from llama2_jax.hf_tokenizer import save_hf_tokenizer
+
+    cfg = MODEL_CFG.replace(max_seq_len=128)  # every one of the first 20 PIQA prompts fits: no truncation anywhere
+    params, spm = init_params(cfg, seed=3), shared_file("llama2-tokenizer.model")
+    tokenizer = Tokenizer(spm)
+    metadata = {"piqa_path": str(shared_file("piqa-valid-with-labels.jsonl"))}
+    in_process = evaluate_tasks(params, cfg, tokenizer, ["piqa_local"], limit=20, num_fewshot=0, batch_size=4,
+                                metadata=metadata)["piqa_local"]
+    save_hf_tokenizer(spm, tmp_path / "hf_tokenizer")
+    engine = Engine(params, cfg, tokenizer, n_slots=4)
+    engine.warm_up()
+    url, server = start_server(engine)
+    try:
+        args = (f"model=tiny,base_url={url}/v1/completions,tokenizer_backend=huggingface,"
+                f"tokenizer={tmp_path / 'hf_tokenizer'},add_bos_token=True,max_length={cfg.max_seq_len}")
+        assert local_completions.LocalCompletionsAPI
+        out = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["piqa_local"], limit=20,
+                                      num_fewshot=0, task_manager=_task_manager(None, metadata))
+    finally:
+        server.should_exit = True
+    served = out["results"]["piqa_local"]
+    assert served["acc,none"] == pytest.approx(in_process["acc"], abs=1e-9)
+    assert served["acc_norm,none"] == pytest.approx(in_process["acc_norm"], abs=1e-9)
