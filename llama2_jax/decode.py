@@ -401,11 +401,11 @@ def _record_logprobs(lp: SlotLogprobs, rows: Array, column: Array, active: Array
         top_values=lp.top_values.at[rows, column].set(keep(values, lp.top_values[rows, column])))
 
 
-def _choose_rows(keys: Array, logits: Array, temperature: Array, top_p: Array) -> Array:
-    """Per row what `choose_next` picks for it alone (keys [n], logits [n, V], temperature and top_p [n]). The
-    nucleus sampling (a sort over V per row) runs only when some row samples."""
+def _choose_rows(keys: Array, logits: Array, temperature: Array, top_p: Array, active: Array) -> Array:
+    """Per active row what `choose_next` picks for it alone (keys [n], logits [n, V], temperature, top_p and active
+    [n]). The nucleus sampling (a sort over V per row) runs only when some active row samples."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampling = temperature > 0
+    sampling = (temperature > 0) & active
     safe_t = jnp.where(sampling, temperature, 1.0)
     draw = lambda key, row, t, p: sample_top_p(key, jax.nn.softmax(row[None] / t, axis=-1), p)[0]
     drawn = jax.lax.cond(jnp.any(sampling), lambda: jax.vmap(draw)(keys, logits, safe_t, top_p), lambda: greedy)
@@ -418,8 +418,8 @@ def _place_rows(state: DecodeState, rows: Array, logits: Array) -> DecodeState:
     their end are left unchanged."""
     pos = state.pos[rows]
     keys = jax.vmap(jax.random.fold_in)(state.rng[rows], pos)
-    token = _choose_rows(keys, logits, state.temperature[rows], state.top_p[rows])  # [n]
     active = ~state.done[rows] & (pos < state.end[rows])
+    token = _choose_rows(keys, logits, state.temperature[rows], state.top_p[rows], active)  # [n]
     column = jnp.minimum(pos, state.tokens.shape[1] - 1)
     current = state.tokens[rows, column]
     lp = state.logprobs
