@@ -112,3 +112,67 @@ def test_generate_step_updates_the_slot_caches_in_place(params):
     copied = [math.prod(int(d) for d in dims.split(",")) for dims in re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} copy\(",
                                                                                   hlo)]
     assert "input_output_alias" in hlo and all(size < cache_size for size in copied), copied
+
+
+def serve_together(params, requests, logprobs=False):
+    """Insert every (prompt, temperature, top_p, seed) into its own slot of one state, step until all are free.
+    Returns the final state (slot i holds request i)."""
+    state = decode.init_slots(CFG, len(requests), MAX_LEN, jax.random.PRNGKey(0), eos_id=NO_EOS, logprobs=logprobs)
+    for slot, (prompt, temperature, top_p, seed) in enumerate(requests):
+        state = decode.insert_jit(state, prefix_of(params, prompt), slot, max_gen_len=GEN_LEN,
+                                  temperature=np.float32(temperature), top_p=np.float32(top_p),
+                                  rng=jax.random.PRNGKey(seed))
+    while not np.asarray(decode.free_slots(state)).all():
+        state = decode.generate_step_jit(params, CFG, state)
+    return state
+
+
+def test_sampled_slots_draw_what_sample_draws_for_the_request_seed(params):
+    # per-slot temperature / top_p / seed: each request's tokens equal `sample` for its prompt alone with its seed,
+    # whatever its slot and neighbours (a greedy neighbour, the same prompt with another seed)
+    requests = [(PROMPTS[1], 1.0, 0.9, 11), (PROMPTS[0], 0.0, 1.0, 0), (PROMPTS[1], 1.0, 0.9, 12),
+                (PROMPTS[2], 0.7, 1.0, 3)]
+    state = serve_together(params, requests)
+    swapped = serve_together(params, requests[::-1])
+    for slot, (prompt, temperature, top_p, seed) in enumerate(requests):
+        expected = gen.generate(params, CFG, [prompt], max_gen_len=GEN_LEN, temperature=temperature, top_p=top_p,
+                                eos_id=NO_EOS, rng=seed)[0]
+        assert slot_tokens(state, slot) == expected, slot
+        assert slot_tokens(swapped, len(requests) - 1 - slot) == expected, slot
+    assert slot_tokens(state, 0) != slot_tokens(state, 2)  # the seed, not the slot, decides
+
+
+def test_slot_logprobs_match_the_full_forward(params):
+    from test_generate import full_logits
+
+    requests = [(PROMPTS[1], 1.0, 1.0, 5), (PROMPTS[3], 0.0, 1.0, 0)]
+    state = serve_together(params, requests, logprobs=True)
+    for slot, (prompt, *_rest) in enumerate(requests):
+        length = len(prompt) + GEN_LEN
+        row = np.asarray(state.tokens[slot, :length])
+        log_probs = np.asarray(jax.nn.log_softmax(full_logits(params, CFG, row[None])[0], axis=-1))  # [T, V]
+        expected = log_probs[np.arange(length - 1), row[1:]]
+        got = np.asarray(state.logprobs.chosen[slot, 1:length])
+        np.testing.assert_allclose(got[len(prompt) - 1:], expected[len(prompt) - 1:], atol=1e-4)
+        assert not got[: len(prompt) - 1].any()  # prompt positions are not recorded by the slot
+        top = np.argsort(-log_probs[len(prompt) - 1: length - 1], axis=-1)[:, : decode.TOP_LOGPROBS]
+        np.testing.assert_array_equal(np.asarray(state.logprobs.top_ids[slot, len(prompt):length]), top)
+        np.testing.assert_allclose(np.asarray(state.logprobs.top_values[slot, len(prompt):length]),
+                                   np.take_along_axis(log_probs[len(prompt) - 1: length - 1], top, axis=-1), atol=1e-4)
+        if slot == 1:  # greedy: the chosen token is the top one
+            np.testing.assert_array_equal(row[len(prompt):], top[:, 0])
+
+
+def test_prompt_logprobs_match_the_full_forward(params):
+    from test_generate import full_logits
+
+    prompt = PROMPTS[1]
+    tokens = np.full((WIDTH,), decode.META_PAD_ID, np.int32)
+    tokens[: len(prompt)] = prompt
+    lp = decode.prompt_logprobs_jit(params, CFG, jnp.asarray(tokens))
+    log_probs = np.asarray(jax.nn.log_softmax(full_logits(params, CFG, np.asarray([prompt]))[0], axis=-1))
+    expected = log_probs[np.arange(len(prompt) - 1), prompt[1:]]
+    np.testing.assert_allclose(np.asarray(lp.chosen[0, 1:len(prompt)]), expected, atol=1e-4)
+    assert float(lp.chosen[0, 0]) == 0.0
+    top = np.argsort(-log_probs[: len(prompt) - 1], axis=-1)[:, : decode.TOP_LOGPROBS]
+    np.testing.assert_array_equal(np.asarray(lp.top_ids[0, 1:len(prompt)]), top)

@@ -1,0 +1,80 @@
+"""`python -m llama2_jax.serve`: an OpenAI-compatible HTTP server with continuous batching.
+
+  python -m llama2_jax.serve --checkpoint=DIR --tokenizer=FILE [--host=127.0.0.1 --port=8000 --max_batch=16
+      --max_seq_len=N --dtype=float32 --model_name=llama2_jax --max_queue=64]
+
+Every program (prefill per prompt bucket, insert, the decode step) is compiled before the server listens, so it
+answers /health only once it can serve. SIGTERM stops accepting, finishes the in-flight requests, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from llama2_jax.cli.common import DTYPES, default_dtype, fail, load_model_or_exit
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The flags, checked before anything is loaded (`error: ...` and exit 1 on a bad value)."""
+    parser = argparse.ArgumentParser(prog="python -m llama2_jax.serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="converted checkpoint dir or trainer workdir")
+    parser.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max_batch", type=int, default=16, help="decode slots (requests decoded together)")
+    parser.add_argument("--max_seq_len", type=int, default=None,
+                        help="tokens per request, prompt + completion (default: the model's max_seq_len)")
+    parser.add_argument("--max_queue", type=int, default=64, help="requests waiting for a slot; more get HTTP 429")
+    parser.add_argument("--dtype", default=None, help=f"one of {', '.join(DTYPES)} (default: float32 on CPU, "
+                                                      "bfloat16 on GPU/TPU)")
+    parser.add_argument("--model_name", default="llama2_jax", help="the model id of /v1/models and requests")
+    args = parser.parse_args(argv)
+    if not 0 <= args.port < 65536:
+        fail(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_batch < 1:
+        fail(f"--max_batch must be >= 1, got {args.max_batch}")
+    if args.max_queue < 1:
+        fail(f"--max_queue must be >= 1, got {args.max_queue}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        fail(f"--max_seq_len must be >= 2, got {args.max_seq_len}")
+    args.dtype = args.dtype or default_dtype()
+    if args.dtype not in DTYPES:
+        fail(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    return args
+
+
+def make_engine(args: argparse.Namespace):
+    """Load the model and build the engine (exits with `error: ...` on a bad checkpoint, tokenizer or length)."""
+    from llama2_jax.serve.engine import Engine
+    from llama2_jax.tokenizer import check_vocab
+
+    params, cfg, tokenizer = load_model_or_exit(args)
+    try:
+        check_vocab(tokenizer, cfg.vocab_size)
+    except ValueError as error:
+        fail(str(error))
+    if args.max_seq_len is not None and args.max_seq_len > cfg.max_seq_len:
+        fail(f"--max_seq_len {args.max_seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    return Engine(params, cfg, tokenizer, n_slots=args.max_batch, max_len=args.max_seq_len, max_queue=args.max_queue)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    try:
+        import uvicorn
+
+        from llama2_jax.serve.api import create_app
+    except ImportError as error:
+        fail(f"{error.name} is missing: install the serve extra (pip install -e '.[serve]')")
+    engine = make_engine(args)
+    buckets = engine.warm_up()
+    print(f"compiled {buckets} prompt buckets ({', '.join(map(str, engine.buckets))} tokens) for {engine.n_slots} "
+          f"slots of {engine.max_len} tokens; serving {args.model_name} on http://{args.host}:{args.port}",
+          flush=True)
+    uvicorn.run(create_app(engine, args.model_name), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=None)
+
+
+if __name__ == "__main__":
+    main()
