@@ -31,7 +31,7 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from llama2_jax import checkpoint, convert_peft, hf_tokenizer
-from llama2_jax.cli import paths as output_paths
+from llama2_jax import paths as output_paths
 from llama2_jax.config import LlamaConfig, ffn_hidden_dim
 
 FORMATS = ("hf", "meta", "jax")

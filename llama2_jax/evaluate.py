@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from llama2_jax.cli import paths
+from llama2_jax import paths
 
 DEFAULT_BATCH_SIZE = 16
 

@@ -324,7 +324,7 @@ def test_convert_truncated_safetensors_and_bad_dst(tmp_path, capsys, monkeypatch
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("llama2_jax.cli.paths.tempfile.TemporaryFile", read_only)
+    monkeypatch.setattr("llama2_jax.paths.tempfile.TemporaryFile", read_only)
     monkeypatch.setattr(convert, "load_hf", lambda *a: pytest.fail("read the source before checking --dst"))
     assert convert_cli.main(["--from=hf", "--to=jax", f"--src={src}", f"--dst={tmp_path / 'ro'}"]) == 1
     assert capsys.readouterr().err == (f"error: --dst {tmp_path / 'ro'}: cannot write in {tmp_path / 'ro'} "

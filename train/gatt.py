@@ -217,7 +217,7 @@ def write_jsonl(path: str, records: Sequence[dict]) -> None:
 def load_inputs(args: argparse.Namespace):
     """(dialogs, params, LlamaConfig, tokenizer) for the CLI; bad input raises a one-line ConfigError naming the flag."""
     from llama2_jax.cli.common import load_model
-    from llama2_jax.cli.paths import prepare_output_file
+    from llama2_jax.paths import prepare_output_file
     from llama2_jax.data.dialogs import read_dialogs
     from llama2_jax.tokenizer import check_vocab
     from train import common

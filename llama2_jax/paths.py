@@ -1,7 +1,7 @@
 """Output paths checked (and their directories created) before a program does any work, so that a missing or
 read-only directory does not lose hours of sampling, conversion or evaluation: `python -m train.gatt --out`,
-`python -m llama2_jax.convert --dst`, `python -m llama2_jax.evaluate --output_path / --histogram`. Errors are one-line ValueErrors (FileExistsError for a
-non-empty --dst) naming the flag."""
+`python -m llama2_jax.convert --dst`, `python -m llama2_jax.evaluate --output_path / --histogram`. Errors are
+one-line ValueErrors (FileExistsError for a non-empty --dst) naming the flag."""
 
 from __future__ import annotations
 
