@@ -31,7 +31,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from llama2_jax import checkpoint, convert_peft
+from llama2_jax import checkpoint, convert_peft, storage
 from llama2_jax.config import LlamaConfig, ffn_hidden_dim
 
 FORMATS = ("hf", "meta", "jax")
@@ -455,14 +455,14 @@ def convert(src_format: str, dst_format: str, src, dst, dtype: Optional[str] = N
     if pathlib.Path(dst).exists() and any(pathlib.Path(dst).iterdir()):
         raise FileExistsError(f"--dst {dst} exists and is not empty; pick a new directory")
     if dst_format == "peft":
-        return convert_peft.export_peft(src_format, src, dst, dtype)
+        return storage.write_new_dir(dst, lambda: convert_peft.export_peft(src_format, src, dst, dtype))
     convert_peft.check_merge_flag(src_format, src, merge_lora)
     readers = {"hf": load_hf, "meta": load_meta, "jax": load_jax}
     writers = {"hf": lambda p, c: save_hf(dst, p, c, max_shard_size=max_shard_size),
                "meta": lambda p, c: save_meta(dst, p, c, num_shards=num_shards),
                "jax": lambda p, c: checkpoint.save_params(dst, p, c)}
     params, cfg = readers[src_format](src, dtype or ("float32" if dst_format == "jax" else None))
-    writers[dst_format](params, cfg)
+    storage.write_new_dir(dst, lambda: writers[dst_format](params, cfg))  # nothing half-written is left behind
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -492,7 +492,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         convert(args.src_format, args.dst_format, args.src, args.dst, dtype=args.dtype, num_shards=args.num_shards,
                 max_shard_size=args.max_shard_size, merge_lora=args.merge_lora)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as e:
+    except (ValueError, OSError, KeyError, ImportError) as e:  # OSError: FileNotFoundError, FileExistsError, ENOSPC
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst} ({args.dst_format} format)")

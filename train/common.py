@@ -42,7 +42,8 @@ from llama2_jax.model import Llama
 from llama2_jax.tokenizer import TOKENIZER_FILENAME, Tokenizer, check_vocab, load_or_train_tokenizer
 from train import loop
 from train import state as train_state
-from train.checkpoints import CONFIG_FILE, write_model_config
+from train import workdir_lock
+from train.checkpoints import CONFIG_FILE, CheckpointError, write_model_config
 
 FLAGS = flags.FLAGS
 _log = logging.getLogger(__name__)
@@ -71,9 +72,11 @@ def run_main(train_and_evaluate: Callable[[Any, str], Any]) -> Callable[[list[st
         try:
             sh.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
             train_and_evaluate(FLAGS.config, FLAGS.workdir)
-        except (ConfigError, FileNotFoundError) as error:
+        except (ConfigError, CheckpointError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
+        finally:
+            workdir_lock.release_all()
 
     return main
 
@@ -233,11 +236,21 @@ def write_workdir_files(workdir: str, model_cfg: LlamaConfig, tokenizer: Optiona
         shutil.copyfile(tokenizer.model_path, target)
 
 
+def lock_workdir(workdir: str) -> None:
+    """One run per workdir (train.workdir_lock): a ConfigError naming the live run that holds it."""
+    try:
+        workdir_lock.acquire(workdir)
+    except workdir_lock.WorkdirLocked as error:
+        raise ConfigError(str(error)) from None
+
+
 def prepare_workdir(config, workdir: str, model_cfg: LlamaConfig, *, texts: Optional[Iterable[str]] = None,
                     kind: str = "llama") -> Tokenizer:
     """`check_workdir` (with config.init_from, a checkpoint of `kind`), `load_tokenizer`, then
-    `write_workdir_files`: nothing in the workdir is rewritten unless the checks pass. Returns the tokenizer."""
+    `write_workdir_files`: nothing in the workdir is rewritten unless the checks pass and this run holds the workdir's
+    lock (`lock_workdir`). Returns the tokenizer."""
     check_workdir(workdir, model_cfg, init_from=config.init_from, kind=kind)
+    lock_workdir(workdir)
     tokenizer = load_tokenizer(config, model_cfg.vocab_size, workdir=workdir, texts=texts)
     write_workdir_files(workdir, model_cfg, tokenizer)
     return tokenizer
