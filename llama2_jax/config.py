@@ -37,6 +37,14 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+def check_known_fields(cls, values: dict[str, Any]) -> None:
+    """ValueError naming the keys of `values` that are not fields of the dataclass `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Architecture and numerics of one Llama 2 model.
@@ -145,10 +153,7 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LlamaConfig":
         """Build from a plain dict (or ConfigDict.to_dict()); unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown LlamaConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_known_fields(cls, values)
         return cls(**values)
 
     def param_count(self) -> int:

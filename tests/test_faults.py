@@ -19,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from test_checkpoint import CFG, _init
 
 from llama2_jax import checkpoint as ckpt
-from llama2_jax import convert, storage
+from llama2_jax import storage
+from llama2_jax.cli import convert
 from train import common, loop, ppo, pretrain, workdir_lock
 from train.checkpoints import UNREADABLE_DIR, CheckpointError, TrainCheckpointer
 from train.state import TrainState
