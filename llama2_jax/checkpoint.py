@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama2_jax import score_model
+from llama2_jax import score_model, storage
 from llama2_jax import lora
 from llama2_jax.config import LlamaConfig
 from llama2_jax.model import abstract_params, unstack_layers
@@ -167,8 +167,8 @@ def _reading(item_dir: epath.Path):
     try:
         yield
     except Exception as error:  # noqa: BLE001 - TensorStore reports a cut or corrupt file as ValueError and others
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UnreadableCheckpoint(f"checkpoint {item_dir} cannot be read ({first[:300]})") from None
+        storage.ignore_late_read_callbacks()
+        raise UnreadableCheckpoint(f"checkpoint {item_dir} cannot be read ({storage.first_line(error)})") from None
     finally:
         logger.removeFilter(quiet)
 

@@ -14,6 +14,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -43,6 +44,25 @@ class _DropDiskFullLogs(logging.Filter):
 
 _FILTER = _DropDiskFullLogs()
 logging.getLogger("absl").addFilter(_FILTER)
+
+
+def _closed_loop_hook(previous):
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    return hook
+
+
+def ignore_late_read_callbacks() -> None:
+    """After a failed Orbax read, TensorStore finishes the other reads of that restore and calls back into the event
+    loop Orbax has closed meanwhile; Python prints each as an ignored "Event loop is closed" traceback. Those are
+    dropped from then on (other unraisable exceptions are reported as before)."""
+    if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+        sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:

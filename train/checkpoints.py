@@ -107,6 +107,7 @@ class TrainCheckpointer:
                 opt_state=ocp.args.StandardRestore(_abstract(state.opt_state, shardings.opt_state)),
                 extra=ocp.args.JsonRestore()))
         except Exception as error:  # noqa: BLE001 - TensorStore reports a cut file as ValueError, others vary
+            storage.ignore_late_read_callbacks()
             raise UnreadableCheckpoint(self.directory, step, error) from None
         extra = restored["extra"]
         new_state = state.replace(step=jax.device_put(jax.numpy.asarray(extra["step"], jax.numpy.int32),
