@@ -164,10 +164,10 @@ def _reading(item_dir: epath.Path):
     """Read an Orbax item: the expected missing-metadata warning is dropped, and a read failure becomes one line."""
     logger, quiet = logging.getLogger("absl"), _MissingItemMetadata()
     logger.addFilter(quiet)
+    storage.drop_closed_loop_callbacks()  # before the read: its late callbacks may come while the error propagates
     try:
         yield
     except Exception as error:  # noqa: BLE001 - TensorStore reports a cut or corrupt file as ValueError and others
-        storage.ignore_late_read_callbacks()
         raise UnreadableCheckpoint(f"checkpoint {item_dir} cannot be read ({storage.first_line(error)})") from None
     finally:
         logger.removeFilter(quiet)

@@ -57,10 +57,11 @@ def _closed_loop_hook(previous):
     return hook
 
 
-def ignore_late_read_callbacks() -> None:
-    """After a failed Orbax read, TensorStore finishes the other reads of that restore and calls back into the event
-    loop Orbax has closed meanwhile; Python prints each as an ignored "Event loop is closed" traceback. Those are
-    dropped from then on (other unraisable exceptions are reported as before)."""
+def drop_closed_loop_callbacks() -> None:
+    """When an Orbax read or write fails (a cut file, a full disk), TensorStore finishes the other operations of that
+    call and calls back into the event loop Orbax has closed meanwhile; Python prints each as an ignored "Event loop
+    is closed" traceback. Those are dropped from the first call on (other unraisable exceptions are reported as
+    before); call it before an Orbax write and after a failed read."""
     if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
         sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
 
@@ -91,6 +92,7 @@ def write_new_dir(dst, write: Callable[[], T]) -> T:
     this call created it); a full disk becomes one OSError line. Returns what `write` returns."""
     dst = pathlib.Path(dst)
     existed = dst.exists()
+    drop_closed_loop_callbacks()
     try:
         result = write()
     except BaseException as error:

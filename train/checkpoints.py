@@ -57,6 +57,7 @@ class TrainCheckpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "opt_state", "extra"))
         self._pending: Optional[int] = None  # the step of an asynchronous save not yet known to have finished
+        storage.drop_closed_loop_callbacks()  # a save failing on a full disk: one line, not one traceback per write
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -107,7 +108,7 @@ class TrainCheckpointer:
                 opt_state=ocp.args.StandardRestore(_abstract(state.opt_state, shardings.opt_state)),
                 extra=ocp.args.JsonRestore()))
         except Exception as error:  # noqa: BLE001 - TensorStore reports a cut file as ValueError, others vary
-            storage.ignore_late_read_callbacks()
+            storage.drop_closed_loop_callbacks()
             raise UnreadableCheckpoint(self.directory, step, error) from None
         extra = restored["extra"]
         new_state = state.replace(step=jax.device_put(jax.numpy.asarray(extra["step"], jax.numpy.int32),
