@@ -8,6 +8,7 @@ Two layouts are read:
   trainer workdir (written by the trainers' Orbax CheckpointManager, item "params")
       PATH/llama_config.json
       PATH/checkpoints/<step>/params/   unrolled or scanned (`layers` with a leading [L] axis); latest step wins
+                                        (a step whose files do not read is skipped with a one-line warning)
 
 `load_params` returns the params in the layout its config asks for (`scan_layers`), restored straight into the
 given shardings (so a large model never lands on one device) or, without shardings, as numpy arrays in host memory.
@@ -25,7 +26,9 @@ A LoRA reward-model workdir (kind="score") also holds its trained score head, `c
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -37,7 +40,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama2_jax import score_model
+from llama2_jax import score_model, storage
 from llama2_jax import lora
 from llama2_jax import sharding as sh
 from llama2_jax.config import LlamaConfig
@@ -125,19 +128,52 @@ def load_config(path) -> LlamaConfig:
 def find_params_dir(path, item: str = PARAMS_ITEM) -> epath.Path:
     """The Orbax item (default params) of a converted dir (`path/<item>`) or a trainer workdir (latest
     `path/checkpoints/<step>/<item>`)."""
+    return _item_dirs(path, item)[0]
+
+
+def _item_dirs(path, item: str = PARAMS_ITEM) -> list[epath.Path]:
+    """[path/<item>] for a converted dir; every finished step's item of a trainer workdir, newest first."""
     root = _as_path(path)
     if not root.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     if (root / item).is_dir() and (root / CONFIG_FILE).exists():
-        return root / item
+        return [root / item]
     if (root / CHECKPOINTS_DIR).is_dir() and (root / CONFIG_FILE).exists():
         steps = _finished_steps(root / CHECKPOINTS_DIR, item)
         if not steps:
             raise FileNotFoundError(f"trainer workdir {path} has no finished checkpoint with a '{item}' item "
                                     f"under {root / CHECKPOINTS_DIR}")
-        return root / CHECKPOINTS_DIR / steps[max(steps)] / item
+        return [root / CHECKPOINTS_DIR / steps[step] / item for step in sorted(steps, reverse=True)]
     raise ValueError(f"{path} is neither a converted checkpoint ({CONFIG_FILE} + {item}/) nor a trainer workdir "
                      f"({CONFIG_FILE} + {CHECKPOINTS_DIR}/<step>/{item}/)")
+
+
+class UnreadableCheckpoint(ValueError):
+    """An Orbax item whose files cannot be read (cut short, corrupted); the message is one line."""
+
+
+class _MissingItemMetadata(logging.Filter):
+    """Reading one item of a CheckpointManager step (`checkpoints/<step>/params`) or a `save_params` dir with a
+    PyTreeCheckpointer makes Orbax warn that the item has no _CHECKPOINT_METADATA file: that file is written per
+    step, not per item, so the warning is expected and only reads as a broken checkpoint."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Metadata file does not exist") and "_CHECKPOINT_METADATA" in message)
+
+
+@contextlib.contextmanager
+def _reading(item_dir: epath.Path):
+    """Read an Orbax item: the expected missing-metadata warning is dropped, and a read failure becomes one line."""
+    logger, quiet = logging.getLogger("absl"), _MissingItemMetadata()
+    logger.addFilter(quiet)
+    storage.drop_closed_loop_callbacks()  # before the read: its late callbacks may come while the error propagates
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - TensorStore reports a cut or corrupt file as ValueError and others
+        raise UnreadableCheckpoint(f"checkpoint {item_dir} cannot be read ({storage.first_line(error)})") from None
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _finished_steps(checkpoints_dir: epath.Path, item: str = PARAMS_ITEM) -> dict[int, str]:
@@ -168,9 +204,23 @@ def load_params(path, config: Optional[LlamaConfig] = None, shardings: Any = Non
     """
     if is_lora_dir(path):
         return _load_merged(path, config, shardings, kind)
-    item_dir = find_params_dir(path)
+    item_dirs = _item_dirs(path)
     config = config or load_config(path)
-    stored_scanned = check_params(path, config, kind=kind)
+    for i, item_dir in enumerate(item_dirs):
+        try:
+            params = _load_item(item_dir, config, shardings, kind)
+        except UnreadableCheckpoint as error:
+            if i + 1 == len(item_dirs):
+                raise
+            logging.getLogger(__name__).warning("%s; loading the older %s instead", error, item_dirs[i + 1].parent)
+            continue
+        return params, config
+    raise AssertionError("unreachable: _item_dirs returns at least one dir")
+
+
+def _load_item(item_dir: epath.Path, config: LlamaConfig, shardings: Any, kind: str) -> Params:
+    """The params of one Orbax item in the layout and dtype of `config`."""
+    stored_scanned = _check_item(item_dir, config, kind)
     stored_shardings = None
     if shardings is not None:
         stored_shardings = _shardings_for_layout(shardings, config.n_layers, stored_scanned)
@@ -180,13 +230,16 @@ def load_params(path, config: Optional[LlamaConfig] = None, shardings: Any = Non
         params = _unstack(params, config.n_layers, shardings)
     elif config.scan_layers and not stored_scanned:
         params = _stack(params, config.n_layers, shardings)
-    return params, config
+    return params
 
 
 def check_params(path, config: LlamaConfig, *, kind: str = "llama") -> bool:
     """Raises a one-line ValueError naming both shapes unless the stored params (read from the Orbax metadata only)
     are those of `config`'s model of this kind. Returns whether they are stored scanned."""
-    item_dir = find_params_dir(path)
+    return _check_item(find_params_dir(path), config, kind)
+
+
+def _check_item(item_dir: epath.Path, config: LlamaConfig, kind: str) -> bool:
     stored = _stored_shapes(item_dir)
     stored_scanned = any(name.startswith(SCANNED_KEY + "/") for name in stored)
     _check_shapes(stored, _expected_shapes(config, scanned=stored_scanned, kind=kind), f"checkpoint {item_dir}",
@@ -296,7 +349,7 @@ def _load_merged_score(path, base_path, config: LlamaConfig, adapters: Params, l
 
 def _stored_shapes(item_dir: epath.Path) -> dict[str, tuple]:
     """{flat name: shape} from the Orbax metadata (nothing is read but the metadata)."""
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with _reading(item_dir), ocp.PyTreeCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(item_dir)
     metadata = getattr(metadata, "item_metadata", metadata)  # StepMetadata (new Orbax) or the tree (old)
     metadata = getattr(metadata, "tree", metadata)
@@ -328,7 +381,7 @@ def _restore(item_dir: epath.Path, abstract: Params, dtype, shardings: Any) -> P
             lambda leaf, sharding: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=leaf.shape, dtype=dtype),
             abstract, shardings)
     item = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), abstract)
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with _reading(item_dir), ocp.PyTreeCheckpointer() as checkpointer:
         return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from llama2_jax import checkpoint, convert_peft, hf_tokenizer
+from llama2_jax import checkpoint, convert_peft, hf_tokenizer, storage
 from llama2_jax import paths as output_paths
 from llama2_jax.config import LlamaConfig, ffn_hidden_dim
 
@@ -457,16 +457,26 @@ def convert(src_format: str, dst_format: str, src, dst, dtype: Optional[str] = N
     if "://" not in str(src) and not pathlib.Path(src).exists():
         raise FileNotFoundError(f"--src {src} does not exist")
     hf_tokenizer.check_export(tokenizer, dst_format)
+    created = "://" not in str(dst) and not pathlib.Path(dst).exists()
     output_paths.prepare_output_dir(str(dst), "--dst")  # created before anything is read (ValueError, FileExistsError)
     if dst_format == "peft":
-        return convert_peft.export_peft(src_format, src, dst, dtype)
-    convert_peft.check_merge_flag(src_format, src, merge_lora)
+        return storage.write_new_dir(dst, lambda: convert_peft.export_peft(src_format, src, dst, dtype),
+                                     created=created)
     readers = {"hf": load_hf, "meta": load_meta, "jax": load_jax}
     writers = {"hf": lambda p, c: save_hf(dst, p, c, max_shard_size=max_shard_size),
                "meta": lambda p, c: save_meta(dst, p, c, num_shards=num_shards),
                "jax": lambda p, c: checkpoint.save_params(dst, p, c)}
-    params, cfg = readers[src_format](src, dtype or ("float32" if dst_format == "jax" else None))
-    writers[dst_format](params, cfg)
+
+    def read_and_write():
+        convert_peft.check_merge_flag(src_format, src, merge_lora)
+        params, cfg = readers[src_format](src, dtype or ("float32" if dst_format == "jax" else None))
+        _write(writers[dst_format], params, cfg, tokenizer, dst)
+
+    storage.write_new_dir(dst, read_and_write, created=created)  # nothing partial is left on any failure
+
+
+def _write(writer, params, cfg: LlamaConfig, tokenizer, dst) -> None:
+    writer(params, cfg)
     if tokenizer is not None:
         hf_tokenizer.save_hf_tokenizer(tokenizer, dst, model_max_length=cfg.max_seq_len)
 

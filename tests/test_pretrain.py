@@ -71,6 +71,9 @@ def test_resume_gives_bitwise_identical_losses(tmp_path, monkeypatch):
     pretrain.train_and_evaluate(small_config(), str(resumed))  # resumes model, optimizer and data iterator
     a, b = train_losses(straight), train_losses(resumed)
     assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # exact float equality
+    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))  # step 5, logged before the crash, once
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8]
 
 
 def run_cli(workdir, *overrides, wait=True):

@@ -42,7 +42,8 @@ from llama2_jax.tokenizer import TOKENIZER_FILENAME, Tokenizer, check_vocab, loa
 from train import loop
 from train import state as train_state
 from train import task_evals as task_eval_lib
-from train.checkpoints import CONFIG_FILE, write_model_config
+from train import workdir_lock
+from train.checkpoints import CONFIG_FILE, CheckpointError, write_model_config
 from train.config_checks import (ConfigError, check_attention_backend, check_shared_fields,  # noqa: F401 (re-export)
                                  check_workdir_path, config_load_error)
 from train.hosts import ProcessRows, host_to_global, process_local, to_host  # noqa: F401 (the trainers' names)
@@ -71,15 +72,18 @@ def run_main(train_and_evaluate: Callable[[Any, str], Any]) -> Callable[[list[st
         try:
             try:
                 config = FLAGS.config
-                config.keys()  # a config file that failed to load raises OSError on first use
+                if hasattr(config, "keys"):
+                    config.keys()  # a config file that failed to load raises OSError on first use
             except OSError as error:
                 raise ConfigError(config_load_error(error)) from None
             check_workdir_path(FLAGS.workdir)
             sh.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
             train_and_evaluate(config, FLAGS.workdir)
-        except (ConfigError, FileNotFoundError) as error:
+        except (ConfigError, CheckpointError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
+        finally:
+            workdir_lock.release_all()
 
     return main
 
@@ -242,11 +246,21 @@ def write_workdir_files(workdir: str, model_cfg: LlamaConfig, tokenizer: Optiona
         shutil.copyfile(tokenizer.model_path, target)
 
 
+def lock_workdir(workdir: str) -> None:
+    """One run per workdir (train.workdir_lock): a ConfigError naming the live run that holds it."""
+    try:
+        workdir_lock.acquire(workdir)
+    except workdir_lock.WorkdirLocked as error:
+        raise ConfigError(str(error)) from None
+
+
 def prepare_workdir(config, workdir: str, model_cfg: LlamaConfig, *, texts: Optional[Iterable[str]] = None,
                     kind: str = "llama") -> Tokenizer:
     """`check_workdir` (with config.init_from, a checkpoint of `kind`), `load_tokenizer`, then
-    `write_workdir_files`: nothing in the workdir is rewritten unless the checks pass. Returns the tokenizer."""
+    `write_workdir_files`: nothing in the workdir is rewritten unless the checks pass and this run holds the workdir's
+    lock (`lock_workdir`). Returns the tokenizer."""
     check_workdir(workdir, model_cfg, init_from=config.init_from, kind=kind)
+    lock_workdir(workdir)
     tokenizer = load_tokenizer(config, model_cfg.vocab_size, workdir=workdir, texts=texts)
     write_workdir_files(workdir, model_cfg, tokenizer)
     return tokenizer

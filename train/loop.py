@@ -80,6 +80,31 @@ class JsonlBackend:
         self.file.close()
 
 
+def drop_metrics_after(workdir: str, step: int) -> None:
+    """Remove the rows of WORKDIR/metrics.jsonl with a step above `step` (process 0): a resumed run logs those steps
+    again, so the file keeps one row per step (and eval). Rewritten atomically; a line cut short by a kill is
+    dropped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] > step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
 class TensorBoardBackend:
     """WORKDIR/tensorboard event files (tensorboardX: no TensorFlow needed)."""
 
@@ -344,11 +369,12 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainSt
     """
     checkpointer = TrainCheckpointer(workdir, max_to_keep=settings.keep_checkpoints,
                                      async_save=settings.async_checkpoints)
-    if checkpointer.latest_step() is not None:
+    if checkpointer.all_steps():
         state, data_state = checkpointer.restore(state, shardings)
         train_iter.set_state(data_state)
-        logging.info("resumed from step %d", checkpointer.latest_step())
+        logging.info("resumed from step %d", int(jax.device_get(state.step)))
     start = int(jax.device_get(state.step))
+    drop_metrics_after(workdir, start)  # the rows a killed run logged past its last checkpoint are redone
     writer, history = Tracker(workdir, settings.wandb, settings.config), []
     profiler = Profiler(workdir, settings.profile_steps)
     throughput = Throughput(tokens_per_step, flops_per_token, last_step=start)

@@ -46,7 +46,7 @@ from llama2_jax.model import Llama
 from llama2_jax import sharding as sh
 from train import common, loop
 from train import state as train_state
-from train.checkpoints import TrainCheckpointer
+from train.checkpoints import CheckpointError, TrainCheckpointer, UnreadableCheckpoint
 
 
 def check_config(config, mesh, cfg) -> None:
@@ -252,14 +252,32 @@ class Checkpoints:
         self.value.save(value_state, extra, force=True)
 
     def restore(self, policy, value, prompts: PromptBatches) -> tuple:
-        """(policy state, value state, next iteration) from the latest checkpoint, or the inputs and 0."""
-        if self.policy.latest_step() is None:
-            return policy[0], value[0], 0
-        policy_state, extra = self.policy.restore(policy[0], policy[1])
-        value_state, _ = self.value.restore(value[0], value[1], step=self.policy.latest_step())
-        prompts.restore(extra["prompts"])
-        print(f"resumed from iteration {extra['iteration']} (policy step {self.policy.latest_step()})")
-        return policy_state, value_state, extra["iteration"]
+        """(policy state, value state, next iteration) from the newest step that both models hold and that reads,
+        or the inputs and 0. A step only one model holds (a kill between the two saves) or that does not read is
+        set aside with a warning (TrainCheckpointer.set_aside)."""
+        policy_steps, value_steps = set(self.policy.all_steps()), set(self.value.all_steps())
+        both = sorted(policy_steps & value_steps)
+        for checkpointer, steps, model in ((self.policy, policy_steps, "policy"), (self.value, value_steps, "value")):
+            for step in sorted(steps - set(both)):
+                if not both or step > both[-1]:
+                    checkpointer.set_aside(step, f"PPO {model} checkpoint step {step} has no counterpart of the "
+                                                 "other model (the run stopped between the two saves)")
+        for step in reversed(both):
+            try:
+                policy_state, extra = self.policy.restore_step(policy[0], policy[1], step)
+                value_state, _ = self.value.restore_step(value[0], value[1], step)
+            except UnreadableCheckpoint as error:
+                logging.warning("%s; trying an older step", error)
+                continue
+            for newer in (s for s in both if s > step):
+                self.policy.set_aside(newer, f"PPO checkpoint step {newer} does not read")
+                self.value.set_aside(newer, f"PPO checkpoint step {newer} does not read")
+            prompts.restore(extra["prompts"])
+            print(f"resumed from iteration {extra['iteration']} (policy step {step})")
+            return policy_state, value_state, extra["iteration"]
+        if both:
+            raise CheckpointError(f"no PPO checkpoint step in {self.policy.directory} reads (newest {both[-1]})")
+        return policy[0], value[0], 0
 
     def close(self) -> None:
         self.policy.close()
@@ -349,6 +367,7 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
           f"{config.minibatch_size}, reward models: {', '.join(score_fns)}, value model from "
           f"{value_init_path(config) or 'the policy'}")
 
+    loop.drop_metrics_after(workdir, start)  # iterations past the restored checkpoint are run (and logged) again
     writer, history, rng = loop.Tracker.from_config(config, workdir), [], jax.random.PRNGKey(config.seed)
     profiler = loop.Profiler.from_config(config, workdir)  # profile_steps counts iterations (1-based) here
     with loop.TerminationFlag() as termination:

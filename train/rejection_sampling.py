@@ -220,6 +220,7 @@ def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, rlhf.
         raise common.ConfigError(f"config.prompts.max_prompt_len + config.sampling.max_gen_len exceeds the policy's "
                                  f"max_seq_len {cfg.max_seq_len}")
     common.check_workdir(workdir, cfg, init_from=config.init_from)
+    common.lock_workdir(workdir)
     tokenizer = common.load_tokenizer(config, cfg.vocab_size)
     prompts, encoded = common.load_prompts(config, tokenizer)
     if score_fns is None:

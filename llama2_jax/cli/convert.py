@@ -39,7 +39,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         convert(args.src_format, args.dst_format, args.src, args.dst, dtype=args.dtype, num_shards=args.num_shards,
                 max_shard_size=args.max_shard_size, merge_lora=args.merge_lora, tokenizer=args.tokenizer)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as e:
+    except (ValueError, OSError, KeyError, ImportError) as e:  # OSError: FileNotFoundError, FileExistsError, ENOSPC
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst} ({args.dst_format} format)")
