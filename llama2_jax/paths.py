@@ -9,16 +9,26 @@ import os
 import tempfile
 
 
-def _check_writable(directory: str, flag: str, path: str) -> None:
-    """Create `directory` and write a temporary file in it (permission bits alone miss read-only mounts)."""
+def writable_dir_problem(directory: str) -> tuple[str, str] | None:
+    """Create `directory` and write a temporary file in it (permission bits alone miss read-only mounts). Returns
+    None, ("file", "") when it is a file, or ("unwritable", the OS's reason)."""
     if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"{flag} {path}: {directory} is a file, not a directory")
+        return "file", ""
     try:
         os.makedirs(directory, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as error:
-        raise ValueError(f"{flag} {path}: cannot write in {directory} ({error.strerror or error})") from None
+        return "unwritable", str(error.strerror or error)
+    return None
+
+
+def _check_writable(directory: str, flag: str, path: str) -> None:
+    problem = writable_dir_problem(directory)
+    if problem and problem[0] == "file":
+        raise ValueError(f"{flag} {path}: {directory} is a file, not a directory")
+    if problem:
+        raise ValueError(f"{flag} {path}: cannot write in {directory} ({problem[1]})")
 
 
 def prepare_output_file(path: str, flag: str) -> None:

@@ -100,7 +100,7 @@ def test_workdir_that_is_a_file_or_read_only(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):  # what a read-only directory gives a non-root user (root writes anyway)
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(config_checks.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr("tempfile.TemporaryFile", read_only)
     with pytest.raises(common.ConfigError, match=r"^--workdir: .* is not writable \(Permission denied\)$"):
         config_checks.check_workdir_path(str(tmp_path))
 

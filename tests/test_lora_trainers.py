@@ -12,26 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import shared_file
+from conftest import alpaca_subset, random_llama_params
 from llama2_jax import checkpoint, lora, losses, score_model
 from llama2_jax.config import LlamaConfig
-from llama2_jax.model import Llama, abstract_params
+from llama2_jax.model import Llama
 from train import common
 
 BASE = LlamaConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
                    dtype="float32")
 
 
-def random_params(cfg, seed=0, std=0.05):
-    """Random params from numpy (norm gains 1): no compiled init."""
-    rng = np.random.default_rng(seed)
-
-    def make(path, leaf):
-        if "norm" in jax.tree_util.keystr(path):
-            return np.ones(leaf.shape, leaf.dtype)
-        return (rng.normal(size=leaf.shape) * std).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(make, abstract_params(cfg))
+random_params = random_llama_params  # tests/conftest.py
 
 
 def lora_config_for(tmp_path, **model):
@@ -166,14 +157,10 @@ def test_reward_model_lora_trains_adapters_and_the_head_on_the_frozen_trunk(tmp_
 def test_tiny_lora_sft_on_alpaca_lowers_held_out_loss_and_its_workdir_loads_merged(tmp_path):
     from configs import sft_tiny
     from llama2_jax import generate
-    from llama2_jax.tokenizer import Tokenizer, train_tokenizer
+    from llama2_jax.tokenizer import Tokenizer
     from train import sft
 
-    records = json.loads(shared_file("alpaca-cleaned-first1000.json").read_text())[:240]
-    data_path = tmp_path / "alpaca.json"
-    data_path.write_text(json.dumps(records))
-    texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in records] + ["[INST] <<SYS>> [/INST]"]
-    tokenizer = train_tokenizer(texts, tmp_path / "tok", vocab_size=512, num_threads=1)
+    data_path, tokenizer = alpaca_subset(tmp_path)
     cfg = BASE.replace(vocab_size=512, max_seq_len=128)
     checkpoint.save_params(tmp_path / "base", random_params(cfg), cfg)
     (tmp_path / "base" / "tokenizer.model").write_bytes(open(tokenizer.model_path, "rb").read())

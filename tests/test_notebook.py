@@ -13,15 +13,20 @@ NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
                         "quickstart.ipynb")
 
 
+def execute(path: str):
+    """Run every cell of the notebook at `path` (from its own folder, as Colab would) and return it with outputs."""
+    notebook = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    return notebook
+
+
 @pytest.mark.slow
 def test_quickstart_notebook_executes(monkeypatch):
     monkeypatch.setenv("QUICKSTART_STEPS", "6")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("XLA_FLAGS", "")
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
-    client.execute()
+    notebook = execute(NOTEBOOK)
     outputs = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
     lines = outputs.splitlines()
     assert f"project at {os.path.dirname(os.path.dirname(NOTEBOOK))}" in lines  # the checkout: nothing installed
@@ -49,10 +54,7 @@ def test_finetune_notebook_lowers_the_loss_and_writes_the_adapters(monkeypatch):
     monkeypatch.setenv("FINETUNE_STEPS", "30")
     monkeypatch.setenv("FINETUNE_RECORDS", "240")
     monkeypatch.setenv("XLA_FLAGS", "")
-    notebook = nbformat.read(FINETUNE, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": os.path.dirname(FINETUNE)}})
-    client.execute()
+    notebook = execute(FINETUNE)
     lines = [line for cell in notebook.cells for out in cell.get("outputs", [])
              for line in out.get("text", "").splitlines() if line.startswith("SUMMARY ")]
     assert len(lines) == 1, lines

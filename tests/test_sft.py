@@ -8,13 +8,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import shared_file
+from conftest import alpaca_subset, random_llama_params, shared_file
 
 from configs import sft_7b, sft_tiny
 from llama2_jax import checkpoint, losses
 from llama2_jax.config import LlamaConfig
 from llama2_jax.data import sft
-from llama2_jax.model import Llama, abstract_params
+from llama2_jax.model import Llama
 from llama2_jax.tokenizer import Tokenizer, train_tokenizer
 from train import common
 from train import sft as sft_trainer
@@ -138,16 +138,7 @@ TINY = LlamaConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, 
                    dtype="float32")
 
 
-def random_params(cfg, seed=0, std=0.05):
-    """Random params made with numpy from the abstract shapes (norm gains 1): no compiled init, which is slow here."""
-    rng = np.random.default_rng(seed)
-
-    def make(path, leaf):
-        if "norm" in jax.tree_util.keystr(path):
-            return np.ones(leaf.shape, leaf.dtype)
-        return (rng.normal(size=leaf.shape) * std).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(make, abstract_params(cfg))
+random_params = random_llama_params  # tests/conftest.py
 
 
 def test_packed_row_gives_the_same_per_sample_loss_as_each_sample_alone():
@@ -367,11 +358,7 @@ def test_prepare_workdir_copies_a_given_tokenizer_and_writes_the_model_config(tm
 
 @pytest.mark.slow
 def test_tiny_sft_end_to_end_eval_loss_on_assistant_tokens_falls(tmp_path):
-    records = json.loads(shared_file("alpaca-cleaned-first1000.json").read_text())[:240]
-    data_path = tmp_path / "alpaca.json"
-    data_path.write_text(json.dumps(records))
-    texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in records] + ["[INST] <<SYS>> [/INST]"]
-    tokenizer = train_tokenizer(texts, tmp_path / "tok", vocab_size=512, num_threads=1)
+    data_path, tokenizer = alpaca_subset(tmp_path)
     cfg = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=128,
                       dtype="float32")
     save_tiny_checkpoint(tmp_path / "init", cfg, tokenizer.model_path)

@@ -8,11 +8,11 @@ train.rejection_sampling and train.ppo).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any, Callable
 
 import jax
+
+from llama2_jax.paths import writable_dir_problem
 
 
 class ConfigError(ValueError):
@@ -104,14 +104,11 @@ def check_workdir_path(workdir: str) -> None:
         raise ConfigError("--workdir is empty")
     if "://" in workdir:
         return
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    problem = writable_dir_problem(workdir)
+    if problem and problem[0] == "file":
         raise ConfigError(f"--workdir: {workdir} is a file, not a directory")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
-    except OSError as error:
-        raise ConfigError(f"--workdir: {workdir} is not writable ({error.strerror or error})") from None
+    if problem:
+        raise ConfigError(f"--workdir: {workdir} is not writable ({problem[1]})")
 
 
 def config_load_error(error: OSError) -> str:
