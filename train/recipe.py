@@ -100,6 +100,7 @@ def run_stage(config, workdir: str, name: str, manifest: dict, values: dict[str,
     stage_dir = os.path.join(workdir, name)
     os.makedirs(stage_dir, exist_ok=True)
     entry = manifest["stages"].setdefault(name, {"commands_done": 0, "seconds": 0.0})
+    write_manifest(workdir, manifest)
     commands = stage_commands(config, name, {**values, "dir": stage_dir})
     for index in range(entry["commands_done"], len(commands)):
         print(f"[{name}] {shlex.join(commands[index][2:])}", flush=True)
@@ -124,7 +125,7 @@ def run_recipe(config, workdir: str) -> dict:
     manifest = read_manifest(workdir)
     values = {"data": os.path.abspath(config.data_dir), "workdir": os.path.abspath(workdir)}
     values["paths"] = types.SimpleNamespace(**{k: fill(v, values, f"paths.{k}") for k, v in config.paths.items()})
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     for name in names:
         entry = manifest["stages"].get(name, {})
         if entry.get("finished"):

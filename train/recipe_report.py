@@ -15,7 +15,8 @@ CURVES = {"lm": LM_CURVES, "rm": ("loss", "accuracy", "eval_loss", "eval_accurac
 
 
 def read_records(path: str) -> list[dict]:
-    """metrics.jsonl records, the last one per step (a resumed run appends the steps it redoes)."""
+    """metrics.jsonl records merged per step (train and eval records of a step are separate lines; a resumed run
+    appends the steps it redoes, the later values win)."""
     if not os.path.isfile(path):
         return []
     by_step: dict[int, dict] = {}
@@ -23,7 +24,7 @@ def read_records(path: str) -> list[dict]:
         for line in f:
             if line.strip():
                 record = json.loads(line)
-                by_step[record.get("step", record.get("iteration", len(by_step)))] = record
+                by_step.setdefault(record.get("step", record.get("iteration", len(by_step))), {}).update(record)
     return [by_step[k] for k in sorted(by_step)]
 
 
