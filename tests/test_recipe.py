@@ -64,8 +64,9 @@ def short_recipe():
     config = recipe_tiny.get_config()
     config.data_dir = os.path.dirname(shared_file("oasst-en-100-pairs.jsonl"))
     ckpt = "--config.checkpoint_every_steps=2 --config.eval_every_steps=2 --config.eval_batches=1"
-    config.stages.pretrain.extra = (f"--config.num_train_steps=4 --config.model.dim=64 --config.model.n_layers=2 "
-                                    f"--config.model.n_heads=4 --config.model.n_kv_heads=4 --config.batch_size=8 {ckpt}")
+    config.stages.pretrain.extra = ("--config.num_train_steps=4 --config.model.dim=64 --config.model.n_layers=2 "
+                                    f"--config.model.n_heads=4 --config.model.n_kv_heads=4 --config.batch_size=8 "
+                                    f"{ckpt}")
     config.stages.sft.extra = f"--config.num_train_steps=2 --config.seq_len=128 {ckpt}"
     for name in ("rm_helpful", "rm_safety"):
         config.stages[name].extra = f"--config.num_train_steps=2 --config.seq_len=128 --config.batch_size=8 {ckpt}"

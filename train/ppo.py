@@ -24,8 +24,9 @@ training_tokens_per_s = ppo_epochs x B x (S + 1) sequence tokens through the pol
 iteration 1 includes compilation), held-out rewards every `eval_every_iterations` (the paper early-stops on them: the
 policy of the best held-out reward is kept in WORKDIR/best/, an init_from, and the run stops after
 `early_stop_patience` evaluations without improvement; 0 = run all iterations), and WORKDIR/checkpoints/<policy
-step>/params (+ llama_config.json and tokenizer.model: an init_from for the next RS/PPO round) every `checkpoint_every_iterations` and at the end; the value
-model in WORKDIR/value/. A re-run resumes from the latest checkpoint (π0 is re-read from init_from).
+step>/params (+ llama_config.json and tokenizer.model: an init_from for the next RS/PPO round) every
+`checkpoint_every_iterations` and at the end; the value model in WORKDIR/value/. A re-run resumes from the latest
+checkpoint (π0 is re-read from init_from).
 """
 
 from __future__ import annotations

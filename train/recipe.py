@@ -125,7 +125,8 @@ def run_recipe(config, workdir: str) -> dict:
     manifest = read_manifest(workdir)
     values = {"data": os.path.abspath(config.data_dir), "workdir": os.path.abspath(workdir)}
     values["paths"] = types.SimpleNamespace(**{k: fill(v, values, f"paths.{k}") for k, v in config.paths.items()})
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}  # stage logs line by line
     for name in names:
         entry = manifest["stages"].get(name, {})
         if entry.get("finished"):

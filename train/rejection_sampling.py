@@ -251,8 +251,8 @@ def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, rlhf.
         write_jsonl(pool_path, (pool[p] for p in sorted(pool)))
         multihost_utils.sync_global_devices(f"rs pool {iteration}")
         curves[iteration] = rlhf.best_of_k_curve(samples["scores"]["combined"]).tolist()
-        record = {**iteration_metrics(samples, pool, iteration), "temperature": iteration_temperature(config, iteration),
-                  "best_of_k": curves[iteration]}
+        record = {**iteration_metrics(samples, pool, iteration),
+                  "temperature": iteration_temperature(config, iteration), "best_of_k": curves[iteration]}
         history.append(record)
         log_iteration(workdir, record)
         write_best_of_k(workdir, curves)
