@@ -13,12 +13,15 @@ size configs: float32 params and Adam moments, bfloat16 compute, `scan_layers=Tr
 
 XLA's figure printed is argument + output + temp - alias bytes per device. Caveats: the compiler is XLA:CPU, whose
 fusion and scheduling differ from XLA:GPU's (it may keep extra float32 copies where the GPU would not, and it has no
-latency-hiding scheduler for the FSDP all-gathers); attention is the reference "xla" einsum, which materialises
-[B, N, T, T] scores (cuDNN flash attention on a GPU does not; the formula's "attention" term shows that part).
+latency-hiding scheduler for the FSDP all-gathers); attention is the reference "xla" einsum unless --attention says
+otherwise, which materialises [B, N, T, T] scores ("chunked" and cuDNN flash attention on a GPU do not; the formula's
+"attention" term shows that part).
 
 With --lora_rank=R the step is LoRA SFT instead (llama2_jax/lora.py): the base frozen in bfloat16, float32 adapters
 of rank R on all seven kernels, AdamW state and gradients over the adapters only; default sizes 7b and 13b on one
-device, 70b on fsdp=8, remat "minimal" unless --remat says otherwise (see the XLA:CPU flag below).
+device, 70b on fsdp=8, remat "minimal" unless --remat says otherwise (see the XLA:CPU flag below), and attention
+"chunked" unless --attention says otherwise (query blocks recomputed in the backward pass: no [N, T, T] float32
+scores, probabilities or gradients; the same numbers as "xla", see llama2_jax/attention.py).
 
 The XLA flag below must be set before JAX is imported, so run this file as a script (tests import only the
 formula and set their own device count).
@@ -52,7 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from llama2_jax import lora, losses  # noqa: E402
 from llama2_jax import sharding as sh  # noqa: E402
-from llama2_jax.config import LlamaConfig, RematPolicy, get_config  # noqa: E402
+from llama2_jax.config import AttentionImpl, LlamaConfig, RematPolicy, get_config  # noqa: E402
 from llama2_jax.model import Llama, abstract_params  # noqa: E402
 from train import state as train_state  # noqa: E402
 
@@ -83,7 +86,9 @@ def memory_formula(cfg: LlamaConfig, seq: int, batch_per_device: int, n_devices:
     a = jnp.dtype(cfg.dtype).itemsize
     tokens = b * T
     scores = b * N * T * T  # attention score elements of one layer (the reference kernel materialises them)
-    flash = attention != "xla"  # fused attention (cuDNN): no [B, N, T, T] tensors at all
+    flash = attention != "xla"  # cuDNN or chunked: no [B, N, T, T] tensor is kept for the backward pass
+    # chunked recomputes one block of queries at a time: its scores, probabilities and their gradients are live
+    block_scores = b * N * min(cfg.attention_block_size, T) * T if attention == AttentionImpl.CHUNKED.value else 0
 
     out = {}
     # --- training state: float32, sharded over all n devices (ZeRO-3) ---
@@ -111,7 +116,7 @@ def memory_formula(cfg: LlamaConfig, seq: int, batch_per_device: int, n_devices:
     # backward of one layer: its forward is recomputed whole (what the policy did not keep), plus the gradients of
     # the attention scores and probabilities (float32) and a float32 copy of the activation gradient
     full_layer = block_input + weight_dots + attention_dots + elementwise
-    layer_backward = tokens * full_layer + (0 if flash else scores * 8) + tokens * D * 4
+    layer_backward = tokens * full_layer + (block_scores if flash else scores) * 8 + tokens * D * 4
     # fsdp: one layer's weights all-gathered (bfloat16, double-buffered for prefetch) and its float32 gradient
     # before the reduce-scatter
     layer_params = (cfg.param_count() - 2 * V * D - D) / L
@@ -221,8 +226,9 @@ def lora_main(args) -> None:
     for name in args.sizes.split(","):
         n, budget = LORA_SIZES[name]
         remat = RematPolicy.MINIMAL.value if args.remat == "auto" else args.remat
+        attention = AttentionImpl.CHUNKED.value if args.attention == "auto" else args.attention
         cfg = get_config(name, dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, max_seq_len=args.seq,
-                         remat_policy=remat)
+                         remat_policy=remat, attention_impl=attention, attention_block_size=args.attention_block_size)
         counts = [int(x) for x in args.layers.split(",")] if args.layers else [cfg.n_layers]
         results = [compile_lora_step(cfg.replace(n_layers=c), n, args.seq, args.batch_per_device, args.lora_rank)
                    for c in counts]
@@ -237,8 +243,14 @@ def lora_main(args) -> None:
             how = f"arg {fmt(r.argument)} + out {fmt(r.output)} + temp {fmt(r.temp)} - alias {fmt(r.alias)}"
         fits = "fits" if total <= budget * GIB else "DOES NOT FIT"
         print(f"lora rank={args.lora_rank} {name} fsdp={n} seq={args.seq} batch/device={args.batch_per_device} "
-              f"remat={remat} base=bfloat16: xla={fmt(total)} GiB/device ({how}; compile "
+              f"remat={remat} attention={attention_label(cfg)} base=bfloat16: xla={fmt(total)} GiB/device ({how}; compile "
               f"{sum(r.compile_s for r in results):.0f}s) -> {fits} in {budget:.0f} GiB", flush=True)
+
+
+def attention_label(cfg: LlamaConfig) -> str:
+    if cfg.attention_impl == AttentionImpl.CHUNKED.value:
+        return f"chunked/{cfg.attention_block_size}"
+    return cfg.attention_impl
 
 
 def fmt(nbytes: float) -> str:
@@ -257,17 +269,25 @@ def main(argv=None) -> None:
                              "instead of compiling the full model")
     parser.add_argument("--lora_rank", type=int, default=0,
                         help="> 0: LoRA SFT of this rank (frozen bfloat16 base) on 7b/13b x1 device, 70b on fsdp=8")
+    parser.add_argument("--attention", choices=["auto", AttentionImpl.XLA.value, AttentionImpl.CHUNKED.value],
+                        default="auto", help="attention kernel compiled (cudnn cannot be compiled on CPU); auto: "
+                                             "chunked with --lora_rank, xla otherwise")
+    parser.add_argument("--attention_block_size", type=int, default=512, help="queries per block of chunked attention")
     args = parser.parse_args(argv)
+    if args.attention_block_size <= 0:
+        parser.error(f"--attention_block_size must be positive, got {args.attention_block_size}")
     if args.lora_rank > 0:
         return lora_main(args)
 
     for name in args.sizes.split(","):
         n = SIZES[name]
-        cfg = get_config(name, dtype="bfloat16", param_dtype="float32", scan_layers=True, max_seq_len=args.seq)
+        attention = AttentionImpl.XLA.value if args.attention == "auto" else args.attention
+        cfg = get_config(name, dtype="bfloat16", param_dtype="float32", scan_layers=True, max_seq_len=args.seq,
+                         attention_impl=attention, attention_block_size=args.attention_block_size)
         remat = args.remat if args.remat != "auto" else pick_policy(cfg, args.seq, args.batch_per_device, n,
-                                                                     args.budget_gib * GIB)
+                                                                     args.budget_gib * GIB, attention)
         cfg = cfg.replace(remat_policy=remat)
-        formula = memory_formula(cfg, args.seq, args.batch_per_device, n, remat)
+        formula = memory_formula(cfg, args.seq, args.batch_per_device, n, remat, attention)
         if args.layers:
             counts = [int(x) for x in args.layers.split(",")]
             results = [compile_step(cfg.replace(n_layers=c), n, args.seq, args.batch_per_device) for c in counts]
@@ -284,7 +304,8 @@ def main(argv=None) -> None:
         terms = " ".join(f"{k}={fmt(v)}" for k, v in formula.items() if k != "total")
         flash = memory_formula(cfg, args.seq, args.batch_per_device, n, remat, attention="cudnn")["total"]
         fits = "fits" if xla_total <= args.budget_gib * GIB else "DOES NOT FIT"
-        print(f"{name} fsdp={n} seq={args.seq} batch/device={args.batch_per_device} remat={remat}: "
+        print(f"{name} fsdp={n} seq={args.seq} batch/device={args.batch_per_device} remat={remat} "
+              f"attention={attention_label(cfg)}: "
               f"xla={fmt(xla_total)} GiB/device ({how}) formula={fmt(formula['total'])} GiB ({terms}) "
               f"formula_with_flash_attention={fmt(flash)} GiB -> {fits} in {args.budget_gib:.0f} GiB",
               flush=True)

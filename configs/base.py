@@ -64,7 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.progress_bar = True  # tqdm bar on process 0
     config.init_from = ""  # "" = random init; else a converted JAX checkpoint dir or a trainer workdir, whose
     # architecture (llama_config.json) replaces config.model's; of config.model only the numerics are then used
-    # (LlamaConfig.NUMERICS_FIELDS: dtype, param_dtype, scan_layers, remat_policy, attention_impl)
+    # (LlamaConfig.NUMERICS_FIELDS: dtype, param_dtype, scan_layers, remat_policy, attention_impl,
+    # attention_block_size)
 
     # --- data (llama2_jax.data.sources) ---
     config.data = ml_collections.ConfigDict()

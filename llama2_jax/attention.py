@@ -9,9 +9,10 @@ segment 0 is padding and only attends to padding, so no row is ever fully masked
 buffer is the preallocated KV cache (`cached_attention`), and `q_offset` is the slot of the first new token; later
 slots are unwritten or stale and are masked.
 
-Implementations (`AttentionImpl`): "xla" (einsum + float32 softmax, the reference; everywhere) and "cudnn"
-(`jax.nn.dot_product_attention(implementation="cudnn")`, flash attention on NVIDIA GPUs). A TPU splash kernel fits the
-same signature: it takes segment ids natively.
+Implementations (`AttentionImpl`): "xla" (einsum + float32 softmax, the reference; everywhere), "chunked" (the same
+math over blocks of queries, each block recomputed in the backward pass, so no [B, N, T, S] tensor is ever live:
+memory-lean training anywhere XLA runs) and "cudnn" (`jax.nn.dot_product_attention(implementation="cudnn")`, flash
+attention on NVIDIA GPUs). A TPU splash kernel fits the same signature: it takes segment ids natively.
 """
 
 from __future__ import annotations
@@ -61,6 +62,46 @@ def xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKRTS,BSKH->BTKRH", probs, v)
     return out.reshape(batch, q_len, n_heads, head_dim)
+
+
+def chunked_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    q_segment_ids: Optional[Array] = None,
+    kv_segment_ids: Optional[Array] = None,
+    *,
+    block_size: int = 512,
+) -> Array:
+    """`xla_attention` with its mask, one block of `block_size` queries at a time (`lax.map`); every block attends to
+    all S keys, so each output row is computed by exactly the reference's operations.
+
+    q [B, T, N, H], k/v [B, S, K, H], segment ids [B, T] / [B, S] or None -> [B, T, N, H] in q's dtype.
+
+    Each block is a `jax.checkpoint`: the forward pass keeps only the block's queries, and the backward pass
+    recomputes that block's float32 scores and probabilities, so at most [B, N, block_size, S] of them are live
+    instead of [B, N, T, S]. T need not divide by block_size: the queries are padded with segment-0 rows (their
+    outputs are dropped, so they get no gradient)."""
+    batch, q_len, n_heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    block = min(block_size, q_len)
+    n_blocks = -(-q_len // block)
+    pad = n_blocks * block - q_len
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        if q_segment_ids is not None:
+            q_segment_ids = jnp.pad(q_segment_ids, ((0, 0), (0, pad)))
+    q_blocks = q.reshape(batch, n_blocks, block, n_heads, head_dim).swapaxes(0, 1)  # [n_blocks, B, block, N, H]
+    seg_blocks = None if q_segment_ids is None else q_segment_ids.reshape(batch, n_blocks, block).swapaxes(0, 1)
+    offsets = jnp.arange(n_blocks, dtype=jnp.int32) * block  # slot of each block's first query
+
+    @jax.checkpoint  # default policy: save nothing of the block, recompute it in the backward pass
+    def one_block(q_block, offset, seg_block):
+        mask = attention_mask(batch, block, kv_len, offset, seg_block, kv_segment_ids)
+        return xla_attention(q_block, k, v, mask)
+
+    out = jax.lax.map(lambda xs: one_block(*xs), (q_blocks, offsets, seg_blocks))  # [n_blocks, B, block, N, H]
+    return out.swapaxes(0, 1).reshape(batch, n_blocks * block, n_heads, head_dim)[:, :q_len]
 
 
 def cached_attention(q: Array, k: Array, v: Array, k_cache: Array, v_cache: Array, q_offset: Array) -> Array:
@@ -115,6 +156,7 @@ def dot_product_attention(
     impl: str = AttentionImpl.XLA.value,
     q_segment_ids: Optional[Array] = None,
     kv_segment_ids: Optional[Array] = None,
+    block_size: int = 512,
 ) -> Array:
     """Causal (optionally segment-masked) self-attention with grouped KV heads, training and full forward passes
     (attention over a KV cache is `cached_attention`).
@@ -125,6 +167,7 @@ def dot_product_attention(
       impl: an `AttentionImpl` value.
       q_segment_ids: [B, T] int, document id of each query token (0 = padding); None = one document.
       kv_segment_ids: [B, T] int, the same for keys.
+      block_size: queries per block of the "chunked" implementation (ignored by the others).
     Returns:
       [B, T, N, H] in q's dtype.
     """
@@ -134,6 +177,8 @@ def dot_product_attention(
         plain_causal = q_segment_ids is None and q_len == kv_len
         mask = None if plain_causal else attention_mask(batch, q_len, kv_len, None, q_segment_ids, kv_segment_ids)
         return cudnn_attention(q, k, v, mask)
+    if impl == AttentionImpl.CHUNKED.value:
+        return chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, block_size=block_size)
     if impl != AttentionImpl.XLA.value:
         raise ValueError(f"unknown attention implementation {impl!r}; known: {[i.value for i in AttentionImpl]}")
     mask = attention_mask(batch, q_len, kv_len, None, q_segment_ids, kv_segment_ids)

@@ -76,6 +76,16 @@ def _is_scanned(tree) -> bool:
 # --------------------------------------------------------------------------------------------------------- save
 
 
+def _write_item(path: epath.Path, name: str, tree: Params, overwrite: bool) -> None:
+    """Orbax-save `tree` as `path/name` (refusing to replace an existing item unless `overwrite`)."""
+    item_dir = path / name
+    if item_dir.exists() and not overwrite:
+        raise FileExistsError(f"{item_dir} already exists; pass overwrite=True or pick another path")
+    path.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(item_dir, tree, force=overwrite)
+
+
 def save_params(path, params: Params, config: LlamaConfig, *, overwrite: bool = False) -> None:
     """Write `path/params/` (Orbax, unrolled layout) and `path/llama_config.json`.
 
@@ -93,12 +103,7 @@ def save_params(path, params: Params, config: LlamaConfig, *, overwrite: bool = 
     shapes = {name: tuple(np.shape(leaf)) for name, leaf in _flatten(params).items()}
     _check_shapes(shapes, _expected_shapes(config, scanned=False), f"params given to save_params({path})",
                   "the params", "the config")
-    item_dir = path / PARAMS_ITEM
-    if item_dir.exists() and not overwrite:
-        raise FileExistsError(f"{item_dir} already exists; pass overwrite=True or pick another path")
-    path.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(item_dir, params, force=overwrite)
+    _write_item(path, PARAMS_ITEM, params, overwrite)
     if jax.process_index() == 0:
         (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
@@ -228,12 +233,7 @@ def save_adapters(path, adapters: Params, config: LlamaConfig, lora_cfg: "lora.L
     _check_shapes({n: tuple(np.shape(a)) for n, a in _flatten(adapters).items()},
                   {n: tuple(a.shape) for n, a in _flatten(expected).items()},
                   f"adapters given to save_adapters({path})", "the adapters", "the LoRA config")
-    item_dir = path / ADAPTERS_ITEM
-    if item_dir.exists() and not overwrite:
-        raise FileExistsError(f"{item_dir} already exists; pass overwrite=True or pick another path")
-    path.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(item_dir, adapters, force=overwrite)
+    _write_item(path, ADAPTERS_ITEM, adapters, overwrite)
     write_lora_config(path, lora_cfg, base_path)
     if jax.process_index() == 0:
         (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")

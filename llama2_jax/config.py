@@ -24,6 +24,7 @@ class AttentionImpl(str, enum.Enum):
 
     XLA = "xla"  # reference einsum + float32 softmax; runs everywhere
     CUDNN = "cudnn"  # jax.nn.dot_product_attention(implementation="cudnn"): fused flash attention on NVIDIA GPUs
+    CHUNKED = "chunked"  # the reference math over query blocks, each recomputed in the backward pass: no [T, T] tensor
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -35,6 +36,14 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def check_known_fields(cls, values: dict[str, Any]) -> None:
+    """ValueError naming the keys of `values` that are not fields of the dataclass `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +60,7 @@ class LlamaConfig:
 
     # How the model is computed and stored, not what it is: overridable on top of a checkpoint's architecture.
     NUMERICS_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "scan_layers", "remat_policy",
-                                                  "attention_impl")
+                                                  "attention_impl", "attention_block_size")
 
     vocab_size: int = 32000
     dim: int = 4096
@@ -69,6 +78,7 @@ class LlamaConfig:
     scan_layers: bool = False  # nn.scan over the blocks: one compiled block, stacked params [L, ...]
     remat_policy: str = RematPolicy.NONE.value
     attention_impl: str = AttentionImpl.XLA.value
+    attention_block_size: int = 512  # "chunked" attention: queries per block ([B, N, block, S] scores live at once)
     lora_dropout: float = 0.0  # dropout on the LoRA adapters' input while training (lora.py); no effect without them
 
     def __post_init__(self):
@@ -84,7 +94,8 @@ class LlamaConfig:
         self._validate()
 
     def _validate(self):
-        positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "hidden_dim", "max_seq_len")
+        positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "hidden_dim", "max_seq_len",
+                    "attention_block_size")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -145,10 +156,7 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LlamaConfig":
         """Build from a plain dict (or ConfigDict.to_dict()); unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown LlamaConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_known_fields(cls, values)
         return cls(**values)
 
     def param_count(self) -> int:

@@ -18,7 +18,6 @@ dim 1 (input columns), tok_embeddings along dim 1; norms are replicated; `rope.f
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -31,7 +30,8 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from llama2_jax import checkpoint, convert_peft
+from llama2_jax import checkpoint, convert_peft, hf_tokenizer
+from llama2_jax.cli import paths as output_paths
 from llama2_jax.config import LlamaConfig, ffn_hidden_dim
 
 FORMATS = ("hf", "meta", "jax")
@@ -277,8 +277,10 @@ def _open_weights(path: pathlib.Path, handles: dict):
     if path not in handles:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
-
-            handles[path] = safe_open(str(path), framework="pt")
+            try:  # a truncated or corrupt file fails here (SafetensorError), before any tensor is read
+                handles[path] = safe_open(str(path), framework="pt")
+            except Exception as error:  # noqa: BLE001 (safetensors' error class is not importable in every version)
+                raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
         else:
             handles[path] = _torch_load(path)
     return handles[path]
@@ -443,17 +445,19 @@ def load_jax(src, dtype: Optional[str] = None) -> tuple[dict, LlamaConfig]:
 
 
 def convert(src_format: str, dst_format: str, src, dst, dtype: Optional[str] = None,
-            num_shards: Optional[int] = None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, merge_lora: bool = False) -> None:
+            num_shards: Optional[int] = None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, merge_lora: bool = False,
+            tokenizer: Optional[str] = None) -> None:
     """Any format -> any format through one host copy of our params. dtype None keeps the source's dtype, except
-    for the jax format, which defaults to float32 (our master weights). LoRA dirs: convert_peft.py."""
+    for the jax format, which defaults to float32 (our master weights). LoRA dirs: convert_peft.py. `tokenizer` (a
+    SentencePiece file, --to=hf only) is exported next to the weights (hf_tokenizer.save_hf_tokenizer)."""
     for flag, value, allowed in (("--from", src_format, FORMATS), ("--to", dst_format, FORMATS + ("peft",)),
                                  ("--dtype", dtype or DTYPES[0], DTYPES)):
         if value not in allowed:
             raise ValueError(f"{flag}={value!r}: expected one of {allowed}")
     if "://" not in str(src) and not pathlib.Path(src).exists():
         raise FileNotFoundError(f"--src {src} does not exist")
-    if pathlib.Path(dst).exists() and any(pathlib.Path(dst).iterdir()):
-        raise FileExistsError(f"--dst {dst} exists and is not empty; pick a new directory")
+    hf_tokenizer.check_export(tokenizer, dst_format)
+    output_paths.prepare_output_dir(str(dst), "--dst")  # created before anything is read (ValueError, FileExistsError)
     if dst_format == "peft":
         return convert_peft.export_peft(src_format, src, dst, dtype)
     convert_peft.check_merge_flag(src_format, src, merge_lora)
@@ -463,41 +467,11 @@ def convert(src_format: str, dst_format: str, src, dst, dtype: Optional[str] = N
                "jax": lambda p, c: checkpoint.save_params(dst, p, c)}
     params, cfg = readers[src_format](src, dtype or ("float32" if dst_format == "jax" else None))
     writers[dst_format](params, cfg)
+    if tokenizer is not None:
+        hf_tokenizer.save_hf_tokenizer(tokenizer, dst, model_max_length=cfg.max_seq_len)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m llama2_jax.convert", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="\n\n".join(__doc__.split("\n\n")[:2]),
-        epilog="formats:\n  hf    HF transformers folder: config.json + safetensors or pytorch_model*.bin\n"
-               "  meta  Meta folder: params.json + consolidated.NN.pth\n"
-               "  jax   ours: llama_config.json + params/ (Orbax); as --src also a trainer workdir (latest step)")
-    parser.add_argument("--from", dest="src_format", required=True, choices=FORMATS, help="source format")
-    parser.add_argument("--to", dest="dst_format", required=True, choices=FORMATS + ("peft",), help="target format")
-    parser.add_argument("--src", required=True, help="source folder")
-    parser.add_argument("--dst", required=True, help="destination folder (new or empty)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="cast the weights (default: float32 for --to=jax, else the source's dtype)")
-    parser.add_argument("--num_shards", type=int, default=None,
-                        help="Meta model-parallel shards for --to=meta (default by size: 7B 1, 13B 2, 34B 4, 70B 8, "
-                             "else 1)")
-    parser.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE,
-                        help="largest safetensors file for --to=hf, e.g. 5GB, 500MB (default %(default)s)")
-    parser.add_argument("--merge_lora", action="store_true", help="--src is a LoRA dir: write base + adapters merged")
-    return parser
+if __name__ == "__main__":  # the CLI entry point only (flags and I/O live in llama2_jax/cli/convert.py)
+    from llama2_jax.cli.convert import main
 
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        convert(args.src_format, args.dst_format, args.src, args.dst, dtype=args.dtype, num_shards=args.num_shards,
-                max_shard_size=args.max_shard_size, merge_lora=args.merge_lora)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.dst} ({args.dst_format} format)")
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -29,17 +29,30 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, max_seq_len: int,
                 batch_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad token lists to [B', P] (P = longest rounded up to `bucket`, capped at max_seq_len; B' = B rounded
     up to `batch_multiple` by repeating the first prompt). Returns (tokens [B', P] int32, lengths [B'] int32)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    if not prompts:
+        raise ValueError("no prompts given")
+    for index, prompt in enumerate(prompts):
+        if not 0 < len(prompt) <= max_seq_len:
+            raise ValueError(f"prompt {index} has {len(prompt)} tokens; a prompt needs 1 to max_seq_len "
+                             f"({max_seq_len}) tokens")
     longest = max(len(p) for p in prompts)
-    if longest > max_seq_len:
-        raise ValueError(f"a prompt has {longest} tokens, more than max_seq_len {max_seq_len}")
     prompts = list(prompts) + [prompts[0]] * (-len(prompts) % batch_multiple)
     width = min(max_seq_len, -(-longest // bucket) * bucket)
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     for i, prompt in enumerate(prompts):
         tokens[i, : len(prompt)] = prompt
     return tokens, np.array([len(p) for p in prompts], np.int32)
+
+
+def check_token_ids(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """ValueError naming the first prompt holding a token id outside [0, vocab_size) (an embedding lookup would
+    silently clamp it)."""
+    for index, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= vocab_size):
+            bad = next(t for t in prompt if not (isinstance(t, (int, np.integer)) and 0 <= t < vocab_size))
+            raise ValueError(f"prompt {index} holds token id {bad!r}, outside the model's vocabulary "
+                             f"[0, {vocab_size})")
 
 
 def prng_key(rng) -> jax.Array:
@@ -70,9 +83,11 @@ def sample_lists(params: dict, cfg: LlamaConfig, prompt_tokens: Sequence[Sequenc
     """`decode.sample` on token lists: checks the sampling arguments (ValueError), pads (widths bucketed, batch
     rounded up to the mesh's data-parallel size), runs the compiled sampler (one compilation per padded shape and
     static options) and returns its outputs as numpy arrays for the given prompts only. rng: a PRNG key or an int
-    seed."""
+    seed. A prompt that is empty, longer than max_seq_len or holds an id outside the vocabulary is a ValueError
+    naming its index."""
     check_max_gen_len(max_gen_len)
     check_sampling(temperature, top_p)
+    check_token_ids(prompt_tokens, cfg.vocab_size)
     multiple = 1 if mesh is None else sh.data_parallel_size(mesh)
     tokens, lens = pad_prompts(prompt_tokens, pad_id, cfg.max_seq_len, bucket, multiple)
     out = sample_jit(params, cfg, jnp.asarray(tokens), jnp.asarray(lens), prng_key(rng), max_gen_len=max_gen_len,
@@ -154,6 +169,7 @@ def stream_reply(params: dict, cfg: LlamaConfig, tokenizer, dialog: chat.Dialog,
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
     prompt = chat.encode_dialog(tokenizer, dialog)
+    check_token_ids([prompt], cfg.vocab_size)
     tokens, lens = pad_prompts([prompt], META_PAD_ID, cfg.max_seq_len)
     state = init_decode_jit(params, cfg, jnp.asarray(tokens), jnp.asarray(lens), prng_key(rng),
                             max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, eos_id=tokenizer.eos_id)

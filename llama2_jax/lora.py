@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama2_jax import sharding as sh
-from llama2_jax.config import LlamaConfig
+from llama2_jax.config import LlamaConfig, check_known_fields
 from llama2_jax.model import LORA, LORA_DROPOUT_RNG, abstract_params
 
 Array = jax.Array
@@ -87,10 +87,7 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LoraConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown LoraConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_known_fields(cls, values)
         return cls(**{**values, "targets": tuple(values.get("targets", ALL_TARGETS))})
 
 

@@ -143,8 +143,8 @@ class Attention(nn.Module):
         value = adapted_project(self, "wv", x, wv)
 
         if layer_cache is None:
-            out = dot_product_attention(q, key, value, impl=cfg.attention_impl,
-                                        q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+            out = dot_product_attention(q, key, value, impl=cfg.attention_impl, q_segment_ids=segment_ids,
+                                        kv_segment_ids=segment_ids, block_size=cfg.attention_block_size)
             new_cache = None
         else:
             out = cached_attention(q, key, value, layer_cache["k"].astype(dtype), layer_cache["v"].astype(dtype),

@@ -25,7 +25,10 @@ class Tokenizer:
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"{model_path}: tokenizer model file not found")
         self.model_path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as error:  # sentencepiece: "INTERNAL: could not parse ModelProto from ..."
+            raise ValueError(f"{model_path}: not a SentencePiece model file ({error})") from None
         self.vocab_size: int = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()

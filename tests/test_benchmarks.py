@@ -11,6 +11,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import attention as attention_bench  # noqa: E402
 import generate as generate_bench  # noqa: E402
 import memory  # noqa: E402  (imports llama2_jax and train.state only; the XLA device flag is set by conftest)
 import train_step  # noqa: E402
@@ -79,6 +80,22 @@ def test_memory_formula_state_is_16_bytes_per_param_over_devices():
     assert state == pytest.approx(16 * 6_738_415_616 / 8)
     assert f["total"] == pytest.approx(sum(v for k, v in f.items() if k != "total"))
     assert 20 * memory.GIB < f["total"] < 80 * memory.GIB
+
+
+def test_attention_benchmark_prints_both_kernels_in_one_line(capsys):
+    attention_bench.main(["--seq=32", "--heads=2", "--kv_heads=1", "--head_dim=8", "--block=8", "--repeats=1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.search(r"xla=[0-9.]+ ms chunked=[0-9.]+ ms ratio=[0-9.]+x temp xla=\d+ MiB chunked=\d+ MiB", lines[0])
+
+
+def test_memory_formula_chunked_attention_sits_between_xla_and_flash():
+    cfg = get_config("7b", scan_layers=True, attention_block_size=512)
+    totals = [memory.memory_formula(cfg, 4096, 1, 1, "minimal", attention)["total"]
+              for attention in ("xla", "chunked", "cudnn")]
+    assert totals[0] > totals[1] > totals[2]
+    # one block's float32 scores, probabilities and their gradients: 8 bytes x N x block x T
+    assert totals[1] - totals[2] == pytest.approx(8 * 32 * 512 * 4096)
 
 
 def test_memory_formula_orders_remat_policies():

@@ -1,4 +1,4 @@
-"""Meta's chat format (spec B): prompt tokens, role checks, special tags, SFT loss masks, HH transcripts."""
+"""Meta's chat format (llama/generation.py): prompt tokens, role checks, special tags, SFT loss masks, HH transcripts."""
 
 import logging
 import re

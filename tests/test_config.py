@@ -34,7 +34,7 @@ def test_scanned_param_count_equals_unrolled():
     (4096, 256, None, 11008),
     (5120, 256, None, 13824),
     (8192, 256, 1.0, 22016),
-    (8192, 4096, 1.3, 28672),  # spec's worked example: 21845 -> 28398 -> 28672
+    (8192, 4096, 1.3, 28672),  # 70B: 2/3 x 4 x 8192 = 21845 -> x1.3 = 28398 -> 28672
 ])
 def test_ffn_width_rule(dim, multiple_of, multiplier, expected):
     assert ffn_hidden_dim(dim, multiple_of, multiplier) == expected

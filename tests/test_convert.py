@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch", reason="conversion parity tests need PyTorc
 transformers = pytest.importorskip("transformers", reason="HF parity tests need transformers")
 
 from llama2_jax import convert as cv  # noqa: E402
+from llama2_jax.cli import convert as convert_cli  # noqa: E402
 from llama2_jax.checkpoint import load_params  # noqa: E402
 from llama2_jax.config import LlamaConfig, get_config  # noqa: E402
 from llama2_jax.model import Llama  # noqa: E402
@@ -174,7 +175,7 @@ def _expected_params(weights: dict, cfg: LlamaConfig) -> dict:
 
 
 def _meta_reference_logits(weights: dict, cfg: LlamaConfig, tokens: np.ndarray) -> np.ndarray:
-    """Meta's forward (spec A) in float64 numpy: interleaved-pair RoPE as complex phasors, GQA repeat-interleave."""
+    """Meta's forward (llama/model.py) in float64 numpy: interleaved-pair RoPE as complex phasors, GQA repeat-interleave."""
     w = {k: v.astype(np.float64) for k, v in weights.items()}
     n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     t = tokens.shape[0]
@@ -329,10 +330,10 @@ def test_error_unsplittable_and_existing_dst(tmp_path):
 
 def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cv.main(["--help"])
+        convert_cli.main(["--help"])
     assert exit_info.value.code == 0 and "--num_shards" in capsys.readouterr().out
     _write_meta(tmp_path / "m", _meta_weights(META_CFG), META_CFG, 2)
-    assert cv.main(["--from=meta", "--to=hf", f"--src={tmp_path / 'm'}", f"--dst={tmp_path / 'hf'}"]) == 0
+    assert convert_cli.main(["--from=meta", "--to=hf", f"--src={tmp_path / 'm'}", f"--dst={tmp_path / 'hf'}"]) == 0
     assert (tmp_path / "hf" / "model.safetensors").exists()
-    assert cv.main(["--from=hf", "--to=jax", f"--src={tmp_path / 'nope'}", f"--dst={tmp_path / 'j'}"]) == 1
+    assert convert_cli.main(["--from=hf", "--to=jax", f"--src={tmp_path / 'nope'}", f"--dst={tmp_path / 'j'}"]) == 1
     assert "does not exist" in capsys.readouterr().err

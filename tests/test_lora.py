@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from llama2_jax import checkpoint, convert, convert_peft, lora
+from llama2_jax.cli import convert as convert_cli
 from llama2_jax import losses
 from llama2_jax import sharding as sh
 from llama2_jax.config import LlamaConfig
@@ -269,20 +270,20 @@ def test_missing_base_is_a_clear_error(lora_dir, tmp_path):
 def test_convert_merge_lora_and_peft(trained, lora_dir, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
-    assert convert.main(["--from=jax", "--to=hf", f"--src={lora_dir}", f"--dst={tmp_path / 'x'}"]) == 1
+    assert convert_cli.main(["--from=jax", "--to=hf", f"--src={lora_dir}", f"--dst={tmp_path / 'x'}"]) == 1
     assert "is a LoRA dir: pass --merge_lora" in capsys.readouterr().err
-    assert convert.main(["--from=jax", "--to=hf", "--merge_lora", f"--src={tmp_path / 'base'}",
+    assert convert_cli.main(["--from=jax", "--to=hf", "--merge_lora", f"--src={tmp_path / 'base'}",
                          f"--dst={tmp_path / 'y'}"]) == 1
     assert "--merge_lora needs" in capsys.readouterr().err
-    assert convert.main(["--from=jax", "--to=hf", "--merge_lora", f"--src={lora_dir}",
+    assert convert_cli.main(["--from=jax", "--to=hf", "--merge_lora", f"--src={lora_dir}",
                          f"--dst={tmp_path / 'hf'}"]) == 0
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
     with torch.no_grad():
         theirs = hf(torch.as_tensor(TOKENS, dtype=torch.long)).logits.numpy()
     _assert_close(_adapted(CFG, trained["base"], {"lora": trained["adapters"]}), theirs)
-    assert convert.main(["--from=jax", "--to=peft", f"--src={lora_dir}", f"--dst={tmp_path / 'peft'}"]) == 0
+    assert convert_cli.main(["--from=jax", "--to=peft", f"--src={lora_dir}", f"--dst={tmp_path / 'peft'}"]) == 0
     assert {p.name for p in (tmp_path / "peft").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
-    assert convert.main(["--from=jax", "--to=peft", f"--src={tmp_path / 'base'}", f"--dst={tmp_path / 'z'}"]) == 1
+    assert convert_cli.main(["--from=jax", "--to=peft", f"--src={tmp_path / 'base'}", f"--dst={tmp_path / 'z'}"]) == 1
     assert "--to=peft needs" in capsys.readouterr().err
 
 

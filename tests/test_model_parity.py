@@ -38,9 +38,21 @@ def test_logits_match_hf(name, scan):
     assert_logits_close(ours, hf_reference.hf_logits(model, tokens))
 
 
-def test_packed_rows_match_separate_documents():
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_chunked_attention_logits_match_hf(name):
+    """attention_impl="chunked" with blocks of 8 queries (37 tokens: the last block is padded)."""
+    cfg = CONFIGS[name].replace(attention_impl="chunked", attention_block_size=8)
+    model = hf_reference.hf_model(cfg)
+    params = hf_reference.params_from_hf(model, cfg)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(3, 37))
+    ours = Llama(cfg).apply({"params": params}, jnp.asarray(tokens))
+    assert_logits_close(ours, hf_reference.hf_logits(model, tokens))
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_packed_rows_match_separate_documents(impl):
     """Two documents packed in one row (segment ids, restarted positions) give each document's own HF logits."""
-    cfg = CONFIGS["gqa"]
+    cfg = CONFIGS["gqa"].replace(attention_impl=impl, attention_block_size=5)
     model = hf_reference.hf_model(cfg, seed=3)
     params = hf_reference.params_from_hf(model, cfg)
     rng = np.random.default_rng(2)

@@ -1,6 +1,8 @@
 """The Colab quickstart notebook runs top to bottom on CPU (with a small step count)."""
 
+import ast
 import os
+import re
 
 import pytest
 
@@ -21,4 +23,12 @@ def test_quickstart_notebook_executes(monkeypatch):
                                      resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
     client.execute()
     outputs = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
-    assert "project at" in outputs and "'" in outputs  # installed, trained, sampled (repr of the texts)
+    lines = outputs.splitlines()
+    assert f"project at {os.path.dirname(os.path.dirname(NOTEBOOK))}" in lines  # the checkout: nothing installed
+    losses = re.search(r"^train loss ([\d.]+) at step 1 -> ([\d.]+) at step 6$", outputs, re.M)
+    assert losses and float(losses[2]) < float(losses[1]), outputs  # six steps of training lowered the loss
+    plot = next(line.removeprefix("plot written to ") for line in lines if line.startswith("plot written to "))
+    assert os.path.getsize(plot) > 1000  # a PNG of the loss curve
+    samples = [ast.literal_eval(line.removeprefix("sample: ")) for line in lines if line.startswith("sample: ")]
+    assert len(samples) == 2 and samples[0].startswith("The") and samples[1].startswith("In Python,"), samples
+    assert len(samples[0]) > len("The") and len(samples[1]) > len("In Python,")  # text generated after the prompts

@@ -108,7 +108,7 @@ def test_dtype_default_follows_the_backend():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_load_model_reads_weights_and_computes_in_dtype(dtype, tmp_path, llama_tokenizer_path):
     checkpoint = pytest.importorskip("llama2_jax.checkpoint")
-    cfg = CFG.replace(scan_layers=False)
+    cfg = CFG.replace(scan_layers=False, vocab_size=32000)  # the tokenizer's vocabulary (load_model checks it)
     params = nn.unbox(Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
     checkpoint.save_params(tmp_path / "ckpt", params, cfg)
     loaded, loaded_cfg, tokenizer = cli_common.load_model(str(tmp_path / "ckpt"), str(llama_tokenizer_path), dtype)

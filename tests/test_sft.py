@@ -43,7 +43,7 @@ def assistant(text):
 
 
 def expected_sample(tokenizer, dialog, train_on="all"):
-    """(tokens, target mask) from the spec's strings: BOS "[INST] u [/INST] a " EOS per turn; answers supervised."""
+    """(tokens, target mask) from Meta's chat strings: BOS "[INST] u [/INST] a " EOS per turn; answers supervised."""
     messages = list(dialog)
     if messages[0]["role"] == "system":
         first = messages[1]

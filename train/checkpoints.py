@@ -11,7 +11,9 @@ Workdir layout (also read by `llama2_jax.checkpoint.load_params`, so any workdir
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from typing import Any, Optional
 
 import jax
@@ -21,6 +23,7 @@ from llama2_jax.config import LlamaConfig
 from train.state import TrainState
 
 CONFIG_FILE = "llama_config.json"
+_log = logging.getLogger(__name__)
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -32,6 +35,7 @@ class TrainCheckpointer:
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        warn_about_stray_entries(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -68,6 +72,18 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def warn_about_stray_entries(directory: str) -> list[str]:
+    """Warn (one line) about entries of WORKDIR/checkpoints that are not step directories (e.g. a copied `backup/`):
+    resume ignores them. Orbax's in-progress `<step>.orbax-checkpoint-tmp-*` dirs are not reported. Returns them."""
+    if not os.path.isdir(directory):
+        return []
+    stray = sorted(name for name in os.listdir(directory)
+                   if not name.isdigit() and not re.match(r"^\d+\.orbax-checkpoint-tmp", name))
+    if stray:
+        _log.warning("%s: ignoring %s (not step directories)", directory, ", ".join(map(repr, stray)))
+    return stray
 
 
 def write_model_config(workdir: str, config: LlamaConfig) -> None:

@@ -43,13 +43,11 @@ from llama2_jax.tokenizer import TOKENIZER_FILENAME, Tokenizer, check_vocab, loa
 from train import loop
 from train import state as train_state
 from train.checkpoints import CONFIG_FILE, write_model_config
+from train.config_checks import (ConfigError, check_attention_backend, check_shared_fields,  # noqa: F401 (re-export)
+                                 check_workdir_path, config_load_error)
 
 FLAGS = flags.FLAGS
 _log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A bad config field or input, reported as one line before compilation."""
 
 
 def define_runtime_flags() -> None:
@@ -69,8 +67,14 @@ def run_main(train_and_evaluate: Callable[[Any, str], Any]) -> Callable[[list[st
         if len(argv) > 1:
             raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
         try:
+            try:
+                config = FLAGS.config
+                config.keys()  # a config file that failed to load raises OSError on first use
+            except OSError as error:
+                raise ConfigError(config_load_error(error)) from None
+            check_workdir_path(FLAGS.workdir)
             sh.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-            train_and_evaluate(FLAGS.config, FLAGS.workdir)
+            train_and_evaluate(config, FLAGS.workdir)
         except (ConfigError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
@@ -102,8 +106,11 @@ def model_config_from(path: str, numerics: LlamaConfig, field: str) -> LlamaConf
 def resolve_model_config(config, seq_len: Optional[int] = None, *, required: bool = False) -> LlamaConfig:
     """config.model for a random init (init_from = ""); else init_from's architecture with config.model's numerics,
     max_seq_len (no parameter depends on it) raised to `seq_len` when that is longer, with a warning: RoPE
-    positions past the checkpoint's context are then new to the model. `required`: init_from must be given."""
+    positions past the checkpoint's context are then new to the model. `required`: init_from must be given. The
+    shared fields are range-checked first (`check_shared_fields`)."""
+    check_shared_fields(config)
     numerics = model_config(config)
+    check_attention_backend(numerics.attention_impl)
     if not config.init_from:
         if required:
             raise ConfigError("config.init_from is empty: pass the model to start from (for RLHF the policy: an SFT "
@@ -332,6 +339,7 @@ def check_sft_fields(config) -> None:
 def fine_tune(config, workdir: str) -> FineTuned:
     """SFT of config.init_from (or a random config.model) on the dialogs of config.data.path: packed rows, loss on
     assistant tokens, config.num_epochs (> 0) or config.num_train_steps steps."""
+    check_shared_fields(config)
     check_sft_fields(config)
     model_cfg = resolve_model_config(config, config.seq_len)
     mesh = make_mesh(config)
@@ -343,7 +351,7 @@ def fine_tune(config, workdir: str) -> FineTuned:
             data.path, tokenizer, format=data.format, on_error=data.on_error, seq_len=config.seq_len,
             batch_size=config.batch_size, seed=config.seed, val_fraction=data.val_fraction, overlong=data.overlong,
             max_eval_batches=config.eval_batches or None)
-    except ValueError as error:
+    except (ValueError, ImportError) as error:  # ImportError: an hf:/tfds: spec without its extra installed
         raise ConfigError(f"config.data: {error}") from None
     steps = num_train_steps(config, lambda epochs: dialogs.steps_for_epochs(epochs, config.batch_size))
     if jax.process_index() == 0:

@@ -79,6 +79,7 @@ def report(workdir: str, history: list[dict], data: rm_data.PairData) -> dict | 
 
 def train_and_evaluate(config, workdir: str):
     """DPO from config.init_from on config.data's pairs; returns (final state, logged metrics)."""
+    common.check_shared_fields(config)  # before the trainer's own fields
     check_fields(config)
     model_cfg = common.resolve_model_config(config, config.seq_len, required=True)
     mesh = common.make_mesh(config)

@@ -217,10 +217,15 @@ def write_jsonl(path: str, records: Sequence[dict]) -> None:
 def load_inputs(args: argparse.Namespace):
     """(dialogs, params, LlamaConfig, tokenizer) for the CLI; bad input raises a one-line ConfigError naming the flag."""
     from llama2_jax.cli.common import load_model
+    from llama2_jax.cli.paths import prepare_output_file
     from llama2_jax.data.dialogs import read_dialogs
     from llama2_jax.tokenizer import check_vocab
     from train import common
 
+    try:  # before any sampling: a bad --out would lose every sample
+        prepare_output_file(args.out, "--out")
+    except (OSError, ValueError) as error:
+        raise common.ConfigError(str(error)) from None
     try:
         dialogs, _ = read_dialogs(args.dialogs, format=args.format)
     except (ValueError, FileNotFoundError) as error:

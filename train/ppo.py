@@ -390,6 +390,7 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
 
     score_fns / reward_params: stand-in reward models ({"helpful"/"safety": fn(params, tokens, lengths) -> sigmoid
     scores}) instead of config.reward's checkpoints (tests)."""
+    common.check_shared_fields(config)  # before the trainer's own fields
     mesh = common.make_mesh(config)
     cfg = common.resolve_model_config(config, required=True)
     check_config(config, mesh, cfg)

@@ -221,6 +221,7 @@ def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, rlhf.
 
     score_fns / reward_params: stand-in reward models ({"helpful"/"safety": fn(params, tokens, lengths) -> sigmoid
     scores}) instead of config.reward's checkpoints (tests)."""
+    common.check_shared_fields(config)  # before the trainer's own fields
     mesh = common.make_mesh(config)
     check_config(config, mesh)
     cfg = common.resolve_model_config(config, required=True)

@@ -152,6 +152,7 @@ def report(workdir: str, history: list[dict], data: rm_data.PairData) -> dict | 
 
 def train_and_evaluate(config, workdir: str):
     """Train a reward model; returns (final state, logged metrics with per-rating accuracies)."""
+    common.check_shared_fields(config)  # before the trainer's own fields
     check_fields(config)
     model_cfg = common.resolve_model_config(config, config.seq_len)
     mesh = common.make_mesh(config)

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence, TextIO
 import jax
 
 from llama2_jax import chat
-from llama2_jax.cli.common import add_sampling_flags, check_sampling_flags, fail, load_model_or_exit
+from llama2_jax.cli.common import add_sampling_flags, check_sampling_flags, check_utf8, fail, load_model_or_exit
 from llama2_jax.config import LlamaConfig
 from llama2_jax.generate import stream_reply
 from llama2_jax.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
@@ -41,6 +41,14 @@ def fit_history(tokenizer, dialog: list[dict], max_prompt_len: int) -> list[dict
     return system + turns
 
 
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def run_repl(params: dict, cfg: LlamaConfig, tokenizer, *, system: Optional[str] = None, seed: int = 1,
              max_gen_len: Optional[int] = None, temperature: float = DEFAULT_TEMPERATURE,
              top_p: float = DEFAULT_TOP_P, chunk: int = DEFAULT_CHUNK,
@@ -57,6 +65,11 @@ def run_repl(params: dict, cfg: LlamaConfig, tokenizer, *, system: Optional[str]
             line = read("user> ")
         except EOFError:
             break
+        except UnicodeDecodeError:  # a strict UTF-8 stdin
+            line = "\udcff"
+        if not is_utf8(line):  # a non-UTF-8 terminal or pipe (Python keeps the bytes as lone surrogates)
+            print("error: the message is not valid UTF-8 text; send it again", file=out)
+            continue
         if line.strip() in ("/exit", "/quit"):
             break
         if line.strip() == "/reset":
@@ -95,6 +108,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     check_sampling_flags(args)
     if args.chunk < 1:
         fail(f"--chunk must be >= 1, got {args.chunk}")
+    if args.system is not None:
+        check_utf8(args.system, "--system")
     return args
 
 

@@ -54,13 +54,27 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
 
 def load_model(checkpoint: str, tokenizer_path: str, dtype: str | None = None):
     """(params on the device, LlamaConfig, Tokenizer) from a checkpoint dir and a tokenizer file. `dtype` (default
-    `default_dtype()`) is both the compute dtype and the dtype the weights are read in."""
+    `default_dtype()`) is both the compute dtype and the dtype the weights are read in. ValueError (before the
+    weights are read) when the tokenizer's vocabulary is not the model's."""
     from llama2_jax.checkpoint import load_config, load_params
-    from llama2_jax.tokenizer import Tokenizer
+    from llama2_jax.tokenizer import Tokenizer, check_vocab
 
     dtype = dtype or default_dtype()
-    params, cfg = load_params(checkpoint, load_config(checkpoint).replace(dtype=dtype, param_dtype=dtype))
-    return jax.device_put(params), cfg, Tokenizer(tokenizer_path)
+    cfg = load_config(checkpoint).replace(dtype=dtype, param_dtype=dtype)
+    tokenizer = Tokenizer(tokenizer_path)  # checked against the model before the weights are read
+    check_vocab(tokenizer, cfg.vocab_size)
+    params, cfg = load_params(checkpoint, cfg)
+    return jax.device_put(params), cfg, tokenizer
+
+
+def check_utf8(text: str, flag: str) -> None:
+    """Exit with `error: FLAG ...` when a command-line string is not valid UTF-8 (Python keeps such bytes as lone
+    surrogates, which the tokenizer cannot encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        fail(f"{flag} is not valid UTF-8 text (byte {error.object[error.start].encode('utf-8', 'surrogateescape')!r} "
+             f"at character {error.start})")
 
 
 def load_model_or_exit(args: argparse.Namespace):

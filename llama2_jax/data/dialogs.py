@@ -77,7 +77,7 @@ class InvalidJson:
 
 
 def _is_json_list(path: str) -> bool:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a peek: bad bytes are reported by the reader
         while chunk := f.read(4096):
             stripped = chunk.lstrip()
             if stripped:
@@ -102,18 +102,42 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
                 records = json.load(f)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: not valid JSON ({err})") from None
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         for i, record in enumerate(records):
             yield f"{path}: record {i}", record
         return
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    checked_single_object = False
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
+                checked_single_object = checked_single_object or _reject_single_object(path)
                 record = InvalidJson(str(err))
             yield f"{path}:{line_number}", record
+
+
+def _reject_single_object(path: str) -> bool:
+    """A JSONL line failed to parse: when the whole file is one (multi-line) JSON object, say so (ValueError)
+    instead of reporting a broken line. Returns True otherwise."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            whole = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return True
+    if isinstance(whole, dict):
+        lists = [key for key, value in whole.items() if isinstance(value, list)]
+        hint = f" (its list is under {', '.join(map(repr, lists))}: write that list as the file)" if lists else ""
+        raise ValueError(f"{path}: the file is a single JSON object; expected a JSON list of records or JSONL (one "
+                         f"record per line){hint}")
+    return True
 
 
 def first_record(path: str | os.PathLike) -> Any:
@@ -297,8 +321,11 @@ def detect_format(path: str | os.PathLike) -> str:
         return "alpaca"
     if "message_tree_id" in keys or ("prompt" in keys and isinstance(record["prompt"], dict)):
         return "oasst_trees"
+    lists = [key for key in sorted(keys) if isinstance(record[key], list)]
+    hint = (f"; is the file one JSON object holding the records under {', '.join(map(repr, lists))}? write that "
+            "list as the file") if lists else ""
     raise ValueError(f"{os.fspath(path)}: unknown dialog format (first record keys: {sorted(keys)}); "
-                     f"known formats: {', '.join(CONVERTERS)}")
+                     f"known formats: {', '.join(CONVERTERS)}{hint}")
 
 
 def read_dialogs(

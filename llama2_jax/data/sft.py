@@ -94,6 +94,7 @@ class SFTStats:
     truncated_mid_turn: int = 0  # overlong samples cut at seq_len tokens
     dropped_overlong: int = 0  # overlong samples dropped (overlong="drop", or nothing supervised left)
     dropped_unsupervised: int = 0  # samples with no supervised token at all
+    special_tags: int = 0  # dialogs with [INST], [/INST], <<SYS>> or <</SYS>> inside a message (trained on as text)
     train_samples: int = 0
     eval_samples: int = 0
     seq_len: int = 0
@@ -115,12 +116,20 @@ class SFTStats:
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "supervised_fraction": self.supervised_fraction, "fill": self.fill}
 
+    def dropped_summary(self) -> str:
+        """The counts that explain an empty training split (train and held-out samples together)."""
+        return (f"{self.train_dialogs} train, {self.eval_dialogs} held out; {self.overlong} samples longer than "
+                f"seq_len {self.seq_len} "
+                f"({self.truncated_to_turns} truncated to whole turns, {self.truncated_mid_turn} cut mid-turn, "
+                f"{self.dropped_overlong} dropped), {self.dropped_unsupervised} without supervised tokens dropped")
+
     def summary(self) -> str:
         return (f"{self.path}: {self.dialogs} dialogs ({self.train_dialogs} train, {self.eval_dialogs} held out; "
                 f"{self.skipped} malformed skipped, {self.reader_dropped} dropped by reader rules); "
                 f"{self.overlong} longer than {self.seq_len} tokens: {self.truncated_to_turns} truncated to whole "
                 f"turns, {self.truncated_mid_turn} cut mid-turn, {self.dropped_overlong} dropped; "
-                f"{self.dropped_unsupervised} without supervised tokens dropped; {self.train_samples} train samples "
+                f"{self.dropped_unsupervised} without supervised tokens dropped; {self.special_tags} with special "
+                f"tags in a message; {self.train_samples} train samples "
                 f"in {self.train_rows} rows per epoch ({self.fill:.1%} filled), {self.eval_samples} eval samples in "
                 f"{self.eval_rows} rows; supervised tokens {self.supervised_tokens} of {self.tokens} "
                 f"({self.supervised_fraction:.1%})")
@@ -302,11 +311,15 @@ def make_sft_data(samples: Sequence[Sample], tokenizer, *, seq_len: int, batch_s
         raise ValueError("no dialogs to train on")
     stats = stats or SFTStats()
     stats.seq_len, stats.dialogs = seq_len, len(samples)
+    stats.special_tags = sum(chat.dialog_has_special_tags(dialog) for dialog, _ in samples)
     train, held_out = split_documents(samples, val_fraction)
     stats.train_dialogs, stats.eval_dialogs = len(train), len(held_out)
     train_examples = encode_samples(tokenizer, train, seq_len, overlong, stats)
     eval_examples = encode_samples(tokenizer, held_out, seq_len, overlong, stats)
     stats.train_samples, stats.eval_samples = len(train_examples), len(eval_examples)
+    if not train_examples:
+        raise ValueError(f"no training samples left of {stats.dialogs} dialogs ({stats.dropped_summary()}); raise "
+                         "seq_len, or keep overlong samples with overlong='truncate'")
     _count_rows(train_examples, seq_len, stats)
     train_iter = make_train_iterator(train_examples, seq_len, batch_size, seed)
     cached = functools.cache(lambda: make_eval_batches(eval_examples, seq_len, batch_size, max_eval_batches))
@@ -317,6 +330,10 @@ def make_sft_data(samples: Sequence[Sample], tokenizer, *, seq_len: int, batch_s
 
 def _log_stats(stats: SFTStats) -> None:
     _log.info("SFT data: %s", stats.summary())
+    if stats.special_tags:  # Meta's chat_completion refuses such prompts; SFT would teach the tags as plain text
+        _log.warning("SFT data: %d of %d dialogs contain [INST], [/INST], <<SYS>> or <</SYS>> inside a message; they "
+                     "are trained on as plain text (clean the data if that is not intended)", stats.special_tags,
+                     stats.dialogs)
     if stats.overlong or stats.dropped_unsupervised:
         _log.warning("SFT data: %d of %d samples longer than seq_len %d (%d truncated to whole turns, %d cut "
                      "mid-turn, %d dropped); %d without supervised tokens dropped", stats.overlong,
