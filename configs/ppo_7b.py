@@ -66,6 +66,8 @@ def get_config():
 
     config.iterations = 200  # paper: 200-400 iterations (early-stopped on held-out prompts)
     config.eval_every_iterations = 10  # eval_reward_* on one batch of held-out prompts
+    config.early_stop_patience = 5  # stop after 5 held-out evaluations without a better eval_reward_combined (the
+    # paper early-stops on held-out prompts without giving its rule); 0 = never. The best policy is in WORKDIR/best
     config.checkpoint_every_iterations = 20  # policy + value checkpoints (and at the end)
     config.keep_checkpoints = 3
     config.async_checkpoints = True

@@ -30,6 +30,8 @@ def get_config():
 
     config.sampling.num_samples = 10  # K per prompt; not given in the paper (its best-of-N figures use 1..100)
     config.sampling.temperature = 1.2  # paper (Fig. 8): best T for 10-100 samples from an RLHF model is 1.2-1.3
+    config.sampling.temperature_schedule = ()  # per-iteration T, e.g. (1.3, 1.2); () = sampling.temperature every
+    # iteration. The paper re-tunes T each iteration (its best T moves with the model) but publishes no schedule
     config.sampling.top_p = 1.0  # plain temperature sampling (the paper's temperature study names no top-p)
     config.sampling.max_gen_len = 1024  # not stated for RS; the paper's human evaluations allow 1000 new tokens
     config.sampling.batch_size = 64  # (prompt, sample) rows per compiled sample+score call (see the KV-cache note)

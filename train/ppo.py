@@ -21,17 +21,21 @@ softmax(logits / temperature), the distribution sampled from (top-p is not model
 Outputs: WORKDIR/metrics.jsonl + TensorBoard (one record per iteration: rewards helpful/safety/combined, KL to π0,
 losses, clip fractions, entropy, response length; generation_tokens_per_s = new tokens sampled per second,
 training_tokens_per_s = ppo_epochs x B x (S + 1) sequence tokens through the policy and value updates per second;
-iteration 1 includes compilation), held-out rewards every `eval_every_iterations` (the paper early-stops on them: here
-they are logged, pick the checkpoint from them), and WORKDIR/checkpoints/<policy step>/params (+ llama_config.json and
-tokenizer.model: an init_from for the next RS/PPO round) every `checkpoint_every_iterations` and at the end; the value
-model in WORKDIR/value/. A re-run resumes from the latest checkpoint (π0 is re-read from init_from).
+iteration 1 includes compilation), held-out rewards every `eval_every_iterations` (the paper early-stops on them: the
+policy of the best held-out reward is kept in WORKDIR/best/, an init_from, and the run stops after
+`early_stop_patience` evaluations without improvement; 0 = run all iterations), and WORKDIR/checkpoints/<policy
+step>/params (+ llama_config.json and tokenizer.model: an init_from for the next RS/PPO round) every
+`checkpoint_every_iterations` and at the end; the value model in WORKDIR/value/. A re-run resumes from the latest
+checkpoint (π0 is re-read from init_from).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import shutil
 import time
 
 import jax
@@ -40,6 +44,7 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
+from llama2_jax import checkpoint as param_checkpoint
 from llama2_jax import decode, generate, losses, score_model
 from llama2_jax import ppo_rollout
 from llama2_jax.model import Llama
@@ -72,6 +77,9 @@ def check_config(config, mesh, cfg) -> None:
     if config.prompts.max_prompt_len + config.sampling.max_gen_len + 1 > cfg.max_seq_len:
         raise common.ConfigError(f"config.prompts.max_prompt_len + config.sampling.max_gen_len + 1 exceeds the "
                                  f"policy's max_seq_len {cfg.max_seq_len}")
+    if config.early_stop_patience < 0 or (config.early_stop_patience and not config.prompts.val_fraction > 0):
+        raise common.ConfigError(f"config.early_stop_patience ({config.early_stop_patience}) must be >= 0 and needs "
+                                 "held-out prompts (config.prompts.val_fraction > 0)")
     value_init_path(config)  # raises for a value.init_from naming an empty reward path
 
 
@@ -285,6 +293,68 @@ class Checkpoints:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Early stopping on the held-out reward and the best policy (paper: PPO is early-stopped on held-out prompts)
+
+
+def early_stop(evals: list[tuple[int, float]], patience: int) -> dict:
+    """From the held-out evaluations so far [(iteration, eval_reward_combined)]: the best iteration and reward, the
+    evaluations since it (none improved strictly), and whether to stop (patience > 0 evaluations without
+    improvement; patience 0 = never)."""
+    best_index = max(range(len(evals)), key=lambda i: (evals[i][1], -i)) if evals else -1
+    since = len(evals) - 1 - best_index if evals else 0
+    return {"best_iteration": evals[best_index][0] if evals else None,
+            "best_reward": evals[best_index][1] if evals else None,
+            "evals_since_best": since, "stop": patience > 0 and since >= patience}
+
+
+class BestPolicy:
+    """WORKDIR/best/: the policy of the best held-out reward (llama workdir layout + best.json: an init_from), and
+    WORKDIR/early_stop.json: the evaluations so far (re-read on resume, cut at the resumed iteration)."""
+
+    def __init__(self, workdir: str, patience: int, resumed_at: int):
+        self.workdir, self.patience = workdir, patience
+        self.dir, self.log = os.path.join(workdir, "best"), os.path.join(workdir, "early_stop.json")
+        self.evals = [tuple(e) for e in read_json(self.log, {"evals": []})["evals"] if e[0] <= resumed_at]
+        self.best_reward = read_json(os.path.join(self.dir, "best.json"), {}).get("eval_reward_combined")
+
+    def update(self, iteration: int, reward: float, params, cfg) -> dict:
+        """Record one evaluation; save the policy when it beats every earlier one. Returns `early_stop`'s dict."""
+        self.evals.append((iteration, reward))
+        if self.best_reward is None or reward > self.best_reward:
+            self.save(params, cfg, {"iteration": iteration, "eval_reward_combined": reward})
+            self.best_reward = reward
+        write_json(self.log, {"evals": self.evals})
+        return early_stop(self.evals, self.patience)
+
+    def save(self, params, cfg, info: dict) -> None:
+        """Written beside WORKDIR/best and swapped in: a kill leaves the previous best or the new one."""
+        staging = self.dir + ".new"
+        if jax.process_index() == 0 and os.path.isdir(staging):
+            shutil.rmtree(staging)
+        param_checkpoint.save_params(staging, params, cfg)
+        if jax.process_index() == 0:
+            shutil.copy(os.path.join(self.workdir, "tokenizer.model"), staging)
+            write_json(os.path.join(staging, "best.json"), info)
+            if os.path.isdir(self.dir):
+                shutil.rmtree(self.dir)
+            os.replace(staging, self.dir)
+
+
+def read_json(path: str, default):
+    if not os.path.isfile(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, value) -> None:
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            json.dump(value, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -370,6 +440,8 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
     loop.drop_metrics_after(workdir, start)  # iterations past the restored checkpoint are run (and logged) again
     writer, history, rng = loop.Tracker.from_config(config, workdir), [], jax.random.PRNGKey(config.seed)
     profiler = loop.Profiler.from_config(config, workdir)  # profile_steps counts iterations (1-based) here
+    best = BestPolicy(workdir, config.early_stop_patience, start)
+    stop = False
     with loop.TerminationFlag() as termination:
         for iteration in range(start + 1, config.iterations + 1):
             step_rng = jax.random.fold_in(rng, iteration)
@@ -380,15 +452,20 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
             if val_batches is not None and iteration % config.eval_every_iterations == 0:
                 metrics.update(evaluate(phases, (policy_state, value_state), models, val_batches,
                                         jax.random.fold_in(step_rng, 2), mesh))
+                stop = best.update(iteration, metrics["eval_reward_combined"], policy_state.params, cfg)["stop"]
             metrics["policy_step"] = float(jax.device_get(policy_state.step))
             writer.write(iteration, metrics)
             history.append({"iteration": iteration, **metrics})
             if jax.process_index() == 0:
                 print(log_line(iteration, metrics), flush=True)
-            last = iteration == config.iterations
+            last = iteration == config.iterations or stop
             if iteration % config.checkpoint_every_iterations == 0 or last or termination.requested:
                 checkpoints.save(policy_state, value_state, iteration, batches)
             if termination.requested:  # saved above; the next run resumes at iteration + 1
+                break
+            if stop:
+                print(f"early stop: no held-out improvement for {config.early_stop_patience} evaluations; best policy "
+                      f"(iteration {early_stop(best.evals, 0)['best_iteration']}) in {best.dir}", flush=True)
                 break
     profiler.stop()
     checkpoints.close()

@@ -4,7 +4,8 @@ r"""Rejection-sampling fine-tuning (paper section 3.2.3): `python -m train.rejec
 
 Per iteration i = 0 .. iterations - 1:
   1. sample K = `sampling.num_samples` responses per prompt from the current policy (`init_from` for i = 0, then the
-     previous iteration's SFT workdir) at `sampling.temperature` (paper: best at T = 1.2-1.3 for 10-100 samples), with
+     previous iteration's SFT workdir) at `sampling.temperature`, or at `sampling.temperature_schedule[i]` when a
+     schedule is given (the paper re-tunes T each iteration; paper: best at T = 1.2-1.3 for 10-100 samples), with
      the compiled sampler on the mesh (`decode.sample` inside one jit with the reward models);
   2. score prompt + response (+ EOS, appended to responses cut at max_gen_len: the RMs read their score at the EOS
      that ends an answer) with the reward model(s): with both RMs, the piecewise rule of PPO (`rlhf.combine_rewards`:
@@ -75,12 +76,23 @@ def check_config(config, mesh) -> None:
     if s.num_samples < 1 or s.max_gen_len < 1 or config.iterations < 1:
         raise common.ConfigError("config.sampling.num_samples, config.sampling.max_gen_len and config.iterations "
                                  "must be >= 1")
+    if any(t < 0 for t in s.temperature_schedule):
+        raise common.ConfigError(f"config.sampling.temperature_schedule {tuple(s.temperature_schedule)}: every "
+                                 "temperature must be >= 0")
     if s.temperature < 0 or not 0 < s.top_p <= 1:
         raise common.ConfigError(f"config.sampling: temperature {s.temperature} must be >= 0 and top_p {s.top_p} in "
                                  "(0, 1]")
     if s.batch_size < 1 or s.batch_size % sh.data_parallel_size(mesh):
         raise common.ConfigError(f"config.sampling.batch_size ({s.batch_size}) must be a positive multiple of the "
                                  f"data-parallel size {sh.data_parallel_size(mesh)}")
+
+
+def iteration_temperature(config, iteration: int) -> float:
+    """The sampling temperature of an iteration: sampling.temperature_schedule[iteration] (its last value once the
+    schedule is shorter than the run), or sampling.temperature when the schedule is empty. The paper re-tunes T at
+    each iteration (Figure 8: the best T moves as the model changes)."""
+    schedule = tuple(config.sampling.temperature_schedule)
+    return float(schedule[min(iteration, len(schedule) - 1)]) if schedule else float(config.sampling.temperature)
 
 
 def sample_all(config, sampler, policy_params, reward_params, encoded, prompts, iteration: int, mesh) -> dict:
@@ -99,7 +111,8 @@ def sample_all(config, sampler, policy_params, reward_params, encoded, prompts, 
         safety = np.array([prompts[p].is_safety for p, _ in padded])
         to_global = functools.partial(common.host_to_global, mesh=mesh)
         out = common.to_host(sampler(policy_params, reward_params, to_global(tokens), to_global(lens),
-                                     to_global(safety), jax.random.fold_in(rng, start)))
+                                     to_global(safety), jax.random.fold_in(rng, start),
+                                     temperature=np.float32(iteration_temperature(config, iteration))))
         for row, (p, s) in enumerate(chunk):
             responses[p][s] = out["tokens"][row, lens[row]:lens[row] + out["lengths"][row]].tolist()
             for name in out.keys() - {"tokens", "lengths"}:
@@ -200,8 +213,7 @@ def write_best_of_k(workdir: str, curves: dict[int, list[float]]) -> None:
 def make_sampler(config, cfg, score_fns, eos_id: int, mesh):
     s = config.sampling
     return jax.jit(functools.partial(
-        sample_and_score, cfg=cfg, score_fns=score_fns, max_gen_len=s.max_gen_len, temperature=s.temperature,
-        top_p=s.top_p, eos_id=eos_id, threshold=config.reward.safety_threshold, mesh=mesh),
+        sample_and_score, cfg=cfg, score_fns=score_fns, max_gen_len=s.max_gen_len, top_p=s.top_p, eos_id=eos_id, threshold=config.reward.safety_threshold, mesh=mesh),
         compiler_options=decode.DECODE_COMPILER_OPTIONS)
 
 
@@ -249,7 +261,8 @@ def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, rlhf.
         write_jsonl(pool_path, (pool[p] for p in sorted(pool)))
         multihost_utils.sync_global_devices(f"rs pool {iteration}")
         curves[iteration] = rlhf.best_of_k_curve(samples["scores"]["combined"]).tolist()
-        record = {**iteration_metrics(samples, pool, iteration), "best_of_k": curves[iteration]}
+        record = {**iteration_metrics(samples, pool, iteration),
+                  "temperature": iteration_temperature(config, iteration), "best_of_k": curves[iteration]}
         history.append(record)
         log_iteration(tracker, record)
         write_best_of_k(workdir, curves)

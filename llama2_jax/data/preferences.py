@@ -6,7 +6,8 @@ system message), a chosen and a rejected response, an optional Meta-style rating
 Formats (``read_preferences(path, format=...)``; "auto" uses `detect_format`). JSONL or a JSON list of records.
 
 * ``"jsonl"``: ``{"prompt": str | [messages], "chosen": str, "rejected": str, "rating": str | null (optional),
-  "is_safety": bool (optional)}``. A string prompt is one user message. ``rating`` is one of RATINGS (spaces and
+  "is_safety": bool (optional), "chosen_safe"/"rejected_safe": bool (optional safety label per answer)}``. A string
+  prompt is one user message. ``rating`` is one of RATINGS (spaces and
   hyphens are read as underscores, case is ignored) or null.
 * ``"oasst_pairs"``: the derived OpenAssistant pairs (``oasst-en-100-pairs.jsonl``): the "jsonl" format with a
   message-list prompt, plus ``chosen_rank``/``rejected_rank`` and ids, which are ignored. ``rating`` stays None:
@@ -56,6 +57,13 @@ class PreferencePair:
     rejected: str
     rating: str | None = None  # one of RATINGS, or None when unknown
     is_safety: bool = False
+    chosen_safe: bool | None = None  # safety label of each answer (None = not labelled); the safety RM mix drops
+    rejected_safe: bool | None = None  # pairs whose chosen answer is unsafe and the other safe (paper section 3.2.2)
+
+    @property
+    def chosen_unsafe_other_safe(self) -> bool:
+        """The label bin the paper's safety collection excludes: chosen unsafe, rejected safe."""
+        return self.chosen_safe is False and self.rejected_safe is True
 
     def __post_init__(self):
         chat.normalize_dialog(self.prompt, last_role="user")
@@ -65,6 +73,9 @@ class PreferencePair:
             raise ValueError(f"rating {self.rating!r}, expected one of {', '.join(RATINGS)} or None")
         if not isinstance(self.is_safety, bool):
             raise ValueError(f"is_safety is {type(self.is_safety).__name__}, expected a bool")
+        for name in ("chosen_safe", "rejected_safe"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"'{name}' is {type(getattr(self, name)).__name__}, expected true/false/null")
 
 
 def normalize_rating(rating: Any) -> str | None:
@@ -87,10 +98,11 @@ def _prompt_messages(prompt: Any) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
-def _make_pair(prompt, chosen: str, rejected: str, rating=None, is_safety=False) -> PreferencePair:
+def _make_pair(prompt, chosen: str, rejected: str, rating=None, is_safety=False, chosen_safe=None,
+               rejected_safe=None) -> PreferencePair:
     if chosen == rejected:
         raise DropRecord("chosen == rejected")
-    return PreferencePair(prompt, chosen, rejected, rating, is_safety)
+    return PreferencePair(prompt, chosen, rejected, rating, is_safety, chosen_safe, rejected_safe)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -114,6 +126,8 @@ def jsonl_to_pair(record: Any, is_safety: bool | None = None) -> PreferencePair:
         require_str(record["rejected"], "'rejected'"),
         normalize_rating(record.get("rating")),
         _safety(record, is_safety),
+        record.get("chosen_safe"),
+        record.get("rejected_safe"),
     )
 
 

@@ -2,7 +2,8 @@
 in Meta's chat format, too-long prompts dropped and counted.
 
 Prompt file (JSONL): one `{"prompt": str | [messages ending with a user message], "is_safety": bool (optional)}`
-per line. A preference file in any `llama2_jax.data.preferences` format gives each distinct prompt once, tagged with
+per line; an optional `"risk_category"` (a key of `safety_preprompts.json`, e.g. "criminal") selects the
+category preprompt in context distillation. A preference file in any `llama2_jax.data.preferences` format gives each distinct prompt once, tagged with
 its pair's is_safety.
 """
 
@@ -26,6 +27,7 @@ _log = logging.getLogger(__name__)
 class Prompt:
     messages: list[dict[str, str]]  # a dialog ending with a user message
     is_safety: bool = False
+    risk_category: str = ""  # context distillation: the category preprompt's key ("" = a generic preprompt)
 
 
 def prompt_from_record(record: Any, is_safety: Optional[bool] = None) -> Prompt:
@@ -43,7 +45,10 @@ def prompt_from_record(record: Any, is_safety: Optional[bool] = None) -> Prompt:
     flag = record.get("is_safety", False) if is_safety is None else is_safety
     if not isinstance(flag, bool):
         raise ValueError(f"'is_safety' is {type(flag).__name__}, expected true/false")
-    return Prompt(messages, flag)
+    category = record.get("risk_category", "")
+    if not isinstance(category, str):
+        raise ValueError(f"'risk_category' is {type(category).__name__}, expected a string")
+    return Prompt(messages, flag, category)
 
 
 def read_prompts(path: str, format: str = "auto", on_error: str = "raise",

@@ -219,10 +219,15 @@ def helpful_mix(pairs: Sequence[PreferencePair], seed: int) -> list[PreferencePa
 
 
 def safety_mix(pairs: Sequence[PreferencePair], seed: int, safety_share: float = 0.9) -> list[PreferencePair]:
-    """Safety RM mix: every safety pair + helpfulness pairs sampled so that safety makes `safety_share` (90 %)."""
+    """Safety RM mix: every safety pair + helpfulness pairs sampled so that safety makes `safety_share` (90 %).
+    Safety pairs labelled "chosen unsafe, other safe" are excluded, as the paper's collection protocol does
+    (section 3.2.2: only the bins chosen-safe/other-unsafe, both safe and both unsafe are used)."""
     if not 0.0 < safety_share <= 1.0:
         raise ValueError(f"safety_share must be in (0, 1], got {safety_share}")
-    safety = [p for p in pairs if p.is_safety]
+    safety = [p for p in pairs if p.is_safety and not p.chosen_unsafe_other_safe]
+    if len(safety) < sum(p.is_safety for p in pairs):
+        _log.info("safety mix: excluded %d pairs whose chosen answer is unsafe and the other safe",
+                  sum(p.is_safety for p in pairs) - len(safety))
     helpful = [p for p in pairs if not p.is_safety]
     n_helpful = round(len(safety) * (1.0 - safety_share) / safety_share)
     return safety + _sample(helpful, n_helpful, np.random.default_rng(seed), "helpfulness")

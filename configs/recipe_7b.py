@@ -1,0 +1,67 @@
+r"""The whole recipe at 7B (train.recipe) with the paper's settings of every stage, as the stage configs state them:
+
+    python -m train.recipe --config=configs/recipe_7b.py --workdir=DIR --config.data_dir=DATA \
+        --config.paths.pretrain_data=... --config.paths.sft_data=... (see the fields below)
+
+  pretrain    configs/7b.py: 2T tokens, 4M-token batches, peak LR 3e-4, cosine to 10 %, warmup 2,000 (Table 1)
+  sft         configs/sft_7b.py: LR 2e-5 cosine, batch 64 x 4096 packed, 2 epochs, loss on answers only
+  rm_helpful  configs/rm_helpful_7b.py: 1 epoch, LR 1e-5, 512 pairs, margin loss, helpful mix
+  rm_safety   configs/rm_safety_7b.py: as helpful with the 90/10 safety mix
+  rs          configs/rs_7b.py: K = 10 at T = 1.2, the pool of the best answer across iterations (the paper ran RS
+              with the 70B and distilled into the smaller models: point rs at a 70B policy for that)
+  ppo         configs/ppo_7b.py: β 0.01, constant LR 1e-6, 512 prompts, minibatch 64, clip 0.2, early stop on
+              held-out reward; product: the best held-out policy
+  gatt        train.gatt on multi-turn dialogs, then configs/sft_7b.py on its records (GAtt after RLHF, section 3.3)
+  cd          configs/cd_7b.py: safety preprompts with risk-category templates, targeted keep by the safety RM
+At 70B use configs/ppo_70b.py (β 0.005) and configs/rm_*_70b.py (LR 5e-6) in the rm and ppo commands. Each stage is
+one process on this host; for a pod, run the same commands through launch/ (one per stage) instead.
+"""
+
+import ml_collections
+
+from configs import recipe_common
+
+
+def get_config():
+    config = recipe_common.base_config()
+    config.data_dir = ""  # {data}: where the files below live
+    config.paths.pretrain_data = ""  # pretraining corpus (data.source "tfds"/"hf"/"text"/"jsonl": see configs/7b.py)
+    config.paths.pretrain_source = "tfds"
+    config.paths.sft_data = ""  # SFT dialogs (any llama2_jax.data.dialogs format)
+    config.paths.helpful_pairs = ""  # helpfulness preference pairs
+    config.paths.safety_pairs = ""  # safety preference pairs (is_safety), with chosen_safe / rejected_safe labels
+    config.paths.rlhf_prompts = ""  # RS / PPO prompts, tagged is_safety
+    config.paths.safety_prompts = ""  # adversarial prompts (risk_category optional) for context distillation
+    config.paths.dialogs = ""  # multi-turn dialogs for GAtt
+
+    stages = ml_collections.ConfigDict()
+    stages.pretrain = recipe_common.stage(
+        "lm", ".", "train.pretrain --config=configs/7b.py --workdir={dir} --config.data.source={paths.pretrain_source} "
+        "--config.data.path={paths.pretrain_data}")
+    stages.sft = recipe_common.stage(
+        "lm", ".", "train.sft --config=configs/sft_7b.py --workdir={dir} --config.init_from={pretrain} "
+        "--config.data.path={paths.sft_data}")
+    stages.rm_helpful = recipe_common.stage(
+        "rm", ".", "train.reward --config=configs/rm_helpful_7b.py --workdir={dir} --config.init_from={sft} "
+        "--config.data.path={paths.helpful_pairs} --config.data.safety_path={paths.safety_pairs}")
+    stages.rm_safety = recipe_common.stage(
+        "rm", ".", "train.reward --config=configs/rm_safety_7b.py --workdir={dir} --config.init_from={sft} "
+        "--config.data.path={paths.helpful_pairs} --config.data.safety_path={paths.safety_pairs}")
+    rewards = "--config.reward.helpful_path={rm_helpful} --config.reward.safety_path={rm_safety}"
+    stages.rs = recipe_common.stage(
+        "rs", "iter_1/sft", "train.rejection_sampling --config=configs/rs_7b.py --workdir={dir} "
+        f"--config.init_from={{sft}} {rewards} --config.prompts.path={{paths.rlhf_prompts}}")
+    stages.ppo = recipe_common.stage(
+        "ppo", "best|.", "train.ppo --config=configs/ppo_7b.py --workdir={dir} --config.init_from={rs} "
+        f"{rewards} --config.prompts.path={{paths.rlhf_prompts}}")
+    stages.gatt = recipe_common.stage(
+        "lm", "sft",
+        "train.gatt --checkpoint={ppo} --tokenizer={ppo}/tokenizer.model --dialogs={paths.dialogs} "
+        "--out={dir}/gatt.jsonl",
+        "train.sft --config=configs/sft_7b.py --workdir={dir}/sft --config.init_from={ppo} "
+        "--config.data.path={dir}/gatt.jsonl")
+    stages.cd = recipe_common.stage(
+        "cd", "sft", "train.context_distill --config=configs/cd_7b.py --workdir={dir} --config.init_from={gatt} "
+        "--config.reward.safety_path={rm_safety} --config.prompts.path={paths.safety_prompts}")
+    config.stages = stages
+    return config

@@ -1,0 +1,74 @@
+r"""The whole recipe on CPU (train.recipe): every stage with the tiny configs, on the embedded corpus and the small
+real data of ../shared/data.
+
+    python -m train.recipe --config=configs/recipe_tiny.py --workdir=/tmp/recipe
+
+Stages and their shortened lengths (each stage's own tiny config, cut down so that the whole recipe fits in
+half an hour on 2 CPU cores):
+  pretrain    configs/tiny.py on the embedded pydoc corpus: 150 steps of 16 x 128 tokens
+  sft         configs/sft_tiny.py on Alpaca (first 1,000): 40 steps of 8 x 256 tokens
+  rm_helpful  configs/rm_tiny.py on the OASST pairs: 30 steps of 16 pairs, from the SFT model
+  rm_safety   configs/rm_tiny.py on HH harmless (is_safety): 30 steps of 16 pairs, from the SFT model
+  rs          configs/rs_tiny.py: 1 iteration, 16 OASST prompts x 8 samples, 10 SFT steps on the pool
+  ppo         configs/ppo_tiny.py on HH harmless prompts: at most 8 iterations of 16 prompts, held-out reward every 2,
+              early stop after 2 evaluations without improvement; its product is the best held-out policy
+  gatt        train.gatt on 16 FastChat dialogs (2 turns), then configs/sft_tiny.py for 10 steps on its records
+  cd          configs/cd_tiny.py on 16 HH harmless prompts, 10 SFT steps on the kept pairs
+"""
+
+import ml_collections
+
+from configs import recipe_common
+
+DIAGNOSTICS = "--config.progress_bar=False"
+
+
+def get_config():
+    config = recipe_common.base_config()
+    config.paths.pretrain_data = ""  # unused: the embedded corpus (data.source "default")
+    config.paths.sft_data = "{data}/alpaca-cleaned-first1000.json"
+    config.paths.helpful_pairs = "{data}/oasst-en-100-pairs.jsonl"
+    config.paths.safety_pairs = "{data}/hh-rlhf-harmless-base-test.prompt-chosen-rejected.jsonl"
+    config.paths.rlhf_prompts = "{data}/oasst-en-100-pairs.jsonl"
+    config.paths.safety_prompts = "{data}/hh-rlhf-harmless-base-test.prompt-chosen-rejected.jsonl"
+    config.paths.dialogs = "{data}/fastchat-dummy-conversation.json"
+
+    short = f"{DIAGNOSTICS} --config.num_epochs=0"
+    stages = ml_collections.ConfigDict()
+    stages.pretrain = recipe_common.stage(
+        "lm", ".", "train.pretrain --config=configs/tiny.py --workdir={dir} --config.num_train_steps=150 "
+        f"--config.eval_every_steps=50 --config.checkpoint_every_steps=50 {DIAGNOSTICS}")
+    stages.sft = recipe_common.stage(
+        "lm", ".", "train.sft --config=configs/sft_tiny.py --workdir={dir} --config.init_from={pretrain} "
+        "--config.data.path={paths.sft_data} --config.num_train_steps=40 --config.eval_every_steps=20 "
+        f"--config.checkpoint_every_steps=20 {short}")
+    rm = (f"--config.init_from={{sft}} --config.num_train_steps=30 --config.eval_every_steps=15 "
+          f"--config.checkpoint_every_steps=15 {short}")
+    stages.rm_helpful = recipe_common.stage(
+        "rm", ".", f"train.reward --config=configs/rm_tiny.py --workdir={{dir}} {rm} "
+        "--config.data.path={paths.helpful_pairs}")
+    stages.rm_safety = recipe_common.stage(
+        "rm", ".", f"train.reward --config=configs/rm_tiny.py --workdir={{dir}} {rm} "
+        "--config.data.path={paths.safety_pairs} --config.data.is_safety=True")
+    rewards = "--config.reward.helpful_path={rm_helpful} --config.reward.safety_path={rm_safety}"
+    stages.rs = recipe_common.stage(
+        "rs", "iter_0/sft", "train.rejection_sampling --config=configs/rs_tiny.py --workdir={dir} "
+        f"--config.init_from={{sft}} {rewards} --config.prompts.path={{paths.rlhf_prompts}} --config.iterations=1 "
+        "--config.prompts.max_prompts=16 --config.sft.num_train_steps=10 --config.sft.checkpoint_every_steps=10")
+    stages.ppo = recipe_common.stage(
+        "ppo", "best|.", "train.ppo --config=configs/ppo_tiny.py --workdir={dir} --config.init_from={rs} "
+        f"{rewards} --config.prompts.path={{paths.safety_prompts}} --config.iterations=8 "
+        "--config.eval_every_iterations=2 --config.early_stop_patience=2 --config.checkpoint_every_iterations=4")
+    stages.gatt = recipe_common.stage(
+        "lm", "sft",
+        "train.gatt --checkpoint={ppo} --tokenizer={ppo}/tokenizer.model --dialogs={paths.dialogs} "
+        "--out={dir}/gatt.jsonl --max_dialogs=16 --max_turns=2 --max_gen_len=32 --batch_size=16",
+        "train.sft --config=configs/sft_tiny.py --workdir={dir}/sft --config.init_from={ppo} "
+        "--config.data.path={dir}/gatt.jsonl --config.num_train_steps=10 --config.data.val_fraction=0.1 "
+        f"--config.eval_every_steps=10 --config.checkpoint_every_steps=10 {short}")
+    stages.cd = recipe_common.stage(
+        "cd", "sft", "train.context_distill --config=configs/cd_tiny.py --workdir={dir} --config.init_from={gatt} "
+        "--config.reward.safety_path={rm_safety} --config.prompts.path={paths.safety_prompts} "
+        "--config.prompts.max_prompts=16 --config.sft.num_train_steps=10 --config.sft.checkpoint_every_steps=10")
+    config.stages = stages
+    return config

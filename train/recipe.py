@@ -1,0 +1,157 @@
+r"""The whole Llama 2 recipe in one command: `python -m train.recipe --config=configs/recipe_tiny.py --workdir=DIR`.
+
+pretrain -> SFT -> helpfulness RM and safety RM -> rejection sampling -> PPO -> Ghost Attention -> safety context
+distillation. An orchestrator, not a trainer: every stage runs as its own process with exactly its documented
+command line (`python -m train.<stage> --config=... --workdir=DIR/<stage> --config.X=...`), so its memory is freed
+and a kill -9 loses at most the work since that stage's last checkpoint. The stage list, each stage's commands and
+its product are in the config (configs/recipe_tiny.py); `{data}`, `{dir}` (the stage's workdir) and `{<stage>}`
+(a finished stage's product, e.g. the SFT policy) are filled in.
+
+DIR/manifest.json (written atomically) records every finished command and stage with its evaluation; a re-run skips
+finished stages and re-runs the interrupted command, which resumes from its own checkpoints. After each stage its
+evaluation is read from its outputs (held-out loss / perplexity, RM accuracy, RS and PPO rewards, the context
+distillation's kept fraction); at the end DIR/REPORT.md has one table per stage and DIR/plots/<stage>.png its curves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import types
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from train import recipe_report
+
+MANIFEST = "manifest.json"
+
+
+class RecipeError(RuntimeError):
+    """A stage failed or the recipe config is malformed (one line: the stage and the reason)."""
+
+
+def read_manifest(workdir: str) -> dict:
+    path = os.path.join(workdir, MANIFEST)
+    if not os.path.isfile(path):
+        return {"stages": {}}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_manifest(workdir: str, manifest: dict) -> None:
+    """tmp + os.replace: a kill leaves the previous manifest or the new one, never half of one."""
+    path = os.path.join(workdir, MANIFEST)
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def stage_names(config) -> list[str]:
+    names = [n.strip() for n in config.stage_order.split(",") if n.strip()]
+    unknown = [n for n in names if n not in config.stages]
+    if unknown:
+        raise RecipeError(f"config.stage_order names unknown stages {unknown}; known: {', '.join(config.stages)}")
+    return names
+
+
+def fill(text: str, values: dict[str, str], stage: str) -> str:
+    try:
+        return text.format(**values)
+    except KeyError as error:
+        raise RecipeError(f"config.stages.{stage}: {{{error.args[0]}}} is not a finished stage's product or a "
+                          f"known placeholder ({', '.join(sorted(values))})") from None
+
+
+def stage_commands(config, name: str, values: dict[str, str]) -> list[list[str]]:
+    """The stage's command lines as argv lists: `python -m MODULE ARGS...`; `extra` is appended to the last one."""
+    stage = config.stages[name]
+    lines = list(stage.commands)
+    if stage.get("extra", ""):
+        lines[-1] = f"{lines[-1]} {stage.extra}"
+    return [[config.python or sys.executable, "-m", *shlex.split(fill(line, values, name))] for line in lines]
+
+
+def product(stage_dir: str, output: str) -> str:
+    """The stage's product: the first existing of the `|`-separated paths (relative to the stage dir)."""
+    candidates = [os.path.normpath(os.path.join(stage_dir, p.strip())) for p in output.split("|")]
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise RecipeError(f"none of the stage's products exists: {', '.join(candidates)}")
+
+
+def run_command(argv: list[str], log_path: str, env: dict) -> None:
+    """One stage command; its output goes to the stage's log (appended: a re-run keeps the earlier attempt)."""
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {shlex.join(argv)}\n")
+        log.flush()
+        code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if code:
+        raise RecipeError(f"exit status {code} from `{shlex.join(argv[2:])}`; see {log_path}")
+
+
+def run_stage(config, workdir: str, name: str, manifest: dict, values: dict[str, str], env: dict) -> dict:
+    """Run the stage's unfinished commands, then evaluate it; returns its manifest entry."""
+    stage_dir = os.path.join(workdir, name)
+    os.makedirs(stage_dir, exist_ok=True)
+    entry = manifest["stages"].setdefault(name, {"commands_done": 0, "seconds": 0.0})
+    write_manifest(workdir, manifest)
+    commands = stage_commands(config, name, {**values, "dir": stage_dir})
+    for index in range(entry["commands_done"], len(commands)):
+        print(f"[{name}] {shlex.join(commands[index][2:])}", flush=True)
+        start = time.perf_counter()
+        run_command(commands[index], os.path.join(stage_dir, "log.txt"), env)
+        entry["seconds"] += time.perf_counter() - start
+        entry["commands_done"] = index + 1
+        write_manifest(workdir, manifest)
+    stage = config.stages[name]
+    entry["output"] = product(stage_dir, stage.output)
+    entry["kind"] = stage.kind
+    entry["metrics"] = recipe_report.evaluate_stage(stage.kind, stage_dir, entry["output"])
+    entry["finished"] = True
+    write_manifest(workdir, manifest)
+    return entry
+
+
+def run_recipe(config, workdir: str) -> dict:
+    """Every stage of config.stage_order not yet finished in DIR/manifest.json, then DIR/REPORT.md and plots."""
+    names = stage_names(config)
+    os.makedirs(workdir, exist_ok=True)
+    manifest = read_manifest(workdir)
+    values = {"data": os.path.abspath(config.data_dir), "workdir": os.path.abspath(workdir)}
+    values["paths"] = types.SimpleNamespace(**{k: fill(v, values, f"paths.{k}") for k, v in config.paths.items()})
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}  # stage logs line by line
+    for name in names:
+        entry = manifest["stages"].get(name, {})
+        if entry.get("finished"):
+            print(f"[{name}] finished earlier: skipped ({entry['output']})", flush=True)
+        else:
+            entry = run_stage(config, os.path.abspath(workdir), name, manifest, values, env)
+            print(f"[{name}] done in {entry['seconds']:.0f} s: {recipe_report.one_line(entry['metrics'])}",
+                  flush=True)
+        values[name] = entry["output"]
+    recipe_report.write_report(workdir, names, manifest)
+    print(f"report: {os.path.join(workdir, 'REPORT.md')}")
+    return manifest
+
+
+def main(argv) -> None:
+    del argv
+    try:
+        run_recipe(flags.FLAGS.config, flags.FLAGS.workdir)
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Recipe config (configs/recipe_*.py).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Recipe directory: one sub-directory per stage, manifest.json, REPORT.md.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,144 @@
+"""The recipe's evaluations and report (train.recipe): each stage's figures read from the files its trainer wrote,
+DIR/REPORT.md (one table per stage) and DIR/plots/<stage>.png (its curves, matplotlib)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional
+
+# Curves per stage kind: (metrics file relative to the stage dir or its product, x key, [y keys]).
+LM_CURVES = ("loss", "eval_loss")
+CURVES = {"lm": LM_CURVES, "rm": ("loss", "accuracy", "eval_loss", "eval_accuracy"),
+          "ppo": ("reward_combined", "eval_reward_combined", "kl"), "rs": LM_CURVES, "cd": LM_CURVES}
+
+
+def read_records(path: str) -> list[dict]:
+    """metrics.jsonl records merged per step (train and eval records of a step are separate lines; a resumed run
+    appends the steps it redoes, the later values win)."""
+    if not os.path.isfile(path):
+        return []
+    by_step: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                by_step.setdefault(record.get("step", record.get("iteration", len(by_step))), {}).update(record)
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def read_json(path: str) -> Optional[dict]:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def last_value(records: list[dict], key: str) -> Optional[float]:
+    values = [r[key] for r in records if key in r]
+    return values[-1] if values else None
+
+
+def lm_figures(records: list[dict]) -> dict:
+    """Steps, final train loss, last held-out loss and perplexity of a language-model trainer's metrics.jsonl."""
+    figures = {"steps": last_value(records, "step"), "train_loss": last_value(records, "loss"),
+               "eval_loss": last_value(records, "eval_loss"), "eval_perplexity": last_value(records, "eval_perplexity")}
+    return {k: v for k, v in figures.items() if v is not None}
+
+
+def curve_file(kind: str, stage_dir: str, output: str) -> str:
+    """The metrics.jsonl that holds the stage's training curves."""
+    if kind in ("rs", "cd") or not os.path.isfile(os.path.join(stage_dir, "metrics.jsonl")):
+        return os.path.join(output, "metrics.jsonl")
+    return os.path.join(stage_dir, "metrics.jsonl")
+
+
+def evaluate_stage(kind: str, stage_dir: str, output: str) -> dict:
+    """The stage's evaluation figures, read from its outputs (see the module docstring)."""
+    records = read_records(curve_file(kind, stage_dir, output))
+    if kind == "lm":
+        return lm_figures(records)
+    if kind == "rm":
+        summary = read_json(os.path.join(stage_dir, "rm_eval.json")) or {}
+        return {"steps": last_value(records, "step"), "eval_accuracy": summary.get("accuracy"),
+                "eval_loss": summary.get("loss"), "eval_pairs": summary.get("eval_pairs"),
+                "mean_margin": summary.get("mean_margin")}
+    if kind == "rs":
+        iterations = read_records(os.path.join(stage_dir, "metrics.jsonl"))
+        last = iterations[-1] if iterations else {}
+        figures = {"iterations": len(iterations), "reward_mean": last.get("reward_combined_mean"),
+                   "best_of_k_mean": last.get("best_of_k_mean"), "pool_reward_mean": last.get("pool_reward_mean")}
+        return {**figures, **{f"sft_{k}": v for k, v in lm_figures(records).items()}}
+    if kind == "ppo":
+        evals = [r for r in records if "eval_reward_combined" in r]
+        best = max(evals, key=lambda r: r["eval_reward_combined"]) if evals else {}
+        stopped = read_json(os.path.join(stage_dir, "early_stop.json"))
+        return {"iterations": last_value(records, "step"), "first_reward": records[0].get("reward_combined")
+                if records else None, "last_reward": last_value(records, "reward_combined"),
+                "best_eval_reward": best.get("eval_reward_combined"), "best_eval_iteration": best.get("step"),
+                "last_kl": last_value(records, "kl"), "evaluations": len(stopped["evals"]) if stopped else 0}
+    if kind == "cd":
+        summary = read_json(os.path.join(stage_dir, "distill.json")) or {}
+        keys = ("prompts", "kept_fraction", "safety_original_mean", "safety_distilled_mean", "safety_gain_all_mean",
+                "safety_gain_kept_mean")
+        return {**{k: summary.get(k) for k in keys}, **{f"sft_{k}": v for k, v in lm_figures(records).items()}}
+    raise ValueError(f"unknown stage kind {kind!r}; known: lm, rm, rs, ppo, cd")
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return "-" if value is None else str(value)
+
+
+def one_line(metrics: dict) -> str:
+    return ", ".join(f"{k} {fmt(v)}" for k, v in metrics.items() if v is not None)
+
+
+def plot_stage(path: str, title: str, kind: str, records: list[dict]) -> bool:
+    """One PNG with a panel per curve of the stage (x = step / iteration). False when there is nothing to plot."""
+    keys = [k for k in CURVES[kind] if sum(k in r for r in records) >= 1]
+    if not keys:
+        return False
+    import matplotlib  # pylint: disable=g-import-not-at-top
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel("iteration" if kind == "ppo" else "step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(workdir: str, names: list[str], manifest: dict) -> str:
+    """DIR/REPORT.md: per stage its time, product, figures table and curves PNG (DIR/plots/<stage>.png)."""
+    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    total = sum(manifest["stages"][n].get("seconds", 0.0) for n in names)
+    lines = ["# Llama 2 recipe report", "", f"{len(names)} stages, {total / 60:.1f} minutes of stage time in all "
+             "(the sum over runs of this directory; a stage skipped on a re-run adds nothing).", ""]
+    for name in names:
+        entry = manifest["stages"][name]
+        kind, stage_dir = entry.get("kind"), os.path.join(workdir, name)
+        lines += [f"## {name}", "", f"Product: `{os.path.relpath(entry['output'], workdir)}`; "
+                  f"{entry.get('seconds', 0.0):.0f} s.", "", "| figure | value |", "| --- | --- |"]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in entry["metrics"].items()]
+        records = read_records(curve_file(kind, stage_dir, entry["output"])) if kind else []
+        if kind and plot_stage(os.path.join(workdir, "plots", f"{name}.png"), name, kind, records):
+            lines += ["", f"![{name} curves](plots/{name}.png)"]
+        if kind == "rs" and os.path.isfile(os.path.join(stage_dir, "best_of_k.png")):
+            lines += ["", f"![best of K]({name}/best_of_k.png)"]
+        lines.append("")
+    path = os.path.join(workdir, "REPORT.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
