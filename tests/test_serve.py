@@ -303,8 +303,11 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path):
             pieces.append(next(lines))
             server.send_signal(signal.SIGTERM)  # mid-stream: this request still finishes
             pieces += list(lines)
+        pieces = [piece for piece in pieces if piece]  # server-sent events are separated by blank lines
         assert pieces[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(pieces)
-        assert server.wait(60) == 0
+        # uvicorn shuts down gracefully, then re-raises the captured SIGTERM (uvicorn/server.py, capture_signals), so
+        # the process ends "killed by SIGTERM" after the in-flight request finished
+        assert server.wait(60) in (0, -signal.SIGTERM)
         with pytest.raises(httpx.TransportError):  # no longer accepting
             httpx.get(url + "/health")
     finally:
