@@ -13,8 +13,14 @@ from llama2_jax import rlhf, score_model
 from llama2_jax import sharding as sh
 from llama2_jax.config import LlamaConfig
 from llama2_jax.data import prompts as prompt_data
-from train.config_checks import ConfigError
 
+
+
+def _config_error(message: str) -> Exception:
+    """train.common.ConfigError (imported here, not at the top: train.common imports this module)."""
+    from train.common import ConfigError  # noqa: PLC0415
+
+    return ConfigError(message)
 
 def load_prompts(config, tokenizer) -> tuple[list[prompt_data.Prompt], list[list[int]]]:
     """The prompts of config.prompts (see `llama2_jax.data.prompts.load_prompts`) and their chat encodings."""
@@ -23,7 +29,7 @@ def load_prompts(config, tokenizer) -> tuple[list[prompt_data.Prompt], list[list
         return prompt_data.load_prompts(p.path, tokenizer, max_prompt_len=p.max_prompt_len, format=p.format,
                                         on_error=p.on_error, is_safety=p.is_safety, max_prompts=p.max_prompts)
     except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(f"config.prompts: {error}") from None
+        raise _config_error(f"config.prompts: {error}") from None
 
 
 def sigmoid_reward(params, tokens, lengths, *, cfg: LlamaConfig):
@@ -36,7 +42,7 @@ def load_score_params(path: str, cfg: LlamaConfig, shardings, field: str):
     try:
         return param_checkpoint.load_params(path, cfg, shardings=shardings, kind="score")[0]
     except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(f"{field}: {error}") from None
+        raise _config_error(f"{field}: {error}") from None
 
 
 def load_reward_models(config, mesh, vocab_size: int) -> tuple[dict[str, rlhf.ScoreFn], dict[str, Any]]:
@@ -44,15 +50,15 @@ def load_reward_models(config, mesh, vocab_size: int) -> tuple[dict[str, rlhf.Sc
     (either may be empty, not both; one path given twice is loaded once). Numerics from config.model."""
     paths = {name: config.reward[f"{name}_path"] for name in rlhf.REWARD_NAMES if config.reward[f"{name}_path"]}
     if not paths:
-        raise ConfigError("config.reward.helpful_path and config.reward.safety_path are both empty")
-    from train.common import model_config, model_config_from  # noqa: PLC0415 (common re-exports this module)
+        raise _config_error("config.reward.helpful_path and config.reward.safety_path are both empty")
+    from train.common import model_config, model_config_from  # noqa: PLC0415 (common imports this module)
 
     numerics, fns, params, loaded = model_config(config), {}, {}, {}
     for name, path in paths.items():
         field = f"config.reward.{name}_path"
         cfg = model_config_from(path, numerics, field)
         if cfg.vocab_size != vocab_size:
-            raise ConfigError(f"{field}: vocabulary {cfg.vocab_size} differs from the policy's {vocab_size} (the "
+            raise _config_error(f"{field}: vocabulary {cfg.vocab_size} differs from the policy's {vocab_size} (the "
                               "reward models must share the policy's tokenizer)")
         if path not in loaded:
             shardings = sh.tree_shardings(score_model.abstract_score_params(cfg, boxed=True), mesh)
