@@ -41,12 +41,10 @@ def get_config():
     stages.sft = recipe_common.stage(
         "lm", ".", "train.sft --config=configs/sft_7b.py --workdir={dir} --config.init_from={pretrain} "
         "--config.data.path={paths.sft_data}")
-    stages.rm_helpful = recipe_common.stage(
-        "rm", ".", "train.reward --config=configs/rm_helpful_7b.py --workdir={dir} --config.init_from={sft} "
-        "--config.data.path={paths.helpful_pairs} --config.data.safety_path={paths.safety_pairs}")
-    stages.rm_safety = recipe_common.stage(
-        "rm", ".", "train.reward --config=configs/rm_safety_7b.py --workdir={dir} --config.init_from={sft} "
-        "--config.data.path={paths.helpful_pairs} --config.data.safety_path={paths.safety_pairs}")
+    for kind in ("helpful", "safety"):  # the same pairs; each RM config picks its own data mix
+        stages[f"rm_{kind}"] = recipe_common.stage(
+            "rm", ".", f"train.reward --config=configs/rm_{kind}_7b.py --workdir={{dir}} --config.init_from={{sft}} "
+            "--config.data.path={paths.helpful_pairs} --config.data.safety_path={paths.safety_pairs}")
     rewards = "--config.reward.helpful_path={rm_helpful} --config.reward.safety_path={rm_safety}"
     stages.rs = recipe_common.stage(
         "rs", "iter_1/sft", "train.rejection_sampling --config=configs/rs_7b.py --workdir={dir} "
