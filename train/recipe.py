@@ -26,7 +26,7 @@ import types
 from absl import app, flags
 from ml_collections import config_flags
 
-from train import recipe_report
+from llama2_jax import recipe_report
 
 MANIFEST = "manifest.json"
 
