@@ -67,14 +67,7 @@ class Side:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--n_layers", type=int, default=4)
-    parser.add_argument("--n_heads", type=int, default=8)
-    parser.add_argument("--n_kv_heads", type=int, default=4)
-    parser.add_argument("--ffn", type=int, default=688, help="FFN hidden width (hidden_dim)")
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8, help="global sequences per step")
+    train_step.add_model_flags(parser, dim=256, n_layers=4, ffn=688, seq=128)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     parser.add_argument("--param_dtype", choices=("float32", "bfloat16"), default="float32",
                         help="storage dtype of the LoRA run's frozen base (the full run's params are float32)")

@@ -356,18 +356,23 @@ def run_sides(args, cfg: LlamaConfig, batch_np: dict) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def add_model_flags(parser: argparse.ArgumentParser, *, dim: int, n_layers: int, ffn: int, seq: int) -> None:
+    """The model-shape and batch flags every step benchmark takes (8 query / 4 KV heads, Llama 2's vocabulary)."""
+    parser.add_argument("--dim", type=int, default=dim)
+    parser.add_argument("--n_layers", type=int, default=n_layers)
+    parser.add_argument("--n_heads", type=int, default=8)
+    parser.add_argument("--n_kv_heads", type=int, default=4)
+    parser.add_argument("--ffn", type=int, default=ffn, help="FFN hidden width (hidden_dim)")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq", type=int, default=seq)
+    parser.add_argument("--batch", type=int, default=8, help="global sequences per step")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model: the issue's CPU config by default (a 40M-parameter Llama with GQA and Llama 2's vocabulary).
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--n_layers", type=int, default=8)
-    parser.add_argument("--n_heads", type=int, default=8)
-    parser.add_argument("--n_kv_heads", type=int, default=4)
-    parser.add_argument("--ffn", type=int, default=1376, help="FFN hidden width (hidden_dim)")
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8, help="global sequences per step")
+    add_model_flags(parser, dim=512, n_layers=8, ffn=1376, seq=256)
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="compute dtype (params and Adam stay float32); auto = float32 on CPU, bfloat16 else")
     parser.add_argument("--remat", choices=[p.value for p in RematPolicy], default="none")

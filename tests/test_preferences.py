@@ -39,14 +39,22 @@ def assert_prompt(prompt):
 # Real files
 
 
-def test_hh_derived_file():
-    path = shared_file(HH_DERIVED)
-    assert detect_format(path) == "hh_prompt"
+def read_clean_file(name: str, expected_format: str, expected_pairs: int):
+    """The pairs of a shipped file, checking its format, that nothing was skipped or dropped, and every prompt."""
+    path = shared_file(name)
+    assert detect_format(path) == expected_format
     pairs, stats = read_preferences(path)
-    assert len(pairs) == 2307 and stats.skipped == stats.dropped == 0
+    assert len(pairs) == expected_pairs and stats.skipped == stats.dropped == 0
     for pair in pairs:
         assert_prompt(pair.prompt)
-        assert pair.rating is None and pair.is_safety is False
+        assert pair.rating is None
+    return pairs
+
+
+def test_hh_derived_file():
+    pairs = read_clean_file(HH_DERIVED, "hh_prompt", 2307)
+    for pair in pairs:
+        assert pair.is_safety is False
         assert pair.chosen == pair.chosen.strip() and pair.chosen != pair.rejected
     assert pairs[0].prompt[0] == u("what are some pranks with a pen i can do?")
     assert pairs[0].chosen.startswith("No, sorry!")
@@ -65,13 +73,7 @@ def test_hh_raw_file_matches_derived(caplog):
 
 
 def test_oasst_pairs_file():
-    path = shared_file(OASST_PAIRS)
-    assert detect_format(path) == "oasst_pairs"
-    pairs, stats = read_preferences(path)
-    assert len(pairs) == 417 and stats.skipped == stats.dropped == 0
-    for pair in pairs:
-        assert_prompt(pair.prompt)
-        assert pair.rating is None
+    pairs = read_clean_file(OASST_PAIRS, "oasst_pairs", 417)
     assert collections.Counter(len(p.prompt) for p in pairs) == {1: 219, 3: 195, 5: 3}
 
 

@@ -152,3 +152,11 @@ def test_cli_error_is_printed_as_one_line(tmp_path):
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: config.mesh") and "Traceback" not in result.stderr
+
+
+def test_unknown_config_field_is_one_line(tmp_path):
+    result = run_cli(tmp_path, "--config.learning_rat=1e-3")  # a typo of a real field
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("error: --config.learning_rat: configs/tiny.py has no field 'learning_rat' "
+                                     '(Did you mean "learning_rate" instead of "learning_rat"?)')
+    assert not (tmp_path / "work").exists()

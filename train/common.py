@@ -32,6 +32,7 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 from llama2_jax import checkpoint as param_checkpoint
+from llama2_jax.cli import common as cli_common
 from llama2_jax import lora, losses, score_model
 from llama2_jax import sharding as sh
 from llama2_jax.config import LlamaConfig
@@ -86,6 +87,18 @@ def run_main(train_and_evaluate: Callable[[Any, str], Any]) -> Callable[[list[st
             workdir_lock.release_all()
 
     return main
+
+
+def run_trainer(train_and_evaluate: Callable[[Any, str], Any], config_help: str) -> None:
+    """A trainer's `__main__`: --config, the runtime flags, then `run_main`. Flags are defined here, when run, not at
+    import, so tests can import several trainers together."""
+    from absl import app
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
+    define_runtime_flags()
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    app.run(run_main(train_and_evaluate), flags_parser=cli_common.parse_config_flags)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
 from llama2_jax import chat, decode, generate, rlhf
 from llama2_jax import checkpoint as param_checkpoint
@@ -199,7 +196,4 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Context-distillation config (configs/cd_*.py).", lock_config=True)
-    common.define_runtime_flags()
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    app.run(common.run_main(train_and_evaluate))
+    common.run_trainer(train_and_evaluate, "Context-distillation config (configs/cd_*.py).")

@@ -17,8 +17,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-from absl import app
-from ml_collections import config_flags
 
 from llama2_jax import losses
 from llama2_jax.data import rm as rm_data
@@ -118,6 +116,4 @@ def train_and_evaluate(config, workdir: str):
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/dpo_*.py).", lock_config=True)
-    common.define_runtime_flags()
-    app.run(common.run_main(train_and_evaluate))
+    common.run_trainer(train_and_evaluate, "Trainer config file (configs/dpo_*.py).")

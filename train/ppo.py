@@ -41,8 +41,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
-from ml_collections import config_flags
 
 from llama2_jax import checkpoint as param_checkpoint
 from llama2_jax import decode, generate, losses, score_model
@@ -474,7 +472,4 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "PPO config file (configs/ppo_*.py).", lock_config=True)
-    common.define_runtime_flags()
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    app.run(common.run_main(train_and_evaluate))
+    common.run_trainer(train_and_evaluate, "PPO config file (configs/ppo_*.py).")

@@ -6,11 +6,8 @@ The embedded default trains offline on CPU: `python -m train.pretrain --config=c
 from __future__ import annotations
 
 import itertools
-import logging
 
 import jax
-from absl import app
-from ml_collections import config_flags
 
 from llama2_jax import generate
 from llama2_jax.data import hf_source, packing, pipeline, sources
@@ -97,8 +94,4 @@ def report(config, model_cfg, state, tokenizer, documents, history) -> None:
 
 
 if __name__ == "__main__":
-    # Flags are defined here, not at import, so tests can import several trainers together.
-    config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/*.py).", lock_config=True)
-    common.define_runtime_flags()
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    app.run(common.run_main(train_and_evaluate))
+    common.run_trainer(train_and_evaluate, "Trainer config file (configs/*.py).")

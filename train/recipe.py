@@ -27,6 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from llama2_jax import recipe_report
+from llama2_jax.cli import common as cli_common
 
 MANIFEST = "manifest.json"
 
@@ -154,4 +155,4 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Recipe config (configs/recipe_*.py).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Recipe directory: one sub-directory per stage, manifest.json, REPORT.md.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=cli_common.parse_config_flags)

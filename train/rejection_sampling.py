@@ -42,9 +42,7 @@ from typing import Optional
 
 import jax
 import numpy as np
-from absl import app
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
 from llama2_jax import checkpoint as param_checkpoint
 from llama2_jax import decode, generate, rlhf
@@ -301,7 +299,4 @@ def log_iteration(tracker: loop.Tracker, record: dict) -> None:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Rejection-sampling config (configs/rs_*.py).", lock_config=True)
-    common.define_runtime_flags()
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    app.run(common.run_main(train_and_evaluate))
+    common.run_trainer(train_and_evaluate, "Rejection-sampling config (configs/rs_*.py).")

@@ -25,13 +25,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import os
 
 import jax
 import jax.numpy as jnp
-from absl import app
-from ml_collections import config_flags
 
 from llama2_jax import checkpoint as param_checkpoint
 from llama2_jax import losses, score_model
@@ -198,7 +195,4 @@ def train_and_evaluate(config, workdir: str):
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/rm_*.py).", lock_config=True)
-    common.define_runtime_flags()
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    app.run(common.run_main(train_and_evaluate))
+    common.run_trainer(train_and_evaluate, "Trainer config file (configs/rm_*.py).")

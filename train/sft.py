@@ -19,11 +19,8 @@ dialogs, `llama2_jax.data.sft`) and the loss mask (assistant tokens only; `next_
 
 from __future__ import annotations
 
-import logging
 
 import jax
-from absl import app
-from ml_collections import config_flags
 
 from train import common
 
@@ -54,7 +51,4 @@ def report(config, run: common.FineTuned) -> None:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "SFT config file (configs/sft_*.py).", lock_config=True)
-    common.define_runtime_flags()
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    app.run(common.run_main(train_and_evaluate))
+    common.run_trainer(train_and_evaluate, "SFT config file (configs/sft_*.py).")

@@ -83,3 +83,21 @@ def load_model_or_exit(args: argparse.Namespace):
         return load_model(args.checkpoint, args.tokenizer, args.dtype)
     except (OSError, ValueError) as error:
         fail(str(error))
+
+
+def parse_config_flags(argv: list[str]) -> list[str]:
+    """absl's flag parser for the trainers and the recipe (`app.run(main, flags_parser=...)`), with one change: an
+    override of a field the config file lacks (`--config.lr=1`) is a one-line error, not ml_collections' traceback."""
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:
+        # ml_collections' text: "'key'" (quoted once or twice), then maybe a line 'Did you mean "x" instead of "key"?'
+        lines = str(error).strip("\"'").replace("\\n", "\n").split("\n")
+        key = lines[0].strip("\\'\"")
+        hint = next((line.strip(" \"'") for line in lines[1:] if line.startswith("Did you mean")), "")
+        override = next((arg.split("=")[0] for arg in argv[1:]
+                         if arg.startswith("--config.") and key in arg.split("=")[0].split(".")), "--config.?")
+        path = next((arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")), "the config file")
+        fail(f"{override}: {path} has no field {key!r}" + (f" ({hint})" if hint else ""))
