@@ -13,6 +13,7 @@ r"""The whole recipe at 7B (train.recipe) with the paper's settings of every sta
               held-out reward; product: the best held-out policy
   gatt        train.gatt on multi-turn dialogs, then configs/sft_7b.py on its records (GAtt after RLHF, section 3.3)
   cd          configs/cd_7b.py: safety preprompts with risk-category templates, targeted keep by the safety RM
+--config.eval.piqa_path=FILE adds lm-eval's PIQA (zero-shot) after every stage but the reward models.
 At 70B use configs/ppo_70b.py (β 0.005) and configs/rm_*_70b.py (LR 5e-6) in the rm and ppo commands. Each stage is
 one process on this host; for a pod, run the same commands through launch/ (one per stage) instead.
 """
@@ -33,6 +34,7 @@ def get_config():
     config.paths.rlhf_prompts = ""  # RS / PPO prompts, tagged is_safety
     config.paths.safety_prompts = ""  # adversarial prompts (risk_category optional) for context distillation
     config.paths.dialogs = ""  # multi-turn dialogs for GAtt
+    config.eval.piqa_path = ""  # PIQA validation JSONL {goal, sol1, sol2, label}: all 1,838 questions, zero-shot
 
     stages = ml_collections.ConfigDict()
     stages.pretrain = recipe_common.stage(

@@ -14,6 +14,7 @@ half an hour on 2 CPU cores):
               early stop after 2 evaluations without improvement; its product is the best held-out policy
   gatt        train.gatt on 16 FastChat dialogs (2 turns), then configs/sft_tiny.py for 10 steps on its records
   cd          configs/cd_tiny.py on 16 HH harmless prompts, 10 SFT steps on the kept pairs
+After every stage but the reward models: lm-eval's PIQA (local JSONL, first 200 questions, zero-shot).
 """
 
 import ml_collections
@@ -32,6 +33,8 @@ def get_config():
     config.paths.rlhf_prompts = "{data}/oasst-en-100-pairs.jsonl"
     config.paths.safety_prompts = "{data}/hh-rlhf-harmless-base-test.prompt-chosen-rejected.jsonl"
     config.paths.dialogs = "{data}/fastchat-dummy-conversation.json"
+    config.eval.piqa_path = "{data}/piqa-valid-with-labels.jsonl"
+    config.eval.limit = 200  # the first 200 of PIQA's 1,838 validation questions (a tiny model is at chance anyway)
 
     short = f"{DIAGNOSTICS} --config.num_epochs=0"
     stages = ml_collections.ConfigDict()

@@ -86,6 +86,21 @@ def evaluate_stage(kind: str, stage_dir: str, output: str) -> dict:
     raise ValueError(f"unknown stage kind {kind!r}; known: lm, rm, rs, ppo, cd")
 
 
+def piqa_figures(out_dir: str) -> dict:
+    """acc / acc_norm (and their standard errors) and the number of questions from the newest lm-eval results JSON
+    under `out_dir` (lm-eval writes OUT/<model>/results_<date>.json); {} when there is none."""
+    found = [os.path.join(root, f) for root, _, files in os.walk(out_dir) for f in files
+             if f.startswith("results_") and f.endswith(".json")]
+    if not found:
+        return {}
+    results = read_json(max(found, key=os.path.getmtime))
+    task = results["results"]["piqa_local"]
+    figures = {f"piqa_{k.split(',')[0]}": v for k, v in task.items() if k.split(",")[0] in
+               ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
+    figures["piqa_questions"] = results.get("n-samples", {}).get("piqa_local", {}).get("effective")
+    return figures
+
+
 def fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)

@@ -10,6 +10,7 @@ import pytest
 
 from configs import recipe_7b, recipe_common, recipe_tiny
 from conftest import shared_file
+from llama2_jax import recipe_report
 from train import recipe
 
 
@@ -50,6 +51,37 @@ def test_product_is_the_first_existing_alternative(tmp_path):
         recipe.product(str(tmp_path), "iter_0/sft")
 
 
+def test_piqa_command_and_figures(tmp_path):
+    config = recipe_tiny.get_config()
+    assert config.eval.piqa_path and "rm_helpful" not in recipe.piqa_stages(config)
+    assert recipe.piqa_stages(recipe_7b.get_config()) == []  # no PIQA file named: no evaluation
+    data, checkpoint = tmp_path / "piqa.jsonl", tmp_path / "sft"
+    data.write_text("{}\n")
+    config.eval.piqa_path, config.eval.flags = "{data}/piqa.jsonl", "--dtype=float32"
+    with pytest.raises(recipe.RecipeError, match=r"has no tokenizer.model to evaluate PIQA with"):
+        recipe.piqa_command(config, {"data": str(tmp_path)}, str(checkpoint), "/out")
+    checkpoint.mkdir()
+    (checkpoint / "tokenizer.model").write_bytes(b"")
+    argv = recipe.piqa_command(config, {"data": str(tmp_path)}, str(checkpoint), "/out")
+    assert argv[1:] == ["-m", "llama2_jax.evaluate", f"--checkpoint={checkpoint}",
+                        f"--tokenizer={checkpoint}/tokenizer.model", "--tasks=piqa_local", "--num_fewshot=0",
+                        "--metadata", f"piqa_path={data}", "--batch_size=16", "--output_path=/out", "--limit=200",
+                        "--dtype=float32"]
+    config.eval.piqa_path = "{data}/missing.jsonl"
+    with pytest.raises(recipe.RecipeError, match=r"^config.eval.piqa_path: no such file .*missing.jsonl"):
+        recipe.piqa_command(config, {"data": str(tmp_path)}, str(checkpoint), "/out")
+
+    out = tmp_path / "out"
+    assert recipe_report.piqa_figures(str(out)) == {}
+    (out / "llama2_jax").mkdir(parents=True)
+    results = {"results": {"piqa_local": {"alias": "piqa_local", "acc,none": 0.5, "acc_stderr,none": 0.11,
+                                          "acc_norm,none": 0.6, "acc_norm_stderr,none": 0.1}},
+               "n-samples": {"piqa_local": {"original": 1838, "effective": 20}}}
+    (out / "llama2_jax" / "results_2026-12-02T01-00-00.json").write_text(json.dumps(results))
+    assert recipe_report.piqa_figures(str(out)) == {"piqa_acc": 0.5, "piqa_acc_stderr": 0.11, "piqa_acc_norm": 0.6,
+                                                    "piqa_acc_norm_stderr": 0.1, "piqa_questions": 20}
+
+
 def test_a_failing_stage_is_one_line_naming_its_log(tmp_path):
     config = recipe_tiny.get_config()
     config.stage_order = "pretrain"
@@ -63,6 +95,8 @@ def short_recipe():
     """recipe_tiny with a 2-layer, 64-wide model and a few steps per stage."""
     config = recipe_tiny.get_config()
     config.data_dir = os.path.dirname(shared_file("oasst-en-100-pairs.jsonl"))
+    shared_file("piqa-valid-with-labels.jsonl")  # skips (naming the file) where it is absent
+    config.eval.limit, config.eval.stages = 20, "pretrain,cd"  # PIQA after the first and the last stage
     ckpt = "--config.checkpoint_every_steps=2 --config.eval_every_steps=2 --config.eval_batches=1"
     config.stages.pretrain.extra = ("--config.num_train_steps=4 --config.model.dim=64 --config.model.n_layers=2 "
                                     f"--config.model.n_heads=4 --config.model.n_kv_heads=4 --config.batch_size=8 "
@@ -99,12 +133,19 @@ def test_short_recipe_end_to_end_report_and_skip_on_rerun(tmp_path):
     assert 0 <= stages["rm_safety"]["metrics"]["eval_accuracy"] <= 1
     assert stages["ppo"]["metrics"]["evaluations"] == 2 and stages["ppo"]["output"].endswith("ppo/best")
     assert 0 <= stages["cd"]["metrics"]["kept_fraction"] <= 1
+    for name in recipe_common.STAGES:  # lm-eval's PIQA on the products of config.eval.stages
+        if name in ("pretrain", "cd"):
+            metrics = stages[name]["metrics"]
+            assert 0 <= metrics["piqa_acc_norm"] <= 1 and metrics["piqa_questions"] == 20, name
+            assert list((tmp_path / "recipe" / name / "piqa").glob("*/results_*.json")), name
+        else:
+            assert "piqa_acc" not in stages[name]["metrics"], name
     report = (tmp_path / "recipe" / "REPORT.md").read_text()
     for name in recipe_common.STAGES:
         assert f"## {name}\n" in report
         assert (tmp_path / "recipe" / "plots" / f"{name}.png").stat().st_size > 1000, name
         assert f"](plots/{name}.png)" in report
-    assert "| eval_accuracy |" in report and "| kept_fraction |" in report
+    assert "| eval_accuracy |" in report and "| kept_fraction |" in report and "| piqa_acc_norm |" in report
 
     sizes = log_sizes(work)
     again = recipe.run_recipe(config, work)  # every stage finished: nothing runs
@@ -116,4 +157,4 @@ def test_short_recipe_end_to_end_report_and_skip_on_rerun(tmp_path):
     resumed = recipe.run_recipe(config, work)
     grown = {name for name, size in log_sizes(work).items() if size != sizes[name]}
     assert grown == {"cd"} and resumed["stages"]["cd"]["finished"]
-    assert resumed["stages"]["cd"]["metrics"]["kept_fraction"] == stages["cd"]["metrics"]["kept_fraction"]
+    assert resumed["stages"]["cd"]["metrics"] == stages["cd"]["metrics"]  # resumed from its finished checkpoints

@@ -10,7 +10,7 @@ its product are in the config (configs/recipe_tiny.py); `{data}`, `{dir}` (the s
 DIR/manifest.json (written atomically) records every finished command and stage with its evaluation; a re-run skips
 finished stages and re-runs the interrupted command, which resumes from its own checkpoints. After each stage its
 evaluation is read from its outputs (held-out loss / perplexity, RM accuracy, RS and PPO rewards, the context
-distillation's kept fraction); at the end DIR/REPORT.md has one table per stage and DIR/plots/<stage>.png its curves.
+distillation's kept fraction) and, for config.eval.stages, lm-eval's PIQA is run on its product; at the end DIR/REPORT.md has one table per stage and DIR/plots/<stage>.png its curves.
 """
 
 from __future__ import annotations
@@ -96,6 +96,38 @@ def run_command(argv: list[str], log_path: str, env: dict) -> None:
         raise RecipeError(f"exit status {code} from `{shlex.join(argv[2:])}`; see {log_path}")
 
 
+def piqa_stages(config) -> list[str]:
+    return [n.strip() for n in config.eval.stages.split(",") if n.strip()] if config.eval.piqa_path else []
+
+
+def piqa_command(config, values: dict[str, str], checkpoint: str, out_dir: str) -> list[str]:
+    """`python -m llama2_jax.evaluate` on the stage's product: lm-eval's PIQA from the local JSONL, zero-shot."""
+    data = os.path.abspath(fill(config.eval.piqa_path, values, "eval.piqa_path"))
+    if not os.path.isfile(data):
+        raise RecipeError(f"config.eval.piqa_path: no such file {data}")
+    tokenizer = os.path.join(checkpoint, "tokenizer.model")
+    if not os.path.isfile(tokenizer):
+        raise RecipeError(f"the product {checkpoint} has no tokenizer.model to evaluate PIQA with")
+    argv = [config.python or sys.executable, "-m", "llama2_jax.evaluate", f"--checkpoint={checkpoint}",
+            f"--tokenizer={tokenizer}", "--tasks=piqa_local", "--num_fewshot=0", "--metadata", f"piqa_path={data}",
+            f"--batch_size={config.eval.batch_size}", f"--output_path={out_dir}"]
+    if config.eval.limit:
+        argv.append(f"--limit={config.eval.limit}")
+    return argv + shlex.split(config.eval.flags)
+
+
+def run_piqa(config, values: dict[str, str], checkpoint: str, stage_dir: str, env: dict) -> dict:
+    """PIQA on the stage's product; its lm-eval results JSON goes under DIR/<stage>/piqa/. Returns the figures."""
+    out_dir = os.path.join(stage_dir, "piqa")
+    argv = piqa_command(config, values, checkpoint, out_dir)
+    print(f"[eval] {shlex.join(argv[2:])}", flush=True)
+    run_command(argv, os.path.join(stage_dir, "log.txt"), {**env, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    figures = recipe_report.piqa_figures(out_dir)
+    if not figures:
+        raise RecipeError(f"PIQA wrote no results under {out_dir}")
+    return figures
+
+
 def run_stage(config, workdir: str, name: str, manifest: dict, values: dict[str, str], env: dict) -> dict:
     """Run the stage's unfinished commands, then evaluate it; returns its manifest entry."""
     stage_dir = os.path.join(workdir, name)
@@ -113,7 +145,15 @@ def run_stage(config, workdir: str, name: str, manifest: dict, values: dict[str,
     stage = config.stages[name]
     entry["output"] = product(stage_dir, stage.output)
     entry["kind"] = stage.kind
-    entry["metrics"] = recipe_report.evaluate_stage(stage.kind, stage_dir, entry["output"])
+    metrics = recipe_report.evaluate_stage(stage.kind, stage_dir, entry["output"])
+    if name in piqa_stages(config):
+        if "piqa" not in entry:  # a re-run after a kill during the evaluation runs it again
+            start = time.perf_counter()
+            entry["piqa"] = run_piqa(config, values, entry["output"], stage_dir, env)
+            entry["seconds"] += time.perf_counter() - start
+            write_manifest(workdir, manifest)
+        metrics.update(entry["piqa"])
+    entry["metrics"] = metrics
     entry["finished"] = True
     write_manifest(workdir, manifest)
     return entry
