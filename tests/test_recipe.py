@@ -67,6 +67,9 @@ def test_piqa_command_and_figures(tmp_path):
                         f"--tokenizer={checkpoint}/tokenizer.model", "--tasks=piqa_local", "--num_fewshot=0",
                         "--metadata", f"piqa_path={data}", "--batch_size=16", "--output_path=/out", "--limit=200",
                         "--dtype=float32"]
+    config.eval.stages = "sft,dpo"
+    with pytest.raises(recipe.RecipeError, match=r"^config.eval.stages names unknown stages \['dpo'\]"):
+        recipe.piqa_stages(config)
     config.eval.piqa_path = "{data}/missing.jsonl"
     with pytest.raises(recipe.RecipeError, match=r"^config.eval.piqa_path: no such file .*missing.jsonl"):
         recipe.piqa_command(config, {"data": str(tmp_path)}, str(checkpoint), "/out")

@@ -32,9 +32,9 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 from llama2_jax import checkpoint as param_checkpoint
-from llama2_jax.cli import common as cli_common
 from llama2_jax import lora, losses, score_model
 from llama2_jax import sharding as sh
+from llama2_jax.cli import common as cli_common
 from llama2_jax.config import LlamaConfig
 from llama2_jax.data import records
 from llama2_jax.data import sft as sft_data

@@ -10,7 +10,8 @@ its product are in the config (configs/recipe_tiny.py); `{data}`, `{dir}` (the s
 DIR/manifest.json (written atomically) records every finished command and stage with its evaluation; a re-run skips
 finished stages and re-runs the interrupted command, which resumes from its own checkpoints. After each stage its
 evaluation is read from its outputs (held-out loss / perplexity, RM accuracy, RS and PPO rewards, the context
-distillation's kept fraction) and, for config.eval.stages, lm-eval's PIQA is run on its product; at the end DIR/REPORT.md has one table per stage and DIR/plots/<stage>.png its curves.
+distillation's kept fraction) and, for config.eval.stages, lm-eval's PIQA is run on its product; at the end
+DIR/REPORT.md has one table per stage and DIR/plots/<stage>.png its curves.
 """
 
 from __future__ import annotations
@@ -52,12 +53,17 @@ def write_manifest(workdir: str, manifest: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def stage_names(config) -> list[str]:
-    names = [n.strip() for n in config.stage_order.split(",") if n.strip()]
+def listed_stages(config, field: str, text: str) -> list[str]:
+    """The stage names of `text`, the comma-separated value of config.<field>; a name that is no stage is an error."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in config.stages]
     if unknown:
-        raise RecipeError(f"config.stage_order names unknown stages {unknown}; known: {', '.join(config.stages)}")
+        raise RecipeError(f"config.{field} names unknown stages {unknown}; known: {', '.join(config.stages)}")
     return names
+
+
+def stage_names(config) -> list[str]:
+    return listed_stages(config, "stage_order", config.stage_order)
 
 
 def fill(text: str, values: dict[str, str], stage: str) -> str:
@@ -97,7 +103,8 @@ def run_command(argv: list[str], log_path: str, env: dict) -> None:
 
 
 def piqa_stages(config) -> list[str]:
-    return [n.strip() for n in config.eval.stages.split(",") if n.strip()] if config.eval.piqa_path else []
+    """The stages evaluated on PIQA: none without config.eval.piqa_path."""
+    return listed_stages(config, "eval.stages", config.eval.stages) if config.eval.piqa_path else []
 
 
 def piqa_command(config, values: dict[str, str], checkpoint: str, out_dir: str) -> list[str]:

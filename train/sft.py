@@ -19,7 +19,6 @@ dialogs, `llama2_jax.data.sft`) and the loss mask (assistant tokens only; `next_
 
 from __future__ import annotations
 
-
 import jax
 
 from train import common

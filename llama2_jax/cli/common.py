@@ -98,6 +98,8 @@ def parse_config_flags(argv: list[str]) -> list[str]:
         key = lines[0].strip("\\'\"")
         hint = next((line.strip(" \"'") for line in lines[1:] if line.startswith("Did you mean")), "")
         override = next((arg.split("=")[0] for arg in argv[1:]
-                         if arg.startswith("--config.") and key in arg.split("=")[0].split(".")), "--config.?")
+                         if arg.startswith("--config.") and key in arg.split("=")[0].split(".")), None)
+        if override is None:  # not an override's missing field: some other failure, shown as it is
+            raise
         path = next((arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")), "the config file")
         fail(f"{override}: {path} has no field {key!r}" + (f" ({hint})" if hint else ""))
