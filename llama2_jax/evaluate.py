@@ -3,13 +3,13 @@
   python -m llama2_jax.evaluate --checkpoint=DIR --tokenizer=FILE --tasks=piqa_local,text_perplexity \\
       --metadata piqa_path=../shared/data/piqa-valid-with-labels.jsonl text_path=FILE.txt \\
       [--num_fewshot=N --limit=N --include_path=DIR --batch_size=16 --output_path=DIR --apply_chat_template \\
-       --dtype=float32|bfloat16 --mesh=data:fsdp:tensor]
+       --dtype=float32|bfloat16 --mesh=data:fsdp:tensor --max_length=N]
   python -m llama2_jax.evaluate --reward_model=DIR --pairs=FILE [--tokenizer=FILE --histogram=PNG]
 
 The first form is a thin wrapper over lm-eval's own `run` command (every lm-eval flag works and is passed through):
-it registers the backend (lm_eval_backend.py), passes --checkpoint/--tokenizer/--dtype/--mesh as its model_args and
-adds the project's task YAMLs (llama2_jax/eval_tasks) to --include_path. lm-eval prints its table and, with
---output_path, writes its results JSON. Offline use: HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1; any lm-eval task whose
+it registers the backend (lm_eval_backend.py), passes --checkpoint/--tokenizer/--dtype/--mesh/--max_length as its
+model_args and adds the project's task YAMLs (llama2_jax/eval_tasks) to --include_path. lm-eval prints its table
+and, with --output_path, writes its results JSON. Offline use: HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1; any lm-eval task whose
 data is in the local datasets cache works. `evaluate_tasks` is the in-process entry point for training loops.
 """
 
@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="compute dtype (default: float32 on CPU, else bfloat16)")
     parser.add_argument("--mesh", default=None, help="data:fsdp:tensor, e.g. 1:-1:1 (default: no mesh)")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="scoring window in tokens (default: the checkpoint's max_seq_len), as lm-eval's hf "
+                             "max_length; a continuation longer than it is an error")
     parser.add_argument("--reward_model", help="reward-model trainer workdir: evaluate it on --pairs")
     parser.add_argument("--pairs", help="preference pairs file (any format of data.preferences)")
     parser.add_argument("--histogram", default="rm_score_histogram.png", help="PNG of chosen vs rejected scores")
@@ -125,7 +128,8 @@ def _lm_eval_args(args, rest: list[str]):
     from llama2_jax.eval_tasks import TASKS_DIR
 
     model_args = f"checkpoint={args.checkpoint},tokenizer={args.tokenizer}"
-    model_args += "".join(f",{name}={value}" for name, value in (("dtype", args.dtype), ("mesh", args.mesh)) if value)
+    model_args += "".join(f",{name}={value}" for name, value in
+                          (("dtype", args.dtype), ("mesh", args.mesh), ("max_length", args.max_length)) if value)
     if not any(a == "--batch_size" or a.startswith("--batch_size=") for a in rest):
         rest = rest + ["--batch_size", str(DEFAULT_BATCH_SIZE)]
     cli = HarnessCLI()

@@ -1,6 +1,6 @@
 """lm-evaluation-harness backend `llama2_jax`: our JAX model behind lm-eval's `TemplateLM` interface.
 
-    lm_eval --model llama2_jax --model_args checkpoint=DIR,tokenizer=FILE[,dtype=float32,batch_size=16,mesh=1:-1:1]
+    lm_eval --model llama2_jax --model_args checkpoint=DIR,tokenizer=FILE[,dtype=float32,mesh=1:-1:1,max_length=N]
     (or `python -m llama2_jax.evaluate`, which registers this backend and adds the project's task YAMLs)
 
 Tokenization follows lm-eval's `hf` backend on a Llama tokenizer, so the numbers are comparable:
@@ -11,6 +11,11 @@ Tokenization follows lm-eval's `hf` backend on a Llama tokenizer, so the numbers
     encode(context + continuation)[len(encode(context)):]); an empty context is conditioned on BOS.
   * loglikelihood_rolling: lm-eval's disjoint rolling windows over tok_encode(text) (BOS included, as `hf` does)
     with BOS as the prefix token and max_seq_len as the window.
+  * max_length (lm-eval's `hf` model_arg of the same name) replaces the checkpoint's max_seq_len as the window: RoPE
+    positions are computed, not tabled, so a model can be scored past the length it was trained at.
+  * A continuation longer than the window is refused: the `hf` backend left-truncates context + continuation to
+    max_length + 1 tokens, which keeps its numbers defined only while the continuation fits (past that it slices
+    logits[inplen - contlen:inplen] with a negative start and scores the wrong positions).
   * generate_until: contexts left-truncated to max_seq_len - max_gen_toks, the compiled sampler
     (`generate.generate`, greedy unless do_sample/temperature ask otherwise), then cut at the first stop sequence
     (EOS is always one) exactly as lm-eval's `postprocess_generated_text`.
@@ -54,6 +59,19 @@ def parse_mesh(spec: Optional[str]):
     return sh.make_mesh(data, fsdp, tensor)
 
 
+def parse_max_length(value: Optional[int | str], default: int) -> int:
+    """model_arg max_length: None -> the checkpoint's max_seq_len; else a positive int."""
+    if value is None or str(value).lower() == "none":
+        return default
+    try:
+        length = int(value)
+    except ValueError:
+        length = 0
+    if length < 1:
+        raise ValueError(f"max_length={value!r}: expected a positive number of tokens")
+    return length
+
+
 @register_model("llama2_jax")
 class LlamaJaxLM(TemplateLM):
     """lm-eval LM over in-memory params (`from_params`) or a checkpoint (`checkpoint=`, `tokenizer=` model_args)."""
@@ -62,7 +80,7 @@ class LlamaJaxLM(TemplateLM):
 
     def __init__(self, checkpoint: Optional[str] = None, tokenizer: Optional[str] = None, dtype: Optional[str] = None,
                  batch_size: int | str = 16, mesh: Optional[str] = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
-                 device: Any = None, max_batch_size: Any = None, trust_remote_code: Any = None, **unknown: Any):
+                 max_length: Optional[int | str] = None, device: Any = None, max_batch_size: Any = None, trust_remote_code: Any = None, **unknown: Any):
         """model_args. device / max_batch_size / trust_remote_code are lm-eval's and unused (jax places the arrays);
         batch_size="auto" means 16 (no search)."""
         super().__init__()
@@ -74,25 +92,28 @@ class LlamaJaxLM(TemplateLM):
 
         params, cfg = load_params(checkpoint)
         self._setup(params, cfg, Tokenizer(tokenizer), dtype=dtype, batch_size=batch_size, mesh=parse_mesh(mesh),
-                    max_gen_toks=max_gen_toks)
+                    max_gen_toks=max_gen_toks, max_length=max_length)
 
     @classmethod
     def from_params(cls, params, cfg: LlamaConfig, tokenizer: Tokenizer, *, dtype: Optional[str] = None,
-                    batch_size: int = 16, mesh=None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS) -> "LlamaJaxLM":
+                    batch_size: int = 16, mesh=None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+                    max_length: Optional[int] = None) -> "LlamaJaxLM":
         """An LM over params already in memory (a training loop's), without reading a checkpoint."""
         lm = cls.__new__(cls)
         TemplateLM.__init__(lm)
-        lm._setup(params, cfg, tokenizer, dtype=dtype, batch_size=batch_size, mesh=mesh, max_gen_toks=max_gen_toks)
+        lm._setup(params, cfg, tokenizer, dtype=dtype, batch_size=batch_size, mesh=mesh, max_gen_toks=max_gen_toks,
+                  max_length=max_length)
         return lm
 
-    def _setup(self, params, cfg: LlamaConfig, tokenizer: Tokenizer, *, dtype, batch_size, mesh, max_gen_toks):
+    def _setup(self, params, cfg: LlamaConfig, tokenizer: Tokenizer, *, dtype, batch_size, mesh, max_gen_toks,
+               max_length=None):
         dtype = dtype or default_dtype()
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: expected one of {DTYPES}")
         if tokenizer.vocab_size != cfg.vocab_size:
             raise ValueError(f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces but the model's "
                              f"vocab_size is {cfg.vocab_size}")
-        self.cfg = cfg.replace(dtype=dtype)
+        self.cfg = cfg.replace(dtype=dtype, max_seq_len=parse_max_length(max_length, cfg.max_seq_len))
         self.sp = tokenizer
         self.mesh = mesh
         self.params = lm_scoring.shard_params(params, self.cfg, mesh)

@@ -53,7 +53,8 @@ def model_inputs(context: Sequence[int], continuation: Sequence[int], max_len: i
     if not context or not continuation:
         raise ValueError("a request needs at least one context token and one continuation token")
     if len(continuation) > max_len:
-        raise ValueError(f"a continuation of {len(continuation)} tokens does not fit max_seq_len {max_len}")
+        raise ValueError(f"a continuation of {len(continuation)} tokens does not fit the {max_len}-token window "
+                         "(max_seq_len): raise it with --max_length (model_arg max_length)")
     whole = (list(context) + list(continuation))[-(max_len + 1):]
     return whole[:-1], whole[1:], len(continuation)
 

@@ -98,8 +98,22 @@ def test_buckets():
 def test_bad_requests_raise_one_line_errors(params):
     with pytest.raises(ValueError, match="at least one context token"):
         lm_scoring.continuation_logprobs(params, CFG, [([], [5])])
-    with pytest.raises(ValueError, match="does not fit max_seq_len 48"):
+    with pytest.raises(ValueError, match=r"does not fit the 48-token window \(max_seq_len\): raise it with --max_length"):
         lm_scoring.continuation_logprobs(params, CFG, [([1], list(range(3, 60)))])
+
+
+def test_max_length_scores_past_max_seq_len_as_hf_does(params, tokenizer, hf):
+    """model_arg max_length widens the window past the checkpoint's max_seq_len (RoPE positions are computed), as
+    the hf backend's max_length does; the 57-token continuation that does not fit 48 is scored like HF's forward."""
+    lm = LlamaJaxLM.from_params(params, CFG, tokenizer, batch_size=4, max_length=96)
+    assert lm.max_length == 96
+    context, continuation = [1, 5, 9], list(range(3, 60))
+    (logprob, greedy), = lm._loglikelihood_tokens([(None, context, continuation)])
+    want_lp, want_greedy = _hand_score(hf, context, continuation, 96)
+    assert abs(logprob - want_lp) <= 1e-4 * abs(want_lp) and greedy == want_greedy
+    for bad in (0, "-3", "x"):
+        with pytest.raises(ValueError, match=r"^max_length=.*: expected a positive number of tokens"):
+            LlamaJaxLM.from_params(params, CFG, tokenizer, max_length=bad)
 
 
 def test_tok_encode_follows_hf_llama_bos_rules(lm, tokenizer):

@@ -120,6 +120,18 @@ def short_recipe():
     return config
 
 
+@pytest.mark.slow
+def test_shipped_tiny_recipe_evaluates_its_pretrained_model_on_piqa(tmp_path):
+    """configs/recipe_tiny.py as shipped (200 PIQA questions, its eval flags) after a 4-step pretraining: its first
+    evaluation once stopped the recipe ("a continuation of 193 tokens does not fit max_seq_len 128")."""
+    config = recipe_tiny.get_config()
+    config.data_dir = os.path.dirname(shared_file("piqa-valid-with-labels.jsonl"))
+    config.stage_order = "pretrain"
+    config.stages.pretrain.extra = "--config.num_train_steps=4 --config.eval_every_steps=4"
+    metrics = recipe.run_recipe(config, str(tmp_path))["stages"]["pretrain"]["metrics"]
+    assert metrics["piqa_questions"] == 200 and 0 <= metrics["piqa_acc"] <= 1
+
+
 def log_sizes(workdir):
     return {name: os.path.getsize(os.path.join(workdir, name, "log.txt")) for name in recipe_common.STAGES}
 
