@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from llama2_jax import attention  # noqa: E402
+from llama2_jax.model import attention  # noqa: E402
 
 
 def gradient_fn(impl: str, block: int):

@@ -29,9 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
 
-from llama2_jax import convert  # noqa: E402
-from llama2_jax.checkpoint import save_params  # noqa: E402
-from llama2_jax.config import LlamaConfig  # noqa: E402
+from llama2_jax.checkpoints import convert  # noqa: E402
+from llama2_jax.checkpoints.params_io import save_params  # noqa: E402
+from llama2_jax.model.config import LlamaConfig  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from generate import SHAPES, random_params  # noqa: E402  (benchmarks/generate.py: the shared shapes)
@@ -42,9 +42,9 @@ TASKS = ("piqa_local", "piqa_local_gen", "text_perplexity")
 
 def task_requests(task: str, limit: int, metadata: dict):
     """(request type, lm-eval Instances) of the first `limit` documents of `task`, built once by lm-eval."""
-    from llama2_jax.evaluate import _task_manager
+    from llama2_jax.evaluation.harness import make_task_manager
 
-    task_obj = _task_manager(None, metadata).load_task_or_group([task])[task]
+    task_obj = make_task_manager(None, metadata).load_task_or_group([task])[task]
     task_obj.build_all_requests(limit=limit, rank=0, world_size=1)
     instances = task_obj.instances
     return instances[0].request_type, instances
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from llama2_jax.lm_eval_backend import LlamaJaxLM
+    from llama2_jax.evaluation.lm_eval_backend import LlamaJaxLM
 
     cfg: LlamaConfig = SHAPES[args.shape].replace(max_seq_len=args.max_seq_len, dtype="float32")
     metadata = {"piqa_path": args.piqa_path, "text_path": args.text_path}

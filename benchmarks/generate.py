@@ -1,4 +1,4 @@
-"""Decode throughput: our compiled sampler (llama2_jax.decode) against HF transformers `LlamaForCausalLM.generate`.
+"""Decode throughput: our compiled sampler (llama2_jax.inference.decode) against HF transformers `LlamaForCausalLM.generate`.
 
 Both sides decode greedily with a KV cache from the same random weights (ours are copied into the torch model in this
 process), generate exactly --new_tokens tokens per row (no EOS), and are timed end to end (prefill included) after
@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama2_jax import decode
-from llama2_jax.config import LlamaConfig, get_config
-from llama2_jax.model import Llama
+from llama2_jax.inference import decode
+from llama2_jax.model.config import LlamaConfig, get_config
+from llama2_jax.model.llama import Llama
 
 SHAPES = {
     # karpathy/llama2.c stories15M: dim 288, 6 layers, 6 heads, FFN 768, with Llama 2's 32000-token vocabulary.

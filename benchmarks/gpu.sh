@@ -7,7 +7,7 @@
 # 2. training step on the anchor config (dim 2048, 22 layers, 32 heads, 4 KV heads, FFN 5632, vocab 32000,
 #    seq 2048 — TinyLlama-1.1B's shape), bf16 compute, float32 master weights, AdamW, batch 8 (4 if 8 runs out of
 #    memory):
-#      ours (train.state.jit_train_step, cuDNN attention) with the trainer's packed batches (segment-masked attention)
+#      ours (llama2_jax.training.state.jit_train_step, cuDNN attention) with the trainer's packed batches (segment-masked attention)
 #      HF LlamaForCausalLM eager (bf16 autocast) and + torch.compile   (own process: JAX does not preallocate there)
 #      ours with plain-causal batches (cuDNN's fused causal kernel: what the library could use for unpacked rows)
 # 3. decoding at the 7B shape (benchmarks/generate.py, ours vs HF generate, bf16, batch 1 and 16).

@@ -1,4 +1,4 @@
-"""Google's qwix LoRA against our explicit adapters (llama2_jax/lora.py) on the same small Llama, on CPU.
+"""Google's qwix LoRA against our explicit adapters (llama2_jax/model/lora.py) on the same small Llama, on CPU.
 
   python benchmarks/lora_qwix.py            # dim 256, 4 layers, batch 4 x 128 tokens, rank 8
 
@@ -22,9 +22,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llama2_jax import lora  # noqa: E402
-from llama2_jax.config import LlamaConfig  # noqa: E402
-from llama2_jax.model import Llama  # noqa: E402
+from llama2_jax.model import lora  # noqa: E402
+from llama2_jax.model.config import LlamaConfig  # noqa: E402
+from llama2_jax.model.llama import Llama  # noqa: E402
 
 CFG = LlamaConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=32, max_seq_len=128,
                   dtype="float32")

@@ -1,7 +1,7 @@
 """LoRA train step next to the full fine-tuning step on the same config and batch, both timed in the same run.
 
 Full: `train_step.build_ours` (the trainers' sharded float32 TrainState, next_token_loss, jit_train_step). LoRA: the
-trainers' LoRA path, `train.common.lora_run` + `LoraRun.jit_steps` (adapters and their AdamW state only; the base
+trainers' LoRA path, `llama2_jax.training.common.lora_run` + `LoraRun.jit_steps` (adapters and their AdamW state only; the base
 frozen in --param_dtype and passed to the step as its frozen tree). Both steps are AOT-compiled, run --warmup times,
 then timed alternately (--steps each) so that machine noise hits both alike; the medians are reported. One line:
 
@@ -27,14 +27,17 @@ if __name__ == "__main__":  # `python benchmarks/lora_step.py` from a checkout t
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-
 import train_step  # noqa: E402  (benchmarks/train_step.py: the full step and the shared set-up)
-from llama2_jax import lora, losses  # noqa: E402
-from llama2_jax import sharding as sh  # noqa: E402
-from llama2_jax.config import LlamaConfig  # noqa: E402
-from llama2_jax.model import Llama, abstract_params  # noqa: E402
-from train import common  # noqa: E402
-from train import state as train_state  # noqa: E402
+
+from llama2_jax.model import lora  # noqa: E402
+from llama2_jax.model import sharding as sh  # noqa: E402
+from llama2_jax.model.config import LlamaConfig  # noqa: E402
+from llama2_jax.model.llama import Llama, abstract_params  # noqa: E402
+from llama2_jax.training import (
+    common,  # noqa: E402
+    losses,
+)
+from llama2_jax.training import state as train_state  # noqa: E402
 
 
 def build_lora(cfg: LlamaConfig, mesh, lora_cfg: lora.LoraConfig, param_dtype: str, full_params):
@@ -53,7 +56,6 @@ def build_lora(cfg: LlamaConfig, mesh, lora_cfg: lora.LoraConfig, param_dtype: s
 
 class Side:
     """A step function over its own state: `step()` runs one and returns its seconds."""
-
     def __init__(self, state, step, batch):
         self.state, self.batch, self.loss = state, batch, float("nan")
         self.fn = step

@@ -5,7 +5,7 @@ simulated CPU devices, next to a closed-form estimate.
   python benchmarks/memory.py --sizes=7b --remat=minimal
   python benchmarks/memory.py --sizes=70b --layers=4,8   # compile with 4 and 8 layers, extrapolate linearly to 80
 
-What is compiled is exactly the trainer's step (`train.state.jit_train_step` + `next_token_loss`, AdamW state, FSDP
+What is compiled is exactly the trainer's step (`llama2_jax.training.state.jit_train_step` + `next_token_loss`, AdamW state, FSDP
 shardings from `LOGICAL_RULES`, donation), lowered on `jax.ShapeDtypeStruct`s that carry their shardings, so nothing
 is allocated: `jit(...).lower(abstract_state, abstract_batch).compile().memory_analysis()`. Mixed precision as the
 size configs: float32 params and Adam moments, bfloat16 compute, `scan_layers=True`; the remat policy is a flag
@@ -17,11 +17,11 @@ latency-hiding scheduler for the FSDP all-gathers); attention is the reference "
 otherwise, which materialises [B, N, T, T] scores ("chunked" and cuDNN flash attention on a GPU do not; the formula's
 "attention" term shows that part).
 
-With --lora_rank=R the step is LoRA SFT instead (llama2_jax/lora.py): the base frozen in bfloat16, float32 adapters
+With --lora_rank=R the step is LoRA SFT instead (llama2_jax/model/lora.py): the base frozen in bfloat16, float32 adapters
 of rank R on all seven kernels, AdamW state and gradients over the adapters only; default sizes 7b and 13b on one
 device, 70b on fsdp=8, remat "minimal" unless --remat says otherwise (see the XLA:CPU flag below), and attention
 "chunked" unless --attention says otherwise (query blocks recomputed in the backward pass: no [N, T, T] float32
-scores, probabilities or gradients; the same numbers as "xla", see llama2_jax/attention.py).
+scores, probabilities or gradients; the same numbers as "xla", see llama2_jax/model/attention.py).
 
 The XLA flag below must be set before JAX is imported, so run this file as a script (tests import only the
 formula and set their own device count).
@@ -53,11 +53,12 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from llama2_jax import lora, losses  # noqa: E402
-from llama2_jax import sharding as sh  # noqa: E402
-from llama2_jax.config import AttentionImpl, LlamaConfig, RematPolicy, get_config  # noqa: E402
-from llama2_jax.model import Llama, abstract_params  # noqa: E402
-from train import state as train_state  # noqa: E402
+from llama2_jax.model import lora  # noqa: E402
+from llama2_jax.model import sharding as sh  # noqa: E402
+from llama2_jax.model.config import AttentionImpl, LlamaConfig, RematPolicy, get_config  # noqa: E402
+from llama2_jax.model.llama import Llama, abstract_params  # noqa: E402
+from llama2_jax.training import losses
+from llama2_jax.training import state as train_state  # noqa: E402
 
 GIB = 1024 ** 3
 SIZES = {"7b": 8, "13b": 8, "70b": 64}  # preset -> fsdp devices

@@ -19,12 +19,12 @@ import time
 
 import jax
 import numpy as np
-
 from generate import SHAPES, device_name, random_params  # benchmarks/generate.py
-from llama2_jax import decode
+
+from llama2_jax.inference import decode
 from llama2_jax.serve.api import create_app
 from llama2_jax.serve.engine import Engine
-from llama2_jax.tokenizer import Tokenizer
+from llama2_jax.text.tokenizer import Tokenizer
 
 
 def free_port() -> int:
@@ -54,7 +54,6 @@ def make_requests(n: int, vocab: int, seed: int, prompt_range, output_range) -> 
 
 def run_phase(client, requests, workers: int) -> tuple[float, list[float], int, int]:
     """(wall seconds, per-request latencies, completion tokens, answered) with `workers` concurrent clients."""
-
     def one(request):
         prompt, max_tokens = request
         start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Training throughput of the project's real train step, optionally next to HF transformers on the same config.
 
-Ours is exactly what `train.pretrain` runs: `train.state.create_train_state` (sharded float32 params and AdamW
-state), `train.state.jit_train_step` bound to `llama2_jax.losses.next_token_loss` with the paper's optimizer and
+Ours is exactly what `train.pretrain` runs: `llama2_jax.training.state.create_train_state` (sharded float32 params and AdamW
+state), `llama2_jax.training.state.jit_train_step` bound to `llama2_jax.training.losses.next_token_loss` with the paper's optimizer and
 warmup-cosine schedule, state donated, batch split over the mesh's data axes. Only the data is synthetic: uniform
 random tokens, one document per row, in the trainer's batch format (inputs, targets, positions, segment_ids,
 loss_mask). The step is AOT-compiled once (compile time is reported separately), run --warmup times, then --steps
@@ -13,7 +13,7 @@ timed steps; tokens/s comes from the median step time. One line per side:
       --seq=2048 --batch=8 --dtype=bfloat16 --attention=cudnn --compare=hf   # one GPU (see benchmarks/gpu.sh)
 
 Fields: tok/s (global tokens per second), TFLOP/s (tok/s x `LlamaConfig.flops_per_token(seq)`, i.e. 6·N_matmul +
-12·L·d·T: the same model FLOPs for every side), MFU (`llama2_jax.perf.mfu`; n/a on CPUs, which have no entry in the
+12·L·d·T: the same model FLOPs for every side), MFU (`llama2_jax.training.perf.mfu`; n/a on CPUs, which have no entry in the
 peak table), peak memory (GPU: the allocator's peak_bytes_in_use; CPU: XLA's compiled estimate of argument + output
 + temp - alias for ours, the process's peak RSS for torch).
 
@@ -51,11 +51,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama2_jax import losses, perf
-from llama2_jax import sharding as sh
-from llama2_jax.config import AttentionImpl, LlamaConfig, RematPolicy
-from llama2_jax.model import Llama
-from train import state as train_state
+from llama2_jax.model import sharding as sh
+from llama2_jax.model.config import AttentionImpl, LlamaConfig, RematPolicy
+from llama2_jax.model.llama import Llama
+from llama2_jax.training import losses, perf
+from llama2_jax.training import state as train_state
 
 HF_VARIANTS = ("eager_fp32", "eager_bf16", "compile_fp32", "compile_bf16")
 GIB = 1024 ** 3
@@ -130,7 +130,7 @@ def config_text(cfg: LlamaConfig) -> str:
 
 
 def build_ours(cfg: LlamaConfig, mesh, *, peak_lr: float = 3e-4, total_steps: int = 1000, seed: int = 0):
-    """(state, jitted step) exactly as `train.pretrain.train_and_evaluate` builds them (via train/common.py's
+    """(state, jitted step) exactly as `train.pretrain.train_and_evaluate` builds them (via llama2_jax/training/common.py's
     init_llama_state and make_tx): boxed init -> sharded TrainState; next_token_loss -> jit_train_step."""
     model = Llama(cfg)
     tokens = jnp.zeros((1, 8), jnp.int32)
@@ -154,7 +154,6 @@ def compiled_bytes(compiled) -> Optional[int]:
 
 class OursSide:
     """Our step, built and AOT-compiled as the trainer's; `step()` runs one and returns its seconds."""
-
     name = "ours"
 
     def __init__(self, args, cfg: LlamaConfig, batch_np: dict):
@@ -218,7 +217,6 @@ def hf_model(cfg: LlamaConfig, attention: str, device: str, seed: int = 0):
 
 class HFSide:
     """One HF variant: float32 master weights, AdamW (+ clipping) step on the same batch; `step()` -> seconds."""
-
     def __init__(self, args, cfg: LlamaConfig, batch_np: dict, variant: str):
         import torch
 

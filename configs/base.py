@@ -9,7 +9,7 @@ The tiny CPU configs apply `cpu_overrides`.
 import ml_collections
 from ml_collections import config_dict
 
-from llama2_jax.config import get_config as get_model_config
+from llama2_jax.model.config import get_config as get_model_config
 
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
@@ -26,7 +26,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # --- model: every field of llama2_jax.config.LlamaConfig ---
+    # --- model: every field of llama2_jax.model.config.LlamaConfig ---
     config.model = model_config("7b")
 
     # --- mesh: device axes (one may be -1 = the remaining devices) ---
@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50  # metrics to the progress bar, metrics.jsonl and TensorBoard
     config.eval_every_steps = 1000  # validation loss and perplexity
     config.eval_batches = 16  # validation batches per eval (0 = the whole held-out split)
-    # lm-eval tasks run in process during pretraining / SFT / DPO (train.task_evals; needs the [eval] extra),
+    # lm-eval tasks run in process during pretraining / SFT / DPO (llama2_jax.training.task_evals; needs the [eval] extra),
     # logged as eval/<task>/<metric>
     config.eval_tasks = ""  # comma-separated task names, e.g. "text_perplexity,piqa_local"; "" = none
     config.eval_tasks_every_steps = 1000  # their cadence (and always at the last step)
@@ -115,7 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling.max_gen_len = 1024  # new tokens per response
     config.iterations = 1  # RS rounds / PPO iterations in this run
 
-    # --- ecosystem: streamed HF data, experiment tracking, profiling (train.loop) ---
+    # --- ecosystem: streamed HF data, experiment tracking, profiling (llama2_jax.training.loop) ---
     config.data.streaming = False  # source "hf" only: stream the corpus instead of loading it (exact resume still)
     config.data.shuffle_window = 1024  # streaming: documents shuffled together (1 = stored order)
     config.wandb = ml_collections.ConfigDict()
@@ -125,7 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.wandb.name = ""  # display name of the run ("" = W&B's)
     config.profile_steps = ""  # "START:STOP": a jax.profiler trace of steps START..STOP into WORKDIR/profile
 
-    # --- LoRA (Hu et al. 2021; llama2_jax/lora.py): train.sft, train.reward, train.dpo ---
+    # --- LoRA (Hu et al. 2021; llama2_jax/model/lora.py): train.sft, train.reward, train.dpo ---
     config.lora = ml_collections.ConfigDict()
     config.lora.rank = 0  # 0 = off (full fine-tuning); r > 0 = adapters of rank r on the frozen init_from base
     config.lora.alpha = 16.0  # the update is scaled by alpha / rank

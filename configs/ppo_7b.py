@@ -8,7 +8,7 @@ helpful score), R̃c = whiten(logit(Rc)); AdamW β (0.9, 0.95), eps 1e-5, weight
 512 prompts per iteration, minibatches of 64 with one gradient step each, PPO clip 0.2, 200-400 iterations
 early-stopped on held-out prompts; β = 0.01 for 7B and 13B, **0.005 for 34B and 70B** (`--config.beta=0.005`).
 The paper is silent on the critic, GAE, the KL form, whitening statistics, generation length and temperature:
-the InstructGPT / TRL-style choices below (and in llama2_jax/rlhf.py) fill those gaps.
+the InstructGPT / TRL-style choices below (and in llama2_jax/rlhf/formulas.py) fill those gaps.
 
 Memory: four 7B models live on the mesh: the policy (float32 params + Adam moments: 16 bytes/param = 108 GB), π0
 (float32 copy, 27 GB), the value model (another 108 GB with its optimizer) and the reward models (27 GB each, one

@@ -12,7 +12,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.paths = ml_collections.ConfigDict()  # {paths.NAME} in the commands; may use {data}
     config.stage_order = ",".join(STAGES)  # stages to run, in order (a prefix runs a shortened recipe)
     # After each of eval.stages (those whose product is a language model), lm-eval's PIQA on a local JSONL
-    # (llama2_jax.evaluate --tasks=piqa_local); "" piqa_path turns it off; limit 0 = every question; flags are
+    # (llama2_jax.evaluation.harness --tasks=piqa_local); "" piqa_path turns it off; limit 0 = every question; flags are
     # appended to the command (e.g. --mesh=1:-1:1 --dtype=bfloat16).
     config.eval = ml_collections.ConfigDict({"piqa_path": "", "limit": 0, "batch_size": 16, "flags": "",
                                              "stages": "pretrain,sft,rs,ppo,gatt,cd"})

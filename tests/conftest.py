@@ -32,7 +32,7 @@ def random_llama_params(cfg, seed: int = 0, std: float = 0.05):
     import jax
     import numpy as np
 
-    from llama2_jax.model import abstract_params
+    from llama2_jax.model.llama import abstract_params
 
     rng = np.random.default_rng(seed)
 
@@ -49,7 +49,7 @@ def alpaca_subset(tmp_path, n: int = 240, vocab_size: int = 512):
     them (with the chat tags): (data path, Tokenizer). Skips where ../shared/data is absent."""
     import json
 
-    from llama2_jax.tokenizer import train_tokenizer
+    from llama2_jax.text.tokenizer import train_tokenizer
 
     records = json.loads(shared_file("alpaca-cleaned-first1000.json").read_text())[:n]
     data_path = tmp_path / "alpaca.json"

@@ -1,6 +1,6 @@
 """Helpers shared by the parity tests: a random HF `LlamaForCausalLM` and its weights in our layout.
 
-The mapping here is written independently of llama2_jax/convert.py on purpose (a test should not share the code it
+The mapping here is written independently of llama2_jax/checkpoints/convert.py on purpose (a test should not share the code it
 checks). HF stores torch Linear weights as [out, in]; our kernels are [in, out] with the heads split out.
 """
 
@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed: HF parity tests need it (pip install torch)")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[test])")
 
-from llama2_jax.config import LlamaConfig  # noqa: E402
+from llama2_jax.model.config import LlamaConfig  # noqa: E402
 
 
 def hf_model(cfg: LlamaConfig, seed: int = 0):

@@ -13,10 +13,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import attention as attention_bench  # noqa: E402
 import generate as generate_bench  # noqa: E402
-import memory  # noqa: E402  (imports llama2_jax and train.state only; the XLA device flag is set by conftest)
+import memory  # noqa: E402  (imports llama2_jax and llama2_jax.training.state only; the XLA device flag is set by conftest)
 import train_step  # noqa: E402
 
-from llama2_jax.config import get_config  # noqa: E402
+from llama2_jax.model.config import get_config  # noqa: E402
 
 TINY = ["--dim=64", "--n_layers=1", "--n_heads=4", "--n_kv_heads=2", "--ffn=96", "--vocab=128", "--seq=16",
         "--batch=8", "--steps=2", "--warmup=1", "--devices=1"]

@@ -6,8 +6,8 @@ import re
 import pytest
 from conftest import shared_file
 
-from llama2_jax import chat
-from llama2_jax.tokenizer import Tokenizer
+from llama2_jax.text import chat_format as chat
+from llama2_jax.text.tokenizer import Tokenizer
 
 BOS, EOS, SPACE_PIECE = 1, 2, 29871
 INST_TOKENS = [518, 25580, 29962]  # "[INST]"
@@ -224,7 +224,6 @@ def test_single_turn_mask_by_hand(tok):
 
 class MergingTokenizer:
     """Toy character tokenizer that merges "] " into one token, so the prompt is not a token prefix of the pair."""
-
     bos_id, eos_id = 1, 2
 
     def encode(self, text, bos=False, eos=False):

@@ -8,10 +8,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from llama2_jax import checkpoint as ckpt
-from llama2_jax import sharding as sh
-from llama2_jax.config import LlamaConfig
-from llama2_jax.model import abstract_params, stack_layers
+from llama2_jax.checkpoints import params_io as ckpt
+from llama2_jax.model import sharding as sh
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import abstract_params, stack_layers
 
 CFG = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=64,
                   dtype="float32")

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax import attention
-from llama2_jax.config import LlamaConfig
-from llama2_jax.model import Llama
+from llama2_jax.model import attention
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import Llama
 
 
 def random_qkv(b=2, t=13, n=6, k=2, h=8, seed=0):

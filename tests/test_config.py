@@ -3,8 +3,8 @@
 import jax
 import pytest
 
-from llama2_jax.config import LlamaConfig, PRESETS, ffn_hidden_dim, get_config
-from llama2_jax.model import abstract_params
+from llama2_jax.model.config import PRESETS, LlamaConfig, ffn_hidden_dim, get_config
+from llama2_jax.model.llama import abstract_params
 
 PUBLISHED_PARAM_COUNTS = {
     "7b": 6_738_415_616,

@@ -8,13 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_rejection_sampling import CFG, make_tokenizer, save_policy, save_reward_model
 
 from configs import cd_7b, cd_tiny
-from llama2_jax import chat, checkpoint, context_distill as cd, score_model
+from llama2_jax.checkpoints import params_io as checkpoint
 from llama2_jax.data import prompts as prompt_data
 from llama2_jax.data import safety_preprompts
-from test_rejection_sampling import CFG, make_tokenizer, save_policy, save_reward_model
-from train import common
+from llama2_jax.model import score as score_model
+from llama2_jax.rlhf import context_distill as cd
+from llama2_jax.text import chat_format as chat
+from llama2_jax.training import common
 from train import context_distill
 
 

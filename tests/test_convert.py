@@ -13,11 +13,11 @@ import pytest
 torch = pytest.importorskip("torch", reason="conversion parity tests need PyTorch")
 transformers = pytest.importorskip("transformers", reason="HF parity tests need transformers")
 
-from llama2_jax import convert as cv  # noqa: E402
+from llama2_jax.checkpoints import convert as cv  # noqa: E402
+from llama2_jax.checkpoints.params_io import load_params  # noqa: E402
 from llama2_jax.cli import convert as convert_cli  # noqa: E402
-from llama2_jax.checkpoint import load_params  # noqa: E402
-from llama2_jax.config import LlamaConfig, get_config  # noqa: E402
-from llama2_jax.model import Llama  # noqa: E402
+from llama2_jax.model.config import LlamaConfig, get_config  # noqa: E402
+from llama2_jax.model.llama import Llama  # noqa: E402
 
 TOKENS = np.array([[1, 5, 17, 99, 3, 42, 7, 127, 64, 2, 11, 0]], np.int32)
 

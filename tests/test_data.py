@@ -8,7 +8,7 @@ import pytest
 
 from llama2_jax.data import packing, pipeline, sources
 from llama2_jax.data.packing import pack_documents, pack_examples, unigram_entropy
-from llama2_jax.tokenizer import train_tokenizer
+from llama2_jax.text.tokenizer import train_tokenizer
 
 
 def _one_line_error(excinfo) -> str:

@@ -24,7 +24,6 @@ DIALOGS = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assis
 
 class TinyCorpus(tfds.core.GeneratorBasedBuilder):
     """Text documents (train) and SFT dialogs / preference pairs in other splits, written as ArrayRecord."""
-
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
@@ -43,7 +42,6 @@ class TinyCorpus(tfds.core.GeneratorBasedBuilder):
 
 class TinyChat(tfds.core.GeneratorBasedBuilder):
     """Dialogs as a `Sequence(FeaturesDict)` of messages, and preference pairs."""
-
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
@@ -227,7 +225,8 @@ def crash_and_resume_losses(config, workdir, monkeypatch, crash_at=6):
     """Train with a crash after `crash_at - 1` steps (after the step-4 checkpoint), then resume; returns the losses."""
     from test_pretrain import train_losses
 
-    from train import loop, pretrain
+    from llama2_jax.training import loop
+    from train import pretrain
 
     real_to_global, calls = loop.process_rows_to_global, []
 
@@ -287,7 +286,8 @@ def test_pretraining_from_a_streamed_parquet_dataset_resumes_exactly(tmp_path, m
 def test_streaming_needs_the_hf_source(tmp_path):
     from test_pretrain import small_config
 
-    from train import common, pretrain
+    from llama2_jax.training import common
+    from train import pretrain
 
     config = small_config(**{"data.source": "jsonl", "data.path": "x.jsonl", "data.streaming": True})
     with pytest.raises(common.ConfigError, match=r"^config.data: streaming=True needs source='hf'"):
@@ -309,8 +309,8 @@ def test_sft_from_a_parquet_dataset_trains_exactly_like_the_same_json_file(tmp_p
     from test_sft import save_tiny_checkpoint
 
     from configs import sft_tiny
-    from llama2_jax.config import LlamaConfig
-    from llama2_jax.tokenizer import train_tokenizer
+    from llama2_jax.model.config import LlamaConfig
+    from llama2_jax.text.tokenizer import train_tokenizer
     from train import sft as sft_trainer
 
     records_ = json.loads(shared_file("alpaca-cleaned-first1000.json").read_text())[:160]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from test_generate import CFG, GEN_LEN, NO_EOS, PROMPTS, init_params
 
-from llama2_jax import decode
-from llama2_jax import generate as gen
+from llama2_jax.inference import decode
+from llama2_jax.inference import generate as gen
 
 N_SLOTS = 3
 WIDTH = 16  # the prefill bucket of every prompt here (one prefill compilation)

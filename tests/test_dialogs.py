@@ -7,9 +7,9 @@ import logging
 import pytest
 from conftest import shared_file
 
-from llama2_jax import chat
 from llama2_jax.data import dialogs
 from llama2_jax.data.dialogs import detect_format, read_dialogs
+from llama2_jax.text import chat_format as chat
 
 
 def assert_training_dialog(dialog):
@@ -80,7 +80,7 @@ def test_oasst_trees_file():
 
 @pytest.mark.parametrize("name", ["fastchat-dummy-conversation.json", "oasst-en-100-trees.jsonl"])
 def test_real_dialogs_encode_for_training(llama_tokenizer_path, name):
-    from llama2_jax.tokenizer import Tokenizer
+    from llama2_jax.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(llama_tokenizer_path)
     found, _ = read_dialogs(shared_file(name))

@@ -10,16 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax import losses
 from llama2_jax.data import rm as rm_data
-from train import state as train_state
+from llama2_jax.training import losses
+from llama2_jax.training import state as train_state
 
 V = 3
 
 
 class UnigramModel:
     """A stand-in model: every position's logits are params["logits"] [V] (so log p(token) = log_softmax[token])."""
-
     calls = 0
 
     def apply(self, variables, inputs):
@@ -171,7 +170,8 @@ def write_pairs(path, n):
 
 def test_configs_load_and_bad_fields_name_the_field():
     from configs import dpo_7b, dpo_tiny
-    from train import common, dpo
+    from llama2_jax.training import common
+    from train import dpo
 
     for module in (dpo_7b, dpo_tiny):
         config = module.get_config()
@@ -196,13 +196,14 @@ def test_configs_load_and_bad_fields_name_the_field():
 
 @pytest.mark.slow
 def test_train_and_evaluate_end_to_end_learns_the_preference(tmp_path):
-    from configs import dpo_tiny
-    from llama2_jax.checkpoint import save_params
-    from llama2_jax.config import LlamaConfig
-    from llama2_jax.model import Llama
-    from llama2_jax.tokenizer import train_tokenizer
-    from train import dpo
     import flax.linen as nn
+
+    from configs import dpo_tiny
+    from llama2_jax.checkpoints.params_io import save_params
+    from llama2_jax.model.config import LlamaConfig
+    from llama2_jax.model.llama import Llama
+    from llama2_jax.text.tokenizer import train_tokenizer
+    from train import dpo
 
     cfg = LlamaConfig(vocab_size=384, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
                       dtype="float32")
@@ -237,10 +238,11 @@ def test_train_and_evaluate_end_to_end_learns_the_preference(tmp_path):
 def test_tiny_dpo_from_a_tiny_sft_policy_learns_hh_preferences(tmp_path):
     """SFT a tiny model on Alpaca, then DPO it on Anthropic HH harmless pairs: held-out implicit-reward accuracy
     (231 pairs) rises above 0.55 (the reference policy itself scores 0: its rewards are all 0, ties count as wrong)."""
-    from configs import dpo_tiny, sft_tiny
     from conftest import shared_file
+
+    from configs import dpo_tiny, sft_tiny
     from llama2_jax.data.preferences import read_preferences
-    from llama2_jax.tokenizer import train_tokenizer
+    from llama2_jax.text.tokenizer import train_tokenizer
     from train import dpo, sft
 
     hh = shared_file("hh-rlhf-harmless-base-test.prompt-chosen-rejected.jsonl")

@@ -16,9 +16,9 @@ pytest.importorskip("lm_eval", reason="the parity tests need lm-eval (pip instal
 import hf_reference  # noqa: E402  (skips without torch / transformers)
 from conftest import shared_file  # noqa: E402
 
+from llama2_jax.checkpoints.params_io import save_params  # noqa: E402
 from llama2_jax.cli import convert  # noqa: E402  (the convert command line)
-from llama2_jax.checkpoint import save_params  # noqa: E402
-from llama2_jax.config import LlamaConfig  # noqa: E402
+from llama2_jax.model.config import LlamaConfig  # noqa: E402
 
 CFG = LlamaConfig(vocab_size=32000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=256,
                   dtype="float32")
@@ -33,7 +33,7 @@ def backends(tmp_path_factory):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval.models.huggingface import HFLM
 
-    from llama2_jax.lm_eval_backend import LlamaJaxLM
+    from llama2_jax.evaluation.lm_eval_backend import LlamaJaxLM
 
     tokenizer = shared_file("llama2-tokenizer.model")
     metadata = {"piqa_path": str(shared_file("piqa-valid-with-labels.jsonl")),
@@ -64,9 +64,9 @@ def _float64_loglikelihood(model, ours_lm, context: str, continuation: str) -> f
 def _evaluate(lm, tasks, limit, metadata):
     import lm_eval
 
-    from llama2_jax.evaluate import _task_manager
+    from llama2_jax.evaluation.harness import make_task_manager
 
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=_task_manager(None, metadata),
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=make_task_manager(None, metadata),
                                    log_samples=True, bootstrap_iters=0, verbosity="ERROR")
 
 
@@ -113,7 +113,7 @@ def test_loglikelihoods_and_rolling_perplexity_match_the_hf_backend(backends):
 
 @pytest.mark.slow
 def test_greedy_generations_match_the_hf_backend(backends):
-    from llama2_jax.generate import text_completion
+    from llama2_jax.inference.generate import text_completion
 
     ours_lm, hf_lm, metadata, _ = backends
     ours = _evaluate(ours_lm, ["piqa_local_gen"], GEN_DOCS, metadata)

@@ -20,12 +20,13 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from test_checkpoint import CFG, _init
 
-from llama2_jax import checkpoint as ckpt
-from llama2_jax import storage
+from llama2_jax.checkpoints import params_io as ckpt
+from llama2_jax.checkpoints import storage
 from llama2_jax.cli import convert
-from train import common, loop, ppo, pretrain, workdir_lock
-from train.checkpoints import UNREADABLE_DIR, CheckpointError, TrainCheckpointer
-from train.state import TrainState
+from llama2_jax.training import common, loop, workdir_lock
+from llama2_jax.training.checkpointer import UNREADABLE_DIR, CheckpointError, TrainCheckpointer
+from llama2_jax.training.state import TrainState
+from train import ppo, pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,12 +180,13 @@ def test_the_cli_releases_the_lock_at_exit_also_on_errors(tmp_path):
     script = (
         "import sys\n"
         "from absl import app, flags\n"
-        "from train import common\n"
+        "from llama2_jax.cli import trainer as common\n"
+        "from llama2_jax.training import common as training\n"
         "flags.DEFINE_string('config', None, '')\n"
         "common.define_runtime_flags()\n"
         "def run(config, workdir):\n"
-        "    common.lock_workdir(workdir)\n"
-        "    raise common.ConfigError('config.x: bad after the lock')\n"
+        "    training.lock_workdir(workdir)\n"
+        "    raise training.ConfigError('config.x: bad after the lock')\n"
         "app.run(common.run_main(run))\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
     result = subprocess.run([sys.executable, "-c", script, f"--workdir={tmp_path}"], cwd=REPO, env=env,

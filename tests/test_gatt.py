@@ -6,18 +6,17 @@ import random
 
 import numpy as np
 import pytest
-
-from llama2_jax import checkpoint
-from llama2_jax.config import LlamaConfig
-from llama2_jax.data import gatt_instructions, sft
-from llama2_jax.tokenizer import Tokenizer, train_tokenizer
 from test_sft import MULTI_TURN, check_masks_on_batches, expected_sample, random_params
+
+from llama2_jax.checkpoints import params_io as checkpoint
+from llama2_jax.data import gatt_instructions, sft
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.text.tokenizer import Tokenizer, train_tokenizer
 from train import gatt
 
 
 class StubSampler:
     """Deterministic replies naming the dialog's first user message and the turn; remembers every prompt."""
-
     def __init__(self, reply=None):
         self.prompts = []
         self.reply = reply

@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax import chat, decode, sampling
-from llama2_jax import generate as gen
-from llama2_jax import sharding as sh
 from llama2_jax.cli import chat as chat_cli
 from llama2_jax.cli import generate as generate_cli
-from llama2_jax.config import LlamaConfig
-from llama2_jax.model import Llama, stack_layers
+from llama2_jax.inference import decode, sampling
+from llama2_jax.inference import generate as gen
+from llama2_jax.model import sharding as sh
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import Llama, stack_layers
+from llama2_jax.text import chat_format as chat
 
 CFG = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=96,
                   dtype="float32")
@@ -364,7 +365,6 @@ def test_kv_cache_is_sharded_inside_jit(params):
 
 class AsciiTokenizer:
     """ASCII bytes + 3 as ids (0 unk, 1 BOS, 2 EOS; fits CFG's vocabulary of 128): enough for the helpers."""
-
     bos_id, eos_id, pad_id = 1, 2, -1
 
     def encode(self, text, bos=False, eos=False):
@@ -432,7 +432,7 @@ def test_fit_history_drops_oldest_pairs():
 
 @pytest.mark.slow
 def test_command_lines(tmp_path, llama_tokenizer_path, monkeypatch, capsys):
-    checkpoint = pytest.importorskip("llama2_jax.checkpoint")
+    checkpoint = pytest.importorskip("llama2_jax.checkpoints.params_io")
     cfg = CFG.replace(vocab_size=32000)
     checkpoint.save_params(tmp_path / "ckpt", init_params(cfg, seed=3), cfg)
     flags = [f"--checkpoint={tmp_path / 'ckpt'}", f"--tokenizer={llama_tokenizer_path}", "--max_gen_len=5"]

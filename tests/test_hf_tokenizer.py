@@ -8,12 +8,13 @@ import pytest
 transformers = pytest.importorskip("transformers", reason="the HF tokenizer export needs transformers")
 
 from conftest import SHARED_DATA  # noqa: E402
-from llama2_jax import hf_tokenizer  # noqa: E402
+
+from llama2_jax.checkpoints.params_io import save_params  # noqa: E402
 from llama2_jax.cli import convert as convert_cli  # noqa: E402
-from llama2_jax.checkpoint import save_params  # noqa: E402
-from llama2_jax.config import LlamaConfig  # noqa: E402
 from llama2_jax.data.sources import default_corpus  # noqa: E402
-from llama2_jax.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from llama2_jax.model.config import LlamaConfig  # noqa: E402
+from llama2_jax.text import hf_tokenizer  # noqa: E402
+from llama2_jax.text.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 EDGE_TEXTS = [
     "Hello world 12345", " leading space", "  two  spaces  ", "tabs\tand\nnew\n\nlines\n", "trailing ", "", " ",
@@ -84,7 +85,7 @@ def test_convert_cli_writes_tokenizer_with_the_weights(small_model, tmp_path, ca
     import jax
     import numpy as np
 
-    from llama2_jax.model import abstract_params
+    from llama2_jax.model.llama import abstract_params
 
     cfg = LlamaConfig(vocab_size=512, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=64)
     params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract_params(cfg))

@@ -14,18 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax import checkpoint, convert
-from llama2_jax import generate as gen
+from llama2_jax.checkpoints import convert
+from llama2_jax.checkpoints import params_io as checkpoint
 from llama2_jax.cli import chat as chat_cli
 from llama2_jax.cli import common as cli_common
 from llama2_jax.cli import convert as convert_cli
 from llama2_jax.cli import generate as generate_cli
-from llama2_jax.config import LlamaConfig
 from llama2_jax.data import dialogs as dialog_readers
 from llama2_jax.data import sft
-from llama2_jax.model import Llama
-from llama2_jax.tokenizer import Tokenizer, train_tokenizer
-from train import common, config_checks
+from llama2_jax.inference import generate as gen
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import Llama
+from llama2_jax.text.tokenizer import Tokenizer, train_tokenizer
+from llama2_jax.training import checks as config_checks
+from llama2_jax.training import common
 from train import gatt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +115,8 @@ def test_trainer_command_line_one_line_errors(tmp_path):
     script = (
         "import sys\n"
         "from absl import app\n"
-        "from train import pretrain, common\n"
+        "from train import pretrain\n"
+        "from llama2_jax.cli import trainer as common\n"
         "from ml_collections import config_flags\n"
         "config_flags.DEFINE_config_file('config', None, 'config')\n"
         "common.define_runtime_flags()\n"
@@ -133,11 +136,11 @@ def test_trainer_command_line_one_line_errors(tmp_path):
 
 
 def test_stray_directories_in_checkpoints_are_ignored_with_a_warning(tmp_path, caplog):
-    from train.checkpoints import TrainCheckpointer
+    from llama2_jax.training.checkpointer import TrainCheckpointer
 
     for name in ("backup", "notes.txt", "3.orbax-checkpoint-tmp-17"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
-    with caplog.at_level(logging.WARNING, logger="train.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="llama2_jax.training.checkpointer"):
         checkpointer = TrainCheckpointer(str(tmp_path), async_save=False)
     assert checkpointer.latest_step() is None and not common.has_checkpoint(str(tmp_path))
     checkpointer.close()
@@ -336,7 +339,8 @@ def test_evaluate_checks_its_output_paths_before_any_work(tmp_path, capsys, monk
     pytest.importorskip("lm_eval")
     from lm_eval._cli import HarnessCLI
 
-    from llama2_jax import evaluate, rm_eval
+    from llama2_jax.cli import evaluate
+    from llama2_jax.evaluation import reward_model as rm_eval
 
     for name in ("ckpt", "rm"):
         (tmp_path / name).mkdir()

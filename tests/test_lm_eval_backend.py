@@ -8,16 +8,17 @@ import pytest
 
 pytest.importorskip("lm_eval", reason="the lm-eval backend needs lm-eval (pip install -e .[eval])")
 
+import hf_reference  # noqa: E402  (tests/hf_reference.py: skips without torch / transformers)
 from lm_eval.api.instance import Instance  # noqa: E402
 
-import hf_reference  # noqa: E402  (tests/hf_reference.py: skips without torch / transformers)
-from llama2_jax import chat, lm_scoring  # noqa: E402
-from llama2_jax import sharding as sh  # noqa: E402
-from llama2_jax.config import LlamaConfig  # noqa: E402
 from llama2_jax.data.sources import default_corpus  # noqa: E402
-from llama2_jax.evaluate import evaluate_tasks  # noqa: E402
-from llama2_jax.lm_eval_backend import LlamaJaxLM  # noqa: E402
-from llama2_jax.tokenizer import train_tokenizer  # noqa: E402
+from llama2_jax.evaluation.harness import evaluate_tasks  # noqa: E402
+from llama2_jax.evaluation.lm_eval_backend import LlamaJaxLM  # noqa: E402
+from llama2_jax.inference import scoring as lm_scoring
+from llama2_jax.model import sharding as sh  # noqa: E402
+from llama2_jax.model.config import LlamaConfig  # noqa: E402
+from llama2_jax.text import chat_format as chat  # noqa: E402
+from llama2_jax.text.tokenizer import train_tokenizer  # noqa: E402
 
 CFG = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=48,
                   dtype="float32")
@@ -164,7 +165,7 @@ def test_chat_template_renders_meta_dialog_format(lm, tokenizer):
 
 
 def test_generate_until_equals_greedy_text_completion_cut_at_stops(lm, tokenizer, params):
-    from llama2_jax.generate import text_completion
+    from llama2_jax.inference.generate import text_completion
 
     prompts = ["The quick brown", "Once upon a time there", "x"]
     full = [r["generation"] for r in text_completion(params, CFG, tokenizer, prompts, temperature=0.0,
@@ -194,8 +195,8 @@ def test_evaluate_tasks_in_process(params, tokenizer, tmp_path):
 
 @pytest.mark.slow  # lm-eval's CLI indexes its whole task library (~20 s on 2 cores)
 def test_cli_prints_lm_eval_table_and_writes_results_json(params, tokenizer, tmp_path, capsys):
-    from llama2_jax.checkpoint import save_params
-    from llama2_jax.evaluate import main
+    from llama2_jax.checkpoints.params_io import save_params
+    from llama2_jax.cli.evaluate import main
 
     save_params(tmp_path / "ckpt", params, CFG)
     rows = [{"goal": f"goal {i}", "sol1": f"first answer {i}", "sol2": f"second {i}", "label": i % 2} for i in range(4)]
@@ -212,7 +213,7 @@ def test_cli_prints_lm_eval_table_and_writes_results_json(params, tokenizer, tmp
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    from llama2_jax.evaluate import main
+    from llama2_jax.cli.evaluate import main
 
     assert main([f"--checkpoint={tmp_path / 'nope'}", "--tokenizer=x.model", "--tasks=piqa_local"]) == 1
     assert capsys.readouterr().err.strip() == f"error: --checkpoint={tmp_path / 'nope'} does not exist"
@@ -220,8 +221,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow  # lm-eval's CLI indexes its whole task library
 def test_cli_missing_task_data_is_one_line(params, tokenizer, tmp_path, capsys):
-    from llama2_jax.checkpoint import save_params
-    from llama2_jax.evaluate import main
+    from llama2_jax.checkpoints.params_io import save_params
+    from llama2_jax.cli.evaluate import main
 
     save_params(tmp_path / "ckpt", params, CFG)
     args = [f"--checkpoint={tmp_path / 'ckpt'}", f"--tokenizer={tokenizer.model_path}", "--tasks=piqa_local"]

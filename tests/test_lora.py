@@ -1,4 +1,4 @@
-"""LoRA (llama2_jax/lora.py): zero-B identity, gradients reach only the adapters, unmerged == merged == HF + PEFT,
+"""LoRA (llama2_jax/model/lora.py): zero-B identity, gradients reach only the adapters, unmerged == merged == HF + PEFT,
 sharding under scan, adapter checkpoints apart from their base, and `convert --merge_lora` / `--to=peft`."""
 
 import functools
@@ -13,12 +13,15 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec
 
-from llama2_jax import checkpoint, convert, convert_peft, lora
+from llama2_jax.checkpoints import convert
+from llama2_jax.checkpoints import params_io as checkpoint
+from llama2_jax.checkpoints import peft as convert_peft
 from llama2_jax.cli import convert as convert_cli
-from llama2_jax import losses
-from llama2_jax import sharding as sh
-from llama2_jax.config import LlamaConfig
-from llama2_jax.model import Llama, abstract_params, stack_layers
+from llama2_jax.model import lora
+from llama2_jax.model import sharding as sh
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import Llama, abstract_params, stack_layers
+from llama2_jax.training import losses
 
 CFG = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=64,
                   dtype="float32", param_dtype="float32")

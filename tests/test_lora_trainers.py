@@ -1,4 +1,4 @@
-"""LoRA through the trainers (train.common.init_lora_state / LoraRun, train.sft, train.reward, train.dpo): only the
+"""LoRA through the trainers (llama2_jax.training.common.init_lora_state / LoraRun, train.sft, train.reward, train.dpo): only the
 adapters (and a reward model's head) are trained and in the optimizer, the base stays bitwise unchanged, the
 workdir records its base and loads merged."""
 
@@ -11,12 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import alpaca_subset, random_llama_params
-from llama2_jax import checkpoint, lora, losses, score_model
-from llama2_jax.config import LlamaConfig
-from llama2_jax.model import Llama
-from train import common
+
+from llama2_jax.checkpoints import params_io as checkpoint
+from llama2_jax.model import lora
+from llama2_jax.model import score as score_model
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import Llama
+from llama2_jax.training import common, losses
 
 BASE = LlamaConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
                    dtype="float32")
@@ -124,7 +126,7 @@ def test_reward_model_lora_trains_adapters_and_the_head_on_the_frozen_trunk(tmp_
     assert set(run.frozen) == set(score_model.abstract_score_params(model_cfg))  # its head is replaced by the state's
 
     # The workdir as the loop leaves it (adapters moved off b = 0) loads merged with its head, as PPO / RS load RMs.
-    from train.checkpoints import TrainCheckpointer, write_model_config
+    from llama2_jax.training.checkpointer import TrainCheckpointer, write_model_config
 
     rng = np.random.default_rng(1)
     moved = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, x.dtype), run.state.params)
@@ -156,8 +158,8 @@ def test_reward_model_lora_trains_adapters_and_the_head_on_the_frozen_trunk(tmp_
 @pytest.mark.slow
 def test_tiny_lora_sft_on_alpaca_lowers_held_out_loss_and_its_workdir_loads_merged(tmp_path):
     from configs import sft_tiny
-    from llama2_jax import generate
-    from llama2_jax.tokenizer import Tokenizer
+    from llama2_jax.inference import generate
+    from llama2_jax.text.tokenizer import Tokenizer
     from train import sft
 
     data_path, tokenizer = alpaca_subset(tmp_path)
@@ -200,7 +202,7 @@ def test_dropout_keys_differ_per_step_and_per_micro_batch_and_eval_gets_none():
     """train_step(rng_seed=s) passes rng = fold_in(fold_in(PRNGKey(s), step), micro-batch) to the loss."""
     import optax
 
-    from train import state as train_state
+    from llama2_jax.training import state as train_state
 
     def loss_fn(params, batch, frozen, rng=None):
         noise = jax.random.uniform(rng, (4,))
@@ -232,7 +234,7 @@ def test_dropout_keys_differ_per_step_and_per_micro_batch_and_eval_gets_none():
 @pytest.mark.slow
 def test_lora_dpo_through_the_trainer_learns_the_preference_with_the_base_as_reference(tmp_path):
     from configs import dpo_tiny
-    from llama2_jax.tokenizer import train_tokenizer
+    from llama2_jax.text.tokenizer import train_tokenizer
     from train import dpo
 
     words = "the a cat dog safe help answer question please thanks why how what no yes sorry can you I".split()

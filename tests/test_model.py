@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax import attention
-from llama2_jax.config import LlamaConfig, RematPolicy
-from llama2_jax.model import Llama, apply_rope, stack_layers, unstack_layers
+from llama2_jax.model import attention
+from llama2_jax.model.config import LlamaConfig, RematPolicy
+from llama2_jax.model.llama import Llama, apply_rope, stack_layers, unstack_layers
 
 CFG = LlamaConfig(vocab_size=97, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=32,
                   dtype="float32")

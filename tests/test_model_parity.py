@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax.config import LlamaConfig
-from llama2_jax.model import Llama, stack_layers
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import Llama, stack_layers
 
 hf_reference = pytest.importorskip("hf_reference", reason="torch/transformers not installed")
 

@@ -13,8 +13,12 @@ import pytest
 from test_rejection_sampling import CFG, llama_params, make_tokenizer, save_policy
 
 from configs import ppo_7b, ppo_tiny
-from llama2_jax import checkpoint, ppo_rollout, score_model
-from train import common, ppo
+from llama2_jax.checkpoints import params_io as checkpoint
+from llama2_jax.model import score as score_model
+from llama2_jax.rlhf import rollout as ppo_rollout
+from llama2_jax.training import common
+from train import ppo
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
@@ -173,8 +177,8 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path, tokenizer, monkeypatch
 
 
 def test_sequence_logprobs_are_the_tempered_softmax_of_the_next_token_by_hand():
-    from llama2_jax import losses
-    from llama2_jax.model import Llama
+    from llama2_jax.model.llama import Llama
+    from llama2_jax.training import losses
 
     params = llama_params(CFG, 0)
     ids = jax.random.randint(jax.random.PRNGKey(3), (2, 7), 0, CFG.vocab_size)

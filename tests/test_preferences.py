@@ -7,8 +7,8 @@ import logging
 import pytest
 from conftest import shared_file
 
-from llama2_jax import chat
 from llama2_jax.data.preferences import PreferencePair, detect_format, encode_pair, read_preferences
+from llama2_jax.text import chat_format as chat
 
 HH_RAW = "hh-rlhf-harmless-base-test.jsonl"
 HH_DERIVED = "hh-rlhf-harmless-base-test.prompt-chosen-rejected.jsonl"
@@ -78,7 +78,7 @@ def test_oasst_pairs_file():
 
 
 def test_real_pairs_encode(llama_tokenizer_path):
-    from llama2_jax.tokenizer import Tokenizer
+    from llama2_jax.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(llama_tokenizer_path)
     pairs, _ = read_preferences(shared_file(OASST_PAIRS))
@@ -178,7 +178,7 @@ def test_pair_validation():
 
 
 def test_encode_pair_equals_training_encoding(llama_tokenizer_path):
-    from llama2_jax.tokenizer import Tokenizer
+    from llama2_jax.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(llama_tokenizer_path)
     pair = PreferencePair([{"role": "system", "content": "S"}, u("q1"), a("a1"), u("Café 中文?")], " yes ", "no")

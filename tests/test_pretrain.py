@@ -10,7 +10,8 @@ import time
 import pytest
 
 from configs import tiny
-from train import common, loop, pretrain
+from llama2_jax.training import common, loop
+from train import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,10 +7,10 @@ import os
 import types
 
 import pytest
+from conftest import shared_file
 
 from configs import recipe_7b, recipe_common, recipe_tiny
-from conftest import shared_file
-from llama2_jax import recipe_report
+from llama2_jax.evaluation import recipe_report
 from train import recipe
 
 

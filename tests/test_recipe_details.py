@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
+from test_rejection_sampling import CFG, llama_params
 
 from configs import ppo_7b, ppo_70b, rm_helpful_7b, rm_helpful_70b, rm_safety_7b, rm_safety_70b, rs_7b, rs_tiny
-from llama2_jax import checkpoint
+from llama2_jax.checkpoints import params_io as checkpoint
 from llama2_jax.data import preferences, rm
-from test_rejection_sampling import CFG, llama_params
-from train import common
+from llama2_jax.training import common
 from train import ppo
 from train import rejection_sampling as rs
 

@@ -13,12 +13,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import rs_7b, rs_tiny
-from llama2_jax import checkpoint, rlhf, score_model
-from llama2_jax.config import LlamaConfig
+from llama2_jax.checkpoints import params_io as checkpoint
 from llama2_jax.data import prompts as prompt_data
-from llama2_jax.model import Llama
-from llama2_jax.tokenizer import train_tokenizer
-from train import common
+from llama2_jax.model import score as score_model
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import Llama
+from llama2_jax.rlhf import formulas as rlhf
+from llama2_jax.text.tokenizer import train_tokenizer
+from llama2_jax.training import common
 from train import rejection_sampling as rs
 
 CFG = LlamaConfig(vocab_size=384, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,

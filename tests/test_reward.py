@@ -11,14 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax import losses, score_model
-from llama2_jax import reward_model as rm_model
-from llama2_jax.checkpoint import load_params, save_params
-from llama2_jax.config import LlamaConfig
+from llama2_jax.checkpoints.params_io import load_params, save_params
 from llama2_jax.data import rm as rm_data
 from llama2_jax.data.preferences import RATINGS, PreferencePair
-from llama2_jax.model import Llama
-from llama2_jax.tokenizer import train_tokenizer
+from llama2_jax.inference import reward_scores as rm_model
+from llama2_jax.model import score as score_model
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import Llama
+from llama2_jax.text.tokenizer import train_tokenizer
+from llama2_jax.training import losses
 
 CFG = LlamaConfig(vocab_size=384, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
                   dtype="float32")
@@ -26,7 +27,6 @@ CFG = LlamaConfig(vocab_size=384, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, m
 
 class TableModel:
     """A stand-in model: the score of a sequence is params["r"][its first token]."""
-
     def apply(self, variables, tokens, lengths):
         return variables["params"]["r"][tokens[:, 0]]
 
@@ -102,7 +102,7 @@ def test_per_rating_table_on_a_hand_made_batch():
 
 def test_gradient_accumulation_keeps_pairs_together():
     """Micro-batches split the pair axis: accumulating over 4 micro-batches equals one step on the whole batch."""
-    from train import state as train_state
+    from llama2_jax.training import state as train_state
 
     params = {"r": jnp.linspace(-1.0, 1.0, 16)}
     rng = np.random.default_rng(0)
@@ -311,7 +311,8 @@ def test_train_and_evaluate_end_to_end(tmp_path, tokenizer):
 
 def test_configs_load_and_bad_fields_name_the_field(tmp_path):
     from configs import rm_helpful_7b, rm_safety_7b, rm_tiny
-    from train import common, reward
+    from llama2_jax.training import common
+    from train import reward
 
     for module in (rm_helpful_7b, rm_safety_7b, rm_tiny):
         config = module.get_config()

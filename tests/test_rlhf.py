@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax import rlhf
+from llama2_jax.rlhf import formulas as rlhf
 
 
 def close(actual, expected, atol=1e-5):

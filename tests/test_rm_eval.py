@@ -10,11 +10,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from llama2_jax import checkpoint, evaluate, reward_model, rm_eval, score_model
-from llama2_jax.config import LlamaConfig
+from llama2_jax.checkpoints import params_io as checkpoint
+from llama2_jax.cli import evaluate
 from llama2_jax.data.sources import default_corpus
-from llama2_jax.model import Llama
-from llama2_jax.tokenizer import train_tokenizer
+from llama2_jax.evaluation import reward_model as rm_eval
+from llama2_jax.inference import reward_scores as reward_model
+from llama2_jax.model import score as score_model
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import Llama
+from llama2_jax.text.tokenizer import train_tokenizer
 
 CFG = LlamaConfig(vocab_size=384, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
                   dtype="float32")

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax import generate as gen
-from llama2_jax import sampling
 from llama2_jax.cli import chat as chat_cli
 from llama2_jax.cli import common as cli_common
 from llama2_jax.cli import generate as generate_cli
-from llama2_jax.config import LlamaConfig
-from llama2_jax.model import Llama
+from llama2_jax.inference import generate as gen
+from llama2_jax.inference import sampling
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import Llama
 
 CFG = LlamaConfig(vocab_size=128, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=32,
                   dtype="float32")
@@ -107,7 +107,7 @@ def test_dtype_default_follows_the_backend():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_load_model_reads_weights_and_computes_in_dtype(dtype, tmp_path, llama_tokenizer_path):
-    checkpoint = pytest.importorskip("llama2_jax.checkpoint")
+    checkpoint = pytest.importorskip("llama2_jax.checkpoints.params_io")
     cfg = CFG.replace(scan_layers=False, vocab_size=32000)  # the tokenizer's vocabulary (load_model checks it)
     params = nn.unbox(Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
     checkpoint.save_params(tmp_path / "ckpt", params, cfg)

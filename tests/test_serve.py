@@ -21,11 +21,11 @@ httpx = pytest.importorskip("httpx")
 from conftest import shared_file  # noqa: E402
 from test_generate import CFG, full_logits, init_params  # noqa: E402
 
-from llama2_jax import generate as gen  # noqa: E402
+from llama2_jax.inference import generate as gen  # noqa: E402
 from llama2_jax.serve import engine as engine_module  # noqa: E402
 from llama2_jax.serve.api import create_app  # noqa: E402
 from llama2_jax.serve.engine import Engine, QueueFull, Request, held_back  # noqa: E402
-from llama2_jax.tokenizer import Tokenizer  # noqa: E402
+from llama2_jax.text.tokenizer import Tokenizer  # noqa: E402
 
 MODEL_CFG = CFG.replace(vocab_size=32000, max_seq_len=32)
 REF_LEN = 12  # every reference generates this many tokens (one compilation) and is cut to max_tokens
@@ -277,7 +277,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path):
     import subprocess
     import sys
 
-    from llama2_jax import checkpoint
+    from llama2_jax.checkpoints import params_io as checkpoint
 
     cfg = MODEL_CFG.replace(max_seq_len=128)
     checkpoint.save_params(tmp_path / "ckpt", init_params(cfg, seed=3), cfg)
@@ -335,8 +335,8 @@ def test_lm_eval_local_completions_gives_the_in_process_piqa_acc(tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     pytest.importorskip("transformers")
     local_completions = pytest.importorskip("lm_eval.models.openai_completions")  # registers local-completions
-    from llama2_jax.evaluate import _task_manager, evaluate_tasks
-    from llama2_jax.hf_tokenizer import save_hf_tokenizer
+    from llama2_jax.evaluation.harness import evaluate_tasks, make_task_manager
+    from llama2_jax.text.hf_tokenizer import save_hf_tokenizer
 
     cfg = MODEL_CFG.replace(max_seq_len=128)  # every one of the first 20 PIQA prompts fits: no truncation anywhere
     params, spm = init_params(cfg, seed=3), shared_file("llama2-tokenizer.model")
@@ -353,7 +353,7 @@ def test_lm_eval_local_completions_gives_the_in_process_piqa_acc(tmp_path):
                 f"tokenizer={tmp_path / 'hf_tokenizer'},add_bos_token=True,max_length={cfg.max_seq_len}")
         assert local_completions.LocalCompletionsAPI
         out = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["piqa_local"], limit=20,
-                                      num_fewshot=0, task_manager=_task_manager(None, metadata))
+                                      num_fewshot=0, task_manager=make_task_manager(None, metadata))
     finally:
         server.should_exit = True
     served = out["results"]["piqa_local"]

@@ -11,12 +11,12 @@ import pytest
 from conftest import alpaca_subset, random_llama_params, shared_file
 
 from configs import sft_7b, sft_tiny
-from llama2_jax import checkpoint, losses
-from llama2_jax.config import LlamaConfig
+from llama2_jax.checkpoints import params_io as checkpoint
 from llama2_jax.data import sft
-from llama2_jax.model import Llama
-from llama2_jax.tokenizer import Tokenizer, train_tokenizer
-from train import common
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import Llama
+from llama2_jax.text.tokenizer import Tokenizer, train_tokenizer
+from llama2_jax.training import common, losses
 from train import sft as sft_trainer
 
 LONE_SPACE = 29871  # Llama 2's "▁" piece, before EOS at the end of every answer
@@ -24,7 +24,6 @@ LONE_SPACE = 29871  # Llama 2's "▁" piece, before EOS at the end of every answ
 
 class CharTokenizer:
     """One id per character (Meta semantics for bos/eos): fast, and every prompt is a token prefix of its turn."""
-
     bos_id, eos_id = 1, 2
 
     def encode(self, text, bos=False, eos=False):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama2_jax import sharding as sh
-from llama2_jax.config import LlamaConfig
-from llama2_jax.model import Llama
+from llama2_jax.model import sharding as sh
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import Llama
 
 # Every sharded dimension divisible by 8, so any of the meshes below can split it.
 CFG = LlamaConfig(vocab_size=256, dim=128, n_layers=2, n_heads=16, n_kv_heads=8, multiple_of=64, max_seq_len=32,

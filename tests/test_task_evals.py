@@ -8,10 +8,11 @@ import pytest
 from test_pretrain import small_config
 from test_tracking import tensorboard_scalars
 
-from llama2_jax.config import LlamaConfig
-from llama2_jax.evaluate import evaluate_tasks
-from llama2_jax.tokenizer import Tokenizer
-from train import common, pretrain, task_evals
+from llama2_jax.evaluation.harness import evaluate_tasks
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.text.tokenizer import Tokenizer
+from llama2_jax.training import common, task_evals
+from train import pretrain
 
 pytest.importorskip("lm_eval", reason="needs the [eval] extra: pip install -e .[eval]")
 

@@ -4,7 +4,7 @@ import pytest
 from sentencepiece import sentencepiece_model_pb2
 
 from llama2_jax.data.sources import default_corpus
-from llama2_jax.tokenizer import (
+from llama2_jax.text.tokenizer import (
     LLAMA2_TRAINER_SPEC,
     Tokenizer,
     check_vocab,

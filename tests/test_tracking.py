@@ -1,4 +1,4 @@
-"""train.loop's Tracker (metrics.jsonl, TensorBoard and W&B offline get the same scalars; a resumed run continues the
+"""llama2_jax.training.loop's Tracker (metrics.jsonl, TensorBoard and W&B offline get the same scalars; a resumed run continues the
 same W&B run) and Profiler (`config.profile_steps` writes a jax.profiler trace)."""
 
 import gzip
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from train import common, loop
+from llama2_jax.training import common, loop
 
 WANDB_BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of chunks with 7-byte headers
 WANDB_HEADER = 7  # ":W&B", a 2-byte magic number and a 1-byte version
@@ -188,7 +188,6 @@ def test_ppo_profiles_its_iterations_and_logs_through_the_tracker(tmp_path):
 @pytest.mark.parametrize("trainer", ["sft", "reward"])
 def test_sft_and_reward_reject_a_bad_profile_window_before_reading_anything(tmp_path, monkeypatch, trainer):
     from configs import rm_tiny, sft_tiny
-
     from train import reward, sft
 
     def fail(*args, **kwargs):

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax import losses
-from llama2_jax import sharding as sh
-from llama2_jax.config import LlamaConfig
-from llama2_jax.model import Llama
-from train import state as train_state
+from llama2_jax.model import sharding as sh
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import Llama
+from llama2_jax.training import losses
+from llama2_jax.training import state as train_state
 
 CFG = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=16,
                   dtype="float32")

@@ -8,7 +8,7 @@ r"""Safety context distillation (paper section 4.2.4): `python -m train.context_
      or `distill.preprompts_path`) and without it;
   2. the safety RM scores both answers after the prompt *without* the preprompt (the context the model will be trained
      in); the distilled answer is kept only when it scores above the original one (targeted context distillation,
-     `llama2_jax.context_distill`);
+     `llama2_jax.rlhf.context_distill`);
   3. the kept (prompt without preprompt, distilled answer) pairs are an SFT dataset (loss on the answer only), and the
      policy is fine-tuned on it with the SFT trainer's run (`common.fine_tune`, config.sft).
 
@@ -28,13 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llama2_jax import chat, decode, generate, rlhf
-from llama2_jax import checkpoint as param_checkpoint
-from llama2_jax import context_distill as cd
-from llama2_jax import sharding as sh
+from llama2_jax.checkpoints import params_io as param_checkpoint
+from llama2_jax.cli import trainer as trainer_main
 from llama2_jax.data import safety_preprompts
-from llama2_jax.model import abstract_params
-from train import common
+from llama2_jax.inference import decode, generate
+from llama2_jax.model import sharding as sh
+from llama2_jax.model.llama import abstract_params
+from llama2_jax.rlhf import context_distill as cd
+from llama2_jax.rlhf import formulas as rlhf
+from llama2_jax.text import chat_format as chat
+from llama2_jax.training import common
 
 
 def check_config(config, mesh) -> None:
@@ -196,4 +199,4 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
 
 
 if __name__ == "__main__":
-    common.run_trainer(train_and_evaluate, "Context-distillation config (configs/cd_*.py).")
+    trainer_main.run_trainer(train_and_evaluate, "Context-distillation config (configs/cd_*.py).")

@@ -18,11 +18,11 @@ import os
 import jax
 import jax.numpy as jnp
 
-from llama2_jax import losses
+from llama2_jax.cli import trainer as trainer_main
 from llama2_jax.data import rm as rm_data
-from llama2_jax.model import Llama
-from train import common, loop
-from train import state as train_state
+from llama2_jax.model.llama import Llama
+from llama2_jax.training import common, loop, losses
+from llama2_jax.training import state as train_state
 
 EVAL_FILE = "dpo_eval.json"
 
@@ -116,4 +116,4 @@ def train_and_evaluate(config, workdir: str):
 
 
 if __name__ == "__main__":
-    common.run_trainer(train_and_evaluate, "Trainer config file (configs/dpo_*.py).")
+    trainer_main.run_trainer(train_and_evaluate, "Trainer config file (configs/dpo_*.py).")

@@ -31,9 +31,15 @@ import random
 import sys
 from typing import Callable, Optional, Sequence
 
-from llama2_jax import chat
+from llama2_jax.cli.common import add_sampling_flags, check_sampling_flags, load_model
 from llama2_jax.data import gatt_instructions
+from llama2_jax.data.dialogs import read_dialogs
 from llama2_jax.data.gatt_instructions import Instruction
+from llama2_jax.inference import generate
+from llama2_jax.paths import prepare_output_file
+from llama2_jax.text import chat_format as chat
+from llama2_jax.text.tokenizer import check_vocab
+from llama2_jax.training import common
 
 SAMPLES = ("every_turn", "last_turn")
 Sampler = Callable[[list[list[dict]]], list[str]]  # dialogs ending with a user message -> reply contents
@@ -159,7 +165,6 @@ def make_gatt_records(dialogs: Sequence[Sequence[dict]], sampler: Sampler, *, se
 
 class ModelSampler:
     """Replies from a Llama with `generate.chat_completion`, in batches of `batch_size`; a new seed per call."""
-
     def __init__(self, params, cfg, tokenizer, *, temperature: float, top_p: float, max_gen_len: int,
                  batch_size: int = 16, seed: int = 1, min_reply_tokens: int = 16):
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
@@ -171,8 +176,6 @@ class ModelSampler:
         return len(chat.encode_dialog(self.tokenizer, dialog)) + self.min_reply_tokens <= self.cfg.max_seq_len
 
     def __call__(self, dialogs: list[list[dict]]) -> list[str]:
-        from llama2_jax import generate
-
         replies = []
         for start in range(0, len(dialogs), self.batch_size):
             results = generate.chat_completion(
@@ -188,8 +191,6 @@ class ModelSampler:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    from llama2_jax.cli.common import add_sampling_flags, check_sampling_flags
-
     parser = argparse.ArgumentParser(prog="python -m train.gatt", description=__doc__.split("\n")[0])
     add_sampling_flags(parser)  # --checkpoint --tokenizer --max_gen_len --temperature --top_p --seed --dtype
     parser.set_defaults(max_gen_len=256)
@@ -216,12 +217,6 @@ def write_jsonl(path: str, records: Sequence[dict]) -> None:
 
 def load_inputs(args: argparse.Namespace):
     """(dialogs, params, LlamaConfig, tokenizer) for the CLI; bad input raises a one-line ConfigError naming the flag."""
-    from llama2_jax.cli.common import load_model
-    from llama2_jax.paths import prepare_output_file
-    from llama2_jax.data.dialogs import read_dialogs
-    from llama2_jax.tokenizer import check_vocab
-    from train import common
-
     try:  # before any sampling: a bad --out would lose every sample
         prepare_output_file(args.out, "--out")
     except (OSError, ValueError) as error:
@@ -239,8 +234,6 @@ def load_inputs(args: argparse.Namespace):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> GattStats:
-    from train import common
-
     args = parse_args(argv)
     try:
         dialogs, params, cfg, tokenizer = load_inputs(args)

@@ -6,15 +6,15 @@ initial policy), a value model (`score_model.ScoreModel` read at every token: tr
 `value.init_from`: a reward model, as InstructGPT, or "policy" = the policy's trunk with a fresh head) with its own
 AdamW, and one or two frozen reward models. Everything stays sharded on the mesh.
 
-One iteration = three compiled calls (llama2_jax/ppo_rollout.py, and `ppo_update` here), no host round-trip of model outputs between them (only
+One iteration = three compiled calls (llama2_jax/rlhf/rollout.py, and `ppo_update` here), no host round-trip of model outputs between them (only
 scalars come back):
   1. `rollout`: `decode.sample` inside jit on `batch_size` prompts (policy params as they are on device);
   2. `make_experience`: RM scores of prompt + response (+ EOS when cut; see rlhf.scoring_sequences),
      Rc by the piecewise rule, R̃c = whiten(logit(Rc)) over the batch, log πθ, log π0, values, per-token rewards
-     -β·KL + R̃c at the last token, GAE, whitened advantages (llama2_jax.rlhf documents every choice);
+     -β·KL + R̃c at the last token, GAE, whitened advantages (llama2_jax.rlhf.formulas documents every choice);
   3. `ppo_update`: `ppo_epochs` passes over the batch in shuffled minibatches of `minibatch_size`, one optimizer step
      of the policy (clipped surrogate) and one of the value model (clipped value loss) per minibatch, with the shared
-     `train.state.train_step` (gradient accumulation inside a minibatch with `grad_accum_steps`).
+     `llama2_jax.training.state.train_step` (gradient accumulation inside a minibatch with `grad_accum_steps`).
 Tokens are the policy's actions: response tokens and the EOS when the policy produced it. Log-probabilities use
 softmax(logits / temperature), the distribution sampled from (top-p is not modelled: keep top_p = 1).
 
@@ -42,14 +42,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama2_jax import checkpoint as param_checkpoint
-from llama2_jax import decode, generate, losses, score_model
-from llama2_jax import ppo_rollout
-from llama2_jax.model import Llama
-from llama2_jax import sharding as sh
-from train import common, loop
-from train import state as train_state
-from train.checkpoints import CheckpointError, TrainCheckpointer, UnreadableCheckpoint
+from llama2_jax.checkpoints import params_io as param_checkpoint
+from llama2_jax.cli import trainer as trainer_main
+from llama2_jax.inference import decode, generate
+from llama2_jax.model import score as score_model
+from llama2_jax.model import sharding as sh
+from llama2_jax.model.llama import Llama
+from llama2_jax.rlhf import rollout as ppo_rollout
+from llama2_jax.training import common, loop, losses
+from llama2_jax.training import state as train_state
+from llama2_jax.training.checkpointer import CheckpointError, TrainCheckpointer, UnreadableCheckpoint
 
 
 def check_config(config, mesh, cfg) -> None:
@@ -472,4 +474,4 @@ def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None)
 
 
 if __name__ == "__main__":
-    common.run_trainer(train_and_evaluate, "PPO config file (configs/ppo_*.py).")
+    trainer_main.run_trainer(train_and_evaluate, "PPO config file (configs/ppo_*.py).")

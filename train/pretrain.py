@@ -9,9 +9,10 @@ import itertools
 
 import jax
 
-from llama2_jax import generate
+from llama2_jax.cli import trainer as trainer_main
 from llama2_jax.data import hf_source, packing, pipeline, sources
-from train import common, loop
+from llama2_jax.inference import generate
+from llama2_jax.training import common, loop
 
 STREAM_TOKENIZER_DOCS = 20_000  # a streamed corpus trains the tokenizer on its first documents
 
@@ -94,4 +95,4 @@ def report(config, model_cfg, state, tokenizer, documents, history) -> None:
 
 
 if __name__ == "__main__":
-    common.run_trainer(train_and_evaluate, "Trainer config file (configs/*.py).")
+    trainer_main.run_trainer(train_and_evaluate, "Trainer config file (configs/*.py).")

@@ -27,8 +27,8 @@ import types
 from absl import app, flags
 from ml_collections import config_flags
 
-from llama2_jax import recipe_report
 from llama2_jax.cli import common as cli_common
+from llama2_jax.evaluation import recipe_report
 
 MANIFEST = "manifest.json"
 

@@ -20,7 +20,7 @@ Per iteration i = 0 .. iterations - 1:
 
 Outputs: WORKDIR/iter_<i>/samples.jsonl (every sample and its scores), WORKDIR/iter_<i>/pool.jsonl (the SFT data),
 WORKDIR/iter_<i>/sft/ (the fine-tuned policy: an init_from for PPO or the next round), WORKDIR/metrics.jsonl and
-TensorBoard (`train.loop.Tracker`: one record of scalars per iteration, step = iteration; `config.profile_steps`
+TensorBoard (`llama2_jax.training.loop.Tracker`: one record of scalars per iteration, step = iteration; `config.profile_steps`
 traces the sampling and scoring of those iterations, 1-based), WORKDIR/best_of_k.json and WORKDIR/best_of_k.png
 (expected max reward of k samples, k = 1..K, per iteration: the unbiased estimator `rlhf.best_of_k_curve`). A
 finished iteration (iter_<i>/DONE) is skipped when the command is re-run, so a killed run resumes (the SFT trainer
@@ -44,11 +44,13 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llama2_jax import checkpoint as param_checkpoint
-from llama2_jax import decode, generate, rlhf
-from llama2_jax import sharding as sh
-from llama2_jax.model import abstract_params
-from train import common, loop
+from llama2_jax.checkpoints import params_io as param_checkpoint
+from llama2_jax.cli import trainer as trainer_main
+from llama2_jax.inference import decode, generate
+from llama2_jax.model import sharding as sh
+from llama2_jax.model.llama import abstract_params
+from llama2_jax.rlhf import formulas as rlhf
+from llama2_jax.training import common, loop
 
 _log = logging.getLogger(__name__)
 
@@ -299,4 +301,4 @@ def log_iteration(tracker: loop.Tracker, record: dict) -> None:
 
 
 if __name__ == "__main__":
-    common.run_trainer(train_and_evaluate, "Rejection-sampling config (configs/rs_*.py).")
+    trainer_main.run_trainer(train_and_evaluate, "Rejection-sampling config (configs/rs_*.py).")

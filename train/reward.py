@@ -30,13 +30,14 @@ import os
 import jax
 import jax.numpy as jnp
 
-from llama2_jax import checkpoint as param_checkpoint
-from llama2_jax import losses, score_model
-from llama2_jax import sharding as sh
+from llama2_jax.checkpoints import params_io as param_checkpoint
+from llama2_jax.cli import trainer as trainer_main
 from llama2_jax.data import rm as rm_data
-from llama2_jax.model import abstract_params
-from train import common, loop
-from train import state as train_state
+from llama2_jax.model import score as score_model
+from llama2_jax.model import sharding as sh
+from llama2_jax.model.llama import abstract_params
+from llama2_jax.training import common, loop, losses
+from llama2_jax.training import state as train_state
 
 EVAL_FILE = "rm_eval.json"
 
@@ -195,4 +196,4 @@ def train_and_evaluate(config, workdir: str):
 
 
 if __name__ == "__main__":
-    common.run_trainer(train_and_evaluate, "Trainer config file (configs/rm_*.py).")
+    trainer_main.run_trainer(train_and_evaluate, "Trainer config file (configs/rm_*.py).")

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import jax
 
-from train import common
+from llama2_jax.cli import trainer as trainer_main
+from llama2_jax.inference import generate
+from llama2_jax.training import common
 
 
 def train_and_evaluate(config, workdir: str):
@@ -40,7 +42,6 @@ def report(config, run: common.FineTuned) -> None:
         print(f"eval loss on assistant tokens (supervised fraction {run.stats.supervised_fraction:.1%}): {trail}")
     prompts = [p for p in config.sample_prompts if p]
     if prompts and config.sample_tokens > 0 and jax.process_count() == 1:
-        from llama2_jax import generate  # sampling is optional: imported only when asked for
 
         dialogs = [[{"role": "user", "content": p}] for p in prompts]
         results = generate.chat_completion(run.host_params(), run.model_cfg, run.tokenizer, dialogs,
@@ -50,4 +51,4 @@ def report(config, run: common.FineTuned) -> None:
 
 
 if __name__ == "__main__":
-    common.run_trainer(train_and_evaluate, "SFT config file (configs/sft_*.py).")
+    trainer_main.run_trainer(train_and_evaluate, "SFT config file (configs/sft_*.py).")

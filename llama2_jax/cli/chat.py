@@ -19,11 +19,11 @@ from typing import Callable, Optional, Sequence, TextIO
 
 import jax
 
-from llama2_jax import chat
 from llama2_jax.cli.common import add_sampling_flags, check_sampling_flags, check_utf8, fail, load_model_or_exit
-from llama2_jax.config import LlamaConfig
-from llama2_jax.generate import stream_reply
-from llama2_jax.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from llama2_jax.inference.generate import stream_reply
+from llama2_jax.inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.text import chat_format as chat
 
 MIN_REPLY_TOKENS = 64  # history is trimmed to leave min(this, max_gen_len) tokens for the reply
 DEFAULT_CHUNK = 16

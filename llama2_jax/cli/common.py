@@ -8,7 +8,9 @@ from typing import NoReturn
 
 import jax
 
-from llama2_jax.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_max_gen_len, check_sampling
+from llama2_jax.checkpoints.params_io import load_config, load_params
+from llama2_jax.inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_max_gen_len, check_sampling
+from llama2_jax.text.tokenizer import Tokenizer, check_vocab
 
 DTYPES = ("float32", "bfloat16")
 
@@ -56,8 +58,6 @@ def load_model(checkpoint: str, tokenizer_path: str, dtype: str | None = None):
     """(params on the device, LlamaConfig, Tokenizer) from a checkpoint dir and a tokenizer file. `dtype` (default
     `default_dtype()`) is both the compute dtype and the dtype the weights are read in. ValueError (before the
     weights are read) when the tokenizer's vocabulary is not the model's."""
-    from llama2_jax.checkpoint import load_config, load_params
-    from llama2_jax.tokenizer import Tokenizer, check_vocab
 
     dtype = dtype or default_dtype()
     cfg = load_config(checkpoint).replace(dtype=dtype, param_dtype=dtype)

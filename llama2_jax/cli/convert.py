@@ -1,4 +1,4 @@
-"""`python -m llama2_jax.convert`: weights between HF, Meta and our format (see llama2_jax/convert.py)."""
+"""`python -m llama2_jax.convert`: weights between HF, Meta and our format (see llama2_jax/checkpoints/convert.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Optional
 
-from llama2_jax import convert as conv
-from llama2_jax.convert import DEFAULT_MAX_SHARD_SIZE, DTYPES, FORMATS, convert
+from llama2_jax.checkpoints import convert as conv
+from llama2_jax.checkpoints.convert import DEFAULT_MAX_SHARD_SIZE, DTYPES, FORMATS, convert
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ import argparse
 from typing import Optional, Sequence
 
 from llama2_jax.cli.common import add_sampling_flags, check_sampling_flags, check_utf8, fail, load_model_or_exit
-from llama2_jax.generate import text_completion
+from llama2_jax.inference.generate import text_completion
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -13,6 +13,7 @@ import argparse
 from typing import Optional, Sequence
 
 from llama2_jax.cli.common import DTYPES, default_dtype, fail, load_model_or_exit
+from llama2_jax.text.tokenizer import check_vocab
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -47,7 +48,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def make_engine(args: argparse.Namespace):
     """Load the model and build the engine (exits with `error: ...` on a bad checkpoint, tokenizer or length)."""
     from llama2_jax.serve.engine import Engine
-    from llama2_jax.tokenizer import check_vocab
 
     params, cfg, tokenizer = load_model_or_exit(args)
     try:

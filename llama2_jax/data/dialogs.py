@@ -1,4 +1,4 @@
-"""Readers that turn common SFT data formats into dialogs for `llama2_jax.chat.encode_dialog_for_training`.
+"""Readers that turn common SFT data formats into dialogs for `llama2_jax.text.chat_format.encode_dialog_for_training`.
 
 A dialog is a list of ``{"role": "system" | "user" | "assistant", "content": str}``: an optional leading system
 message, then user/assistant messages alternating, ending with an assistant message.
@@ -37,8 +37,8 @@ import logging
 import os
 from typing import Any, Callable, Iterator, Literal
 
-from llama2_jax import chat
 from llama2_jax.data import records as dataset_records
+from llama2_jax.text import chat_format as chat
 
 OnError = Literal["raise", "skip"]
 ON_ERROR = ("raise", "skip")
@@ -54,7 +54,6 @@ class DropRecord(Exception):
 @dataclasses.dataclass
 class ReadStats:
     """What a reader did with a file. ``records == kept + skipped + dropped``."""
-
     path: str
     format: str
     records: int = 0  # records read (JSONL lines that are not blank, or JSON list items)
@@ -72,7 +71,6 @@ class ReadStats:
 @dataclasses.dataclass
 class InvalidJson:
     """Placeholder for a JSONL line that did not parse."""
-
     error: str
 
 

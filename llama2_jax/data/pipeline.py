@@ -30,7 +30,7 @@ import grain
 import numpy as np
 
 from llama2_jax.data import packing
-from llama2_jax.tokenizer import Tokenizer
+from llama2_jax.text.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
 
@@ -90,7 +90,6 @@ class _PackedRowsIterator(grain.DatasetIterator):
 
 class PackedRowsDataset(grain.IterDataset):
     """Packs a Grain dataset of token arrays [n] into rows of length `seq_len` (dicts of [T] arrays)."""
-
     def __init__(self, parent: grain.IterDataset, seq_len: int):
         super().__init__(parent)
         self._seq_len = seq_len
@@ -109,7 +108,6 @@ def encode_document(tokenizer: Tokenizer, text: str) -> np.ndarray:
 
 class _DocumentView(Sequence):
     """Documents `documents[(stride * (start + j)) % n]` for j in [0, length): a lazy, fixed subset of a sequence."""
-
     def __init__(self, documents: Sequence[Any], stride: int, start: int, length: int):
         self._documents, self._stride, self._start, self._length = documents, stride, start, length
 

@@ -21,7 +21,7 @@ Formats (``read_preferences(path, format=...)``; "auto" uses `detect_format`). J
 * ``"hh_prompt"``: the derived ``{"prompt": transcript ending in "\\n\\nAssistant:", "chosen": str, "rejected":
   str}``. Responses are stripped.
 
-HH prompt transcripts are turned into messages by `llama2_jax.chat.parse_hh_transcript`.
+HH prompt transcripts are turned into messages by `llama2_jax.text.chat_format.parse_hh_transcript`.
 
 ``is_safety``: ``read_preferences(..., is_safety=None)`` takes the record's ``is_safety`` field (default False);
 pass True/False to set it for every pair (e.g. True for Anthropic *harmless* data, which feeds the Safety RM).
@@ -38,10 +38,16 @@ import functools
 import os
 from typing import Any, Callable
 
-from llama2_jax import chat
 from llama2_jax.data.dialogs import (
-    DropRecord, OnError, ReadStats, convert_records, first_record, require_dict, require_str,
+    DropRecord,
+    OnError,
+    ReadStats,
+    convert_records,
+    first_record,
+    require_dict,
+    require_str,
 )
+from llama2_jax.text import chat_format as chat
 
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 _HH_ASSISTANT = "\n\nAssistant:"
@@ -51,7 +57,6 @@ _HH_HUMAN = "\n\nHuman:"
 @dataclasses.dataclass
 class PreferencePair:
     """One comparison. `prompt` ends with a user message; `chosen` was preferred over `rejected`."""
-
     prompt: list[dict[str, str]]
     chosen: str
     rejected: str

@@ -16,8 +16,8 @@ import logging
 import os
 from typing import Any, Optional
 
-from llama2_jax import chat
 from llama2_jax.data import dialogs, preferences
+from llama2_jax.text import chat_format as chat
 
 FORMATS = ("auto", "prompts") + tuple(preferences.CONVERTERS)
 _log = logging.getLogger(__name__)

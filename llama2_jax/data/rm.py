@@ -38,9 +38,9 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
-from llama2_jax import chat
 from llama2_jax.data.pipeline import split_documents
 from llama2_jax.data.preferences import RATINGS, PreferencePair, read_preferences
+from llama2_jax.text import chat_format as chat
 
 Batch = dict[str, np.ndarray]
 PAD_ID = 0
@@ -61,7 +61,6 @@ class EncodedPair(NamedTuple):
 @dataclasses.dataclass
 class TruncationStats:
     """How many pairs lost prompt tokens (left) or response tokens (right) to max_len."""
-
     pairs: int = 0
     prompt_truncated: int = 0
     response_truncated: int = 0
@@ -266,7 +265,6 @@ def read_pair_files(paths: str, safety_paths: str = "", *, format: str = "auto",
 @dataclasses.dataclass
 class PairData:
     """Global pair batches for a preference trainer (reward model, DPO)."""
-
     train_iter: grain.DatasetIterator
     eval_batches: list[Batch]
     n_train: int

@@ -37,10 +37,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from llama2_jax import chat
 from llama2_jax.data import dialogs as dialog_readers
 from llama2_jax.data import packing
 from llama2_jax.data.pipeline import split_documents
+from llama2_jax.text import chat_format as chat
 
 Batch = dict[str, np.ndarray]
 Example = tuple[np.ndarray, np.ndarray]  # tokens int32 [n], weights float32 [n]: weight of predicting tokens[i]
@@ -80,7 +80,6 @@ def read_sft_samples(path, format: str = "auto", on_error: str = "raise"
 @dataclasses.dataclass
 class SFTStats:
     """What the SFT pipeline did with a file. Sample counts cover train and held-out samples together."""
-
     path: str = ""
     format: str = ""
     records: int = 0  # records read from the file
@@ -240,7 +239,6 @@ class _WholeSamplePackIterator(grain.DatasetIterator):
 
 class WholeSamplePackDataset(grain.IterDataset):
     """Rows of length `seq_len` (dicts of [T] arrays) from a Grain dataset of (tokens, weights) examples."""
-
     def __init__(self, parent: grain.IterDataset, seq_len: int):
         super().__init__(parent)
         self._seq_len = seq_len

@@ -9,14 +9,21 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Optional
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from llama2_jax.serve.engine import Engine, Finished, Piece, QueueFull, Request
-from llama2_jax.serve.requests import (DEFAULT_COMPLETION_TOKENS, ApiError, check_model, encode_messages,
-                                       encode_prompts, make_requests)
+from llama2_jax.serve.requests import (
+    DEFAULT_COMPLETION_TOKENS,
+    ApiError,
+    check_model,
+    encode_messages,
+    encode_prompts,
+    make_requests,
+)
 
 DISCONNECT_POLL_S = 0.25
 

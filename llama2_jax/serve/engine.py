@@ -1,4 +1,4 @@
-"""The serving engine: continuous batching over decode slots (llama2_jax.decode's prefill / insert / generate_step,
+"""The serving engine: continuous batching over decode slots (llama2_jax.inference.decode's prefill / insert / generate_step,
 the design of JetStream), run by one background thread that owns the device state.
 
 Requests come in through a bounded queue (`Engine.submit`; full -> `QueueFull`). Between two decode steps the thread
@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from llama2_jax import decode
+from llama2_jax.inference import decode
 
 MIN_BUCKET = 16
 CONTEXT_TOKENS = 4  # prompt tokens decoded in front of a reply (see Engine._reply_text)
@@ -102,7 +102,6 @@ class _Active:
 
 class Engine:
     """Continuous batching over `n_slots` decode slots of `max_len` tokens each (prompt + completion)."""
-
     def __init__(self, params, cfg, tokenizer, *, n_slots: int = 16, max_len: Optional[int] = None,
                  max_queue: int = 64):
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer

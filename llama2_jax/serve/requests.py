@@ -6,16 +6,15 @@ from __future__ import annotations
 import secrets
 from typing import Any, Optional
 
-from llama2_jax import chat
-from llama2_jax.decode import TOP_LOGPROBS
+from llama2_jax.inference.decode import TOP_LOGPROBS
 from llama2_jax.serve.engine import Request
+from llama2_jax.text import chat_format as chat
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 
 class ApiError(Exception):
     """An error answered with `status` and {"error": {"message", "type", "param", "code"}}."""
-
     def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
                  kind: str = "invalid_request_error"):
         super().__init__(message)

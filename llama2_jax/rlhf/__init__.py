@@ -1,0 +1,6 @@
+"""RLHF (Touvron et al. 2023, section 3.2.3 and 4.2.4): the pieces that are not a program.
+
+  formulas         the piecewise reward, whitening, per-token KL, GAE, clipped PPO objectives, best-of-K
+  rollout          PPO's rollout and experience phases as pure functions
+  context_distill  targeted safety context distillation: preprompts, keep rule, records
+"""
