@@ -26,7 +26,7 @@ import shlex
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = next(p for p in pathlib.Path(__file__).resolve().parents if (p / "setup.cfg").is_file())  # wherever tests/ nests
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_BYTES = 12_000
 FIRST_SCREEN_LINES = 30  # the two fresh-machine commands end within these lines of the README
