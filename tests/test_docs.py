@@ -1,6 +1,7 @@
 """README.md and docs/*.md against the code: every `--config.X` flag they name is a field of the config it is used
 with, every `python -m MODULE` they name can be run, every `pip install -e .[EXTRA]` names an extra of setup.cfg,
-every relative link points to an existing file (and heading), and the README stays short with its two fresh-machine
+every repository path (`benchmarks/eval.py`) and dotted name (`llama2_jax.inference.decode.sample`) exists, every
+relative link points to an existing file (and heading), and the README stays short with its two fresh-machine
 commands on its first screen, the test command exactly as `.ci/run` runs it.
 
 Which config a `--config.X` flag is checked against:
@@ -16,6 +17,7 @@ Nothing heavy is imported: the configs import only `llama2_jax.model.config`, an
 
 from __future__ import annotations
 
+import ast
 import configparser
 import functools
 import importlib
@@ -36,6 +38,8 @@ FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 INLINE_CODE = re.compile(r"`([^`\n]+)`")
 CONFIG_FLAG = re.compile(r"--config\.([A-Za-z_*][\w.*]*)")
 CONFIG_FILE = re.compile(r"(?<![\w/])configs/[a-z0-9_]+\.py\b")  # configs/F.py is a placeholder
+REPO_PATH = re.compile(r"(?<![\w/.])(?:llama2_jax|train|configs|tests|benchmarks|launch|notebooks|docs)/[\w/.*<>-]*")
+DOTTED_NAME = re.compile(r"(?<![\w.])(?:llama2_jax|train)(?:\.\w+)+")
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 COMMAND_SEPARATORS = ("&&", "||", ";", "|")
 
@@ -264,6 +268,66 @@ def test_relative_links_resolve():
                 broken.append(f"{path.name}: ({target}): no heading #{anchor} in {linked.name}")
     assert not broken, "\n".join(broken)
     assert checked > 20
+
+
+def module_file(dotted: str) -> pathlib.Path | None:
+    """The source file of a module of this repository named by its dotted name, or None."""
+    path = ROOT.joinpath(*dotted.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def defined_names(body: list[ast.stmt]) -> dict[str, ast.AST]:
+    """Names a module or class body defines: functions, classes, assignments and imports."""
+    names = {}
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update({n.id: node for n in ast.walk(target) if isinstance(n, ast.Name)})
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update({(a.asname or a.name).split(".")[0]: node for a in node.names})
+    return names
+
+
+def resolves(dotted: str) -> bool:
+    """`pkg.module[.name[.attribute]]` names a module of the repository, a name it defines and, for a class, one of
+    its attributes (read from the source: nothing is imported)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        path = module_file(".".join(parts[:cut]))
+        if path is None:
+            continue
+        rest = parts[cut:]
+        if not rest:
+            return True
+        names = defined_names(ast.parse(path.read_text(encoding="utf-8")).body)
+        node = names.get(rest[0])
+        if node is None:
+            return module_file(".".join(parts[:cut + 1])) is not None
+        if len(rest) > 1 and isinstance(node, ast.ClassDef):
+            return rest[1] in defined_names(node.body)
+        return True
+    return False
+
+
+def test_named_files_and_modules_exist():
+    """Repository paths (`llama2_jax/model/lora.py`, `benchmarks/eval.py`) and dotted names
+    (`llama2_jax.inference.decode.sample`) in the docs point at something that exists."""
+    missing = []
+    for path in DOCS:
+        text = read(path)
+        for name in set(REPO_PATH.findall(text)):
+            placeholder = re.search(r"[*<>]", name) or re.search(r"/[A-Z]+\.\w+$", name)
+            if not placeholder and not (ROOT / name.rstrip(".")).exists():
+                missing.append(f"{path.name}: {name} does not exist")
+        for name in set(DOTTED_NAME.findall(text)):
+            if not resolves(name):
+                missing.append(f"{path.name}: {name} names no module or definition of this repository")
+    assert not missing, "\n".join(sorted(missing))
 
 
 # ------------------------------------------------------------------------------------------------------- README
