@@ -25,7 +25,7 @@ def flaky_reward(prompts, completions, **fields):
     """Raises on "boom" (so the whole batch call raises), None for "none", NaN for "nan", inf for "inf", a string
     for "text"; else 1.0."""
     if any("boom" in c for c in completions):
-        raise RuntimeError("boom")
+        raise RuntimeError("boom\nmore detail on a second line")
     special = {"none": None, "nan": math.nan, "inf": math.inf, "text": "x"}
     return [special.get(c, 1.0) for c in completions]
 

@@ -1,5 +1,5 @@
 """Critic-free advantages from G sampled completions per prompt: GRPO's group-normalised rewards (Shao et al. 2024,
-DeepSeekMath, section 4.1.2) and RLOO's leave-one-out baseline (Ahmadian et al. 2024, section 3.3).
+DeepSeekMath, section 4.1.2) and RLOO's leave-one-out baseline (Ahmadian et al. 2024, arXiv:2402.14740).
 
 Layout: rewards [B] with B = P·G, the G completions of prompt p in rows p·G .. p·G + G - 1 (adjacent, as TRL's
 `repeat_interleave`). The formulas are TRL's (huggingface/trl, trl/trainer/grpo_trainer.py
@@ -84,7 +84,7 @@ def leave_one_out_advantages(rewards: Array, num_generations: int) -> Array:
 
 def rloo_rewards(rewards: Array, old_logprobs: Array, ref_logprobs: Array | None, mask: Array, beta: float) -> Array:
     """RLOO's KL-penalised sequence reward [B]: r - β Σ_t (log π_old - log π_ref) over the actions (the k1 estimate
-    summed per sequence, as TRL's RLOOTrainer and Ahmadian et al. 2024, section 2). beta == 0: r unchanged and no
+    summed per sequence, as TRL's RLOOTrainer and Ahmadian et al. 2024). beta == 0: r unchanged and no
     reference needed. logprobs and mask [B, T]."""
     rewards = jnp.asarray(rewards, jnp.float32)
     if beta == 0:

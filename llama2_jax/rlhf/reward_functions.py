@@ -68,10 +68,10 @@ def load_reward_fn(spec: str, field: str = "config.reward.fn") -> RewardFn:
     module_name, _, attribute = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if not module_name.strip() or not attribute.strip():
         raise ConfigError(f"{where}: expected 'package.module:function'")
-    try:
+    try:  # any import-time failure of user code is a config problem, reported in one line
         target = importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001 - any import-time failure of user code is a config problem, reported in one line
-        raise ConfigError(f"{where}: cannot import {module_name} ({type(error).__name__}: {error})") from None
+    except Exception as error:  # noqa: BLE001
+        raise ConfigError(f"{where}: cannot import {module_name} ({_one_line(error)})") from None
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise ConfigError(f"{where}: {module_name} has no attribute {attribute}")
@@ -181,10 +181,16 @@ def _checked_call(fn: RewardFn, prompts, completions, kwargs, size: int) -> tupl
         out = fn(prompts=prompts, completions=completions, **kwargs)
         out = list(out) if isinstance(out, (list, tuple)) else np.asarray(out).reshape(-1).tolist()
     except Exception as error:  # noqa: BLE001 - user code: any exception is a counted failure, never a crash of the run
-        return None, f"{type(error).__name__}: {error}"
+        return None, _one_line(error)
     if len(out) != size:
         return None, f"returned {len(out)} values for {size} completions"
     return np.array([_as_float(v) for v in out], np.float64), ""
+
+
+def _one_line(error: BaseException) -> str:
+    """'Type: first line of the message'."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _as_float(value) -> float:

@@ -365,7 +365,7 @@ def grpo_loss(params, batch: dict, *, model, temperature: float, beta: float, cl
 # the reward minus the mean of the other G - 1 completions of the prompt, and the loss is per sequence with the
 # sequence's importance ratio ρ_i = π(o_i)/π_old(o_i):  ℓ_i = -min(ρ_i A_i, clip(ρ_i, 1 - ε_low, 1 + ε_high) A_i),
 # averaged over sequences. On the first step of a batch (ρ = 1) its gradient is REINFORCE's -A_i ∇ log π(o_i | q)
-# (Ahmadian et al. 2024, Eq. 6).
+# (Ahmadian et al. 2024, arXiv:2402.14740).
 
 
 def rloo_objective(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array, *,
