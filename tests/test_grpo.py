@@ -12,7 +12,7 @@ import pytest
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama
 from llama2_jax.rlhf import group
-from llama2_jax.training import losses
+from llama2_jax.training import losses, state
 from llama2_jax.training.checks import ConfigError
 from tests.conftest import random_llama_params
 
@@ -227,6 +227,47 @@ def test_several_optimisation_steps_per_batch():
         np.testing.assert_allclose(value, trl_grpo_loss(np.asarray(logps), old, ref, adv, mask, 0.04, 0.2, 0.2,
                                                         "bnpo"), rtol=1e-5)
     assert np.abs(ratio - 1)[mask > 0].max() > 0.05
+
+
+@pytest.mark.parametrize("aggregation", losses.GRPO_AGGREGATIONS)
+def test_grpo_gradient_is_the_same_however_the_step_is_split(aggregation):
+    """The loop's contract (sums / global weight) makes each aggregation exact over micro-batches: the gradient of
+    6 rows in 3 micro-batches equals the gradient of TRL's loss on the 6 rows at once."""
+    logps, old, ref, adv, mask = random_batch()
+    rng = np.random.default_rng(5)
+    features = rng.normal(size=logps.shape + (3,)).astype(np.float32)
+    batch = {"x": features, "old": old, "ref": ref, "adv": adv, "mask": mask}
+    weights = {"w": rng.normal(size=(3,)).astype(np.float32)}
+
+    def loss_fn(params, batch):  # a policy whose log-probs are linear in the params, around the behaviour policy
+        logprobs = batch["old"] + batch["x"] @ params["w"] * 0.3
+        return losses.grpo_objective(logprobs, batch["old"], batch["adv"], batch["mask"], batch["ref"], beta=0.04,
+                                     aggregation=aggregation, max_completion_length=9)
+
+    @jax.jit
+    def gradients(params):
+        split = [state.accumulate_gradients(params, batch, loss_fn, n) for n in (1, 3)]
+        full = jax.grad(lambda p: trl_loss_jnp(batch["old"] + batch["x"] @ p["w"] * 0.3, batch, aggregation))(params)
+        return [g["w"] / aux["weight"] for _, aux, g in split], full["w"]
+
+    (whole, split), reference = gradients(weights)
+    assert np.abs(reference).max() > 1e-2
+    np.testing.assert_allclose(whole, reference, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(split, reference, rtol=1e-5, atol=1e-7)
+
+
+def trl_loss_jnp(logps, batch, aggregation):
+    """`trl_grpo_loss` in jnp (to differentiate it), TRL's loss_type for each aggregation."""
+    ratio = jnp.exp(logps - batch["old"])
+    adv = batch["adv"][:, None]
+    per_token = -jnp.minimum(ratio * adv, jnp.clip(ratio, 0.8, 1.2) * adv)
+    per_token = per_token + 0.04 * (jnp.exp(batch["ref"] - logps) - (batch["ref"] - logps) - 1)
+    mask = batch["mask"]
+    if aggregation == "sequence":
+        return jnp.mean(jnp.sum(per_token * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0))
+    if aggregation == "token":
+        return jnp.sum(per_token * mask) / jnp.sum(mask)
+    return jnp.sum(per_token * mask) / (mask.shape[0] * 9)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
