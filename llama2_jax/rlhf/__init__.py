@@ -2,5 +2,9 @@
 
   formulas         the piecewise reward, whitening, per-token KL, GAE, clipped PPO objectives, best-of-K
   rollout          PPO's rollout and experience phases as pure functions
+  group            critic-free advantages from G completions per prompt: GRPO's group normalisation, RLOO's
+                   leave-one-out baseline
+  reward_functions rewards from Python functions named in the config, with weights and counted failures; the
+                   Llama 2 reward-model pair from its scores
   context_distill  targeted safety context distillation: preprompts, keep rule, records
 """

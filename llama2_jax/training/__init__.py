@@ -1,7 +1,7 @@
 """The trainer layer that every program in train/ runs on.
 
   state         TrainState, the optimizer, the jitted train/eval steps
-  losses        every loss (next-token, reward ranking with margins, DPO, PPO)
+  losses        every loss (next-token, reward ranking with margins, DPO, PPO, GRPO, RLOO)
   loop          the one training loop: step -> metrics/progress/TensorBoard/W&B -> evals -> checkpoint
   checkpointer  trainer checkpoints (Orbax steps) and the workdir's model description
   checks        config-field checks run before anything compiles (ConfigError)

@@ -8,7 +8,8 @@ Summing makes gradient accumulation and data parallelism exact: the step divides
 
 The losses: `next_token_loss` (pretraining, SFT), `pairwise_loss` (reward models: `ranking_loss` with the margin
 `margin_for`), `ppo_policy_loss` and `ppo_value_loss` (PPO; `sequence_logprobs` gives the log-probabilities both the
-rollout and the policy loss use).
+rollout and the policy loss use), `dpo_loss` (DPO, IPO, SLiC-HF), `grpo_loss` and `rloo_loss` (critic-free RL; their
+pure cores `grpo_objective` and `rloo_objective` take per-token log-probabilities).
 """
 
 from __future__ import annotations
@@ -241,3 +242,152 @@ def token_logprobs(logits: Array, targets: Array) -> Array:
     """log softmax(logits)[target]: logits [..., V] float32, targets [...] int -> [...] float32."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Critic-free RL: GRPO (Shao et al. 2024, DeepSeekMath, section 4.1) and RLOO (Ahmadian et al. 2024).
+#
+# Shapes: B sampled completions (G per prompt, see llama2_jax/rlhf/group.py for the advantages [B]), T action
+# positions; logprobs / old_logprobs / ref_logprobs are per-action log-probabilities [B, T] under the policy being
+# optimised, the behaviour policy that sampled the batch, and the frozen reference; `mask` [B, T] is 1.0 on actions;
+# `valid` [B] is 0.0 for padding rows (their mask is 0 too). The formulas are those of TRL's trainers
+# (huggingface/trl, trl/trainer/grpo_trainer.py `GRPOTrainer._compute_loss` and trl/trainer/rloo_trainer.py
+# `RLOOTrainer._compute_loss`), checked against hand-computed values in tests/test_grpo.py.
+#
+# GRPO per action token t of completion i (ρ = π/π_old, the importance ratio against the behaviour policy: 1 on the
+# first optimisation step of a batch, not after it):
+#   ℓ_it = -min(ρ_it A_i, clip(ρ_it, 1 - ε_low, 1 + ε_high) A_i) + β k3_it,
+#   k3_it = π_ref/π - log(π_ref/π) - 1  (DeepSeekMath Eq. 4; Schulman 2020's unbiased, non-negative KL estimator).
+# Aggregation of ℓ into the loss (the `weight` of the loss contract above):
+#   "token"     Σ_it ℓ / Σ_it mask  — every token counts once (DAPO, Yu et al. 2025, section 3.3; TRL "dapo", and
+#               "bnpo" when a step is one micro-batch on one device). The default: unbiased in the completion length.
+#   "sequence"  Σ_i (Σ_t ℓ_it / |o_i|) / B — DeepSeekMath Eq. 3's 1/|o_i| (TRL "grpo"). Dr. GRPO (Liu et al. 2025,
+#               section 3.1) shows the 1/|o_i| favours short correct answers and long wrong ones (a wrong answer's
+#               per-token penalty shrinks as it grows), which is why it is not the default.
+#   "constant"  Σ_it ℓ / (B · max_completion_length) — Dr. GRPO's own fix (TRL "dr_grpo").
+# With accumulation or data parallelism the loop divides by the global weight, so each is exact over the whole step.
+
+GRPO_AGGREGATIONS = ("token", "sequence", "constant")
+GRPO_CLIP = 0.2  # ε of DeepSeekMath and TRL (epsilon); DAPO's clip-higher sets ε_high = 0.28
+
+
+def k3_kl(logprobs: Array, ref_logprobs: Array) -> Array:
+    """Per-token k3 KL estimate exp(r) - r - 1 with r = log π_ref - log π (>= 0). [B, T] -> [B, T]."""
+    log_ratio = ref_logprobs - logprobs
+    return jnp.exp(log_ratio) - log_ratio - 1.0
+
+
+def clipped_surrogate(ratio: Array, advantages: Array, clip_low: float, clip_high: float
+                      ) -> tuple[Array, Array, Array]:
+    """-min(ρA, clip(ρ, 1 - ε_low, 1 + ε_high)A) and where the clip takes the gradient away, TRL's two regions:
+    low (ρ < 1 - ε_low and A < 0) and high (ρ > 1 + ε_high and A > 0). Shapes broadcast: [B, T] or [B]."""
+    clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = -jnp.minimum(ratio * advantages, clipped * advantages)
+    low = ((ratio < 1.0 - clip_low) & (advantages < 0)).astype(jnp.float32)
+    high = ((ratio > 1.0 + clip_high) & (advantages > 0)).astype(jnp.float32)
+    return loss, low, high
+
+
+def aggregate_tokens(per_token: Array, mask: Array, valid: Array, aggregation: str,
+                     max_completion_length: int | None = None) -> tuple[Array, Array]:
+    """(loss_sum, weight) of per-token losses [B, T] under `aggregation` (see above); mask [B, T], valid [B]."""
+    if aggregation == "token":
+        return jnp.sum(per_token * mask), jnp.sum(mask)
+    if aggregation == "sequence":
+        per_sequence = jnp.sum(per_token * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+        return jnp.sum(per_sequence * valid), jnp.sum(valid)
+    if aggregation == "constant":
+        if not max_completion_length or max_completion_length < 1:
+            raise ValueError(f"aggregation='constant' needs max_completion_length >= 1, got {max_completion_length!r}")
+        return jnp.sum(per_token * mask), jnp.sum(valid) * float(max_completion_length)
+    raise ValueError(f"unknown GRPO aggregation {aggregation!r}; known: {', '.join(GRPO_AGGREGATIONS)}")
+
+
+def grpo_objective(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array,
+                   ref_logprobs: Array | None = None, *, beta: float, clip_low: float = GRPO_CLIP,
+                   clip_high: float | None = None, aggregation: str = "token", max_completion_length: int | None = None,
+                   valid: Array | None = None) -> tuple[Array, dict]:
+    """GRPO's loss with the contract above from per-token log-probs [B, T] and advantages [B].
+
+    old_logprobs (behaviour policy) and ref_logprobs are constants: wrapped in stop_gradient. beta == 0 drops the KL
+    term and ref_logprobs may be None (the caller then keeps no reference model); beta > 0 needs them.
+    aux: weight (see aggregation), and sums over action tokens — "tokens", "kl" (k3), "ratio", "clip_low",
+    "clip_high", "clipfrac" (either region) — plus "sequences"; divide the token sums by "tokens" for per-token
+    means (`per_token_means`), whatever the aggregation."""
+    if beta < 0:
+        raise ValueError(f"GRPO beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("GRPO with beta > 0 needs the reference model's ref_logprobs")
+    clip_high = clip_low if clip_high is None else clip_high
+    valid = jnp.ones(mask.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
+    mask = mask.astype(jnp.float32) * valid[:, None]
+    ratio = jnp.exp(logprobs - jax.lax.stop_gradient(old_logprobs))
+    per_token, low, high = clipped_surrogate(ratio, advantages[:, None].astype(jnp.float32), clip_low, clip_high)
+    aux = {}
+    if beta > 0:
+        kl = k3_kl(logprobs, jax.lax.stop_gradient(ref_logprobs))
+        per_token = per_token + beta * kl
+        aux["kl"] = jnp.sum(jax.lax.stop_gradient(kl) * mask)
+    loss_sum, weight = aggregate_tokens(per_token, mask, valid, aggregation, max_completion_length)
+    token_sum = lambda x: jnp.sum(jax.lax.stop_gradient(x) * mask)
+    aux.update(weight=weight, tokens=jnp.sum(mask), sequences=jnp.sum(valid), ratio=token_sum(ratio),
+               clip_low=token_sum(low), clip_high=token_sum(high), clipfrac=token_sum(jnp.maximum(low, high)))
+    return loss_sum, aux
+
+
+TOKEN_METRICS = ("kl", "ratio", "clip_low", "clip_high", "clipfrac", "entropy")
+
+
+def per_token_means(metrics: dict[str, float]) -> dict[str, float]:
+    """{name: metrics[name] / metrics["tokens"]} for the token sums of `grpo_objective` / `grpo_loss` present in a
+    metrics record (sums, or means over any one weight)."""
+    tokens = metrics.get("tokens", 0.0)
+    return {name: metrics[name] / tokens for name in TOKEN_METRICS if name in metrics and tokens > 0}
+
+
+def grpo_loss(params, batch: dict, *, model, temperature: float, beta: float, clip_low: float = GRPO_CLIP,
+              clip_high: float | None = None, aggregation: str = "token", max_completion_length: int | None = None
+              ) -> tuple[Array, dict]:
+    """`grpo_objective` on a rollout batch: ids [B, S + 1], mask [B, S] (actions, as in PPO: position j is the token
+    ids[:, j + 1]), logprobs [B, S] (behaviour policy, under the same temperature), advantages [B], ref_logprobs
+    [B, S] (only when beta > 0: computed once per batch with the frozen reference), optional valid [B]."""
+    logprobs, ent = sequence_logprobs(params, batch["ids"], model=model, temperature=temperature)
+    loss_sum, aux = grpo_objective(logprobs, batch["logprobs"], batch["advantages"], batch["mask"],
+                                   batch.get("ref_logprobs"), beta=beta, clip_low=clip_low, clip_high=clip_high,
+                                   aggregation=aggregation, max_completion_length=max_completion_length,
+                                   valid=batch.get("valid"))
+    mask = batch["mask"] * (batch["valid"][:, None] if "valid" in batch else 1.0)
+    aux["entropy"] = jnp.sum(jax.lax.stop_gradient(ent) * mask)
+    return loss_sum, aux
+
+
+# RLOO as in TRL's RLOOTrainer: the KL to the reference is in the reward (`rlhf.group.rloo_rewards`), the advantage is
+# the reward minus the mean of the other G - 1 completions of the prompt, and the loss is per sequence with the
+# sequence's importance ratio ρ_i = π(o_i)/π_old(o_i):  ℓ_i = -min(ρ_i A_i, clip(ρ_i, 1 - ε_low, 1 + ε_high) A_i),
+# averaged over sequences. On the first step of a batch (ρ = 1) its gradient is REINFORCE's -A_i ∇ log π(o_i | q)
+# (Ahmadian et al. 2024, arXiv:2402.14740).
+
+
+def rloo_objective(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array, *,
+                   clip_low: float = GRPO_CLIP, clip_high: float | None = None, valid: Array | None = None
+                   ) -> tuple[Array, dict]:
+    """RLOO's loss with the contract above: (sum over sequences, aux), aux["weight"] = sequences. logprobs,
+    old_logprobs, mask [B, T]; advantages, valid [B]. aux (sums over sequences): "ratio", "clip_low", "clip_high",
+    "clipfrac"."""
+    clip_high = clip_low if clip_high is None else clip_high
+    valid = jnp.ones(mask.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
+    mask = mask.astype(jnp.float32) * valid[:, None]
+    log_ratio = jnp.sum((logprobs - jax.lax.stop_gradient(old_logprobs)) * mask, axis=1)
+    ratio = jnp.exp(log_ratio)
+    per_sequence, low, high = clipped_surrogate(ratio, advantages.astype(jnp.float32), clip_low, clip_high)
+    total = lambda x: jnp.sum(jax.lax.stop_gradient(x) * valid)
+    return jnp.sum(per_sequence * valid), {"weight": jnp.sum(valid), "ratio": total(ratio), "clip_low": total(low),
+                                           "clip_high": total(high), "clipfrac": total(jnp.maximum(low, high))}
+
+
+def rloo_loss(params, batch: dict, *, model, temperature: float, clip_low: float = GRPO_CLIP,
+              clip_high: float | None = None) -> tuple[Array, dict]:
+    """`rloo_objective` on a rollout batch (keys as in `grpo_loss`, no ref_logprobs: RLOO's KL is in the reward)."""
+    logprobs, _ = sequence_logprobs(params, batch["ids"], model=model, temperature=temperature)
+    return rloo_objective(logprobs, batch["logprobs"], batch["advantages"], batch["mask"], clip_low=clip_low,
+                          clip_high=clip_high, valid=batch.get("valid"))
