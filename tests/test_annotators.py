@@ -5,15 +5,24 @@ round (two answers per prompt from two variants)."""
 import json
 import math
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from conftest import random_llama_params
 
+from llama2_jax.checkpoints.params_io import load_params
 from llama2_jax.data import preferences
 from llama2_jax.data import rm as rm_data
 from llama2_jax.data.prompts import Prompt
+from llama2_jax.inference import generate, reward_scores
+from llama2_jax.model import score as score_model
+from llama2_jax.model.config import LlamaConfig
 from llama2_jax.rlhf import annotators, pairs as pair_sampling
 from llama2_jax.rlhf.annotators import ComparisonPair, GoldRMAnnotator, Label
 from llama2_jax.rlhf.label_files import FileAnnotator, LabelsPending
+from llama2_jax.text import chat_format as chat
+from llama2_jax.text.tokenizer import Tokenizer
 
 
 def make_pair(i, a="yes", b="no", is_safety=False):
@@ -239,3 +248,42 @@ def test_preference_files_round_trip_with_origin_and_labels(tmp_path):
     with pytest.raises(ValueError, match=r"pairs.jsonl:1: 'origin' is 'meta', expected one of collected, open_source"):
         preferences.read_preferences(path)
     assert math.isclose(annotators.RATING_GAP_THRESHOLDS[2], math.tanh(0.25))
+
+
+def test_gold_annotator_from_reward_model_checkpoints_scores_like_reward_scores(tmp_path, llama_tokenizer_path):
+    cfg = LlamaConfig(vocab_size=32000, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
+                      dtype="float32")
+    tokenizer = Tokenizer(llama_tokenizer_path)
+    dirs = []
+    for seed in (1, 2):  # a random helpfulness and a random safety reward model, in train.reward's layout
+        params = score_model.init_score_params_from_llama(random_llama_params(cfg, seed), jax.random.PRNGKey(seed), 1.0)
+        with ocp.StandardCheckpointer() as saver:
+            saver.save((tmp_path / f"rm{seed}" / "params").absolute(), jax.device_get(params))
+        (tmp_path / f"rm{seed}" / "llama_config.json").write_text(json.dumps(cfg.to_dict()))
+        dirs.append(tmp_path / f"rm{seed}")
+    gold = GoldRMAnnotator.from_checkpoints(tokenizer, dirs[0], dirs[1], batch_size=4)
+    pairs = [make_pair(0, "Sure, here it is.", "No."), make_pair(1, "I can't help with that.", "Here is how.", True),
+             make_pair(2, "Paris.", "London is the capital of France.")]
+    dialogs = [d for pair in pairs for d in pair.dialogs()]
+    expected = {}
+    for name, path in zip(("helpful", "safety"), dirs):
+        params, loaded_cfg = load_params(path, kind="score")
+        values = reward_scores.score(params, loaded_cfg, dialogs, tokenizer, batch_size=4)
+        expected[name] = (values[0::2], values[1::2])
+    assert gold.label(pairs) == annotators.labels_from_scores(pairs, expected["helpful"], expected["safety"])
+
+
+def test_policy_sampler_decodes_the_sampled_answers_and_their_truncation(llama_tokenizer_path):
+    cfg = LlamaConfig(vocab_size=32000, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
+                      dtype="float32")
+    params, tokenizer = random_llama_params(cfg, 0), Tokenizer(llama_tokenizer_path)
+    prompts = [Prompt([{"role": "user", "content": f"Say {i}"}]) for i in range(5)]
+    sampler = pair_sampling.policy_sampler(params, cfg, tokenizer, max_gen_len=6, batch_size=4)
+    answers = sampler(prompts, 1.0, 3)
+    assert len(answers) == 5
+    encoded = [chat.encode_dialog(tokenizer, p.messages) for p in prompts[4:]] * 4  # the last batch, filled up
+    direct = generate.sample_lists(params, cfg, encoded, max_gen_len=6, temperature=1.0, top_p=0.9,
+                                   eos_id=tokenizer.eos_id, rng=jax.random.fold_in(jax.random.PRNGKey(3), 4))
+    start, length = int(direct["prompt_lens"][0]), int(direct["lengths"][0])
+    assert answers[4].text == tokenizer.decode(direct["tokens"][0, start:start + length].tolist())
+    assert answers[4].truncated == bool(direct["truncated"][0]) == (length == 6)

@@ -3,4 +3,8 @@
   formulas         the piecewise reward, whitening, per-token KL, GAE, clipped PPO objectives, best-of-K
   rollout          PPO's rollout and experience phases as pure functions
   context_distill  targeted safety context distillation: preprompts, keep rule, records
+  annotators       the annotator interface (pairs, labels, rating levels), the gold reward-model annotator
+  label_files      the file annotator: export pairs, import people's labels (resumable)
+  pairs            two answers per prompt from two model variants / temperatures: a round's pairs to label
+  pool             the rejection-sampling pool across iterations (best complete answer per prompt, rescoring)
 """
