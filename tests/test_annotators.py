@@ -18,7 +18,8 @@ from llama2_jax.data.prompts import Prompt
 from llama2_jax.inference import generate, reward_scores
 from llama2_jax.model import score as score_model
 from llama2_jax.model.config import LlamaConfig
-from llama2_jax.rlhf import annotators, pairs as pair_sampling
+from llama2_jax.rlhf import annotators
+from llama2_jax.rlhf import pairs as pair_sampling
 from llama2_jax.rlhf.annotators import ComparisonPair, GoldRMAnnotator, Label
 from llama2_jax.rlhf.label_files import FileAnnotator, LabelsPending
 from llama2_jax.text import chat_format as chat
@@ -122,6 +123,11 @@ def test_verdicts_become_collected_pairs_and_the_mixes_drop_chosen_unsafe_ones()
 # File annotator
 
 
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def write_lines(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -131,7 +137,7 @@ def test_file_annotator_round_trip_resumes_and_keeps_imported_labels(tmp_path):
     batch = [make_pair(0), make_pair(1, is_safety=True), make_pair(2)]
     with pytest.raises(LabelsPending, match=r"^3 of 3 pairs have no label yet: fill in .*pending.jsonl"):
         annotator.label(batch)
-    pending = [json.loads(line) for line in open(annotator.pending_path)]
+    pending = read_jsonl(annotator.pending_path)
     assert [r["pair_id"] for r in pending] == [p.pair_id for p in batch]
     assert pending[1]["is_safety"] and pending[1]["preferred"] is None and pending[1]["answer_a"] == "yes"
     assert annotator.export(batch) == 0  # exporting again is a no-op
@@ -142,7 +148,7 @@ def test_file_annotator_round_trip_resumes_and_keeps_imported_labels(tmp_path):
     write_lines(tmp_path / "ann" / "labels.jsonl", pending)
     with pytest.raises(LabelsPending, match=r"^1 of 3 pairs"):
         annotator.label(batch)
-    assert [json.loads(line)["pair_id"] for line in open(annotator.pending_path)] == [batch[2].pair_id]
+    assert [r["pair_id"] for r in read_jsonl(annotator.pending_path)] == [batch[2].pair_id]
 
     # a later labels file with only the last label: the earlier ones are kept
     write_lines(tmp_path / "ann" / "labels.jsonl", [{"pair_id": batch[2].pair_id, "preferred": "a",
@@ -152,7 +158,7 @@ def test_file_annotator_round_trip_resumes_and_keeps_imported_labels(tmp_path):
         ("b", "better", None, None), ("a", "significantly_better", True, False), ("a", "negligibly_better", None, None)]
     assert FileAnnotator(tmp_path / "ann").label(batch) == labels  # persisted: a new process sees them
     assert FileAnnotator(tmp_path / "ann").import_labels() == 0  # importing the same file again adds nothing
-    sources = [json.loads(line)["source"] for line in open(annotator.imported_path)]
+    sources = [r["source"] for r in read_jsonl(annotator.imported_path)]
     assert sources[0].endswith("labels.jsonl:1") and sources[2].endswith("labels.jsonl:1")
 
     # a second batch in the same directory: only its own pairs are pending

@@ -7,12 +7,12 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import random_llama_params
 
 from llama2_jax.data.prompts import Prompt
 from llama2_jax.inference import decode, generate
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.rlhf import pool as answer_pool
-from conftest import random_llama_params
 
 EOS, PAD = 2, -1
 

@@ -41,7 +41,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -106,8 +106,8 @@ class Label:
     pair_id: str
     preferred: str  # "a" | "b"
     rating: str  # one of RATINGS
-    safe_a: Optional[bool] = None  # per-answer safety label; None = not labelled
-    safe_b: Optional[bool] = None
+    safe_a: bool | None = None  # per-answer safety label; None = not labelled
+    safe_b: bool | None = None
 
     def __post_init__(self):
         if self.preferred not in PREFERRED:
@@ -172,8 +172,8 @@ def rating_for_gap(gap, thresholds: Sequence[float] = RATING_GAP_THRESHOLDS) -> 
     return [RATINGS[i] for i in below]
 
 
-def labels_from_scores(pairs: Sequence[ComparisonPair], helpful: Optional[tuple] = None,
-                       safety: Optional[tuple] = None, *, thresholds: Sequence[float] = RATING_GAP_THRESHOLDS,
+def labels_from_scores(pairs: Sequence[ComparisonPair], helpful: tuple | None = None,
+                       safety: tuple | None = None, *, thresholds: Sequence[float] = RATING_GAP_THRESHOLDS,
                        safety_threshold: float = SAFETY_THRESHOLD) -> list[Label]:
     """The gold annotator's verdicts from score arrays (rules in the module docstring).
 
@@ -206,7 +206,7 @@ def labels_from_scores(pairs: Sequence[ComparisonPair], helpful: Optional[tuple]
 class GoldRMAnnotator:
     """Reward models as annotators: `helpful` and/or `safety` score functions (dialogs -> sigmoid scores [N])."""
 
-    def __init__(self, helpful: Optional[ScoreAnswers] = None, safety: Optional[ScoreAnswers] = None, *,
+    def __init__(self, helpful: ScoreAnswers | None = None, safety: ScoreAnswers | None = None, *,
                  thresholds: Sequence[float] = RATING_GAP_THRESHOLDS, safety_threshold: float = SAFETY_THRESHOLD):
         if helpful is None and safety is None:
             raise ValueError("a gold-RM annotator needs a helpfulness or a safety reward model")
@@ -218,7 +218,7 @@ class GoldRMAnnotator:
 
     @classmethod
     def from_checkpoints(cls, tokenizer, helpful_dir=None, safety_dir=None, *, batch_size: int = 8,
-                         max_len: Optional[int] = None, mesh=None, **kwargs) -> "GoldRMAnnotator":
+                         max_len: int | None = None, mesh=None, **kwargs) -> GoldRMAnnotator:
         """Gold reward models from `train.reward` workdirs (or any score-model checkpoint), scored with
         `reward_scores.score` (chat format, truncated like the RM training data). tokenizer: a `Tokenizer`."""
         fns = {}
@@ -252,7 +252,7 @@ class GoldRMAnnotator:
                                   safety_threshold=self.safety_threshold)
 
 
-def _checkpoint_scorer(params, cfg, tokenizer, batch_size: int, max_len: Optional[int], mesh) -> ScoreAnswers:
+def _checkpoint_scorer(params, cfg, tokenizer, batch_size: int, max_len: int | None, mesh) -> ScoreAnswers:
     def score(dialogs):
         return reward_scores.score(params, cfg, dialogs, tokenizer, batch_size=batch_size, max_len=max_len, mesh=mesh)
     return score

@@ -29,7 +29,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple
 
 from llama2_jax.data.dialogs import InvalidJson, convert_records, iter_records, require_dict
 from llama2_jax.rlhf.annotators import ComparisonPair, Label
@@ -71,11 +71,10 @@ def read_exported(path: str) -> dict[str, ComparisonPair]:
     return {pair.pair_id: pair for pair in convert_records(path, "exported pairs", convert, "raise")[0]}
 
 
-class _Imported:
+class _Imported(NamedTuple):
     """An imported label with the file:line it came from."""
-
-    def __init__(self, label: Label, source: str):
-        self.label, self.source = label, source
+    label: Label
+    source: str
 
 
 def _label_converter(exported: dict[str, ComparisonPair], export_path: str):
@@ -165,7 +164,7 @@ class FileAnnotator:
         empty = dict.fromkeys(LABEL_FIELDS)
         _write_jsonl(self.pending_path, ({**pair_record(pair), **empty} for pair in self.pending()))
 
-    def import_labels(self, path: Optional[str | os.PathLike] = None) -> int:
+    def import_labels(self, path: str | os.PathLike | None = None) -> int:
         """Import a labels file (default labels.jsonl) into imported.jsonl, whole or not at all; returns how many
         labels were new. Errors: ValueError("<file>:<line>: ...") (see the module docstring)."""
         path = os.fspath(path or self.labels_path)

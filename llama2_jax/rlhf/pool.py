@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def prompt_key(messages: Sequence[dict[str, str]]) -> str:
 class AnswerPool:
     """Best complete answers per prompt across iterations (see the module docstring)."""
 
-    def __init__(self, entries: Optional[dict[str, PoolEntry]] = None):
+    def __init__(self, entries: dict[str, PoolEntry] | None = None):
         self.entries: dict[str, PoolEntry] = dict(entries or {})
 
     def __len__(self) -> int:
@@ -145,7 +145,7 @@ class AnswerPool:
         os.replace(path + ".tmp", path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "AnswerPool":
+    def load(cls, path: str | os.PathLike) -> AnswerPool:
         """A saved pool (ValueError "<file>:<line>: ..." for a malformed record)."""
         entries = convert_records(os.fspath(path), "answer pool", _entry_from_record, "raise")[0]
         return cls({prompt_key(entry.prompt): entry for entry in entries})
