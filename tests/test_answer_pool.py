@@ -48,13 +48,14 @@ def test_sampler_output_marks_truncated_answers():
     assert np.all(out["lengths"][~out["truncated"]] < 6)
 
 
-def test_best_complete_skips_truncated_answers():
+def test_best_answers_skip_truncated_answers():
     rewards = np.array([[0.9, 0.2, 0.5], [0.1, 0.4, 0.3], [0.7, 0.8, 0.9]])
     truncated = np.array([[True, False, False], [False, False, False], [True, True, True]])
-    np.testing.assert_array_equal(answer_pool.best_complete(rewards, truncated), [2, 1, -1])
-    np.testing.assert_array_equal(answer_pool.best_complete(rewards), [0, 1, 2])
+    np.testing.assert_array_equal(answer_pool.best_answers(rewards, truncated), [2, 1, -1])
+    np.testing.assert_array_equal(answer_pool.best_answers(rewards, truncated, keep_truncated=True), [2, 1, 2])
+    np.testing.assert_array_equal(answer_pool.best_answers(rewards), [0, 1, 2])
     with pytest.raises(ValueError, match=r"truncated has shape \(2, 3\), rewards \(3, 3\)"):
-        answer_pool.best_complete(rewards, truncated[:2])
+        answer_pool.best_answers(rewards, truncated[:2])
 
 
 def prompt(name, is_safety=False):
@@ -78,7 +79,7 @@ def test_pool_keeps_the_best_complete_answer_per_prompt_across_rounds(tmp_path):
     assert pool.winners_by_iteration() == {1: 1, 2: 2}
     records = pool.sft_records()
     assert records[1] == {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "q1"}],
-                          "train_on": "last", "reward": 0.5, "iteration": 1, "is_safety": True}
+                          "train_on": "last", "reward": 0.5, "iteration": 1, "truncated": False, "is_safety": True}
 
     path = tmp_path / "pool.jsonl"
     pool.save(path)
@@ -94,6 +95,16 @@ def test_pool_keeps_the_best_complete_answer_per_prompt_across_rounds(tmp_path):
     assert {e.prompt[0]["content"]: b.answer for e, b in loaded.best()}["p"] == "p1"
     with pytest.raises(ValueError, match="returned 1 scores for 5 answers"):
         loaded.rescore(lambda dialogs: np.zeros(1))
+
+    # keep_truncated: r (all cut in round 1) pools its best cut answer, and a later complete answer outranks it
+    loaded.add([prompt("r")], [["r1", "r2"]], [[0.9, 0.8]], iteration=1, truncated=[[True, True]], keep_truncated=True)
+    loaded.add([prompt("r")], [["r3"]], [[0.2]], iteration=3)
+    r_entry = loaded.entries[answer_pool.prompt_key(prompt("r").messages)]
+    assert [(c.answer, c.truncated) for c in r_entry.candidates] == [("r1", True), ("r3", False)]
+    assert r_entry.best().answer == "r3"
+    loaded.save(path)
+    assert answer_pool.AnswerPool.load(path).entries == loaded.entries
+
     path.write_text(json.dumps({"prompt": [{"role": "user", "content": "p"}], "is_safety": False,
                                 "candidates": []}) + "\n")
     with pytest.raises(ValueError, match=r"pool.jsonl:1: 'candidates' must be a non-empty list"):

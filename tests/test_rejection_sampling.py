@@ -117,6 +117,24 @@ def test_pool_keeps_the_best_answer_per_prompt_across_iterations(tokenizer):
     assert pool[0]["messages"][-1] == {"role": "assistant", "content": "yes"} and pool[0]["train_on"] == "last"
 
 
+def test_pool_leaves_out_truncated_answers_unless_told_and_then_ranks_them_below_complete_ones(tokenizer):
+    prompts = [prompt_data.Prompt([{"role": "user", "content": c}]) for c in "qrs"]
+    yes, no = tokenizer.encode("yes"), tokenizer.encode("no")
+    first = {"responses": [[yes, no], [yes, no], [yes, no]],
+             "scores": {"combined": np.array([[0.9, 0.2], [0.8, 0.7], [0.3, 0.6]])},
+             "truncated": np.array([[True, False], [True, True], [False, False]])}
+    pool = rs.update_pool({}, prompts, tokenizer, first, iteration=0)
+    assert {p: (e["reward"], e["truncated"]) for p, e in pool.items()} == {0: (0.2, False), 2: (0.6, False)}
+    kept = rs.update_pool({}, prompts, tokenizer, first, iteration=0, keep_truncated=True)
+    assert {p: (e["reward"], e["truncated"]) for p, e in kept.items()} == {0: (0.2, False), 1: (0.8, True),
+                                                                          2: (0.6, False)}
+    second = {"responses": [[yes], [no], [yes]], "scores": {"combined": np.array([[0.95], [0.1], [0.5]])},
+              "truncated": np.array([[True], [False], [True]])}
+    kept = rs.update_pool(kept, prompts, tokenizer, second, iteration=1, keep_truncated=True)
+    # q: a cut 0.95 does not replace the complete 0.2; r: a complete 0.1 replaces the cut 0.8; s: 0.6 stays
+    assert {p: (e["reward"], e["iteration"]) for p, e in kept.items()} == {0: (0.2, 0), 1: (0.1, 1), 2: (0.6, 0)}
+
+
 def test_configs_load_and_bad_fields_are_one_line_errors(tmp_path):
     for module in (rs_7b, rs_tiny):
         config = module.get_config()
@@ -143,6 +161,7 @@ def tiny_config(tmp_path, tokenizer):
     config.sampling.num_samples, config.sampling.batch_size, config.sampling.temperature = 8, 32, 1.5
     config.mesh.data, config.mesh.fsdp = -1, 1  # the 8 simulated devices, data parallel
     config.iterations = 2
+    config.sampling.keep_truncated = False  # the paper-scale rule: answers cut at max_gen_len stay out of the pool
     sft = config.sft
     sft.seq_len, sft.batch_size, sft.num_train_steps, sft.log_every_steps = 64, 8, 2, 2
     sft.checkpoint_every_steps, sft.async_checkpoints = 2, False

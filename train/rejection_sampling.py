@@ -14,9 +14,10 @@ Per iteration i = 0 .. iterations - 1:
      with one RM, its score. Scores are sigmoid scores in [0, 1];
   3. keep the best of the K per prompt, and keep in a **pool the best response per prompt across all iterations so
      far** (the paper's fix for the regressions of using only the last iteration). The RMs are fixed during a run, so
-     scores from different iterations are comparable. Truncated answers never enter the pool (`rlhf.pool`: an SFT
+     scores from different iterations are comparable. Truncated answers do not enter the pool (`rlhf.pool`: an SFT
      target cut mid-sentence would teach the policy to stop there); a prompt whose K answers were all cut keeps its
-     earlier entry, if any;
+     earlier entry, if any (`sampling.keep_truncated=True`: it pools its best cut answer, which any complete answer
+     outranks). An empty pool is a one-line error naming sampling.max_gen_len;
   4. write the pool as an SFT dataset (messages JSONL with `"train_on": "last"`: only the chosen answer is trained;
      earlier turns of a multi-turn prompt are context) and fine-tune the *current* policy on it with the SFT trainer
      (`common.fine_tune`, the SFT trainer's run, with config `config.sft` and init_from = the current policy).
@@ -126,20 +127,22 @@ def sample_all(config, sampler, policy_params, reward_params, encoded, prompts, 
     return {"responses": responses, "scores": scores, "truncated": truncated}
 
 
-def update_pool(pool: dict[int, dict], prompts, tokenizer, samples: dict, iteration: int) -> dict[int, dict]:
+def update_pool(pool: dict[int, dict], prompts, tokenizer, samples: dict, iteration: int,
+                keep_truncated: bool = False) -> dict[int, dict]:
     """Best complete response per prompt of this iteration, merged into the pool (best across all iterations so far);
-    truncated responses are left out (`rlhf.pool.best_complete`)."""
+    truncated responses are left out, or with keep_truncated pooled only where no complete one exists
+    (`rlhf.pool.best_answers`)."""
     combined = samples["scores"]["combined"]
+    truncated = samples.get("truncated", np.zeros(combined.shape, bool))
     pool = dict(pool)
-    for p, best in enumerate(answer_pool.best_complete(combined, samples.get("truncated"))):
+    for p, best in enumerate(answer_pool.best_answers(combined, truncated, keep_truncated)):
         if best < 0:  # every sample of this prompt was cut at max_gen_len
             continue
-        prompt = prompts[p]
-        reward = float(combined[p, best])
-        if p not in pool or reward > pool[p]["reward"]:
+        prompt, cut, reward = prompts[p], bool(truncated[p, best]), float(combined[p, best])
+        if p not in pool or (not cut, reward) > (not pool[p].get("truncated", False), pool[p]["reward"]):
             answer = tokenizer.decode(samples["responses"][p][best])
             pool[p] = {"prompt_index": p, "messages": prompt.messages + [{"role": "assistant", "content": answer}],
-                       "train_on": "last", "reward": reward, "iteration": iteration}
+                       "train_on": "last", "reward": reward, "iteration": iteration, "truncated": cut}
     return pool
 
 
@@ -268,7 +271,12 @@ def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, rlhf.
         samples = sample_all(config, sampler, params, reward_params, encoded, prompts, iteration, mesh)
         profiler.after_step(iteration + 1)  # sample_all returns host arrays: the device work is done
         del params
-        pool = update_pool(pool, prompts, tokenizer, samples, iteration)
+        pool = update_pool(pool, prompts, tokenizer, samples, iteration, config.sampling.keep_truncated)
+        if not pool:
+            raise common.ConfigError(
+                f"rejection sampling iteration {iteration}: every sampled answer was cut at config.sampling."
+                f"max_gen_len={config.sampling.max_gen_len} (none ended with EOS), so there is nothing to fine-tune "
+                "on; raise max_gen_len or set config.sampling.keep_truncated=True")
         write_samples(os.path.join(iter_dir, "samples.jsonl"), prompts, tokenizer, samples)
         write_jsonl(pool_path, (pool[p] for p in sorted(pool)))
         multihost_utils.sync_global_devices(f"rs pool {iteration}")

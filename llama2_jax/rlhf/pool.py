@@ -7,14 +7,17 @@ is the best of those candidates (`best`, `sft_records`): the best answer across 
 comparable only when one reward model gave them: when the reward models are retrained between rounds, `rescore` the
 pool with the current ones before picking (the candidates are kept for that reason, not just the winner).
 
-Truncated answers (cut at max_gen_len: no EOS ended them, `decode.truncated_rows`) never enter the pool
-(`best_complete`): the pool is SFT data, and an SFT target ends with EOS, so a cut answer would teach the policy to
-stop mid-sentence; its reward was also read at an EOS the policy never generated. Scoring it "as truncated" (a
-penalty) would still let it win when every sample of the prompt is poor. A prompt whose samples were all cut adds
-nothing that iteration (counted in `AddStats`) and keeps its earlier candidates.
+Truncated answers (cut at max_gen_len: no EOS ended them, `decode.truncated_rows`) are excluded from the pool by
+default (`best_answers`): the pool is SFT data, and an SFT target ends with EOS, so a cut answer would teach the policy
+to stop mid-sentence; its reward was also read at an EOS the policy never generated. A prompt whose samples were all
+cut adds nothing that iteration (counted in `AddStats`) and keeps its earlier candidates. `keep_truncated=True` is
+the escape hatch for a policy that rarely ends an answer within the limit (a tiny model a few minutes old): such a
+prompt then pools its best cut answer, marked `truncated`, and any complete answer outranks every cut one, whatever
+the rewards (in this iteration and across iterations).
 
 File format (`save` / `load`, JSONL, written atomically): one record per prompt
-``{"prompt": [messages], "is_safety": bool, "candidates": [{"answer": str, "reward": float, "iteration": int}]}``.
+``{"prompt": [messages], "is_safety": bool, "candidates": [{"answer": str, "reward": float, "iteration": int,
+"truncated": bool}]}``.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from llama2_jax.data.prompts import Prompt
 from llama2_jax.text import chat_format as chat
 
 
-def best_complete(rewards, truncated=None) -> np.ndarray:
-    """Index of the best answer per prompt among those not truncated, -1 where every answer was truncated.
-    rewards float [N, K], truncated bool [N, K] (None: none) -> int [N]; ties go to the first."""
+def best_answers(rewards, truncated=None, keep_truncated: bool = False) -> np.ndarray:
+    """Index of the best answer per prompt among those not truncated; where every answer was truncated, -1, or with
+    keep_truncated the best truncated one. rewards float [N, K], truncated bool [N, K] (None: none) -> int [N]; ties go
+    to the first."""
     rewards = np.asarray(rewards, np.float64)
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be [prompts, samples], got shape {rewards.shape}")
@@ -42,7 +46,8 @@ def best_complete(rewards, truncated=None) -> np.ndarray:
     if cut.shape != rewards.shape:
         raise ValueError(f"truncated has shape {cut.shape}, rewards {rewards.shape}")
     best = np.argmax(np.where(cut, -np.inf, rewards), axis=1)
-    return np.where(cut.all(axis=1), -1, best)
+    fallback = np.argmax(rewards, axis=1) if keep_truncated else np.full(best.shape, -1)
+    return np.where(cut.all(axis=1), fallback, best)
 
 
 @dataclasses.dataclass
@@ -50,6 +55,7 @@ class Candidate:
     answer: str
     reward: float
     iteration: int
+    truncated: bool = False  # cut at the length limit (only with keep_truncated)
 
 
 @dataclasses.dataclass
@@ -59,15 +65,17 @@ class PoolEntry:
     candidates: list[Candidate]
 
     def best(self) -> Candidate:
-        """The highest reward; a tie goes to the earliest iteration."""
-        return max(sorted(self.candidates, key=lambda c: c.iteration), key=lambda c: c.reward)
+        """The highest reward among complete answers (a truncated one only when there is none); a tie goes to the
+        earliest iteration."""
+        return max(sorted(self.candidates, key=lambda c: c.iteration), key=lambda c: (not c.truncated, c.reward))
 
 
 @dataclasses.dataclass
 class AddStats:
     prompts: int = 0
-    added: int = 0  # prompts that got this iteration's best complete answer
-    all_truncated: int = 0  # prompts whose every answer was cut at the length limit: nothing added
+    added: int = 0  # prompts that got a candidate from this iteration
+    all_truncated: int = 0  # prompts whose every answer was cut at the length limit (nothing added, or with
+    # keep_truncated the best cut answer)
 
 
 def prompt_key(messages: Sequence[dict[str, str]]) -> str:
@@ -84,23 +92,24 @@ class AnswerPool:
         return len(self.entries)
 
     def add(self, prompts: Sequence[Prompt], answers: Sequence[Sequence[str]], rewards, iteration: int,
-            truncated=None) -> AddStats:
+            truncated=None, keep_truncated: bool = False) -> AddStats:
         """Add one iteration's samples: answers [N][K] texts, rewards [N, K], truncated [N, K] (None: none). The best
-        complete answer of each prompt becomes that iteration's candidate (replacing one the iteration added before,
-        so a resumed iteration does not count twice)."""
+        complete answer of each prompt (`best_answers`) becomes that iteration's candidate (replacing one the
+        iteration added before, so a resumed iteration does not count twice)."""
         rewards = np.asarray(rewards, np.float64)
         if len(answers) != len(prompts) or rewards.shape[0] != len(prompts):
             raise ValueError(f"{len(prompts)} prompts, {len(answers)} answer lists and {rewards.shape[0]} reward rows")
-        best = best_complete(rewards, truncated)
-        stats = AddStats(prompts=len(prompts))
+        cut = np.zeros(rewards.shape, bool) if truncated is None else np.asarray(truncated, bool)
+        best = best_answers(rewards, cut, keep_truncated)
+        stats = AddStats(prompts=len(prompts), all_truncated=int(cut.all(axis=1).sum()))
         for p, prompt in enumerate(prompts):
             if best[p] < 0:
-                stats.all_truncated += 1
                 continue
             entry = self.entries.setdefault(prompt_key(prompt.messages),
                                             PoolEntry(list(prompt.messages), prompt.is_safety, []))
             entry.candidates = [c for c in entry.candidates if c.iteration != iteration]
-            entry.candidates.append(Candidate(answers[p][best[p]], float(rewards[p, best[p]]), int(iteration)))
+            entry.candidates.append(Candidate(answers[p][best[p]], float(rewards[p, best[p]]), int(iteration),
+                                              bool(cut[p, best[p]])))
             stats.added += 1
         return stats
 
@@ -123,9 +132,10 @@ class AnswerPool:
 
     def sft_records(self) -> list[dict[str, Any]]:
         """The SFT dataset of the pool: one messages record per prompt with its best answer (only it trained:
-        "train_on": "last"), plus its reward and iteration (ignored by the SFT reader)."""
+        "train_on": "last"), plus its reward, iteration and truncation (ignored by the SFT reader)."""
         return [{"messages": [*entry.prompt, {"role": "assistant", "content": best.answer}], "train_on": "last",
-                 "reward": best.reward, "iteration": best.iteration, "is_safety": entry.is_safety}
+                 "reward": best.reward, "iteration": best.iteration, "truncated": best.truncated,
+                 "is_safety": entry.is_safety}
                 for entry, best in self.best()]
 
     def winners_by_iteration(self) -> dict[int, int]:
@@ -162,5 +172,6 @@ def _entry_from_record(record: Any) -> PoolEntry:
     candidates = []
     for c in record["candidates"]:
         c = require_dict(c, "answer", "reward", "iteration")
-        candidates.append(Candidate(str(c["answer"]), float(c["reward"]), int(c["iteration"])))
+        candidates.append(Candidate(str(c["answer"]), float(c["reward"]), int(c["iteration"]),
+                                    bool(c.get("truncated", False))))
     return PoolEntry(prompt, bool(record["is_safety"]), candidates)
