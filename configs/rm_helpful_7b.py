@@ -8,7 +8,10 @@ r"""Llama 2 Helpfulness reward model (paper section 3.2.2) from a 7B chat checkp
   pretraining optimizer (AdamW 0.9 / 0.95, eps 1e-5, weight decay 0.1, clip 1.0).
 * Steps: num_epochs = 1 -> num_train_steps = floor(train pairs / 512), computed at run time from the data after the
   mix and the held-out split (set --config.num_epochs=0 to use num_train_steps as given).
-* Mix "helpful": every helpfulness pair (is_safety false) + an equal number sampled from the safety pairs.
+* Mix "helpful" (llama2_jax.data.rm.helpful_mix): every collected helpfulness pair + an equal number sampled uniformly
+  from the rest (collected safety pairs and open-source pairs, told apart by the records' "origin" field); pairs with
+  no origin count as collected, so files without the field give every helpfulness pair + as many safety pairs. Every
+  mix drops pairs labelled chosen-unsafe / other-safe (paper section 3.2.1).
 * Margin "small" (1, 2/3, 1/3, 0; paper Table 27): the paper's ablation found it best on average (63.0 vs 62.5
   without); it does not say which variant the final RMs used. Unrated pairs get margin 0.
 * Model: with init_from, the architecture comes from CKPT/llama_config.json and of config.model only the numerics
@@ -30,7 +33,7 @@ def rm_data_config():
     data.format = "auto"  # auto | jsonl | oasst_pairs | hh | hh_prompt, for every file
     data.is_safety = config_dict.placeholder(bool)  # None = the records' field (default false); true/false = force
     data.on_error = "raise"  # malformed records: raise (file:line) | skip (counted and logged)
-    data.mix = "helpful"  # none | helpful (all helpful + as many safety) | safety (90 % safety / 10 % helpful)
+    data.mix = "helpful"  # none | helpful (collected helpful + as many others) | safety (90 % safety / 10 % helpful)
     data.val_fraction = 0.01  # held out for eval (the paper held out 1,000 pairs per weekly batch)
     return data
 

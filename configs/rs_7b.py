@@ -34,6 +34,8 @@ def get_config():
     # iteration. The paper re-tunes T each iteration (its best T moves with the model) but publishes no schedule
     config.sampling.top_p = 1.0  # plain temperature sampling (the paper's temperature study names no top-p)
     config.sampling.max_gen_len = 1024  # not stated for RS; the paper's human evaluations allow 1000 new tokens
+    config.sampling.keep_truncated = False  # answers cut at max_gen_len stay out of the pool (rlhf.pool); True pools
+    # a prompt's best cut answer where none of its K ended (for tiny models that rarely end within the limit)
     config.sampling.batch_size = 64  # (prompt, sample) rows per compiled sample+score call (see the KV-cache note)
 
     config.iterations = 2  # RS rounds in this run; the pool of best answers carries over between them

@@ -117,6 +117,24 @@ def test_pool_keeps_the_best_answer_per_prompt_across_iterations(tokenizer):
     assert pool[0]["messages"][-1] == {"role": "assistant", "content": "yes"} and pool[0]["train_on"] == "last"
 
 
+def test_pool_leaves_out_truncated_answers_unless_told_and_then_ranks_them_below_complete_ones(tokenizer):
+    prompts = [prompt_data.Prompt([{"role": "user", "content": c}]) for c in "qrs"]
+    yes, no = tokenizer.encode("yes"), tokenizer.encode("no")
+    first = {"responses": [[yes, no], [yes, no], [yes, no]],
+             "scores": {"combined": np.array([[0.9, 0.2], [0.8, 0.7], [0.3, 0.6]])},
+             "truncated": np.array([[True, False], [True, True], [False, False]])}
+    pool = rs.update_pool({}, prompts, tokenizer, first, iteration=0)
+    assert {p: (e["reward"], e["truncated"]) for p, e in pool.items()} == {0: (0.2, False), 2: (0.6, False)}
+    kept = rs.update_pool({}, prompts, tokenizer, first, iteration=0, keep_truncated=True)
+    assert {p: (e["reward"], e["truncated"]) for p, e in kept.items()} == {0: (0.2, False), 1: (0.8, True),
+                                                                          2: (0.6, False)}
+    second = {"responses": [[yes], [no], [yes]], "scores": {"combined": np.array([[0.95], [0.1], [0.5]])},
+              "truncated": np.array([[True], [False], [True]])}
+    kept = rs.update_pool(kept, prompts, tokenizer, second, iteration=1, keep_truncated=True)
+    # q: a cut 0.95 does not replace the complete 0.2; r: a complete 0.1 replaces the cut 0.8; s: 0.6 stays
+    assert {p: (e["reward"], e["iteration"]) for p, e in kept.items()} == {0: (0.2, 0), 1: (0.1, 1), 2: (0.6, 0)}
+
+
 def test_configs_load_and_bad_fields_are_one_line_errors(tmp_path):
     for module in (rs_7b, rs_tiny):
         config = module.get_config()
@@ -143,6 +161,7 @@ def tiny_config(tmp_path, tokenizer):
     config.sampling.num_samples, config.sampling.batch_size, config.sampling.temperature = 8, 32, 1.5
     config.mesh.data, config.mesh.fsdp = -1, 1  # the 8 simulated devices, data parallel
     config.iterations = 2
+    config.sampling.keep_truncated = False  # the paper-scale rule: answers cut at max_gen_len stay out of the pool
     sft = config.sft
     sft.seq_len, sft.batch_size, sft.num_train_steps, sft.log_every_steps = 64, 8, 2, 2
     sft.checkpoint_every_steps, sft.async_checkpoints = 2, False
@@ -162,16 +181,27 @@ def test_tiny_rejection_sampling_end_to_end(tmp_path, tokenizer):
         assert curve[-1] > curve[0] + 0.01, curve  # and rises: best of 8 beats one sample
         assert curve[0] == pytest.approx(record["reward_combined_mean"], abs=1e-5)
         assert curve[-1] == pytest.approx(record["best_of_k_mean"], abs=1e-5)
-    assert history[1]["pool_reward_mean"] >= history[1]["best_of_k_mean"] - 1e-6  # pool = best across iterations
-    assert history[1]["pool_reward_mean"] >= history[0]["pool_reward_mean"] - 1e-6
 
-    pool = [json.loads(line) for line in (work / "iter_1" / "pool.jsonl").read_text().splitlines()]
-    samples = [json.loads(line) for line in (work / "iter_1" / "samples.jsonl").read_text().splitlines()]
-    first = [json.loads(line) for line in (work / "iter_0" / "samples.jsonl").read_text().splitlines()]
-    assert len(pool) == len(samples) == 8
-    for entry, now, before in zip(pool, samples, first):
-        assert entry["reward"] == pytest.approx(max(max(now["combined"]), max(before["combined"])), abs=1e-6)
-        assert entry["messages"][-1]["role"] == "assistant" and entry["train_on"] == "last"
+    def read(name):
+        return [json.loads(line) for line in (work / name).read_text().splitlines()]
+
+    pool = {entry["prompt_index"]: entry for entry in read("iter_1/pool.jsonl")}
+    pool_0 = {entry["prompt_index"]: entry for entry in read("iter_0/pool.jsonl")}
+    samples, first = read("iter_1/samples.jsonl"), read("iter_0/samples.jsonl")
+    assert len(samples) == len(first) == 8
+    # The pool holds, per prompt, the best answer across both iterations among those not cut at max_gen_len; a prompt
+    # whose answers were all cut has no entry. The random policy ends some answers and not others: both cases occur.
+    cut = [c for record in samples + first for c in record["truncated"]]
+    assert any(cut) and not all(cut)
+    for p, (now, before) in enumerate(zip(samples, first)):
+        complete = [s for record in (now, before) for s, c in zip(record["combined"], record["truncated"]) if not c]
+        if not complete:
+            assert p not in pool
+            continue
+        assert pool[p]["reward"] == pytest.approx(max(complete), abs=1e-6)
+        assert pool[p]["messages"][-1]["role"] == "assistant" and pool[p]["train_on"] == "last"
+    assert all(pool[p]["reward"] >= entry["reward"] - 1e-6 for p, entry in pool_0.items())  # never worse later
+    assert history[1]["truncated_fraction"] == pytest.approx(np.mean([c for r in samples for c in r["truncated"]]))
     safety_rows = [s for s in samples if s["is_safety"]]
     np.testing.assert_allclose(safety_rows[0]["combined"], safety_rows[0]["safety"])  # tagged: the safety score
     saved = json.loads((work / "best_of_k.json").read_text())

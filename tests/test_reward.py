@@ -203,6 +203,34 @@ def test_helpful_mix_takes_all_helpful_and_as_many_others():
     assert mixed == rm_data.helpful_mix(pairs, seed=0) and mixed != rm_data.helpful_mix(pairs, seed=1)
 
 
+def test_helpful_mix_draws_its_equal_part_from_collected_safety_and_open_source_without_chosen_unsafe(caplog):
+    def group(name, n, is_safety, origin, unsafe_chosen=0):
+        return [PreferencePair([{"role": "user", "content": f"{name} {i}"}], "a", "b", is_safety=is_safety,
+                               chosen_safe=False if i < unsafe_chosen else None,
+                               rejected_safe=True if i < unsafe_chosen else None, origin=origin) for i in range(n)]
+
+    pairs = (group("help", 40, False, "collected") + group("safe", 30, True, "collected", unsafe_chosen=5)
+             + group("open_help", 30, False, "open_source") + group("open_safe", 20, True, "open_source"))
+    drawn = {"safe": [], "open_help": [], "open_safe": []}
+    for seed in range(200):
+        mixed = rm_data.helpful_mix(pairs, seed=seed)
+        names = [p.prompt[0]["content"].rsplit(" ", 1)[0] for p in mixed]
+        assert names[:40] == ["help"] * 40 and len(mixed) == 80 and len(set(map(id, mixed))) == 80
+        assert not any(p.chosen_unsafe_other_safe for p in mixed)  # 5 collected safety pairs are never drawn
+        for name in drawn:
+            drawn[name].append(names.count(name))
+    # 40 drawn uniformly from the 75 eligible others: 25 safe + 30 open_help + 20 open_safe
+    for name, eligible in (("safe", 25), ("open_help", 30), ("open_safe", 20)):
+        assert np.mean(drawn[name]) == pytest.approx(40 * eligible / 75, abs=0.6), name
+
+    # no origin anywhere (the shipped files): every helpfulness pair is the core, the equal part comes from safety
+    caplog.set_level("INFO")
+    untagged = make_pairs(10, 30)
+    mixed = rm_data.helpful_mix(untagged, seed=0)
+    assert sum(not p.is_safety for p in mixed) == 10 and sum(p.is_safety for p in mixed) == 10
+    assert "10 of 10 helpfulness pairs state no origin" in caplog.text
+
+
 def test_safety_mix_is_90_10(caplog):
     mixed = rm_data.safety_mix(make_pairs(100, 270), seed=0)
     assert sum(p.is_safety for p in mixed) == 270 and sum(not p.is_safety for p in mixed) == 30

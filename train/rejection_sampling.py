@@ -8,12 +8,16 @@ Per iteration i = 0 .. iterations - 1:
      schedule is given (the paper re-tunes T each iteration; paper: best at T = 1.2-1.3 for 10-100 samples), with
      the compiled sampler on the mesh (`decode.sample` inside one jit with the reward models);
   2. score prompt + response (+ EOS, appended to responses cut at max_gen_len: the RMs read their score at the EOS
-     that ends an answer) with the reward model(s): with both RMs, the piecewise rule of PPO (`rlhf.combine_rewards`:
-     the safety score where the prompt is tagged `is_safety` or the safety score is < 0.15, else the helpful score);
+     that ends an answer; such answers are marked truncated, `decode.truncated_rows`) with the reward model(s): with
+     both RMs, the piecewise rule of PPO (`rlhf.combine_rewards`: the safety score where the prompt is tagged
+     `is_safety` or the safety score is < 0.15, else the helpful score);
      with one RM, its score. Scores are sigmoid scores in [0, 1];
   3. keep the best of the K per prompt, and keep in a **pool the best response per prompt across all iterations so
      far** (the paper's fix for the regressions of using only the last iteration). The RMs are fixed during a run, so
-     scores from different iterations are comparable;
+     scores from different iterations are comparable. Truncated answers do not enter the pool (`rlhf.pool`: an SFT
+     target cut mid-sentence would teach the policy to stop there); a prompt whose K answers were all cut keeps its
+     earlier entry, if any (`sampling.keep_truncated=True`: it pools its best cut answer, which any complete answer
+     outranks). An empty pool is a one-line error naming sampling.max_gen_len;
   4. write the pool as an SFT dataset (messages JSONL with `"train_on": "last"`: only the chosen answer is trained;
      earlier turns of a multi-turn prompt are context) and fine-tune the *current* policy on it with the SFT trainer
      (`common.fine_tune`, the SFT trainer's run, with config `config.sft` and init_from = the current policy).
@@ -50,6 +54,7 @@ from llama2_jax.inference import decode, generate
 from llama2_jax.model import sharding as sh
 from llama2_jax.model.llama import abstract_params
 from llama2_jax.rlhf import formulas as rlhf
+from llama2_jax.rlhf import pool as answer_pool
 from llama2_jax.training import common, loop
 
 _log = logging.getLogger(__name__)
@@ -63,7 +68,7 @@ def sample_and_score(policy_params, reward_params, prompt_tokens, prompt_lens, i
                           temperature=temperature, top_p=top_p, eos_id=eos_id, mesh=mesh)
     ids, lengths = rlhf.scoring_sequences(out["tokens"], out["prompt_lens"], out["lengths"], eos_id)
     scores = rlhf.score_sequences(score_fns, reward_params, ids, lengths, is_safety, threshold)
-    return {"tokens": out["tokens"], "lengths": out["lengths"], **scores}
+    return {"tokens": out["tokens"], "lengths": out["lengths"], "truncated": out["truncated"], **scores}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -97,11 +102,12 @@ def iteration_temperature(config, iteration: int) -> float:
 
 def sample_all(config, sampler, policy_params, reward_params, encoded, prompts, iteration: int, mesh) -> dict:
     """K samples for every prompt in batches of `sampling.batch_size` rows. Returns host arrays: responses (token
-    lists, [N][K]) and scores {name: [N, K]}."""
+    lists, [N][K]), scores {name: [N, K]} and truncated [N, K] (cut at max_gen_len)."""
     k, rows = config.sampling.num_samples, config.sampling.batch_size
     order = [(p, s) for p in range(len(encoded)) for s in range(k)]
     responses = [[None] * k for _ in encoded]
     scores: dict[str, np.ndarray] = {}
+    truncated = np.zeros((len(encoded), k), bool)
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
     for start in range(0, len(order), rows):
         chunk = order[start:start + rows]
@@ -115,22 +121,28 @@ def sample_all(config, sampler, policy_params, reward_params, encoded, prompts, 
                                      temperature=np.float32(iteration_temperature(config, iteration))))
         for row, (p, s) in enumerate(chunk):
             responses[p][s] = out["tokens"][row, lens[row]:lens[row] + out["lengths"][row]].tolist()
-            for name in out.keys() - {"tokens", "lengths"}:
+            truncated[p, s] = out["truncated"][row]
+            for name in out.keys() - {"tokens", "lengths", "truncated"}:
                 scores.setdefault(name, np.zeros((len(encoded), k), np.float32))[p, s] = out[name][row]
-    return {"responses": responses, "scores": scores}
+    return {"responses": responses, "scores": scores, "truncated": truncated}
 
 
-def update_pool(pool: dict[int, dict], prompts, tokenizer, samples: dict, iteration: int) -> dict[int, dict]:
-    """Best response per prompt of this iteration, merged into the pool (best across all iterations so far)."""
+def update_pool(pool: dict[int, dict], prompts, tokenizer, samples: dict, iteration: int,
+                keep_truncated: bool = False) -> dict[int, dict]:
+    """Best complete response per prompt of this iteration, merged into the pool (best across all iterations so far);
+    truncated responses are left out, or with keep_truncated pooled only where no complete one exists
+    (`rlhf.pool.best_answers`)."""
     combined = samples["scores"]["combined"]
+    truncated = samples.get("truncated", np.zeros(combined.shape, bool))
     pool = dict(pool)
-    for p, prompt in enumerate(prompts):
-        best = int(np.argmax(combined[p]))
-        reward = float(combined[p, best])
-        if p not in pool or reward > pool[p]["reward"]:
+    for p, best in enumerate(answer_pool.best_answers(combined, truncated, keep_truncated)):
+        if best < 0:  # every sample of this prompt was cut at max_gen_len
+            continue
+        prompt, cut, reward = prompts[p], bool(truncated[p, best]), float(combined[p, best])
+        if p not in pool or (not cut, reward) > (not pool[p].get("truncated", False), pool[p]["reward"]):
             answer = tokenizer.decode(samples["responses"][p][best])
             pool[p] = {"prompt_index": p, "messages": prompt.messages + [{"role": "assistant", "content": answer}],
-                       "train_on": "last", "reward": reward, "iteration": iteration}
+                       "train_on": "last", "reward": reward, "iteration": iteration, "truncated": cut}
     return pool
 
 
@@ -143,6 +155,8 @@ def iteration_metrics(samples: dict, pool: dict, iteration: int) -> dict:
         record[f"reward_{name}_mean"] = float(values.mean())
         record[f"reward_{name}_max"] = float(values.max())
     record["best_of_k_mean"] = float(scores["combined"].max(axis=1).mean())
+    if "truncated" in samples:
+        record["truncated_fraction"] = float(np.mean(samples["truncated"]))
     record["pool_reward_mean"] = float(np.mean([entry["reward"] for entry in pool.values()]))
     record["pool_from_earlier_iterations"] = int(sum(entry["iteration"] < iteration for entry in pool.values()))
     return record
@@ -160,6 +174,7 @@ def write_jsonl(path: str, records) -> None:
 def write_samples(path: str, prompts, tokenizer, samples: dict) -> None:
     write_jsonl(path, ({"prompt": prompt.messages, "is_safety": prompt.is_safety,
                         "responses": [tokenizer.decode(r) for r in samples["responses"][p]],
+                        "truncated": samples["truncated"][p].tolist(),
                         **{name: values[p].tolist() for name, values in samples["scores"].items()}}
                        for p, prompt in enumerate(prompts)))
 
@@ -256,7 +271,12 @@ def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, rlhf.
         samples = sample_all(config, sampler, params, reward_params, encoded, prompts, iteration, mesh)
         profiler.after_step(iteration + 1)  # sample_all returns host arrays: the device work is done
         del params
-        pool = update_pool(pool, prompts, tokenizer, samples, iteration)
+        pool = update_pool(pool, prompts, tokenizer, samples, iteration, config.sampling.keep_truncated)
+        if not pool:
+            raise common.ConfigError(
+                f"rejection sampling iteration {iteration}: every sampled answer was cut at config.sampling."
+                f"max_gen_len={config.sampling.max_gen_len} (none ended with EOS), so there is nothing to fine-tune "
+                "on; raise max_gen_len or set config.sampling.keep_truncated=True")
         write_samples(os.path.join(iter_dir, "samples.jsonl"), prompts, tokenizer, samples)
         write_jsonl(pool_path, (pool[p] for p in sorted(pool)))
         multihost_utils.sync_global_devices(f"rs pool {iteration}")

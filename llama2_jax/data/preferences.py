@@ -6,9 +6,10 @@ system message), a chosen and a rejected response, an optional Meta-style rating
 Formats (``read_preferences(path, format=...)``; "auto" uses `detect_format`). JSONL or a JSON list of records.
 
 * ``"jsonl"``: ``{"prompt": str | [messages], "chosen": str, "rejected": str, "rating": str | null (optional),
-  "is_safety": bool (optional), "chosen_safe"/"rejected_safe": bool (optional safety label per answer)}``. A string
-  prompt is one user message. ``rating`` is one of RATINGS (spaces and
-  hyphens are read as underscores, case is ignored) or null.
+  "is_safety": bool (optional), "chosen_safe"/"rejected_safe": bool (optional safety label per answer),
+  "origin": one of ORIGINS (optional)}``. A string prompt is one user message. ``rating`` is one of RATINGS (spaces
+  and hyphens are read as underscores, case is ignored; "unsure" is "negligibly_better", the paper's fourth level
+  "negligibly better / unsure") or null. `write_preferences` writes this format.
 * ``"oasst_pairs"``: the derived OpenAssistant pairs (``oasst-en-100-pairs.jsonl``): the "jsonl" format with a
   message-list prompt, plus ``chosen_rank``/``rejected_rank`` and ids, which are ignored. ``rating`` stays None:
   OASST ranks only *order* sibling replies (rank 0 = best); a rank difference says nothing about how much better
@@ -25,6 +26,10 @@ HH prompt transcripts are turned into messages by `llama2_jax.text.chat_format.p
 
 ``is_safety``: ``read_preferences(..., is_safety=None)`` takes the record's ``is_safety`` field (default False);
 pass True/False to set it for every pair (e.g. True for Anthropic *harmless* data, which feeds the Safety RM).
+``origin`` likewise (``origin=None`` takes the record's field, default None = not stated): "collected" for pairs
+labelled by this project's own annotation (the paper's Meta Helpfulness / Meta Safety data, section 3.2.1),
+"open_source" for public preference sets (Anthropic HH, OASST, ...). The helpfulness RM mix tells them apart
+(`llama2_jax.data.rm.helpful_mix`).
 Records whose chosen and rejected responses are identical are dropped (they carry no preference).
 
 Error rules as in `llama2_jax.data.dialogs`: a malformed record raises ``ValueError("<file>:<line>: <reason>")``
@@ -35,8 +40,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from llama2_jax.data.dialogs import (
     DropRecord,
@@ -50,6 +56,9 @@ from llama2_jax.data.dialogs import (
 from llama2_jax.text import chat_format as chat
 
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+RATING_ALIASES = {"unsure": "negligibly_better", "negligibly_better_or_unsure": "negligibly_better",
+                  "negligibly_better_/_unsure": "negligibly_better"}  # the paper's label "negligibly better / unsure"
+ORIGINS = ("collected", "open_source")  # own annotation (the paper's "Meta" data) | public preference sets
 _HH_ASSISTANT = "\n\nAssistant:"
 _HH_HUMAN = "\n\nHuman:"
 
@@ -64,6 +73,7 @@ class PreferencePair:
     is_safety: bool = False
     chosen_safe: bool | None = None  # safety label of each answer (None = not labelled); the safety RM mix drops
     rejected_safe: bool | None = None  # pairs whose chosen answer is unsafe and the other safe (paper section 3.2.2)
+    origin: str | None = None  # one of ORIGINS, or None when not stated
 
     @property
     def chosen_unsafe_other_safe(self) -> bool:
@@ -81,6 +91,8 @@ class PreferencePair:
         for name in ("chosen_safe", "rejected_safe"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"'{name}' is {type(getattr(self, name)).__name__}, expected true/false/null")
+        if self.origin is not None and self.origin not in ORIGINS:
+            raise ValueError(f"'origin' is {self.origin!r}, expected one of {', '.join(ORIGINS)} or null")
 
 
 def normalize_rating(rating: Any) -> str | None:
@@ -88,6 +100,7 @@ def normalize_rating(rating: Any) -> str | None:
     if rating is None:
         return None
     name = require_str(rating, "'rating'").strip().lower().replace("-", "_").replace(" ", "_")
+    name = RATING_ALIASES.get(name, name)
     if name not in RATINGS:
         raise ValueError(f"rating {rating!r}, expected one of {', '.join(RATINGS)} or null")
     return name
@@ -104,10 +117,10 @@ def _prompt_messages(prompt: Any) -> list[dict[str, str]]:
 
 
 def _make_pair(prompt, chosen: str, rejected: str, rating=None, is_safety=False, chosen_safe=None,
-               rejected_safe=None) -> PreferencePair:
+               rejected_safe=None, origin=None) -> PreferencePair:
     if chosen == rejected:
         raise DropRecord("chosen == rejected")
-    return PreferencePair(prompt, chosen, rejected, rating, is_safety, chosen_safe, rejected_safe)
+    return PreferencePair(prompt, chosen, rejected, rating, is_safety, chosen_safe, rejected_safe, origin)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -123,7 +136,11 @@ def _safety(record: dict, is_safety: bool | None) -> bool:
     return value
 
 
-def jsonl_to_pair(record: Any, is_safety: bool | None = None) -> PreferencePair:
+def _origin(record: dict, origin: str | None) -> str | None:
+    return record.get("origin") if origin is None else origin
+
+
+def jsonl_to_pair(record: Any, is_safety: bool | None = None, origin: str | None = None) -> PreferencePair:
     record = require_dict(record, "prompt", "chosen", "rejected")
     return _make_pair(
         _prompt_messages(record["prompt"]),
@@ -133,6 +150,7 @@ def jsonl_to_pair(record: Any, is_safety: bool | None = None) -> PreferencePair:
         _safety(record, is_safety),
         record.get("chosen_safe"),
         record.get("rejected_safe"),
+        _origin(record, origin),
     )
 
 
@@ -155,17 +173,17 @@ def split_hh_transcript(transcript: str) -> tuple[str, str]:
     return transcript[:cut], transcript[cut:]
 
 
-def hh_to_pair(record: Any, is_safety: bool | None = None) -> PreferencePair:
+def hh_to_pair(record: Any, is_safety: bool | None = None, origin: str | None = None) -> PreferencePair:
     record = require_dict(record, "chosen", "rejected")
     chosen_prompt, chosen = split_hh_transcript(require_str(record["chosen"], "'chosen'"))
     rejected_prompt, rejected = split_hh_transcript(require_str(record["rejected"], "'rejected'"))
     if chosen_prompt != rejected_prompt:
         raise DropRecord("chosen and rejected differ before the last Assistant turn")
     return _make_pair(hh_prompt_messages(chosen_prompt), chosen.strip(), rejected.strip(),
-                      None, _safety(record, is_safety))
+                      None, _safety(record, is_safety), origin=_origin(record, origin))
 
 
-def hh_prompt_to_pair(record: Any, is_safety: bool | None = None) -> PreferencePair:
+def hh_prompt_to_pair(record: Any, is_safety: bool | None = None, origin: str | None = None) -> PreferencePair:
     record = require_dict(record, "prompt", "chosen", "rejected")
     return _make_pair(
         hh_prompt_messages(require_str(record["prompt"], "'prompt'")),
@@ -173,6 +191,7 @@ def hh_prompt_to_pair(record: Any, is_safety: bool | None = None) -> PreferenceP
         require_str(record["rejected"], "'rejected'").strip(),
         normalize_rating(record.get("rating")),
         _safety(record, is_safety),
+        origin=_origin(record, origin),
     )
 
 
@@ -207,14 +226,34 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def read_preferences(
-    path: str | os.PathLike, format: str = "auto", on_error: OnError = "raise", is_safety: bool | None = None
+    path: str | os.PathLike, format: str = "auto", on_error: OnError = "raise", is_safety: bool | None = None,
+    origin: str | None = None,
 ) -> tuple[list[PreferencePair], ReadStats]:
     """Read `path` as preference pairs; returns ``(pairs, stats)``. See the module docstring for formats and rules."""
     if format == "auto":
         format = detect_format(path)
     if format not in CONVERTERS:
         raise ValueError(f"unknown preference format {format!r}; known formats: auto, {', '.join(CONVERTERS)}")
-    return convert_records(path, format, functools.partial(CONVERTERS[format], is_safety=is_safety), on_error)
+    if origin is not None and origin not in ORIGINS:
+        raise ValueError(f"origin={origin!r}, expected one of {', '.join(ORIGINS)} or None")
+    convert = functools.partial(CONVERTERS[format], is_safety=is_safety, origin=origin)
+    return convert_records(path, format, convert, on_error)
+
+
+def pair_record(pair: PreferencePair) -> dict[str, Any]:
+    """The "jsonl" record of a pair (read back by `jsonl_to_pair` to an equal pair)."""
+    return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "rating": pair.rating,
+            "is_safety": pair.is_safety, "chosen_safe": pair.chosen_safe, "rejected_safe": pair.rejected_safe,
+            "origin": pair.origin}
+
+
+def write_preferences(path: str | os.PathLike, pairs: Sequence[PreferencePair]) -> None:
+    """Write pairs as "jsonl" records, atomically (a temporary file renamed over `path`)."""
+    path = os.fspath(path)
+    with open(path + ".tmp", "w") as f:
+        for pair in pairs:
+            f.write(json.dumps(pair_record(pair)) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def encode_pair(tokenizer, pair: PreferencePair) -> tuple[list[int], list[int]]:

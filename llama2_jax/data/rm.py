@@ -20,11 +20,24 @@ Truncation to `max_len` tokens (`truncate_pair`; never silent: counted in `Trunc
   Both sequences of a pair keep the same prompt tokens (the budget comes from the longer response), so the pair still
   compares two answers to one context.
 
-Mixes (paper section 3.2.2), deterministic by seed, over pairs flagged with `is_safety`:
-  * "helpful": all helpfulness pairs (is_safety False) + an equal number sampled uniformly without replacement from
-    the rest (the safety pairs); all of them when there are fewer.
-  * "safety": all safety pairs + helpfulness pairs sampled so that safety : helpfulness = 90 : 10.
+Mixes (paper section 3.2.2), deterministic by seed, over pairs flagged with `is_safety` and tagged with an `origin`
+("collected": this project's own annotation, the paper's Meta data; "open_source": public sets; None: not stated):
+  * "helpful": the paper's "all Meta Helpfulness data, combined with an equal part of the remaining data uniformly
+    sampled from Meta Safety and from the open-source datasets": every collected helpfulness pair (is_safety False)
+    + as many drawn uniformly without replacement from all the other pairs (collected safety pairs and open-source
+    pairs of either kind); all of them when there are fewer.
+    Deviation where the data does not say: a helpfulness pair with no origin counts as collected, because a file
+    without the field cannot be told apart from Meta's own data, and treating it as open-source would leave the
+    helpfulness RM nothing of its own when no file carries the field. With no origin anywhere (every shipped file:
+    HH and OASST carry none) the mix is every helpfulness pair + as many safety pairs; tag public files with
+    `origin="open_source"` (`read_preferences` / `read_pair_files`) to get the paper's mix. The count of such pairs
+    is logged.
+  * "safety": all safety pairs (Meta Safety and Anthropic Harmless alike) + helpfulness pairs of any origin sampled
+    so that safety : helpfulness = 90 : 10.
   * "none": the pairs as read.
+  Every mix first drops the pairs labelled "chosen unsafe, other safe" (`exclude_chosen_unsafe`): the paper leaves
+  them out of its safety data altogether (section 3.2.1: "we do not include any examples where the chosen response
+  was unsafe and the other response safe"), so no model trains on them, whichever RM (or DPO) reads the data.
 """
 
 from __future__ import annotations
@@ -210,30 +223,49 @@ def _sample(pairs: Sequence[PreferencePair], n: int, rng: np.random.Generator, w
     return [pairs[i] for i in sorted(rng.choice(len(pairs), size=n, replace=False))]
 
 
+def exclude_chosen_unsafe(pairs: Sequence[PreferencePair], what: str = "data") -> list[PreferencePair]:
+    """The pairs less those labelled "chosen unsafe, other safe" (the bin the paper's safety collection leaves out,
+    section 3.2.1: only chosen-safe/other-unsafe, both safe and both unsafe are kept); the count is logged."""
+    kept = [p for p in pairs if not p.chosen_unsafe_other_safe]
+    if len(kept) < len(pairs):
+        _log.info("%s: excluded %d pairs whose chosen answer is unsafe and the other safe", what,
+                  len(pairs) - len(kept))
+    return kept
+
+
+def is_collected_helpfulness(pair: PreferencePair) -> bool:
+    """The core of the helpfulness mix: a helpfulness pair of the project's own collection (origin "collected"), or
+    of no stated origin (see the module docstring for why)."""
+    return not pair.is_safety and pair.origin != "open_source"
+
+
 def helpful_mix(pairs: Sequence[PreferencePair], seed: int) -> list[PreferencePair]:
-    """Helpfulness RM mix: every helpfulness pair + as many sampled uniformly from the rest (safety pairs)."""
-    helpful = [p for p in pairs if not p.is_safety]
-    rest = [p for p in pairs if p.is_safety]
-    return helpful + _sample(rest, len(helpful), np.random.default_rng(seed), "safety")
+    """Helpfulness RM mix (section 3.2.2): every collected helpfulness pair + as many sampled uniformly from the
+    remaining pairs (collected safety and open-source), chosen-unsafe pairs excluded first. See the module docstring."""
+    pairs = exclude_chosen_unsafe(pairs, "helpful mix")
+    helpful = [p for p in pairs if is_collected_helpfulness(p)]
+    rest = [p for p in pairs if not is_collected_helpfulness(p)]
+    unstated = sum(p.origin is None for p in helpful)
+    if unstated:
+        _log.info("helpful mix: %d of %d helpfulness pairs state no origin and count as collected data (the paper's "
+                  "Meta Helpfulness); tag open-source files with origin='open_source'", unstated, len(helpful))
+    return helpful + _sample(rest, len(helpful), np.random.default_rng(seed), "safety or open-source")
 
 
 def safety_mix(pairs: Sequence[PreferencePair], seed: int, safety_share: float = 0.9) -> list[PreferencePair]:
     """Safety RM mix: every safety pair + helpfulness pairs sampled so that safety makes `safety_share` (90 %).
-    Safety pairs labelled "chosen unsafe, other safe" are excluded, as the paper's collection protocol does
-    (section 3.2.2: only the bins chosen-safe/other-unsafe, both safe and both unsafe are used)."""
+    Pairs labelled "chosen unsafe, other safe" are excluded first (`exclude_chosen_unsafe`)."""
     if not 0.0 < safety_share <= 1.0:
         raise ValueError(f"safety_share must be in (0, 1], got {safety_share}")
-    safety = [p for p in pairs if p.is_safety and not p.chosen_unsafe_other_safe]
-    if len(safety) < sum(p.is_safety for p in pairs):
-        _log.info("safety mix: excluded %d pairs whose chosen answer is unsafe and the other safe",
-                  sum(p.is_safety for p in pairs) - len(safety))
+    pairs = exclude_chosen_unsafe(pairs, "safety mix")
+    safety = [p for p in pairs if p.is_safety]
     helpful = [p for p in pairs if not p.is_safety]
     n_helpful = round(len(safety) * (1.0 - safety_share) / safety_share)
     return safety + _sample(helpful, n_helpful, np.random.default_rng(seed), "helpfulness")
 
 
 MIXES: dict[str, Callable[[Sequence[PreferencePair], int], list[PreferencePair]]] = {
-    "none": lambda pairs, seed: list(pairs),
+    "none": lambda pairs, seed: exclude_chosen_unsafe(pairs),
     "helpful": helpful_mix,
     "safety": safety_mix,
 }
@@ -253,12 +285,14 @@ def _paths(text: str) -> list[str]:
 
 
 def read_pair_files(paths: str, safety_paths: str = "", *, format: str = "auto", on_error: str = "raise",
-                    is_safety: bool | None = None, mix: str = "none", seed: int = 0) -> list[PreferencePair]:
+                    is_safety: bool | None = None, mix: str = "none", seed: int = 0,
+                    origin: str | None = None) -> list[PreferencePair]:
     """Every comma-separated file of `paths` (is_safety as given, None = the records' field) and `safety_paths`
-    (is_safety True), then the data mix (deterministic by seed). Errors are ValueError("<file>:<line>: ...")."""
+    (is_safety True), then the data mix (deterministic by seed). `origin` tags every pair read (None = the records'
+    field). Errors are ValueError("<file>:<line>: ...")."""
     pairs: list[PreferencePair] = []
     for path, safety in [(p, is_safety) for p in _paths(paths)] + [(p, True) for p in _paths(safety_paths)]:
-        pairs += read_preferences(path, format, on_error=on_error, is_safety=safety)[0]
+        pairs += read_preferences(path, format, on_error=on_error, is_safety=safety, origin=origin)[0]
     return apply_mix(mix, pairs, seed)
 
 

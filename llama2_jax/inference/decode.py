@@ -262,6 +262,22 @@ def generated_lengths(state: DecodeState, max_gen_len: int) -> Array:
     return (first_stop - prompt_lens[:, 0]).astype(jnp.int32)
 
 
+def truncated_rows(tokens, prompt_lens, lengths, max_gen_len: int, eos_id: int) -> Array:
+    """[B] bool: the answer was cut by the length limit rather than ended by the model. An answer is complete only
+    when an EOS directly follows its kept tokens inside its first `max_gen_len` generated slots; it is truncated when
+    it reached `max_gen_len` tokens, or when no EOS follows (the buffer, S = min(max_seq_len, P + max_gen_len), ran
+    out first). `sample`'s output carries it as "truncated" (equal to ~done for its own rows).
+
+    tokens [B, S] (prompt + generated, as `sample` returns them), prompt_lens [B], lengths [B] kept answer tokens
+    (EOS excluded, `generated_lengths`). Works on numpy or jax arrays, inside or outside jit."""
+    tokens, prompt_lens, lengths = jnp.asarray(tokens), jnp.asarray(prompt_lens), jnp.asarray(lengths)
+    end = prompt_lens + lengths  # [B] the slot after the kept answer: its EOS when it ended by itself
+    inside = end < tokens.shape[1]
+    at_end = jnp.take_along_axis(tokens, jnp.clip(end, 0, tokens.shape[1] - 1)[:, None], axis=1)[:, 0]
+    ended = inside & (at_end == eos_id) & (lengths < max_gen_len)
+    return ~ended
+
+
 def sample(params: dict, cfg: LlamaConfig, prompt_tokens: Array, prompt_lens: Array, rng: Array, *,
            max_gen_len: int, temperature=DEFAULT_TEMPERATURE, top_p=DEFAULT_TOP_P, eos_id: int = EOS_ID,
            pad_id: int = META_PAD_ID, logprobs: bool = False, mesh: Optional[Mesh] = None) -> dict[str, Array]:
@@ -273,14 +289,16 @@ def sample(params: dict, cfg: LlamaConfig, prompt_tokens: Array, prompt_lens: Ar
     Returns:
       tokens [B, S] int32: prompt + generated tokens (pad_id where unfilled), S = min(max_seq_len, P + max_gen_len);
       prompt_lens [B]; lengths [B]: generated tokens kept by Meta's post-processing (EOS excluded);
-      done [B] bool: the row generated EOS; logprobs [B, S] float32 when asked for.
+      done [B] bool: the row generated EOS; truncated [B] bool: the answer was cut at max_gen_len or at the end
+      of the buffer (`truncated_rows`); logprobs [B, S] float32 when asked for.
     """
     state = init_decode(params, cfg, prompt_tokens, prompt_lens, rng, max_gen_len=max_gen_len,
                         temperature=temperature, top_p=top_p, eos_id=eos_id, pad_id=pad_id, logprobs=logprobs,
                         mesh=mesh)
     state = decode_steps(params, cfg, state, pad_id=pad_id, mesh=mesh)
-    out = {"tokens": state.tokens, "prompt_lens": state.prompt_lens, "done": state.done,
-           "lengths": generated_lengths(state, max_gen_len)}
+    lengths = generated_lengths(state, max_gen_len)
+    out = {"tokens": state.tokens, "prompt_lens": state.prompt_lens, "done": state.done, "lengths": lengths,
+           "truncated": truncated_rows(state.tokens, state.prompt_lens, lengths, max_gen_len, state.eos_id)}
     if logprobs:
         out["logprobs"] = state.logprobs
     return out

@@ -107,4 +107,6 @@ def make_experience(policy_params, ref_params, value_params, reward_params, roll
                    score_logit=jnp.mean(rlhf.logit(scores["combined"])), entropy=jnp.sum(ent * mask) / tokens,
                    response_length=jnp.mean(jnp.sum(mask, axis=1)), generated_tokens=jnp.sum(rolled["lengths"]),
                    value_mean=jnp.sum(values) / tokens, return_mean=jnp.sum(returns) / tokens)
+    if "truncated" in rolled:  # answers cut at max_gen_len: scored at the appended EOS like complete ones (TRL)
+        metrics["truncated_fraction"] = jnp.mean(rolled["truncated"].astype(jnp.float32))
     return experience, metrics
