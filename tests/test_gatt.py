@@ -115,7 +115,7 @@ def test_trainer_with_the_real_sampler_on_a_random_tiny_model(tmp_path):
     config.init_from, config.tokenizer.path, config.data.path = str(tmp_path / "model"), tokenizer.model_path, \
         str(dialogs)
     config.gatt.max_turns, config.sampling.max_gen_len, config.seed, config.sampling.temperature = 2, 8, 3, 1.0
-    config.sft.num_train_steps, config.sft.batch_size, config.sft.data.val_fraction = 2, 2, 0.0
+    config.sft.num_train_steps, config.sft.batch_size, config.sft.data.val_fraction = 2, 8, 0.0
     config.sft.checkpoint_every_steps, config.sft.async_checkpoints = 2, False
     result = gatt.train_and_evaluate(config, str(tmp_path / "work"))
     stats, out = result.summary, tmp_path / "work" / "gatt.jsonl"

@@ -288,6 +288,8 @@ def test_gatt_checks_its_fields_and_inputs_before_sampling(models, tmp_path, mon
     assert gatt_error(config(sampling__batch_size=0), work).startswith(  # the former --batch_size=0
         "config.sampling.batch_size (0) and config.sampling.max_gen_len (32) must be >= 1")
     assert gatt_error(config(gatt__samples="every"), work).startswith("config.gatt.samples is 'every'")
+    assert gatt_error(config(sft__batch_size=3), work) == (  # the fine-tuning's batch, before any sampling
+        "config.sft.batch_size / grad_accum_steps = 3 is not divisible by the data-parallel size 8 (mesh data x fsdp)")
 
 
 def test_model_clis_default_to_float32_on_cpu(models):

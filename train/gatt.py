@@ -232,8 +232,14 @@ def read_source_dialogs(config) -> list:
     return dialogs[: config.gatt.max_dialogs or None]
 
 
-GATT = Task("gatt", check=check_fields, read=read_source_dialogs, make_data=lambda config, tokenizer, raw: raw,
-            seq_len=False, init_from_required=True, lora=False, eval_tasks=False, writes_model=False)
+def check_model(config, model_cfg, mesh) -> None:
+    del model_cfg
+    rounds.check_fine_tuning(config, mesh)
+
+
+GATT = Task("gatt", check=check_fields, check_model=check_model, read=read_source_dialogs,
+            make_data=lambda config, tokenizer, raw: raw, seq_len=False, init_from_required=True, lora=False,
+            eval_tasks=False, writes_model=False)
 
 
 def make_records(run: Run) -> tuple[list[dict], dict]:

@@ -24,17 +24,26 @@ from llama2_jax.model.llama import abstract_params
 from llama2_jax.training.checks import ConfigError, check_shared_fields
 from llama2_jax.training.hosts import host_to_global, to_host
 from llama2_jax.training.loop import Interrupted, TrainResult
-from llama2_jax.training.setup import Run
+from llama2_jax.training.setup import Run, check_batch
 from llama2_jax.training.sft_run import fine_tune
 from llama2_jax.training.state import LoopState
 
 Round = Callable[[int], dict]  # round index (0-based) -> its figures (floats), logged at loop step index + 1
 
 
+def check_fine_tuning(config, mesh) -> None:
+    """The fine-tuning config (config.sft): its shared fields and its batch over the mesh, checked before any round
+    samples anything. The errors name config.sft's fields."""
+    try:
+        check_shared_fields(config.sft)
+        check_batch(config.sft, mesh)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("config.", "config.sft.")) from None
+
+
 def check_round_config(config, mesh) -> None:
-    """The fine-tuning config's shared fields (config.sft) and the sampling batch over the data-parallel devices,
-    checked before any round starts."""
-    check_shared_fields(config.sft)
+    """`check_fine_tuning`, and the sampling batch over the data-parallel devices."""
+    check_fine_tuning(config, mesh)
     rows, dp = config.sampling.batch_size, sh.data_parallel_size(mesh)
     if rows < 1 or rows % dp:
         raise ConfigError(f"config.sampling.batch_size ({rows}) must be a positive multiple of the data-parallel "
