@@ -54,9 +54,8 @@ def get_config():
     stages.ppo = recipe_common.stage(
         "ppo", "best|.", "train.ppo --config=configs/ppo_7b.py --workdir={dir} --config.init_from={rs} "
         f"{rewards} --config.prompts.path={{paths.rlhf_prompts}}")
-    stages.gatt = recipe_common.stage(
-        "gatt", "sft", "train.gatt --config=configs/gatt_7b.py --workdir={dir} --config.init_from={ppo} "
-        "--config.data.path={paths.dialogs}")
+    gatt = "train.gatt --config=configs/gatt_7b.py --workdir={dir} --config.init_from={ppo} --config.data.path="
+    stages.gatt = recipe_common.stage("gatt", "sft", gatt + "{paths.dialogs}")
     stages.cd = recipe_common.stage(
         "cd", "sft", "train.context_distill --config=configs/cd_7b.py --workdir={dir} --config.init_from={gatt} "
         "--config.reward.safety_path={rm_safety} --config.prompts.path={paths.safety_prompts}")

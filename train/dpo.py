@@ -49,11 +49,15 @@ def make_data(config, tokenizer, raw=None) -> rm_data.PairData:
     try:
         pairs = rm_data.read_pair_files(data.path, data.safety_path, format=data.format, on_error=data.on_error,
                                         is_safety=data.is_safety, mix=data.mix, seed=config.seed)
-        return rm_data.make_pair_data(tokenizer, pairs, seq_len=config.seq_len, batch_size=config.batch_size,
-                                      seed=config.seed, val_fraction=data.val_fraction,
-                                      max_eval_batches=config.eval_batches or None)
+        pair_data = rm_data.make_pair_data(tokenizer, pairs, seq_len=config.seq_len, batch_size=config.batch_size,
+                                           seed=config.seed, val_fraction=data.val_fraction,
+                                           max_eval_batches=config.eval_batches or None)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"config.data: {error}") from None
+    if jax.process_index() == 0:
+        print(f"DPO data: {pair_data.n_train} train / {pair_data.n_eval} held-out pairs; "
+              f"{pair_data.truncation.summary()}")
+    return pair_data
 
 
 def schedule(config, data: rm_data.PairData) -> dict:
@@ -83,21 +87,16 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     """DPO from config.init_from on config.data's pairs."""
     run = setup(config, workdir, DPO)
     data, config = run.data, run.config
-    if jax.process_index() == 0:
-        print(f"DPO data: {data.n_train} train / {data.n_eval} held-out pairs; {data.truncation.summary()}")
     tx, schedule_fn = make_tx(config, run.settings.num_train_steps)
     # The reference policy: a frozen copy of the initial policy, or for LoRA the frozen base itself (adapters off).
     trainable = init_state(run, tx, reference=True)
     loss_fn = functools.partial(losses.dpo_loss, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                                 label_smoothing=config.dpo.label_smoothing)
-    step, eval_step = trainable.jit_steps(loss_fn, Llama(run.model_cfg), run.mesh, schedule=schedule_fn,
-                                          grad_accum_steps=config.grad_accum_steps, seed=config.seed, reference=True)
-    train_iter, eval_batches = process_local(data.train_iter, lambda: data.eval_batches)
     # Two sequences per pair, each through the policy (forward + backward) and the reference (forward only).
     flops = run.model_cfg.flops_per_token(config.seq_len) * 4.0 / 3.0
-    result = run.run_loop(state=trainable.state, shardings=trainable.shardings, train_step=step,
-                          train_iter=train_iter, eval_step=eval_step, eval_batches=eval_batches,
-                          tokens_per_step=2 * config.batch_size * config.seq_len, flops_per_token=flops)
+    result = run.train(trainable, loss_fn, Llama(run.model_cfg), schedule_fn,
+                       *process_local(data.train_iter, lambda: data.eval_batches), reference=True,
+                       tokens_per_step=2 * config.batch_size * config.seq_len, flops_per_token=flops)
     result.summary = report(workdir, result.history, data)
     return result
 

@@ -6,8 +6,8 @@ initial policy), a value model (`score_model.ScoreModel` read at every token: tr
 `value.init_from`: a reward model, as InstructGPT, or "policy" = the policy's trunk with a fresh head) with its own
 AdamW, and one or two frozen reward models. Everything stays sharded on the mesh.
 
-One iteration = three compiled calls (llama2_jax/rlhf/rollout.py, and `ppo_update` here), no host round-trip of model outputs between them (only
-scalars come back):
+One iteration = three compiled calls (llama2_jax/rlhf/rollout.py, and `ppo_update` here), no host round-trip of
+model outputs between them (only scalars come back):
   1. `rollout`: `decode.sample` inside jit on `batch_size` prompts (policy params as they are on device);
   2. `make_experience`: RM scores of prompt + response (+ EOS when cut; see rlhf.scoring_sequences),
      Rc by the piecewise rule, R̃c = whiten(logit(Rc)) over the batch, log πθ, log π0, values, per-token rewards

@@ -1,6 +1,6 @@
-r"""Rejection-sampling fine-tuning (paper section 3.2.3): `python -m train.rejection_sampling --config=configs/rs_tiny.py
-    --workdir=DIR --config.init_from=POLICY --config.reward.helpful_path=RM [--config.reward.safety_path=RM]
-    --config.prompts.path=PROMPTS.jsonl`.
+r"""Rejection-sampling fine-tuning (paper section 3.2.3): `python -m train.rejection_sampling
+    --config=configs/rs_tiny.py --workdir=DIR --config.init_from=POLICY --config.reward.helpful_path=RM
+    [--config.reward.safety_path=RM] --config.prompts.path=PROMPTS.jsonl`.
 
 Per iteration i = 0 .. iterations - 1:
   1. sample K = `sampling.num_samples` responses per prompt from the current policy (`init_from` for i = 0, then the
@@ -230,8 +230,8 @@ def make_round(run: Run, sampler, rewards: Rewards, curves: dict):
         record = {**iteration_metrics(samples, pool, i), "temperature": iteration_temperature(config, i)}
         print_iteration(record, curves[i])
         write_best_of_k(workdir, curves)
-        rounds.fine_tune_round(config, init_from=policy_dir, data_path=pool_path,
-                               tokenizer_path=tokenizer.model_path, workdir=rounds.sft_dir(iter_dir), seed=config.seed + i)
+        rounds.fine_tune_round(config, init_from=policy_dir, data_path=pool_path, tokenizer_path=tokenizer.model_path,
+                               workdir=rounds.sft_dir(iter_dir), seed=config.seed + i)
         return record
 
     return one_round

@@ -11,8 +11,8 @@ metrics.jsonl).
 * Tokenizer: config.tokenizer.path, else `tokenizer.model` in the init_from dir, else one trained on the pairs' text
   and cached in the workdir. It is copied to WORKDIR/tokenizer.model so the RM workdir is self-contained.
 * Steps: with config.num_epochs > 0 (0 = use num_train_steps), num_train_steps = floor(num_epochs * train pairs /
-  batch_size) (at least 1), computed at run time from the data; warmup = max(min_warmup_steps, round(warmup_fraction * steps)) when
-  warmup_fraction > 0 (the paper: 3 %, minimum 5), else config.warmup_steps.
+  batch_size) (at least 1), computed at run time from the data; warmup = max(min_warmup_steps,
+  round(warmup_fraction * steps)) when warmup_fraction > 0 (the paper: 3 %, minimum 5), else config.warmup_steps.
 * LoRA: `--config.lora.rank=R` (> 0, needs init_from) trains adapters and the score head on the frozen trunk.
 * Metrics: loss, accuracy (r_c > r_r), margin (mean r_c - r_r), score_chosen/rejected, and per rating level
   n_L / correct_L (as shares of all pairs, since the loop divides every sum by the pair count) from which
@@ -76,11 +76,15 @@ def _pair_texts(pairs):
 def make_data(config, tokenizer, pairs) -> rm_data.PairData:
     """Split, encode (truncation counted), and build the global train iterator and eval batches."""
     try:
-        return rm_data.make_pair_data(tokenizer, pairs, seq_len=config.seq_len, batch_size=config.batch_size,
+        data = rm_data.make_pair_data(tokenizer, pairs, seq_len=config.seq_len, batch_size=config.batch_size,
                                       seed=config.seed, val_fraction=config.data.val_fraction,
                                       max_eval_batches=config.eval_batches or None)
     except ValueError as error:
         raise ConfigError(f"config.data: {error}") from None
+    if jax.process_index() == 0:
+        print(f"reward-model data: {data.n_train} train / {len(pairs) - data.n_train} held-out pairs; "
+              f"{data.truncation.summary()}")
+    return data
 
 
 def schedule_steps(config, n_train: int) -> tuple[int, int]:
@@ -140,22 +144,16 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     """Train a reward model; the history has the per-rating accuracies."""
     run = setup(config, workdir, REWARD)
     data, config = run.data, run.config
-    if jax.process_index() == 0:
-        print(f"reward-model data: {data.n_train} train / {data.n_eval} held-out pairs; {data.truncation.summary()}")
     tx, schedule_fn = make_tx(config, run.settings.num_train_steps)
     # LoRA: adapters and the score head trained, the init_from trunk frozen; else the trunk and a new head.
     trainable = init_state(run, tx, kind="score", head_init_std=config.head_init_std)
     loss_fn = functools.partial(losses.pairwise_loss, margin_table=config.margin_table)
-    step, eval_step = trainable.jit_steps(loss_fn, score_model.ScoreModel(run.model_cfg, config.head_init_std),
-                                          run.mesh, schedule=schedule_fn, grad_accum_steps=config.grad_accum_steps,
-                                          seed=config.seed)
-    train_iter, eval_batches = process_local(data.train_iter, lambda: data.eval_batches)
+    model, model_cfg = score_model.ScoreModel(run.model_cfg, config.head_init_std), run.model_cfg
     # FLOPs per (padded) token: the LM's, minus the vocabulary projection the reward model does not have.
-    model_cfg = run.model_cfg
     flops = model_cfg.flops_per_token(config.seq_len) - 6.0 * model_cfg.vocab_size * model_cfg.dim
-    result = run.run_loop(state=trainable.state, shardings=trainable.shardings, train_step=step,
-                          train_iter=train_iter, eval_step=eval_step, eval_batches=eval_batches,
-                          tokens_per_step=2 * config.batch_size * config.seq_len, flops_per_token=flops)
+    result = run.train(trainable, loss_fn, model, schedule_fn,
+                       *process_local(data.train_iter, lambda: data.eval_batches),
+                       tokens_per_step=2 * config.batch_size * config.seq_len, flops_per_token=flops)
     result.history = with_rating_tables(result.history)
     result.summary = report(workdir, result.history, data)
     return result

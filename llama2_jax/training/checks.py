@@ -93,8 +93,8 @@ def check_attention_backend(attention_impl: str) -> None:
     (fused flash attention) runs on NVIDIA GPUs only."""
     backend = jax.default_backend()
     if attention_impl == "cudnn" and backend != "gpu":
-        raise ConfigError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but the JAX backend is {backend!r}; "
-                          "use --config.model.attention_impl=xla")
+        raise ConfigError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but the JAX backend is "
+                          f"{backend!r}; use --config.model.attention_impl=xla")
 
 
 def check_workdir_path(workdir: str) -> None:

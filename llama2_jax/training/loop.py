@@ -169,6 +169,48 @@ def _params(state) -> Any:
     return state.main.params if isinstance(state, LoopState) else state.params
 
 
+class _Rows:
+    """What the loop logs: each row to the tracker and the history, the progress bar, tokens/s between rows."""
+
+    def __init__(self, settings: LoopSettings, workdir: str, start: int, tokens_per_step: int, flops_per_token: float):
+        drop_metrics_after(workdir, start)  # the rows a killed run logged past its last checkpoint are redone
+        self.tracker, self.history = settings.tracker(workdir), []
+        self.throughput = Throughput(tokens_per_step, flops_per_token, last_step=start)
+        self.progress = _progress(settings, start)
+        self.extra: dict[str, float] = {}  # the last extra_evals values, kept on the progress bar
+
+    def train(self, step: int, metrics) -> None:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.write(step, {**values, **self.throughput.measure(step)})
+
+    def evals(self, step: int, metrics: dict[str, float], *, extra: bool = False) -> None:
+        if extra:
+            self.extra = metrics
+        self.write(step, metrics)
+        self.throughput.measure(step)  # do not count eval time as training time
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.tracker.write(step, metrics)
+        self.history.append({"step": step, **metrics})
+        if self.progress is not None:
+            self.progress.set_postfix({**_postfix(metrics), **_extra_postfix(self.extra)}, refresh=False)
+
+    def close(self) -> None:
+        self.tracker.close()
+        if self.progress is not None:
+            self.progress.close()
+
+
+def _resume(checkpointer: TrainCheckpointer, state, shardings, train_iter):
+    """The newest readable checkpoint's state (and data position), or `state` when there is none."""
+    if checkpointer.all_steps():
+        state, data_state = checkpointer.restore(state, shardings)
+        if train_iter is not None:
+            train_iter.set_state(data_state)
+        logging.info("resumed from step %d", int(jax.device_get(state.step)))
+    return state
+
+
 def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state, shardings, train_step: Callable,
              train_iter: Optional[Iterator[Batch]], eval_step: Optional[Callable] = None,
              eval_batches: Optional[Callable[[], list[Batch]]] = None, tokens_per_step: int = 0,
@@ -183,33 +225,18 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state, shardin
     progress bar keeps showing the latest ones. `tokens_per_step` > 0 adds tokens/s and MFU to the logged rows.
     `stop_early()` is asked after every step (PPO's early stopping); a step may raise `Interrupted`.
     """
-    models = tuple(state.others) if isinstance(state, LoopState) else ()
     checkpointer = TrainCheckpointer(workdir, max_to_keep=settings.keep_checkpoints,
-                                     async_save=settings.async_checkpoints, models=models)
-    if checkpointer.all_steps():
-        state, data_state = checkpointer.restore(state, shardings)
-        if train_iter is not None:
-            train_iter.set_state(data_state)
-        logging.info("resumed from step %d", int(jax.device_get(state.step)))
-    start = int(jax.device_get(state.step))
-    drop_metrics_after(workdir, start)  # the rows a killed run logged past its last checkpoint are redone
-    writer, history = settings.tracker(workdir), []
+                                     async_save=settings.async_checkpoints,
+                                     models=tuple(state.others) if isinstance(state, LoopState) else ())
+    state = _resume(checkpointer, state, shardings, train_iter)
+    step = start = int(jax.device_get(state.step))
+    rows = _Rows(settings, workdir, start, tokens_per_step, flops_per_token)
     profiler = Profiler(workdir, settings.profile_steps)
-    throughput = Throughput(tokens_per_step, flops_per_token, last_step=start)
-    progress = _progress(settings, start)
-    latest_extra: dict[str, float] = {}  # the last extra_evals values, kept on the progress bar
-    last = settings.num_train_steps
-
-    def log(step: int, metrics: dict[str, float]):
-        writer.write(step, metrics)
-        history.append({"step": step, **metrics})
-        if progress is not None:
-            progress.set_postfix({**_postfix(metrics), **_extra_postfix(latest_extra)}, refresh=False)
+    last, interrupted = settings.num_train_steps, False
 
     def data_state():
         return train_iter.get_state() if train_iter is not None else None
 
-    step, interrupted = start, False
     with TerminationFlag() as termination:
         while step < last and not termination.requested:
             batch = process_rows_to_global(next(train_iter), mesh) if train_iter is not None else None
@@ -221,18 +248,14 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state, shardin
                 break
             step += 1
             profiler.after_step(step, metrics)
-            if progress is not None:
-                progress.update(1)
+            if rows.progress is not None:
+                rows.progress.update(1)
             if _due(step, settings.log_every_steps, last):
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                log(step, {**values, **throughput.measure(step)})
+                rows.train(step, metrics)
             if eval_step is not None and _due(step, settings.eval_every_steps, last):
-                log(step, evaluate(_params(state), eval_step, eval_batches(), mesh))
-                throughput.measure(step)  # do not count eval time as training time
+                rows.evals(step, evaluate(_params(state), eval_step, eval_batches(), mesh))
             if extra_evals is not None and _due(step, settings.eval_tasks_every_steps, last):
-                latest_extra = extra_evals(_params(state), step)
-                log(step, latest_extra)
-                throughput.measure(step)
+                rows.evals(step, extra_evals(_params(state), step), extra=True)
             stop = stop_early()
             if _due(step, settings.checkpoint_every_steps, last) or stop:
                 checkpointer.save(state, data_state(), force=stop)
@@ -242,7 +265,5 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state, shardin
             checkpointer.save(state, data_state(), force=True)
     profiler.stop()
     checkpointer.close()
-    writer.close()
-    if progress is not None:
-        progress.close()
-    return TrainResult(state, history, product=workdir, interrupted=interrupted or termination.requested)
+    rows.close()
+    return TrainResult(state, rows.history, product=workdir, interrupted=interrupted or termination.requested)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Optional
 import jax
 from jax.sharding import Mesh
 
+from llama2_jax.checkpoints.layout import has_checkpoint
 from llama2_jax.model import sharding as sh
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.lora import LoraConfig
@@ -82,6 +83,29 @@ class Run:
         """`loop.run_loop` with this run's settings, workdir, mesh and in-training evals."""
         kwargs.setdefault("settings", self.settings)
         return loop.run_loop(workdir=self.workdir, mesh=self.mesh, extra_evals=self.extra_evals, **kwargs)
+
+    def train(self, trainable, loss_fn: Callable, model, schedule, train_iter, eval_batches: Optional[Callable], *,
+              tokens_per_step: int, flops_per_token: float, reference: bool = False,
+              eval_at_start: bool = False) -> loop.TrainResult:
+        """A loss on a `state.Trainable` through the shared loop: its jitted steps (config.grad_accum_steps; LoRA
+        dropout keyed from config.seed; `reference`: the loss gets the frozen tree, see `Trainable.jit_steps`), the
+        held-out batches evaluated every eval_every_steps (`eval_batches` None = no eval) and, with `eval_at_start`,
+        once before the first step (logged as step 0) unless the run resumes."""
+        config = self.config
+        step, eval_step = trainable.jit_steps(loss_fn, model, self.mesh, schedule=schedule, seed=config.seed,
+                                              grad_accum_steps=config.grad_accum_steps, reference=reference)
+        eval_step = eval_step if eval_batches is not None else None
+        first = []
+        if eval_step is not None and eval_at_start and not has_checkpoint(self.workdir):
+            first = [{"step": 0, **loop.evaluate(trainable.state.params, eval_step, eval_batches(), self.mesh)}]
+            tracker = self.settings.tracker(self.workdir)
+            tracker.write(0, {k: v for k, v in first[0].items() if k != "step"})
+            tracker.close()
+        result = self.run_loop(state=trainable.state, shardings=trainable.shardings, train_step=step,
+                               train_iter=train_iter, eval_step=eval_step, eval_batches=eval_batches,
+                               tokens_per_step=tokens_per_step, flops_per_token=flops_per_token)
+        result.history[:0] = first
+        return result
 
 
 def setup(config, workdir: str, task: Task) -> Run:

@@ -12,7 +12,6 @@ from typing import Callable, Optional
 import jax
 
 from llama2_jax.checkpoints import params_io
-from llama2_jax.checkpoints.layout import has_checkpoint
 from llama2_jax.data import records
 from llama2_jax.data import sft as sft_data
 from llama2_jax.model.llama import Llama
@@ -20,7 +19,7 @@ from llama2_jax.training import losses
 from llama2_jax.training.checks import ConfigError
 from llama2_jax.training.hosts import process_local
 from llama2_jax.training.initial_state import init_state, make_tx
-from llama2_jax.training.loop import TrainResult, evaluate
+from llama2_jax.training.loop import TrainResult
 from llama2_jax.training.setup import Run, Task, num_train_steps, setup
 
 
@@ -28,27 +27,12 @@ def train_next_token(run: Run, train_iter, eval_batches: Optional[Callable], *,
                      eval_at_start: bool = False) -> TrainResult:
     """The masked next-token loss (`losses.next_token_loss`: SFT's loss_mask keeps assistant tokens) on the run's
     state (`init_state`: random, init_from, or LoRA adapters on it), the schedule over the run's steps, the shared
-    loop. `eval_batches` None = no eval. With `eval_at_start` the initial model is evaluated first (logged as step 0)
-    unless the run resumes."""
-    config, model = run.config, Llama(run.model_cfg)
+    loop (`Run.train`)."""
+    config = run.config
     tx, schedule = make_tx(config, run.settings.num_train_steps)
-    trainable = init_state(run, tx)
-    step, eval_step = trainable.jit_steps(losses.next_token_loss, model, run.mesh, schedule=schedule, seed=config.seed,
-                                          grad_accum_steps=config.grad_accum_steps)
-    eval_step = eval_step if eval_batches is not None else None
-    history = []
-    if eval_step is not None and eval_at_start and not has_checkpoint(run.workdir):
-        metrics = evaluate(trainable.state.params, eval_step, eval_batches(), run.mesh)
-        tracker = run.settings.tracker(run.workdir)
-        tracker.write(0, metrics)
-        tracker.close()
-        history.append({"step": 0, **metrics})
-    result = run.run_loop(state=trainable.state, shardings=trainable.shardings, train_step=step,
-                          train_iter=train_iter, eval_step=eval_step, eval_batches=eval_batches,
-                          tokens_per_step=config.batch_size * config.seq_len,
-                          flops_per_token=run.model_cfg.flops_per_token(config.seq_len))
-    result.history[:0] = history
-    return result
+    return run.train(init_state(run, tx), losses.next_token_loss, Llama(run.model_cfg), schedule, train_iter,
+                     eval_batches, tokens_per_step=config.batch_size * config.seq_len,
+                     flops_per_token=run.model_cfg.flops_per_token(config.seq_len), eval_at_start=eval_at_start)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -2,12 +2,13 @@
 
     state, metrics = train_step(state, batch, frozen=None, loss_fn=…, grad_accum_steps=…)
 
-`loss_fn(params, batch) -> (loss_sum, aux)` follows the contract in `llama2_jax/training/losses.py` (sums plus a "weight").
-A trainer with a frozen model (DPO's reference policy, a LoRA base, a distillation teacher) passes it as `frozen`:
-the step then calls `loss_fn(params, batch, frozen)`, differentiates `params` only, and never updates or donates
-`frozen` (it is sharded like params). Trainers bind `loss_fn` with `functools.partial` and jit the step once with
-shardings and donation (`jit_train_step`). Parameters and optimizer state are float32 (master weights); the model computes in
-`LlamaConfig.dtype` (bfloat16 by default).
+`loss_fn(params, batch) -> (loss_sum, aux)` follows the contract in `llama2_jax/training/losses.py` (sums plus a
+"weight"). A trainer with a frozen model (DPO's reference policy, a LoRA base, a distillation teacher) passes it as
+`frozen`: the step then calls `loss_fn(params, batch, frozen)`, differentiates `params` only, and never updates or
+donates `frozen` (it is sharded like params). Trainers bind `loss_fn` with `functools.partial` and jit the step once
+with shardings and donation (`jit_train_step`; `Trainable.jit_steps` does it for a LoRA or a full run). Parameters and
+optimizer state are float32 (master weights); the model computes in `LlamaConfig.dtype` (bfloat16 by default).
+`LoopState` is the loop's state when one step trains several models or none (an RL iteration).
 """
 
 from __future__ import annotations

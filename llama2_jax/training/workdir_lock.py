@@ -63,7 +63,8 @@ def _refusal(workdir: str, path: str) -> Optional[str]:
     """Why this process may not take the lock at `path` (a live run of another process holds it), or None."""
     holder = _read(path)
     pid, holder_host, host = holder.get("pid"), holder.get("host"), socket.gethostname()
-    if not holder or holder_host is None or (holder_host == host and (pid == os.getpid() or (isinstance(pid, int) and not _alive(pid)))):
+    mine_or_dead = pid == os.getpid() or (isinstance(pid, int) and not _alive(pid))
+    if not holder or holder_host is None or (holder_host == host and mine_or_dead):  # free, broken, or stale
         return None
     return (f"{workdir} is in use by process {pid} on host {holder_host} (lock file {path}); wait for that run to "
             "end, use another --workdir, or delete the lock file if that run is gone")
