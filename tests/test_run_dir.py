@@ -7,13 +7,16 @@ import json
 import shutil
 
 import pytest
+from conftest import random_llama_params
 from test_pretrain import small_config
 
 from configs import rm_tiny, sft_tiny
 from llama2_jax.checkpoints.layout import RUN_FILE
+from llama2_jax.checkpoints.params_io import save_params
 from llama2_jax.training import run_dir
 from llama2_jax.training.checks import ConfigError
 from llama2_jax.training.model_config import resolve_model_config
+from llama2_jax.training.setup import setup
 from train import pretrain, reward, sft
 
 
@@ -34,10 +37,11 @@ def refusal(train_and_evaluate, config, workdir) -> str:
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """A pretraining workdir P (2 steps of the tiny test model, its tokenizer trained on the corpus)."""
+    """A pretraining workdir P as `train.pretrain` leaves it before its first step (run.json, llama_config.json, the
+    tokenizer it trained on the corpus), with params of its model: nothing is compiled."""
     work = tmp_path_factory.mktemp("pretrain") / "P"
-    pretrain.train_and_evaluate(small_config(num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2,
-                                             sample_prompts=()), str(work))
+    run = setup(small_config(num_train_steps=2), str(work), pretrain.PRETRAIN)
+    save_params(work, random_llama_params(run.model_cfg), run.model_cfg)
     return work
 
 

@@ -6,7 +6,7 @@ A converted checkpoint dir (`params_io.save_params`, `python -m llama2_jax.conve
     PATH/tokenizer.model                when a tokenizer was copied there
     PATH/lora_config.json + PATH/lora/  a LoRA dir: the adapters and the base checkpoint they were trained on
 A trainer workdir (every `python -m train.<trainer>`) is a checkpoint dir too, so any workdir is an init_from:
-    WORKDIR/run.json                    which trainer made it and what a resumed run must match
+    WORKDIR/run.json                    which trainer made it and what a resumed run must match (training.run_dir)
     WORKDIR/llama_config.json, tokenizer.model, lora_config.json    as above
     WORKDIR/checkpoints/<step>/         one Orbax step: `params` (or `lora` [+ `head`] for a LoRA run),
                                         `opt_state`, `extra` (JSON: the loop step and the data-iterator state), and
@@ -91,13 +91,3 @@ def read_run_record(workdir: str) -> Optional[dict]:
     if not isinstance(record, dict) or not isinstance(record.get("trainer"), str):
         raise CheckpointError(f"{path}: expected an object with a 'trainer' name; restore it or use a new --workdir")
     return record
-
-
-def write_run_record(workdir: str, record: dict) -> None:
-    """WORKDIR/run.json, written whole (tmp + rename): a kill leaves the old record or the new one."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, RUN_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)

@@ -19,12 +19,13 @@ import jax
 
 from llama2_jax.checkpoints import params_io
 from llama2_jax.checkpoints.layout import (CONFIG_FILE, RUN_FILE, TOKENIZER_FILE, CheckpointError, has_checkpoint,
-                                           read_run_record, write_run_record)
+                                           read_run_record)
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.lora import LoraConfig
 from llama2_jax.text.tokenizer import Tokenizer
 from llama2_jax.training import workdir_lock
 from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.outputs import write_json
 
 
 def run_record(trainer: str, model_cfg: LlamaConfig, lora_cfg: Optional[LoraConfig], more: Optional[dict] = None,
@@ -136,7 +137,7 @@ def write_workdir(workdir: str, record: dict, *, tokenizer: Optional[Tokenizer] 
     run's lora_config.json (recording its base). Process 0 writes."""
     if jax.process_index() != 0:
         return
-    write_run_record(workdir, record)
+    write_json(os.path.join(workdir, RUN_FILE), record)
     if not writes_model:
         return
     params_io.write_config(workdir, LlamaConfig.from_dict(record["model"]))

@@ -2,12 +2,13 @@
 
 `setup` goes through one fixed order, and every check comes before anything is compiled or written:
 
-   1. the shared config fields (`checks.check_shared_fields`), then the trainer's own (`task.check`)
+   1. the shared config fields (`checks.check_shared_fields`), then the trainer's own (`task.check`); init_from is
+      not the workdir itself; config.lora
    2. the loop settings (profile_steps, W&B) and the model: config.model, or init_from's architecture with
       config.model's numerics (`model_config.resolve_model_config`)
    3. the mesh and the batch split over it; the checks that need the model or the mesh (`task.check_model`)
-   4. the workdir (`run_dir`): not init_from, no live run holding it, a run of this trainer, model and LoRA
-      settings if it holds one
+   4. the workdir (`run_dir`): no live run holding it, and a run of this trainer, model and LoRA settings if it
+      holds one
    5. init_from's params have this model's shapes; the tokenizer (given, init_from's, or the one a resumed run
       trained) has the model's vocabulary
    6. the data read (`task.read`), a tokenizer trained on it when there is none, the batches built
@@ -112,6 +113,7 @@ def setup(config, workdir: str, task: Task) -> Run:
     """The checked run of `task` in `workdir` (module docstring: the order of the checks and writes)."""
     check_shared_fields(config)
     task.check(config)
+    run_dir.check_init_from(config.init_from, workdir)
     lora_cfg = lora_config(config) if task.lora else _no_lora(config, task)
     settings = loop.LoopSettings.from_config(config)
     model_cfg = resolve_model_config(config, config.seq_len if task.seq_len else None,
@@ -120,10 +122,9 @@ def setup(config, workdir: str, task: Task) -> Run:
     if task.seq_len:
         check_batch(config, mesh, model_cfg, config.seq_len)
     more = task.check_model(config, model_cfg, mesh)
-    run_dir.check_init_from(config.init_from, workdir)
     record = run_dir.run_record(task.name, model_cfg, lora_cfg, more, _flat_config(config))
-    run_dir.check_workdir(workdir, record)
     run_dir.check_unlocked(workdir)
+    run_dir.check_workdir(workdir, record)
     if config.init_from:
         run_dir.check_init_params(config.init_from, model_cfg)
     tokenizer = find_tokenizer(config, model_cfg.vocab_size, workdir=workdir, trainable=task.texts is not None)
