@@ -17,8 +17,8 @@ from llama2_jax.data import safety_preprompts
 from llama2_jax.model import score as score_model
 from llama2_jax.rlhf import context_distill as cd
 from llama2_jax.text import chat_format as chat
-from train import context_distill
 from llama2_jax.training.checks import ConfigError
+from train import context_distill
 
 
 def test_preprompt_table_names_each_category_and_numbers_its_template(tmp_path):

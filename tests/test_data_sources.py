@@ -288,6 +288,7 @@ def test_pretraining_from_a_streamed_parquet_dataset_resumes_exactly(tmp_path, m
 
 def test_streaming_needs_the_hf_source(tmp_path):
     from test_pretrain import small_config
+
     from train import pretrain
 
     config = small_config(**{"data.source": "jsonl", "data.path": "x.jsonl", "data.streaming": True})

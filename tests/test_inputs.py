@@ -16,6 +16,7 @@ import pytest
 
 from llama2_jax.checkpoints import convert
 from llama2_jax.checkpoints import params_io as checkpoint
+from llama2_jax.checkpoints.layout import has_checkpoint
 from llama2_jax.cli import chat as chat_cli
 from llama2_jax.cli import common as cli_common
 from llama2_jax.cli import convert as convert_cli
@@ -26,7 +27,6 @@ from llama2_jax.inference import generate as gen
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama
 from llama2_jax.text.tokenizer import Tokenizer, train_tokenizer
-from llama2_jax.checkpoints.layout import has_checkpoint
 from llama2_jax.training import checks as config_checks
 from llama2_jax.training.checks import ConfigError
 from llama2_jax.training.model_config import resolve_model_config

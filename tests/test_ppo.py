@@ -16,9 +16,9 @@ from configs import ppo_7b, ppo_tiny
 from llama2_jax.checkpoints import params_io as checkpoint
 from llama2_jax.model import score as score_model
 from llama2_jax.rlhf import rollout as ppo_rollout
+from llama2_jax.training.checks import ConfigError
 from llama2_jax.training.rlhf_setup import Rewards
 from train import ppo
-from llama2_jax.training.checks import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 
 from configs import tiny
 from llama2_jax.training import loop
-from train import pretrain
 from llama2_jax.training.checks import ConfigError
+from train import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

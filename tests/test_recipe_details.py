@@ -12,10 +12,10 @@ from test_rejection_sampling import CFG, llama_params
 from configs import ppo_7b, ppo_70b, rm_helpful_7b, rm_helpful_70b, rm_safety_7b, rm_safety_70b, rs_7b, rs_tiny
 from llama2_jax.checkpoints import params_io as checkpoint
 from llama2_jax.data import preferences, rm
+from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.setup import make_mesh
 from train import ppo
 from train import rejection_sampling as rs
-from llama2_jax.training.setup import make_mesh
-from llama2_jax.training.checks import ConfigError
 
 
 def test_early_stop_counts_evaluations_since_the_strict_best():

@@ -20,8 +20,8 @@ from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama
 from llama2_jax.rlhf import formulas as rlhf
 from llama2_jax.text.tokenizer import train_tokenizer
-from train import rejection_sampling as rs
 from llama2_jax.training.checks import ConfigError
+from train import rejection_sampling as rs
 
 CFG = LlamaConfig(vocab_size=384, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
                   dtype="float32")

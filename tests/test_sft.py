@@ -17,11 +17,10 @@ from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama
 from llama2_jax.text.tokenizer import Tokenizer, train_tokenizer
 from llama2_jax.training import losses, setup
-from train import sft as sft_trainer
-from llama2_jax.training.tokenizer_setup import load_tokenizer
-from llama2_jax.training.tokenizer_setup import tokenizer_path
-from llama2_jax.training.model_config import resolve_model_config
 from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.model_config import resolve_model_config
+from llama2_jax.training.tokenizer_setup import load_tokenizer, tokenizer_path
+from train import sft as sft_trainer
 
 LONE_SPACE = 29871  # Llama 2's "▁" piece, before EOS at the end of every answer
 

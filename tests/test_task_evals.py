@@ -12,8 +12,8 @@ from llama2_jax.evaluation.harness import evaluate_tasks
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.text.tokenizer import Tokenizer
 from llama2_jax.training import sft_run, task_evals
-from train import pretrain
 from llama2_jax.training.checks import ConfigError
+from train import pretrain
 
 pytest.importorskip("lm_eval", reason="needs the [eval] extra: pip install -e .[eval]")
 

@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from llama2_jax.training import loop, run_dir, tokenizer_setup
-from llama2_jax.training import tracking
 from llama2_jax.checkpoints.layout import WANDB_RUN_ID_FILE
+from llama2_jax.training import loop, run_dir, tokenizer_setup, tracking
 from llama2_jax.training.checks import ConfigError
 
 WANDB_BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of chunks with 7-byte headers

@@ -76,7 +76,7 @@ def adversarial_prompts(config, tokenizer, table) -> tuple[list, list[list[int]]
     adversarial = [p for p in prompts if p.is_safety]
     if not adversarial:
         raise ConfigError(f"config.prompts: none of the {len(prompts)} prompts is tagged is_safety (pass "
-                                 "--config.prompts.is_safety=True for a file of adversarial prompts)")
+                          "--config.prompts.is_safety=True for a file of adversarial prompts)")
     kept, with_pre, without = [], [], []
     for i, prompt in enumerate(adversarial):
         try:
@@ -90,7 +90,7 @@ def adversarial_prompts(config, tokenizer, table) -> tuple[list, list[list[int]]
             without.append(chat.encode_dialog(tokenizer, prompt.messages))
     if not kept:
         raise ConfigError(f"config.prompts.max_prompt_len ({config.prompts.max_prompt_len}) is shorter than "
-                                 "every prompt with its preprompt")
+                          "every prompt with its preprompt")
     print(f"context distillation: {len(kept)} adversarial prompts ({len(adversarial) - len(kept)} too long with the "
           f"preprompt, {len(prompts) - len(adversarial)} not tagged is_safety)")
     return kept, with_pre, without

@@ -64,32 +64,33 @@ from llama2_jax.training.outputs import read_json, write_json
 from llama2_jax.training.rlhf_setup import RewardCheckpoints, Rewards, load_prompts, load_score_params
 from llama2_jax.training.setup import Run, Task, setup
 
+
 def check_config(config, mesh, cfg) -> None:
     """One-line ConfigErrors for the PPO fields, before anything is loaded or compiled."""
     dp, batch, mb = sh.data_parallel_size(mesh), config.batch_size, config.minibatch_size
     if batch < 1 or mb < 1 or batch % mb:
         raise ConfigError(f"config.batch_size ({batch}) must be a positive multiple of config.minibatch_size "
-                                 f"({mb})")
+                          f"({mb})")
     if mb % config.grad_accum_steps or (mb // config.grad_accum_steps) % dp:
         raise ConfigError(f"config.minibatch_size / grad_accum_steps ({mb} / {config.grad_accum_steps}) must "
-                                 f"be a whole multiple of the data-parallel size {dp}")
+                          f"be a whole multiple of the data-parallel size {dp}")
     chunk = config.rollout_chunk_size
     if chunk and (batch % chunk or chunk % dp):
         raise ConfigError(f"config.rollout_chunk_size ({chunk}) must divide config.batch_size ({batch}) and "
-                                 f"be a multiple of the data-parallel size {dp} (0 = the whole batch)")
+                          f"be a multiple of the data-parallel size {dp} (0 = the whole batch)")
     if config.ppo_epochs < 1 or config.iterations < 1:
         raise ConfigError("config.ppo_epochs and config.iterations must be >= 1")
     if not config.sampling.temperature > 0 or not 0 < config.sampling.top_p <= 1:
         raise ConfigError(f"config.sampling: temperature ({config.sampling.temperature}) must be > 0 and "
-                                 f"top_p ({config.sampling.top_p}) in (0, 1]")
+                          f"top_p ({config.sampling.top_p}) in (0, 1]")
     if config.beta < 0 or not 0 <= config.gamma <= 1 or not 0 <= config.lam <= 1 or not config.clip_ratio > 0:
         raise ConfigError("config: beta must be >= 0, gamma and lam in [0, 1], clip_ratio > 0")
     if config.prompts.max_prompt_len + config.sampling.max_gen_len + 1 > cfg.max_seq_len:
         raise ConfigError(f"config.prompts.max_prompt_len + config.sampling.max_gen_len + 1 exceeds the "
-                                 f"policy's max_seq_len {cfg.max_seq_len}")
+                          f"policy's max_seq_len {cfg.max_seq_len}")
     if config.early_stop_patience < 0 or (config.early_stop_patience and not config.prompts.val_fraction > 0):
         raise ConfigError(f"config.early_stop_patience ({config.early_stop_patience}) must be >= 0 and needs "
-                                 "held-out prompts (config.prompts.val_fraction > 0)")
+                          "held-out prompts (config.prompts.val_fraction > 0)")
     value_init_path(config)  # raises for a value.init_from naming an empty reward path
 
 
@@ -156,7 +157,7 @@ def value_init_path(config) -> str:
         path = config.reward[VALUE_FROM_RM[source]]
         if not path:
             raise ConfigError(f"config.value.init_from={source!r} but config.reward.{VALUE_FROM_RM[source]} is "
-                                     "empty (use 'policy' or a reward-model path)")
+                              "empty (use 'policy' or a reward-model path)")
         return path
     if not source:
         raise ConfigError("config.value.init_from is empty: use helpful_rm, safety_rm, policy or a path")

@@ -41,8 +41,15 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama2_jax.checkpoints import storage
-from llama2_jax.checkpoints.layout import (CHECKPOINTS_DIR, CONFIG_FILE, HEAD_ITEM, LORA_CONFIG_FILE, LORA_ITEM,
-                                           PARAMS_ITEM, UnreadableCheckpoint)
+from llama2_jax.checkpoints.layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    HEAD_ITEM,
+    LORA_CONFIG_FILE,
+    LORA_ITEM,
+    PARAMS_ITEM,
+    UnreadableCheckpoint,
+)
 from llama2_jax.model import lora
 from llama2_jax.model import score as score_model
 from llama2_jax.model import sharding as sh

@@ -26,9 +26,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llama2_jax.checkpoints import storage
-from llama2_jax.checkpoints.layout import (CHECKPOINTS_DIR, EXTRA_ITEM, HEAD_ITEM, LORA_ITEM, OPT_STATE_ITEM,
-                                           PARAMS_ITEM, UNREADABLE_DIR, CheckpointError, UnreadableCheckpoint,
-                                           model_items)
+from llama2_jax.checkpoints.layout import (
+    CHECKPOINTS_DIR,
+    EXTRA_ITEM,
+    HEAD_ITEM,
+    LORA_ITEM,
+    OPT_STATE_ITEM,
+    PARAMS_ITEM,
+    UNREADABLE_DIR,
+    CheckpointError,
+    UnreadableCheckpoint,
+    model_items,
+)
 from llama2_jax.training.state import LoopState, TrainState
 
 _log = logging.getLogger(__name__)

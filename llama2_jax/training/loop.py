@@ -25,8 +25,14 @@ from llama2_jax.model import sharding as sh
 from llama2_jax.training import perf
 from llama2_jax.training.checkpointer import TrainCheckpointer, checkpoint_number
 from llama2_jax.training.state import LoopState
-from llama2_jax.training.tracking import Profiler, Tracker, WandbSettings, drop_metrics_after, parse_profile_steps, \
-    wandb_from_config
+from llama2_jax.training.tracking import (
+    Profiler,
+    Tracker,
+    WandbSettings,
+    drop_metrics_after,
+    parse_profile_steps,
+    wandb_from_config,
+)
 
 Batch = dict[str, np.ndarray]
 

@@ -18,8 +18,14 @@ from typing import Optional
 import jax
 
 from llama2_jax.checkpoints import params_io
-from llama2_jax.checkpoints.layout import (CONFIG_FILE, RUN_FILE, TOKENIZER_FILE, CheckpointError, has_checkpoint,
-                                           read_run_record)
+from llama2_jax.checkpoints.layout import (
+    CONFIG_FILE,
+    RUN_FILE,
+    TOKENIZER_FILE,
+    CheckpointError,
+    has_checkpoint,
+    read_run_record,
+)
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.lora import LoraConfig
 from llama2_jax.text.tokenizer import Tokenizer

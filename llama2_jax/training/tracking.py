@@ -115,10 +115,10 @@ class WandbSettings:
         settings = cls(**{f.name: wandb[f.name] for f in dataclasses.fields(cls) if f.name in wandb})
         if settings.mode not in WANDB_MODES:
             raise ConfigError(f"config.wandb.mode is {settings.mode!r}, expected one of "
-                                     f"{', '.join(WANDB_MODES)}")
+                              f"{', '.join(WANDB_MODES)}")
         if settings.project and importlib.util.find_spec("wandb") is None:
             raise ConfigError(f"config.wandb.project is {settings.project!r} but wandb is not installed: "
-                                     "pip install -e .[wandb]")
+                              "pip install -e .[wandb]")
         return settings
 
 
