@@ -1,8 +1,8 @@
 """LoRA train step next to the full fine-tuning step on the same config and batch, both timed in the same run.
 
 Full: `train_step.build_ours` (the trainers' sharded float32 TrainState, next_token_loss, jit_train_step). LoRA: the
-trainers' LoRA path, `llama2_jax.training.common.lora_run` + `LoraRun.jit_steps` (adapters and their AdamW state only; the base
-frozen in --param_dtype and passed to the step as its frozen tree). Both steps are AOT-compiled, run --warmup times,
+trainers' LoRA path, `llama2_jax.training.lora_run.lora_run` + `Trainable.jit_steps` (adapters and their AdamW state
+only; the base frozen in --param_dtype and passed to the step as its frozen tree). Both steps are AOT-compiled, run --warmup times,
 then timed alternately (--steps each) so that machine noise hits both alike; the medians are reported. One line:
 
   python benchmarks/lora_step.py                    # CPU: dim 256, 4 layers, batch 8 x 128, rank 8
@@ -20,7 +20,6 @@ import os
 import statistics
 import sys
 import time
-import types
 
 if __name__ == "__main__":  # `python benchmarks/lora_step.py` from a checkout that is not pip-installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,24 +32,21 @@ from llama2_jax.model import lora  # noqa: E402
 from llama2_jax.model import sharding as sh  # noqa: E402
 from llama2_jax.model.config import LlamaConfig  # noqa: E402
 from llama2_jax.model.llama import Llama, abstract_params  # noqa: E402
-from llama2_jax.training import (
-    common,  # noqa: E402
-    losses,
-)
+from llama2_jax.training import losses  # noqa: E402
 from llama2_jax.training import state as train_state  # noqa: E402
+from llama2_jax.training.lora_run import lora_run  # noqa: E402
 
 
 def build_lora(cfg: LlamaConfig, mesh, lora_cfg: lora.LoraConfig, param_dtype: str, full_params):
-    """(LoraRun, jitted step): the base is the full side's initial params cast to `param_dtype`."""
+    """(Trainable, jitted step): the base is the full side's initial params cast to `param_dtype`."""
     base_cfg = cfg.replace(param_dtype=param_dtype)
     frozen_shardings = sh.tree_shardings(abstract_params(base_cfg, boxed=True), mesh)
     frozen = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(param_dtype), p),
                      out_shardings=frozen_shardings)(full_params)
     schedule = train_state.warmup_cosine_schedule(3e-4, warmup_steps=10, total_steps=1000)
     tx = train_state.make_optimizer(schedule)  # the same optimizer as the full side
-    run = common.lora_run(frozen, frozen_shardings, base_cfg, mesh, tx, lora_cfg, seed=0)
-    settings = types.SimpleNamespace(seed=0, grad_accum_steps=1)
-    step, _ = run.jit_steps(losses.next_token_loss, Llama(base_cfg), settings, mesh, schedule)
+    run = lora_run(frozen, frozen_shardings, base_cfg, mesh, tx, lora_cfg, seed=0)
+    step, _ = run.jit_steps(losses.next_token_loss, Llama(base_cfg), mesh, schedule=schedule, seed=0)
     return run, step
 
 

@@ -130,8 +130,9 @@ def config_text(cfg: LlamaConfig) -> str:
 
 
 def build_ours(cfg: LlamaConfig, mesh, *, peak_lr: float = 3e-4, total_steps: int = 1000, seed: int = 0):
-    """(state, jitted step) exactly as `train.pretrain.train_and_evaluate` builds them (via llama2_jax/training/common.py's
-    init_llama_state and make_tx): boxed init -> sharded TrainState; next_token_loss -> jit_train_step."""
+    """(state, jitted step) exactly as `train.pretrain.train_and_evaluate` builds them (via
+    llama2_jax/training/initial_state.py's init_state and make_tx): boxed init -> sharded TrainState; next_token_loss
+    -> jit_train_step."""
     model = Llama(cfg)
     tokens = jnp.zeros((1, 8), jnp.int32)
     init_fn = functools.partial(lambda rng: model.init(rng, tokens)["params"], jax.random.PRNGKey(seed))

@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50  # metrics to the progress bar, metrics.jsonl and TensorBoard
     config.eval_every_steps = 1000  # validation loss and perplexity
     config.eval_batches = 16  # validation batches per eval (0 = the whole held-out split)
-    # lm-eval tasks run in process during pretraining / SFT / DPO (llama2_jax.training.task_evals; needs the [eval] extra),
+    # lm-eval tasks run in process during pretraining / SFT / DPO (llama2_jax.training.task_evals; the [eval] extra),
     # logged as eval/<task>/<metric>
     config.eval_tasks = ""  # comma-separated task names, e.g. "text_perplexity,piqa_local"; "" = none
     config.eval_tasks_every_steps = 1000  # their cadence (and always at the last step)

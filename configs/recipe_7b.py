@@ -11,7 +11,7 @@ r"""The whole recipe at 7B (train.recipe) with the paper's settings of every sta
               with the 70B and distilled into the smaller models: point rs at a 70B policy for that)
   ppo         configs/ppo_7b.py: β 0.01, constant LR 1e-6, 512 prompts, minibatch 64, clip 0.2, early stop on
               held-out reward; product: the best held-out policy
-  gatt        train.gatt on multi-turn dialogs, then configs/sft_7b.py on its records (GAtt after RLHF, section 3.3)
+  gatt        configs/gatt_7b.py: multi-turn dialogs sampled, then SFT on its records (GAtt after RLHF, section 3.3)
   cd          configs/cd_7b.py: safety preprompts with risk-category templates, targeted keep by the safety RM
 --config.eval.piqa_path=FILE adds lm-eval's PIQA (zero-shot) after every stage but the reward models.
 At 70B use configs/ppo_70b.py (β 0.005) and configs/rm_*_70b.py (LR 5e-6) in the rm and ppo commands. Each stage is
@@ -54,12 +54,8 @@ def get_config():
     stages.ppo = recipe_common.stage(
         "ppo", "best|.", "train.ppo --config=configs/ppo_7b.py --workdir={dir} --config.init_from={rs} "
         f"{rewards} --config.prompts.path={{paths.rlhf_prompts}}")
-    stages.gatt = recipe_common.stage(
-        "lm", "sft",
-        "train.gatt --checkpoint={ppo} --tokenizer={ppo}/tokenizer.model --dialogs={paths.dialogs} "
-        "--out={dir}/gatt.jsonl",
-        "train.sft --config=configs/sft_7b.py --workdir={dir}/sft --config.init_from={ppo} "
-        "--config.data.path={dir}/gatt.jsonl")
+    gatt = "train.gatt --config=configs/gatt_7b.py --workdir={dir} --config.init_from={ppo} --config.data.path="
+    stages.gatt = recipe_common.stage("gatt", "sft", gatt + "{paths.dialogs}")
     stages.cd = recipe_common.stage(
         "cd", "sft", "train.context_distill --config=configs/cd_7b.py --workdir={dir} --config.init_from={gatt} "
         "--config.reward.safety_path={rm_safety} --config.prompts.path={paths.safety_prompts}")

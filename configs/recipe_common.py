@@ -20,7 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def stage(kind: str, output: str, *commands: str) -> ml_collections.ConfigDict:
-    """One stage: its evaluation kind (lm | rm | rs | ppo | cd), its product (relative to DIR/<stage>; "a|b" = the
+    """One stage: its evaluation kind (lm | rm | rs | ppo | cd | gatt), its product (relative to DIR/<stage>; "a|b" = the
     first that exists) and its commands (`MODULE ARGS...`, run as `python -m MODULE ARGS...`). Placeholders: {dir}
     the stage's workdir, {data}, {paths.NAME}, {workdir} and {<stage>} = an earlier stage's product. `extra` is
     appended to the last command (e.g. --config.num_train_steps=5 for a shortened run)."""

@@ -12,7 +12,7 @@ half an hour on 2 CPU cores):
   rs          configs/rs_tiny.py: 1 iteration, 16 OASST prompts x 8 samples, 10 SFT steps on the pool
   ppo         configs/ppo_tiny.py on HH harmless prompts: at most 8 iterations of 16 prompts, held-out reward every 2,
               early stop after 2 evaluations without improvement; its product is the best held-out policy
-  gatt        train.gatt on 16 FastChat dialogs (2 turns), then configs/sft_tiny.py for 10 steps on its records
+  gatt        configs/gatt_tiny.py: 16 FastChat dialogs (2 turns sampled), then 10 SFT steps on its records
   cd          configs/cd_tiny.py on 16 HH harmless prompts, 10 SFT steps on the kept pairs
 After every stage but the reward models: lm-eval's PIQA (local JSONL, first 200 questions, zero-shot).
 """
@@ -66,12 +66,8 @@ def get_config():
         f"{rewards} --config.prompts.path={{paths.safety_prompts}} --config.iterations=8 "
         "--config.eval_every_iterations=2 --config.early_stop_patience=2 --config.checkpoint_every_iterations=4")
     stages.gatt = recipe_common.stage(
-        "lm", "sft",
-        "train.gatt --checkpoint={ppo} --tokenizer={ppo}/tokenizer.model --dialogs={paths.dialogs} "
-        "--out={dir}/gatt.jsonl --max_dialogs=16 --max_turns=2 --max_gen_len=32 --batch_size=16",
-        "train.sft --config=configs/sft_tiny.py --workdir={dir}/sft --config.init_from={ppo} "
-        "--config.data.path={dir}/gatt.jsonl --config.num_train_steps=10 --config.data.val_fraction=0.1 "
-        f"--config.eval_every_steps=10 --config.checkpoint_every_steps=10 {short}")
+        "gatt", "sft", "train.gatt --config=configs/gatt_tiny.py --workdir={dir} --config.init_from={ppo} "
+        "--config.data.path={paths.dialogs}")
     stages.cd = recipe_common.stage(
         "cd", "sft", "train.context_distill --config=configs/cd_tiny.py --workdir={dir} --config.init_from={gatt} "
         "--config.reward.safety_path={rm_safety} --config.prompts.path={paths.safety_prompts} "

@@ -17,7 +17,7 @@ from llama2_jax.data import safety_preprompts
 from llama2_jax.model import score as score_model
 from llama2_jax.rlhf import context_distill as cd
 from llama2_jax.text import chat_format as chat
-from llama2_jax.training import common
+from llama2_jax.training.checks import ConfigError
 from train import context_distill
 
 
@@ -78,10 +78,10 @@ def test_configs_load_and_bad_fields_are_one_line_errors(tmp_path):
         config = module.get_config()
         assert config.distill.use_categories and config.sft.num_train_steps >= 1
     config = cd_tiny.get_config()
-    with pytest.raises(common.ConfigError, match=r"^config.reward.safety_path is empty"):
+    with pytest.raises(ConfigError, match=r"^config.reward.safety_path is empty"):
         context_distill.train_and_evaluate(config, str(tmp_path))
     config.reward.safety_path, config.sampling.batch_size = "rm", 3
-    with pytest.raises(common.ConfigError, match=r"^config.sampling.batch_size \(3\) must be even"):
+    with pytest.raises(ConfigError, match=r"^config.sampling.batch_size \(3\) must be even"):
         context_distill.train_and_evaluate(config, str(tmp_path))
 
 
@@ -127,7 +127,7 @@ def test_tiny_context_distillation_keeps_what_the_safety_rm_prefers(tmp_path, to
     assert [r["messages"] for r in records] == [s["prompt"] + [{"role": "assistant", "content": s["distilled"]}]
                                                 for s in kept]
     summary = json.loads((work / "distill.json").read_text())
-    assert summary["kept"] == len(kept) == result["kept"] and summary["prompts"] == 8
+    assert summary["kept"] == len(kept) == result.summary["kept"] and summary["prompts"] == 8
     gains = [s["safety_distilled"] - s["safety_original"] for s in samples]
     assert summary["safety_gain_all_mean"] == pytest.approx(np.mean(gains), abs=1e-6)
     assert summary["safety_gain_kept_mean"] > summary["safety_gain_all_mean"]

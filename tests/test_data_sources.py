@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from llama2_jax.data import hf_source, pipeline, preferences, records, sft, sources
+from llama2_jax.training.checks import ConfigError
 
 # The [tfds] and [hf] extras (.ci/run installs both); without them these tests are skipped with the reason.
 tfds = pytest.importorskip("tensorflow_datasets", reason="needs the [tfds] extra: pip install -e .[tfds]")
@@ -249,7 +250,9 @@ def check_exact_resume(config, tmp_path, monkeypatch):
 
     from train import pretrain
 
-    state, history = pretrain.train_and_evaluate(config, str(tmp_path / "straight"))
+    result = pretrain.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    state, history = result.state, result.history
     assert int(state.step) == 8 and any("eval_loss" in h for h in history)
     straight = train_losses(tmp_path / "straight")
     resumed = crash_and_resume_losses(config, tmp_path / "resumed", monkeypatch)
@@ -286,11 +289,10 @@ def test_pretraining_from_a_streamed_parquet_dataset_resumes_exactly(tmp_path, m
 def test_streaming_needs_the_hf_source(tmp_path):
     from test_pretrain import small_config
 
-    from llama2_jax.training import common
     from train import pretrain
 
     config = small_config(**{"data.source": "jsonl", "data.path": "x.jsonl", "data.streaming": True})
-    with pytest.raises(common.ConfigError, match=r"^config.data: streaming=True needs source='hf'"):
+    with pytest.raises(ConfigError, match=r"^config.data: streaming=True needs source='hf'"):
         pretrain.train_and_evaluate(config, str(tmp_path))
 
 
@@ -329,7 +331,8 @@ def test_sft_from_a_parquet_dataset_trains_exactly_like_the_same_json_file(tmp_p
         config.seq_len, config.batch_size, config.num_epochs, config.num_train_steps = 128, 8, 0.0, 6
         config.eval_every_steps, config.checkpoint_every_steps, config.log_every_steps = 6, 6, 1
         config.data.val_fraction, config.progress_bar, config.sample_prompts = 0.1, False, ()
-        state, history = sft_trainer.train_and_evaluate(config, str(tmp_path / workdir))
+        result = sft_trainer.train_and_evaluate(config, str(tmp_path / workdir))
+        state, history = result.state, result.history
         assert int(state.step) == 6
         return [(h["step"], h.get("loss"), h.get("eval_loss")) for h in history]
 

@@ -13,6 +13,7 @@ import pytest
 from llama2_jax.data import rm as rm_data
 from llama2_jax.training import losses
 from llama2_jax.training import state as train_state
+from llama2_jax.training.checks import ConfigError
 
 V = 3
 
@@ -170,7 +171,6 @@ def write_pairs(path, n):
 
 def test_configs_load_and_bad_fields_name_the_field():
     from configs import dpo_7b, dpo_tiny
-    from llama2_jax.training import common
     from train import dpo
 
     for module in (dpo_7b, dpo_tiny):
@@ -186,11 +186,11 @@ def test_configs_load_and_bad_fields_name_the_field():
         config.init_from, config.data.path = "sft", "pairs.jsonl"
         section, _, name = field.rpartition(".")
         (config[section] if section else config)[name] = value
-        with pytest.raises(common.ConfigError, match=message):
+        with pytest.raises(ConfigError, match=message):
             dpo.check_fields(config)
     config = dpo_tiny.get_config()
     config.data.path = "pairs.jsonl"
-    with pytest.raises(common.ConfigError, match=r"^config.init_from is empty"):
+    with pytest.raises(ConfigError, match=r"^config.init_from is empty"):
         dpo.train_and_evaluate(config, "/nonexistent/never-written")
 
 
@@ -222,7 +222,8 @@ def test_train_and_evaluate_end_to_end_learns_the_preference(tmp_path):
     config.batch_size, config.seq_len = 8, 32
     config.num_epochs, config.num_train_steps, config.eval_every_steps = 0.0, 8, 4
     config.learning_rate, config.warmup_steps, config.async_checkpoints, config.progress_bar = 3e-3, 1, False, False
-    state, history = dpo.train_and_evaluate(config, str(tmp_path / "dpo"))
+    result = dpo.train_and_evaluate(config, str(tmp_path / "dpo"))
+    state, history = result.state, result.history
 
     evals = [h for h in history if "eval_reward_accuracy" in h]
     assert [h["step"] for h in evals] == [4, 8] and int(state.step) == 8
@@ -270,7 +271,8 @@ def test_tiny_dpo_from_a_tiny_sft_policy_learns_hh_preferences(tmp_path):
     config.seq_len, config.batch_size, config.num_epochs, config.num_train_steps = 256, 16, 0.0, 70
     config.learning_rate, config.warmup_steps, config.eval_every_steps = 3e-4, 5, 70
     config.progress_bar, config.async_checkpoints = False, False
-    _, history = dpo.train_and_evaluate(config, str(tmp_path / "dpo"))
+    result = dpo.train_and_evaluate(config, str(tmp_path / "dpo"))
+    history = result.history
     final = [h for h in history if "eval_reward_accuracy" in h][-1]
     summary = json.loads((tmp_path / "dpo" / "dpo_eval.json").read_text())
     assert summary["eval_pairs"] == 231

@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +21,14 @@ from test_checkpoint import CFG, _init
 
 from llama2_jax.checkpoints import params_io as ckpt
 from llama2_jax.checkpoints import storage
+from llama2_jax.checkpoints.layout import LOCK_FILE, UNREADABLE_DIR, CheckpointError
 from llama2_jax.cli import convert
-from llama2_jax.training import common, loop, workdir_lock
-from llama2_jax.training.checkpointer import UNREADABLE_DIR, CheckpointError, TrainCheckpointer
-from llama2_jax.training.state import TrainState
+from llama2_jax.training import tracking, workdir_lock
+from llama2_jax.training.checkpointer import TrainCheckpointer
+from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.rlhf_setup import Rewards
+from llama2_jax.training.run_dir import lock_workdir
+from llama2_jax.training.state import LoopState, TrainState
 from train import ppo, pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,42 +70,51 @@ def w_of(state) -> float:
     return float(np.asarray(state.params["w"])[0])
 
 
-# ---------------------------------------------------------------------------- 1. PPO: a kill between the two saves
+# ---------------------------------------------------------------------- 1. PPO: policy and value model as one step
 
 
-def ppo_checkpoints(workdir):
-    config = types.SimpleNamespace(keep_checkpoints=3, async_checkpoints=False)
-    return ppo.Checkpoints(config, str(workdir)), ppo.PromptBatches([[1]], [None], 1, 4, seed=0)
+def ppo_checkpointer(workdir):
+    return (TrainCheckpointer(str(workdir), max_to_keep=3, async_save=False, models=("value",)),
+            ppo.PromptBatches([[1]], [None], 1, 4, seed=0))
 
 
-def test_ppo_resumes_from_the_newest_step_both_models_hold(tmp_path, caplog):
-    checkpoints, prompts = ppo_checkpoints(tmp_path)
+def ppo_state(iteration, policy_value, value_value, step):
+    """The LoopState PPO's loop steps: the policy (main) and the value model after `iteration` iterations."""
+    (policy, shardings), (value, value_shardings) = tiny_state(policy_value, step), tiny_state(value_value, step)
+    return (LoopState(iteration, policy, {"value": value}),
+            LoopState(None, shardings, {"value": value_shardings}))
+
+
+def test_ppo_resumes_from_the_newest_step_that_holds_both_models(tmp_path, caplog):
+    """The two models are saved as one Orbax step: a step that lost one model's files (a kill while it was written
+    is impossible: Orbax renames a finished step into place) does not read and is set aside."""
+    checkpointer, prompts = ppo_checkpointer(tmp_path)
     for iteration in (1, 2):
-        policy, _ = tiny_state(float(iteration), 4 * iteration)
-        value, _ = tiny_state(10.0 + iteration, 4 * iteration)
         prompts.position = iteration
-        checkpoints.save(policy, value, iteration, prompts)
-    checkpoints.close()
-    # the kill: policy step 8 is final, value step 8 never was
-    shutil.rmtree(tmp_path / "value" / "checkpoints" / "8")
+        checkpointer.save(ppo_state(iteration, float(iteration), 10.0 + iteration, 4 * iteration)[0],
+                          prompts.get_state(), force=True)
+    checkpointer.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "8").iterdir() if p.is_dir()) == [
+        "extra", "opt_state", "params", "value_opt_state", "value_params"]
+    shutil.rmtree(tmp_path / "checkpoints" / "8" / "value_params")  # step 8 without its value model
 
-    checkpoints, prompts = ppo_checkpoints(tmp_path)
-    templates = [tiny_state(0.0, 0) for _ in range(2)]
+    checkpointer, prompts = ppo_checkpointer(tmp_path)
+    template, shardings = ppo_state(0, 0.0, 0.0, 0)
     with caplog.at_level(logging.WARNING):
-        policy, value, iteration = checkpoints.restore(templates[0], templates[1], prompts)
+        state, data = checkpointer.restore(template, shardings)
+    prompts.set_state(data)
+    iteration, policy, value = int(state.step), state.main, state.others["value"]
     assert iteration == 1 and int(policy.step) == 4 and prompts.position == 1
     assert (w_of(policy), w_of(value)) == (1.0, 11.0)
-    assert "stopped between the two saves" in caplog.text
+    assert "checkpoints/8 cannot be read" in caplog.text
     assert (tmp_path / UNREADABLE_DIR / "8").is_dir() and not (tmp_path / "checkpoints" / "8").exists()
     # iteration 2 is redone and saved again at policy step 8; a third run resumes from it
-    policy, _ = tiny_state(2.5, 8)
-    value, _ = tiny_state(12.5, 8)
-    checkpoints.save(policy, value, 2, prompts)
-    checkpoints.close()
-    checkpoints, prompts = ppo_checkpoints(tmp_path)
-    policy, value, iteration = checkpoints.restore(templates[0], templates[1], prompts)
-    checkpoints.close()
-    assert iteration == 2 and (w_of(policy), w_of(value)) == (2.5, 12.5)
+    checkpointer.save(ppo_state(2, 2.5, 12.5, 8)[0], prompts.get_state(), force=True)
+    checkpointer.close()
+    checkpointer, prompts = ppo_checkpointer(tmp_path)
+    state, _ = checkpointer.restore(template, shardings)
+    checkpointer.close()
+    assert int(state.step) == 2 and (w_of(state.main), w_of(state.others["value"])) == (2.5, 12.5)
 
 
 # ------------------------------------------------------------------------------------- 3. one run per workdir
@@ -110,7 +122,7 @@ def test_ppo_resumes_from_the_newest_step_both_models_hold(tmp_path, caplog):
 
 def live_lock(workdir, pid):
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, workdir_lock.LOCK_FILE), "w") as f:
+    with open(os.path.join(workdir, LOCK_FILE), "w") as f:
         json.dump({"host": socket.gethostname(), "pid": pid}, f)
 
 
@@ -126,7 +138,7 @@ def test_a_second_run_on_a_locked_workdir_refuses_naming_the_holder(tmp_path, ot
     from test_pretrain import small_config
 
     live_lock(tmp_path, other_process.pid)
-    with pytest.raises(common.ConfigError, match=f"in use by process {other_process.pid} on host "
+    with pytest.raises(ConfigError, match=f"in use by process {other_process.pid} on host "
                                                  f"{socket.gethostname()}") as error:
         pretrain.train_and_evaluate(small_config(), str(tmp_path))
     assert one_line(error.value)
@@ -138,15 +150,15 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, c
     dead.wait()
     live_lock(tmp_path, dead.pid)
     with caplog.at_level(logging.WARNING):
-        common.lock_workdir(str(tmp_path))
+        lock_workdir(str(tmp_path))
     try:
         assert f"taking over the lock of process {dead.pid}" in caplog.text
-        holder = json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())
+        holder = json.loads((tmp_path / LOCK_FILE).read_text())
         assert holder == {"host": socket.gethostname(), "pid": os.getpid()}
-        common.lock_workdir(str(tmp_path))  # this process already holds it: a second in-process run goes on
+        lock_workdir(str(tmp_path))  # this process already holds it: a second in-process run goes on
     finally:
         workdir_lock.release(str(tmp_path))
-    assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
+    assert not (tmp_path / LOCK_FILE).exists()
 
 
 @pytest.mark.slow  # ~20 s: builds a PPO and an RS run up to the lock
@@ -158,14 +170,13 @@ def test_rl_trainers_take_the_lock_too(tmp_path, other_process):
     tokenizer = make_tokenizer(tmp_path / "tok")
     config = tiny_config(tmp_path, tokenizer)
     live_lock(tmp_path / "ppo", other_process.pid)
-    with pytest.raises(common.ConfigError, match=f"in use by process {other_process.pid}"):
-        ppo.train_and_evaluate(config, str(tmp_path / "ppo"), score_fns={"helpful": None}, reward_params={})
+    with pytest.raises(ConfigError, match=f"in use by process {other_process.pid}"):
+        ppo.train(config, str(tmp_path / "ppo"), Rewards({"helpful": None}, {}))
     from train import rejection_sampling
     rs_config = rejection_sampling_config(config)
     live_lock(tmp_path / "rs", other_process.pid)
-    with pytest.raises(common.ConfigError, match=f"in use by process {other_process.pid}"):
-        rejection_sampling.train_and_evaluate(rs_config, str(tmp_path / "rs"), score_fns={"helpful": None},
-                                              reward_params={})
+    with pytest.raises(ConfigError, match=f"in use by process {other_process.pid}"):
+        rejection_sampling.train(rs_config, str(tmp_path / "rs"), Rewards({"helpful": None}, {}))
 
 
 def rejection_sampling_config(ppo_config):
@@ -181,18 +192,19 @@ def test_the_cli_releases_the_lock_at_exit_also_on_errors(tmp_path):
         "import sys\n"
         "from absl import app, flags\n"
         "from llama2_jax.cli import trainer as common\n"
-        "from llama2_jax.training import common as training\n"
+        "from llama2_jax.training import run_dir\n"
+        "from llama2_jax.training.checks import ConfigError\n"
         "flags.DEFINE_string('config', None, '')\n"
         "common.define_runtime_flags()\n"
         "def run(config, workdir):\n"
-        "    training.lock_workdir(workdir)\n"
-        "    raise training.ConfigError('config.x: bad after the lock')\n"
+        "    run_dir.lock_workdir(workdir)\n"
+        "    raise ConfigError('config.x: bad after the lock')\n"
         "app.run(common.run_main(run))\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
     result = subprocess.run([sys.executable, "-c", script, f"--workdir={tmp_path}"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == "error: config.x: bad after the lock"
-    assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
+    assert not (tmp_path / LOCK_FILE).exists()
 
 
 # ---------------------------------------------------------------------------------- 6. a checkpoint cut short
@@ -353,7 +365,7 @@ def test_loading_a_checkpoint_prints_no_metadata_warning(tmp_path, caplog, capfd
 
 def test_drop_metrics_after_keeps_earlier_rows_and_drops_a_cut_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 2}\n{"step": 3, "lo')
-    loop.drop_metrics_after(str(tmp_path), 1)
+    tracking.drop_metrics_after(str(tmp_path), 1)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1}\n'
 
 

@@ -1,5 +1,5 @@
 """Ghost Attention: instruction placement (sampling prompts vs training records), last-turn-only loss masks on SFT
-batches, stopping rules, and one run of the CLI with the real sampler on a random tiny model."""
+batches, stopping rules, and one run of the trainer with the real sampler on a random tiny model."""
 
 import json
 import random
@@ -12,6 +12,8 @@ from llama2_jax.checkpoints import params_io as checkpoint
 from llama2_jax.data import gatt_instructions, sft
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.text.tokenizer import Tokenizer, train_tokenizer
+from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.outputs import write_jsonl
 from train import gatt
 
 
@@ -83,7 +85,7 @@ def test_gatt_records_train_only_the_last_turn_on_sft_batches(llama_tokenizer_pa
     tokenizer = Tokenizer(llama_tokenizer_path)
     records, _ = gatt.make_gatt_records(MULTI_TURN, StubSampler(), seed=1)
     path = tmp_path / "gatt.jsonl"
-    gatt.write_jsonl(path, records)
+    write_jsonl(path, records)
     expected = {}
     for record in records:
         tokens, mask = expected_sample(tokenizer, record["messages"], "last")
@@ -98,7 +100,9 @@ def test_gatt_records_train_only_the_last_turn_on_sft_batches(llama_tokenizer_pa
 
 
 @pytest.mark.slow
-def test_cli_with_the_real_sampler_on_a_random_tiny_model(tmp_path):
+def test_trainer_with_the_real_sampler_on_a_random_tiny_model(tmp_path):
+    from configs import gatt_tiny
+
     texts = [m["content"] for d in MULTI_TURN for m in d] + [gatt_instructions.sample_instruction(
         random.Random(i)).full for i in range(50)] + ["[INST] <<SYS>> [/INST] Figure: Language: Hobby:"]
     tokenizer = train_tokenizer(texts, tmp_path / "tok", vocab_size=384, num_threads=1)
@@ -107,30 +111,39 @@ def test_cli_with_the_real_sampler_on_a_random_tiny_model(tmp_path):
     checkpoint.save_params(tmp_path / "model", random_params(cfg, std=0.5), cfg)
     dialogs = tmp_path / "dialogs.jsonl"
     dialogs.write_text("".join(json.dumps({"messages": d}) + "\n" for d in MULTI_TURN))
-    out = tmp_path / "gatt.jsonl"
-    stats = gatt.main([f"--checkpoint={tmp_path / 'model'}", f"--tokenizer={tokenizer.model_path}",
-                       f"--dialogs={dialogs}", f"--out={out}", "--max_turns=2", "--max_gen_len=8", "--seed=3",
-                       "--temperature=1.0"])
+    config = gatt_tiny.get_config()  # the former --checkpoint, --tokenizer, --dialogs, --max_turns=2 ... flags
+    config.init_from, config.tokenizer.path, config.data.path = str(tmp_path / "model"), tokenizer.model_path, \
+        str(dialogs)
+    config.gatt.max_turns, config.sampling.max_gen_len, config.seed, config.sampling.temperature = 2, 8, 3, 1.0
+    config.sft.num_train_steps, config.sft.batch_size, config.sft.data.val_fraction = 2, 8, 0.0
+    config.sft.checkpoint_every_steps, config.sft.async_checkpoints = 2, False
+    result = gatt.train_and_evaluate(config, str(tmp_path / "work"))
+    stats, out = result.summary, tmp_path / "work" / "gatt.jsonl"
     samples, read_stats = sft.read_sft_samples(out)
-    assert read_stats.records == stats.records > 0 and stats.turns_sampled > 0
+    assert read_stats.records == stats["records"] > 0 and stats["turns_sampled"] > 0
     assert all(train_on == "last" for _, train_on in samples)
     for dialog, _ in samples:
         assert dialog[0]["role"] == "system" and all(m["content"] for m in dialog)
     data = sft.make_sft_data(samples, tokenizer, seq_len=256, batch_size=2, seed=0, val_fraction=0.0)
     assert data.stats.supervised_tokens > 0 and np.isfinite(data.stats.supervised_fraction)
+    # one round on the shared loop, then the SFT run on the records: the product is an init_from
+    assert [h["step"] for h in result.history] == [1] and result.product == str(tmp_path / "work" / "sft")
+    assert checkpoint.load_config(result.product).vocab_size == 384
 
 
-def test_cli_bad_input_is_one_line_and_exit_status_1(tmp_path, capsys):
+def test_bad_input_is_one_line_and_nothing_is_written(tmp_path):
+    from configs import gatt_tiny
+
     dialogs = tmp_path / "dialogs.jsonl"
     dialogs.write_text("".join(json.dumps({"messages": d}) + "\n" for d in MULTI_TURN))
-    args = [f"--checkpoint={tmp_path / 'missing'}", f"--tokenizer={tmp_path / 'none.model'}", f"--dialogs={dialogs}",
-            f"--out={tmp_path / 'out.jsonl'}"]
-    with pytest.raises(SystemExit) as exit_info:
-        gatt.main(args)
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --checkpoint / --tokenizer: ") and "missing" in err[0]
-    with pytest.raises(SystemExit):
-        gatt.main(args[:2] + [f"--dialogs={tmp_path / 'nope.jsonl'}"] + args[3:])
-    assert capsys.readouterr().err.startswith("error: --dialogs: ")
-    assert not (tmp_path / "out.jsonl").exists()
+    config = gatt_tiny.get_config()
+    config.init_from, config.tokenizer.path = str(tmp_path / "missing"), str(tmp_path / "none.model")
+    config.data.path = str(dialogs)
+    with pytest.raises(ConfigError) as error:
+        gatt.train_and_evaluate(config, str(tmp_path / "out"))
+    assert "\n" not in str(error.value) and str(error.value).startswith("config.init_from: ")
+    assert "missing" in str(error.value)
+    config.data.path = str(tmp_path / "nope.jsonl")
+    with pytest.raises(ConfigError, match=r"^config.data.path: .*nope.jsonl does not exist$"):
+        gatt.train_and_evaluate(config, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """The import graph of llama2_jax/ and train/ (read from the source, nothing imported): no circle, the library never
-imports the trainer programs (train/), nothing outside llama2_jax/cli/ imports the command lines, the top of
-llama2_jax/ holds at most 8 modules, and the curated top-level API resolves. An `if __name__ == "__main__":` block is
+imports the trainer programs (train/), nothing outside llama2_jax/cli/ imports the command lines (the trainer layer,
+llama2_jax/training/, least of all), no grab-bag `common` module and no re-export in the trainer layer or the
+programs, the top of llama2_jax/ holds at most 8 modules, and the curated top-level API resolves. An `if __name__ == "__main__":` block is
 not an import of the module: it runs only when the file is the program (`python -m llama2_jax.generate` delegating to
 its CLI)."""
 
@@ -69,6 +70,18 @@ def test_library_imports_neither_trainers_nor_command_lines():
             assert not [m for m in imported if m.split(".")[0] == "train"], name
         if not name.startswith(("llama2_jax.cli", "train.")):
             assert not [m for m in imported if m.startswith("llama2_jax.cli")], name
+
+
+def test_the_trainer_layer_imports_no_command_line_and_re_exports_nothing():
+    graph = import_graph()
+    layer = [name for name in graph if name.startswith("llama2_jax.training")]
+    assert len(layer) > 15 and "llama2_jax.training.setup" in layer
+    for name in layer:
+        assert not [m for m in graph[name] if m.startswith("llama2_jax.cli")], name
+    for package in ("train", "llama2_jax/training"):
+        assert not (ROOT / package / "common.py").exists(), package
+        for path in (ROOT / package).glob("*.py"):
+            assert path.name == "__init__.py" or "noqa: F401" not in path.read_text(), path
 
 
 def test_no_import_circle():

@@ -1,4 +1,4 @@
-"""Bad input is one line: shared trainer fields, the generate/chat/gatt/convert command lines, the generation
+"""Bad input is one line: shared trainer fields, the generate/chat/convert command lines, GAtt's fields, the generation
 library's prompt checks, output paths checked before any work, and the SFT data warnings and errors."""
 
 import importlib
@@ -16,6 +16,7 @@ import pytest
 
 from llama2_jax.checkpoints import convert
 from llama2_jax.checkpoints import params_io as checkpoint
+from llama2_jax.checkpoints.layout import has_checkpoint
 from llama2_jax.cli import chat as chat_cli
 from llama2_jax.cli import common as cli_common
 from llama2_jax.cli import convert as convert_cli
@@ -27,12 +28,13 @@ from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama
 from llama2_jax.text.tokenizer import Tokenizer, train_tokenizer
 from llama2_jax.training import checks as config_checks
-from llama2_jax.training import common
+from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.model_config import resolve_model_config
 from train import gatt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINERS = [("pretrain", "tiny"), ("sft", "sft_tiny"), ("reward", "rm_tiny"), ("dpo", "dpo_tiny"),
-            ("rejection_sampling", "rs_tiny"), ("ppo", "ppo_tiny")]
+            ("rejection_sampling", "rs_tiny"), ("ppo", "ppo_tiny"), ("context_distill", "cd_tiny"), ("gatt", "gatt_tiny")]
 BAD_SHARED_FIELDS = [("num_train_steps", 0), ("num_train_steps", -5), ("learning_rate", -1e-4),
                      ("checkpoint_every_steps", 0), ("log_every_steps", 0), ("eval_every_steps", 0),
                      ("warmup_steps", -1), ("batch_size", 0), ("grad_accum_steps", 0), ("eval_batches", -1),
@@ -61,7 +63,7 @@ def test_every_trainer_rejects_bad_shared_fields_before_any_work(tmp_path, train
         set_field(config, field, value)
         if field == "num_train_steps":
             config.num_epochs = 0.0  # num_train_steps is the run's length
-        with pytest.raises(common.ConfigError, match=rf"^config\.{field} must be ") as error:
+        with pytest.raises(ConfigError, match=rf"^config\.{field} must be ") as error:
             module.train_and_evaluate(config, str(workdir))
         assert "\n" not in str(error.value) and repr(value) in str(error.value)
     assert not workdir.exists()  # nothing written
@@ -87,15 +89,15 @@ def test_cudnn_attention_on_cpu_names_the_field_and_backend():
 
     config = tiny.get_config()
     config.model.attention_impl = "cudnn"
-    with pytest.raises(common.ConfigError, match=r"^config.model.attention_impl='cudnn' needs an NVIDIA GPU, but the "
+    with pytest.raises(ConfigError, match=r"^config.model.attention_impl='cudnn' needs an NVIDIA GPU, but the "
                                                  r"JAX backend is 'cpu'"):
-        common.resolve_model_config(config)
+        resolve_model_config(config)
 
 
 def test_workdir_that_is_a_file_or_read_only(tmp_path, monkeypatch):
     regular = tmp_path / "file"
     regular.write_text("x")
-    with pytest.raises(common.ConfigError, match=r"^--workdir: .*file is a file, not a directory$"):
+    with pytest.raises(ConfigError, match=r"^--workdir: .*file is a file, not a directory$"):
         config_checks.check_workdir_path(str(regular))
     config_checks.check_workdir_path(str(tmp_path / "new" / "work"))  # created
     assert (tmp_path / "new" / "work").is_dir()
@@ -104,7 +106,7 @@ def test_workdir_that_is_a_file_or_read_only(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr("tempfile.TemporaryFile", read_only)
-    with pytest.raises(common.ConfigError, match=r"^--workdir: .* is not writable \(Permission denied\)$"):
+    with pytest.raises(ConfigError, match=r"^--workdir: .* is not writable \(Permission denied\)$"):
         config_checks.check_workdir_path(str(tmp_path))
 
 
@@ -142,7 +144,7 @@ def test_stray_directories_in_checkpoints_are_ignored_with_a_warning(tmp_path, c
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     with caplog.at_level(logging.WARNING, logger="llama2_jax.training.checkpointer"):
         checkpointer = TrainCheckpointer(str(tmp_path), async_save=False)
-    assert checkpointer.latest_step() is None and not common.has_checkpoint(str(tmp_path))
+    assert checkpointer.latest_step() is None and not has_checkpoint(str(tmp_path))
     checkpointer.close()
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'checkpoints'}: ignoring 'backup', 'notes.txt' (not step directories)"]
@@ -157,7 +159,7 @@ def test_sft_tfds_spec_without_the_extra_names_it(tmp_path, monkeypatch):
     config.data.path = "tfds:some_dataset"
     config.tokenizer.path = str(small_tokenizer(tmp_path).model_path)
     config.model.vocab_size = VOCAB
-    with pytest.raises(common.ConfigError, match=r"^config.data: .*pip install -e \.\[tfds\]") as error:
+    with pytest.raises(ConfigError, match=r"^config.data: .*pip install -e \.\[tfds\]") as error:
         sft_trainer.train_and_evaluate(config, str(tmp_path / "work"))
     assert "\n" not in str(error.value)
 
@@ -247,34 +249,58 @@ def test_chat_answers_a_non_utf8_line_with_an_error_and_goes_on(models, monkeypa
     assert dialog == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "fine"}]
 
 
-def test_gatt_checks_out_and_inputs_before_sampling(models, tmp_path, capsys, monkeypatch):
+def gatt_error(config, workdir) -> str:
+    """train.gatt's one-line ConfigError for `config`; nothing is written in `workdir`."""
+    with pytest.raises(ConfigError) as error:
+        gatt.train_and_evaluate(config, str(workdir))
+    assert "\n" not in str(error.value) and not workdir.exists()
+    return str(error.value)
+
+
+def test_gatt_checks_its_fields_and_inputs_before_sampling(models, tmp_path, monkeypatch):
+    from configs import gatt_tiny
+
     root, tok = models
     dialogs = tmp_path / "d.jsonl"
     dialogs.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                 {"role": "assistant", "content": "yo"}]}) + "\n")
     (tmp_path / "bad.jsonl").write_bytes(dialogs.read_bytes() + b"\xff\xfe\n")
     monkeypatch.setattr(gatt, "make_gatt_records", lambda *a, **k: pytest.fail("sampled despite a bad input"))
-    ok = [f"--checkpoint={root / 'ok'}", f"--tokenizer={tok}", f"--dialogs={dialogs}"]
-    (tmp_path / "taken").write_text("x")
-    assert cli_error(gatt.main, ok + [f"--out={tmp_path / 'taken' / 'x.jsonl'}"], capsys).endswith(
-        "taken is a file, not a directory")
-    assert "is a directory; pass a file path" in cli_error(gatt.main, ok + [f"--out={tmp_path}"], capsys)
-    out = f"--out={tmp_path / 'new' / 'out.jsonl'}"
-    assert cli_error(gatt.main, ok[:2] + [f"--dialogs={tmp_path / 'bad.jsonl'}", out], capsys) == (
-        f"error: --dialogs: {tmp_path / 'bad.jsonl'}:2: not UTF-8 text (invalid start byte at byte 0)")
-    assert str(BIG_VOCAB) in cli_error(gatt.main, [f"--checkpoint={root / 'big'}"] + ok[1:] + [out], capsys)
-    assert "not a SentencePiece" in cli_error(gatt.main, [ok[0], f"--tokenizer={root / 'notsp.model'}", ok[2], out],
-                                              capsys)
-    assert (tmp_path / "new").is_dir()  # --out's directory was created up front
+
+    def config(init_from=root / "ok", tokenizer=tok, data=dialogs, **fields):
+        config = gatt_tiny.get_config()
+        config.init_from, config.tokenizer.path, config.data.path = str(init_from), str(tokenizer), str(data)
+        for dotted, value in fields.items():
+            section, name = dotted.split("__")
+            config[section][name] = value
+        return config
+
+    work = tmp_path / "work"
+    assert gatt_error(config(data=tmp_path / "bad.jsonl"), work) == (
+        f"config.data: {tmp_path / 'bad.jsonl'}:2: not UTF-8 text (invalid start byte at byte 0)")
+    checkpoint.save_params(tmp_path / "big", *tiny_model(BIG_VOCAB))  # complete: its params pass their check
+    assert f"has {VOCAB} pieces but the model's vocab_size is {BIG_VOCAB}" in gatt_error(
+        config(init_from=tmp_path / "big"), work)
+    assert "not a SentencePiece" in gatt_error(config(tokenizer=root / "notsp.model"), work)
+    for value in (9, 0, -1):  # the former --max_constraints: 1-3 instructions per dialog
+        assert gatt_error(config(gatt__max_constraints=value), work) == (
+            f"config.gatt.max_constraints must be 1, 2 or 3 (instructions combined per dialog), got {value}")
+    assert gatt_error(config(sampling__batch_size=0), work).startswith(  # the former --batch_size=0
+        "config.sampling.batch_size (0) and config.sampling.max_gen_len (32) must be >= 1")
+    assert gatt_error(config(gatt__samples="every"), work).startswith("config.gatt.samples is 'every'")
+    assert gatt_error(config(sft__batch_size=3), work) == (  # the fine-tuning's batch, before any sampling
+        "config.sft.batch_size / grad_accum_steps = 3 is not divisible by the data-parallel size 8 (mesh data x fsdp)")
 
 
 def test_model_clis_default_to_float32_on_cpu(models):
+    from configs import gatt_tiny
+
     root, tok = models
     flags = [f"--checkpoint={root / 'ok'}", f"--tokenizer={tok}"]
     assert jax.default_backend() == "cpu" and cli_common.default_dtype() == "float32"
     assert generate_cli.parse_args(flags + ["--prompt=hi"]).dtype == "float32"
     assert chat_cli.parse_args(flags).dtype == "float32"
-    assert gatt.parse_args(flags + ["--dialogs=d", "--out=o"]).dtype == "float32"
+    assert gatt_tiny.get_config().model.dtype == "float32"
 
 
 # ---------------------------------------------------------------------------------------------- generation library

@@ -1,6 +1,6 @@
-"""LoRA through the trainers (llama2_jax.training.common.init_lora_state / LoraRun, train.sft, train.reward, train.dpo): only the
-adapters (and a reward model's head) are trained and in the optimizer, the base stays bitwise unchanged, the
-workdir records its base and loads merged."""
+"""LoRA through the trainers (llama2_jax.training.initial_state.init_state -> lora_run, train.sft, train.reward,
+train.dpo): only the adapters (and a reward model's head) are trained and in the optimizer, the base stays bitwise
+unchanged, the workdir records its base and loads merged."""
 
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ from llama2_jax.model import lora
 from llama2_jax.model import score as score_model
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama
-from llama2_jax.training import common, losses
+from llama2_jax.training import losses, run_dir
+from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.hosts import host_to_global
+from llama2_jax.training.initial_state import init_state, make_tx
+from llama2_jax.training.loop import LoopSettings
+from llama2_jax.training.lora_run import lora_config
+from llama2_jax.training.model_config import resolve_model_config
+from llama2_jax.training.setup import Run, Task, make_mesh
 
 BASE = LlamaConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
                    dtype="float32")
@@ -39,6 +46,17 @@ def lora_config_for(tmp_path, **model):
     return config
 
 
+def lora_run_for(config, workdir, kind="llama"):
+    """(run, trainable, schedule): the run `training.setup` would return (its workdir files written, no tokenizer
+    or data: these tests feed batches themselves) and its LoRA state from `init_state`."""
+    model_cfg = resolve_model_config(config, config.seq_len)
+    run = Run(config, str(workdir), Task("test"), model_cfg, make_mesh(config), None, None,
+              LoopSettings.from_config(config), lora_config(config), None)
+    run_dir.write_workdir(str(workdir), run_dir.run_record("test", model_cfg, run.lora_cfg), lora_base=config.init_from)
+    tx, schedule = make_tx(config, learning_rate=config.learning_rate)
+    return run, init_state(run, tx, kind=kind), schedule
+
+
 def padded(spec, ndim):
     return tuple(spec) + (None,) * (ndim - len(spec))
 
@@ -54,15 +72,14 @@ def token_batch(seed=0, rows=8, length=16):
 @pytest.mark.parametrize("model", [{}, {"scan_layers": True, "remat_policy": "minimal", "param_dtype": "bfloat16"}])
 def test_gradients_reach_only_the_adapters_the_base_stays_bitwise(tmp_path, model):
     config = lora_config_for(tmp_path, **model)
-    model_cfg = common.resolve_model_config(config, config.seq_len)
-    mesh = common.make_mesh(config)  # fsdp over the 8 simulated devices
-    tx, schedule = common.make_tx(config, 10, constant=True)
-    run = common.init_lora_state(config, model_cfg, mesh, tx, common.lora_config(config), workdir=str(tmp_path / "w"))
+    setup, run, schedule = lora_run_for(config, tmp_path / "w")
+    model_cfg, mesh = setup.model_cfg, setup.mesh  # fsdp over the 8 simulated devices
     before = jax.device_get(run.frozen)
-    step, eval_step = run.jit_steps(losses.next_token_loss, Llama(model_cfg), config, mesh, schedule)
+    step, eval_step = run.jit_steps(losses.next_token_loss, Llama(model_cfg), mesh, schedule=schedule,
+                                    seed=config.seed)
     state = run.state
     for seed in range(3):
-        state, metrics = step(state, {k: common.host_to_global(v, mesh) for k, v in token_batch(seed).items()})
+        state, metrics = step(state, {k: host_to_global(v, mesh) for k, v in token_batch(seed).items()})
     assert np.isfinite(float(metrics["loss"]))
     assert set(state.params) == {"lora"}  # only adapters are trained...
     adapters = jax.tree.leaves(state.params)
@@ -86,52 +103,48 @@ def test_gradients_reach_only_the_adapters_the_base_stays_bitwise(tmp_path, mode
 def test_lora_fields_are_one_line_config_errors(tmp_path):
     config = lora_config_for(tmp_path)
     config.lora.targets = "wq,wz"
-    with pytest.raises(common.ConfigError, match=r"^config.lora: LoraConfig.targets must be distinct names"):
-        common.lora_config(config)
+    with pytest.raises(ConfigError, match=r"^config.lora: LoraConfig.targets must be distinct names"):
+        lora_config(config)
     config = lora_config_for(tmp_path)
     config.init_from = ""
-    with pytest.raises(common.ConfigError, match=r"^config.lora.rank > 0 needs config.init_from"):
-        common.lora_config(config)
+    with pytest.raises(ConfigError, match=r"^config.lora.rank > 0 needs config.init_from"):
+        lora_config(config)
     config.lora.rank = 0
-    assert common.lora_config(config) is None
+    assert lora_config(config) is None
 
 
 def test_dpo_reference_is_the_base_with_adapters_off(tmp_path):
     """Fresh adapters (b = 0) leave the policy equal to its reference: the DPO loss is exactly log 2."""
     config = lora_config_for(tmp_path)
-    model_cfg = common.resolve_model_config(config, config.seq_len)
-    mesh = common.make_mesh(config)
-    tx, schedule = common.make_tx(config, 10, constant=True)
-    run = common.init_lora_state(config, model_cfg, mesh, tx, common.lora_config(config), workdir=str(tmp_path / "w"))
+    setup, run, schedule = lora_run_for(config, tmp_path / "w")
+    model_cfg, mesh = setup.model_cfg, setup.mesh
     import functools
 
     loss_fn = functools.partial(losses.dpo_loss, beta=0.1)
-    _, eval_step = run.jit_steps(loss_fn, Llama(model_cfg), config, mesh, schedule, pass_frozen=True)
+    _, eval_step = run.jit_steps(loss_fn, Llama(model_cfg), mesh, schedule=schedule, reference=True)
     tokens = np.random.default_rng(0).integers(0, BASE.vocab_size, (8, 2, 16)).astype(np.int32)
     batch = {"tokens": tokens, "lengths": np.full((8, 2), 16, np.int32), "prompt_lens": np.full((8, 2), 5, np.int32)}
-    out = jax.device_get(eval_step(run.state.params, {k: common.host_to_global(v, common.make_mesh(config))
+    out = jax.device_get(eval_step(run.state.params, {k: host_to_global(v, make_mesh(config))
                                                       for k, v in batch.items()}))
     assert out["loss_sum"] / out["weight"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_reward_model_lora_trains_adapters_and_the_head_on_the_frozen_trunk(tmp_path):
     config = lora_config_for(tmp_path)
-    model_cfg = common.resolve_model_config(config, config.seq_len)
-    mesh = common.make_mesh(config)
-    tx, _ = common.make_tx(config, 10, constant=True)
-    run = common.init_lora_state(config, model_cfg, mesh, tx, common.lora_config(config), workdir=str(tmp_path / "w"),
-                                 kind="score")
+    setup, run, _ = lora_run_for(config, tmp_path / "w", kind="score")
+    model_cfg = setup.model_cfg
     assert set(run.state.params) == {"lora", score_model.HEAD} and "output" not in run.frozen
     assert run.state.params[score_model.HEAD]["kernel"].dtype == jnp.float32
     assert set(run.frozen) == set(score_model.abstract_score_params(model_cfg))  # its head is replaced by the state's
 
     # The workdir as the loop leaves it (adapters moved off b = 0) loads merged with its head, as PPO / RS load RMs.
-    from llama2_jax.training.checkpointer import TrainCheckpointer, write_model_config
+    from llama2_jax.checkpoints.params_io import write_config
+    from llama2_jax.training.checkpointer import TrainCheckpointer
 
     rng = np.random.default_rng(1)
     moved = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, x.dtype), run.state.params)
     state = run.state.replace(params=jax.device_put(moved, run.shardings.params))
-    write_model_config(str(tmp_path / "w"), model_cfg)
+    write_config(str(tmp_path / "w"), model_cfg)
     checkpointer = TrainCheckpointer(str(tmp_path / "w"), async_save=False)
     checkpointer.save(state, {})
     checkpointer.close()
@@ -175,7 +188,8 @@ def test_tiny_lora_sft_on_alpaca_lowers_held_out_loss_and_its_workdir_loads_merg
     config.async_checkpoints, config.eval_at_start = False, True
     config.lora.rank, config.lora.alpha = 8, 16.0
     work = tmp_path / "work"
-    state, history = sft.train_and_evaluate(config, str(work))
+    result = sft.train_and_evaluate(config, str(work))
+    state, history = result.state, result.history
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     assert int(state.step) == 30 and len(evals) == 2 and evals[-1] < evals[0] - 0.1, evals
     assert set(state.params) == {"lora"}
@@ -184,7 +198,7 @@ def test_tiny_lora_sft_on_alpaca_lowers_held_out_loss_and_its_workdir_loads_merg
 
     merged, model_cfg = checkpoint.load_params(work)  # the workdir loads merged, as everything that loads params
     base, _ = checkpoint.load_params(tmp_path / "base", model_cfg)
-    lora_cfg = common.lora_config(config)
+    lora_cfg = lora_config(config)
     expected = lora.merge(base, jax.device_get(state.params["lora"]), lora_cfg)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), merged, expected)
     tokens = jnp.asarray(token_batch(rows=2)["inputs"])
@@ -255,7 +269,8 @@ def test_lora_dpo_through_the_trainer_learns_the_preference_with_the_base_as_ref
     config.eval_every_steps, config.learning_rate, config.warmup_steps = 8, 1e-2, 1
     config.async_checkpoints, config.progress_bar = False, False
     config.lora.rank = 4
-    state, history = dpo.train_and_evaluate(config, str(tmp_path / "dpo"))
+    result = dpo.train_and_evaluate(config, str(tmp_path / "dpo"))
+    state, history = result.state, result.history
     assert set(state.params) == {"lora"}
     last = [h for h in history if "eval_reward_accuracy" in h][-1]
     assert last["eval_reward_accuracy"] == 1.0 and last["eval_loss"] < math.log(2)

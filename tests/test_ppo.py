@@ -16,7 +16,8 @@ from configs import ppo_7b, ppo_tiny
 from llama2_jax.checkpoints import params_io as checkpoint
 from llama2_jax.model import score as score_model
 from llama2_jax.rlhf import rollout as ppo_rollout
-from llama2_jax.training import common
+from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.rlhf_setup import Rewards
 from train import ppo
 
 
@@ -37,6 +38,10 @@ def prefers_target_tokens(params, tokens, lengths):
 
 def constant_safety(params, tokens, lengths):
     return jnp.full(tokens.shape[:1], 0.9)  # >= 0.15 and no prompt tagged: the combined score is the helpful one
+
+
+STAND_IN_REWARDS = Rewards({"helpful": prefers_target_tokens, "safety": constant_safety},
+                           {"helpful": None, "safety": None})
 
 
 def test_action_mask_covers_the_response_and_the_generated_eos():
@@ -75,15 +80,15 @@ def test_configs_carry_the_paper_settings_and_bad_fields_are_one_line_errors(tmp
     config.value.init_from = "policy"
     assert ppo.value_init_path(config) == "" and config.reward.helpful_path == "/rm"
     config.value.init_from, config.reward.safety_path = "safety_rm", ""
-    with pytest.raises(common.ConfigError, match=r"^config.value.init_from='safety_rm' but config.reward.safety_path"):
+    with pytest.raises(ConfigError, match=r"^config.value.init_from='safety_rm' but config.reward.safety_path"):
         ppo.value_init_path(config)
     config = ppo_tiny.get_config()
     config.init_from = str(save_policy(tmp_path / "policy", _tokenizer_stub(tmp_path)))
     config.minibatch_size = 5
-    with pytest.raises(common.ConfigError, match=r"^config.batch_size \(16\) must be a positive multiple of "):
+    with pytest.raises(ConfigError, match=r"^config.batch_size \(16\) must be a positive multiple of "):
         ppo.train_and_evaluate(config, str(tmp_path / "w"))
     config.minibatch_size, config.sampling.max_gen_len = 8, 60
-    with pytest.raises(common.ConfigError, match=r"max_gen_len \+ 1 exceeds the policy's max_seq_len 64"):
+    with pytest.raises(ConfigError, match=r"max_gen_len \+ 1 exceeds the policy's max_seq_len 64"):
         ppo.train_and_evaluate(config, str(tmp_path / "w"))
 
 
@@ -124,13 +129,11 @@ def tiny_config(tmp_path, tokenizer):
 def test_tiny_ppo_raises_the_reward_with_bounded_kl(tmp_path, tokenizer):
     config = tiny_config(tmp_path, tokenizer)
     work = tmp_path / "ppo"
-    history = ppo.train_and_evaluate(config, str(work), score_fns={"helpful": prefers_target_tokens,
-                                                                   "safety": constant_safety},
-                                     reward_params={"helpful": None, "safety": None})
+    history = ppo.train(config, str(work), STAND_IN_REWARDS).history
 
     rewards = [h["reward_combined"] for h in history]
     kls = [h["kl"] for h in history]
-    assert [h["iteration"] for h in history] == list(range(1, 13))
+    assert [h["step"] for h in history] == list(range(1, 13))  # one row per iteration
     assert abs(kls[0]) < 1e-4  # π = π0 at the first rollout
     assert np.mean(rewards[-2:]) > rewards[0] + 0.15, rewards  # measured: 0.20 -> 0.65
     assert max(kls) < 30.0, kls  # nats per response of <= 17 actions (measured: 16 at iteration 12)
@@ -164,16 +167,14 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path, tokenizer, monkeypatch
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    kwargs = dict(score_fns={"helpful": prefers_target_tokens, "safety": constant_safety},
-                  reward_params={"helpful": None, "safety": None})
     monkeypatch.setattr(ppo, "run_iteration", terminated_in_iteration_2)
-    first = ppo.train_and_evaluate(config, str(work), **kwargs)
-    assert [h["iteration"] for h in first] == [1, 2]
+    first = ppo.train(config, str(work), STAND_IN_REWARDS)
+    assert [h["step"] for h in first.history] == [1, 2] and first.interrupted
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["8"]
 
     monkeypatch.setattr(ppo, "run_iteration", run_iteration)
-    second = ppo.train_and_evaluate(config, str(work), **kwargs)
-    assert [h["iteration"] for h in second] == [3] and second[0]["policy_step"] == 12
+    second = ppo.train(config, str(work), STAND_IN_REWARDS).history
+    assert [h["step"] for h in second] == [3] and second[0]["policy_step"] == 12
 
 
 def test_sequence_logprobs_are_the_tempered_softmax_of_the_next_token_by_hand():

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from configs import tiny
-from llama2_jax.training import common, loop
+from llama2_jax.training import loop
+from llama2_jax.training.checks import ConfigError
 from train import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,8 @@ def train_losses(workdir):
 
 
 def test_tiny_run_logs_evaluates_checkpoints_and_samples(tmp_path, capsys):
-    state, history = pretrain.train_and_evaluate(small_config(), str(tmp_path))
+    result = pretrain.train_and_evaluate(small_config(), str(tmp_path))
+    state, history = result.state, result.history
     assert int(state.step) == 8
     losses = train_losses(tmp_path)
     assert sorted(losses) == list(range(1, 9))
@@ -143,7 +145,7 @@ def write(path, text):
     (lambda d: {"model.n_kv_heads": 3}, "n_kv_heads"),
 ])
 def test_bad_input_is_one_clear_line_before_compilation(tmp_path, make_overrides, message):
-    with pytest.raises(common.ConfigError, match=message) as error:
+    with pytest.raises(ConfigError, match=message) as error:
         pretrain.train_and_evaluate(small_config(**make_overrides(tmp_path)), str(tmp_path / "work"))
     assert "\n" not in str(error.value)
 

@@ -25,7 +25,8 @@ def test_configs_list_every_stage_in_order_with_a_command_each():
         config = module.get_config()
         assert recipe.stage_names(config) == list(recipe_common.STAGES)
         for name in recipe_common.STAGES:
-            assert config.stages[name].commands and config.stages[name].kind in ("lm", "rm", "rs", "ppo", "cd")
+            assert config.stages[name].commands
+            assert config.stages[name].kind in ("lm", "rm", "rs", "ppo", "cd", "gatt")
     assert "configs/ppo_7b.py" in recipe_7b.get_config().stages.ppo.commands[0]
 
 
@@ -112,7 +113,9 @@ def short_recipe():
                               "--config.sft.num_train_steps=2 --config.sft.checkpoint_every_steps=2")
     config.stages.ppo.extra = ("--config.iterations=4 --config.prompts.max_prompts=40 --config.batch_size=8 "
                                "--config.minibatch_size=8 --config.sampling.max_gen_len=8")
-    config.stages.gatt.extra = f"--config.num_train_steps=2 --config.seq_len=128 {ckpt}"
+    config.stages.gatt.extra = ("--config.sft.num_train_steps=2 --config.sft.seq_len=128 "
+                                "--config.sft.checkpoint_every_steps=2 --config.sft.eval_every_steps=2 "
+                                "--config.sft.eval_batches=1")
     config.stages.cd.extra = ("--config.prompts.max_prompts=4 --config.sampling.batch_size=8 "
                               "--config.sampling.max_gen_len=8 --config.sft.num_train_steps=2 "
                               "--config.sft.checkpoint_every_steps=2 --config.sft.seq_len=128 "

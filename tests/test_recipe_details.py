@@ -12,7 +12,8 @@ from test_rejection_sampling import CFG, llama_params
 from configs import ppo_7b, ppo_70b, rm_helpful_7b, rm_helpful_70b, rm_safety_7b, rm_safety_70b, rs_7b, rs_tiny
 from llama2_jax.checkpoints import params_io as checkpoint
 from llama2_jax.data import preferences, rm
-from llama2_jax.training import common
+from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.setup import make_mesh
 from train import ppo
 from train import rejection_sampling as rs
 
@@ -50,8 +51,8 @@ def test_ppo_early_stop_field_is_checked(tmp_path):
     assert ppo_7b.get_config().early_stop_patience > 0
     config = ppo_7b.get_config()
     config.init_from, config.prompts.val_fraction = str(tmp_path), 0.0
-    with pytest.raises(common.ConfigError, match=r"^config.early_stop_patience \(5\) .*val_fraction > 0"):
-        ppo.check_config(config, common.make_mesh(config), dataclasses.replace(CFG, max_seq_len=4096))
+    with pytest.raises(ConfigError, match=r"^config.early_stop_patience \(5\) .*val_fraction > 0"):
+        ppo.check_config(config, make_mesh(config), dataclasses.replace(CFG, max_seq_len=4096))
 
 
 def test_70b_configs_carry_the_papers_34b_70b_values():
@@ -71,8 +72,8 @@ def test_rejection_sampling_temperature_schedule_per_iteration():
     assert [rs.iteration_temperature(config, i) for i in range(5)] == [1.4, 1.3, 1.2, 1.2, 1.2]
     config = rs_tiny.get_config()
     config.sampling.temperature_schedule = (1.0, -0.5)
-    with pytest.raises(common.ConfigError, match=r"^config.sampling.temperature_schedule \(1.0, -0.5\)"):
-        rs.check_config(config, common.make_mesh(config))
+    with pytest.raises(ConfigError, match=r"^config.sampling.temperature_schedule \(1.0, -0.5\)"):
+        rs.check_config(config, make_mesh(config))
 
 
 def test_safety_labels_per_answer_exclude_chosen_unsafe_other_safe_from_the_safety_mix(tmp_path):

@@ -20,7 +20,7 @@ from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama
 from llama2_jax.rlhf import formulas as rlhf
 from llama2_jax.text.tokenizer import train_tokenizer
-from llama2_jax.training import common
+from llama2_jax.training.checks import ConfigError
 from train import rejection_sampling as rs
 
 CFG = LlamaConfig(vocab_size=384, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
@@ -141,10 +141,10 @@ def test_configs_load_and_bad_fields_are_one_line_errors(tmp_path):
         assert config.reward.safety_threshold == 0.15 and config.sampling.num_samples >= 1
     config = rs_tiny.get_config()
     config.sampling.top_p = 0.0
-    with pytest.raises(common.ConfigError, match=r"^config.sampling: temperature .* top_p 0.0"):
+    with pytest.raises(ConfigError, match=r"^config.sampling: temperature .* top_p 0.0"):
         rs.train_and_evaluate(config, str(tmp_path))
     config = rs_tiny.get_config()
-    with pytest.raises(common.ConfigError, match=r"^config.init_from is empty"):
+    with pytest.raises(ConfigError, match=r"^config.init_from is empty"):
         rs.train_and_evaluate(config, str(tmp_path))
 
 
@@ -172,11 +172,12 @@ def tiny_config(tmp_path, tokenizer):
 def test_tiny_rejection_sampling_end_to_end(tmp_path, tokenizer):
     config = tiny_config(tmp_path, tokenizer)
     work = tmp_path / "rs"
-    history = rs.train_and_evaluate(config, str(work))
+    result = rs.train_and_evaluate(config, str(work))
+    history = result.history
 
     assert [h["iteration"] for h in history] == [0, 1]
     for record in history:
-        curve = np.array(record["best_of_k"])
+        curve = np.array(result.summary["best_of_k"][record["iteration"]])
         assert len(curve) == 8 and np.all(np.diff(curve) >= -1e-7), curve  # expected max never falls with K
         assert curve[-1] > curve[0] + 0.01, curve  # and rises: best of 8 beats one sample
         assert curve[0] == pytest.approx(record["reward_combined_mean"], abs=1e-5)
@@ -211,6 +212,6 @@ def test_tiny_rejection_sampling_end_to_end(tmp_path, tokenizer):
     assert cfg.vocab_size == CFG.vocab_size and "output" in params
 
     again = rs.train_and_evaluate(config, str(work))  # finished iterations are skipped on a re-run
-    assert again == []
+    assert again.history == [] and again.product == str(work / "iter_1" / "sft")
     assert rlhf.best_of_k_curve(np.array([r["combined"] for r in samples]))[-1] == pytest.approx(
         history[1]["best_of_k_mean"], abs=1e-6)

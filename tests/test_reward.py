@@ -20,6 +20,7 @@ from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama
 from llama2_jax.text.tokenizer import train_tokenizer
 from llama2_jax.training import losses
+from llama2_jax.training.checks import ConfigError
 
 CFG = LlamaConfig(vocab_size=384, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
                   dtype="float32")
@@ -318,7 +319,8 @@ def test_train_and_evaluate_end_to_end(tmp_path, tokenizer):
     config.batch_size, config.seq_len, config.model.max_seq_len = 8, 32, 32
     config.num_epochs, config.num_train_steps, config.eval_every_steps = 0.0, 6, 3
     config.learning_rate, config.async_checkpoints, config.progress_bar = 3e-3, False, False
-    state, history = reward.train_and_evaluate(config, str(tmp_path / "rm"))
+    result = reward.train_and_evaluate(config, str(tmp_path / "rm"))
+    state, history = result.state, result.history
 
     evals = [h for h in history if "eval_accuracy" in h]
     assert [h["step"] for h in evals] == [3, 6] and int(state.step) == 6
@@ -339,7 +341,6 @@ def test_train_and_evaluate_end_to_end(tmp_path, tokenizer):
 
 def test_configs_load_and_bad_fields_name_the_field(tmp_path):
     from configs import rm_helpful_7b, rm_safety_7b, rm_tiny
-    from llama2_jax.training import common
     from train import reward
 
     for module in (rm_helpful_7b, rm_safety_7b, rm_tiny):
@@ -350,10 +351,10 @@ def test_configs_load_and_bad_fields_name_the_field(tmp_path):
     config = rm_tiny.get_config()
     config.data.path = "pairs.jsonl"
     config.margin_table = "huge"
-    with pytest.raises(common.ConfigError, match=r"^config.margin_table='huge'"):
+    with pytest.raises(ConfigError, match=r"^config.margin_table='huge'"):
         reward.check_fields(config)
     config = rm_helpful_7b.get_config()
-    with pytest.raises(common.ConfigError, match=r"^config.data.path"):
+    with pytest.raises(ConfigError, match=r"^config.data.path"):
         reward.check_fields(config)
     assert reward.schedule_steps(rm_helpful_7b.get_config(), 100_000) == (195, 6)  # 3 % of 195 = 6 > 5
     assert reward.schedule_steps(rm_helpful_7b.get_config(), 10_000) == (19, 5)  # minimum 5

@@ -16,7 +16,10 @@ from llama2_jax.data import sft
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama
 from llama2_jax.text.tokenizer import Tokenizer, train_tokenizer
-from llama2_jax.training import common, losses
+from llama2_jax.training import losses, setup
+from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.model_config import resolve_model_config
+from llama2_jax.training.tokenizer_setup import load_tokenizer, tokenizer_path
 from train import sft as sft_trainer
 
 LONE_SPACE = 29871  # Llama 2's "▁" piece, before EOS at the end of every answer
@@ -274,7 +277,7 @@ def test_bad_sft_config_fields_are_one_line_errors(tmp_path, field, value, messa
     config.data.path = str(write_jsonl(tmp_path / "d.jsonl", [{"messages": MULTI_TURN[0]}]))
     parent, _, name = field.rpartition(".")
     (config[parent] if parent else config)[name] = value
-    with pytest.raises(common.ConfigError, match=message) as error:
+    with pytest.raises(ConfigError, match=message) as error:
         sft_trainer.train_and_evaluate(config, str(tmp_path / "work"))
     assert "\n" not in str(error.value)
 
@@ -290,14 +293,14 @@ def test_model_comes_from_the_checkpoint_and_the_tokenizer_from_its_dir(tmp_path
     config = sft_tiny.get_config()
     config.init_from = str(tmp_path / "init")
     config.seq_len = 128
-    model_cfg = common.resolve_model_config(config, config.seq_len)
+    model_cfg = resolve_model_config(config, config.seq_len)
     assert (model_cfg.dim, model_cfg.n_layers, model_cfg.vocab_size) == (TINY.dim, TINY.n_layers, TINY.vocab_size)
     assert model_cfg.dtype == "float32"  # numerics from config.model
     assert model_cfg.max_seq_len == 128  # raised to seq_len
-    with pytest.raises(common.ConfigError, match="config.tokenizer.path is empty and .*tokenizer.model does not"):
-        common.load_tokenizer(config, model_cfg.vocab_size)
+    with pytest.raises(ConfigError, match="config.tokenizer.path is empty and .*tokenizer.model does not"):
+        load_tokenizer(config, model_cfg.vocab_size)
     (tmp_path / "init" / "tokenizer.model").write_bytes(b"")
-    assert common.tokenizer_path(config) == str(tmp_path / "init" / "tokenizer.model")
+    assert tokenizer_path(config) == str(tmp_path / "init" / "tokenizer.model")
 
 
 def snapshot(directory):
@@ -318,7 +321,7 @@ def test_a_workdir_of_another_model_fails_before_anything_in_it_is_rewritten(tmp
     config.init_from = str(tmp_path / "init")
     config.data.path = str(write_jsonl(tmp_path / "d.jsonl", [{"messages": MULTI_TURN[0]}]))
     config.seq_len = 64
-    with pytest.raises(common.ConfigError, match=r"llama_config.json: the workdir holds a run of another model "
+    with pytest.raises(ConfigError, match=r"llama_config.json: the workdir holds a run of another model "
                                                  r"\(dim=32, n_layers=2, hidden_dim=96\) than this run's \(dim=64, n_layers=3, "
                                                  r"hidden_dim=176\)"):
         sft_trainer.train_and_evaluate(config, str(work))
@@ -331,13 +334,14 @@ def test_an_init_from_whose_params_are_another_model_fails_before_the_workdir_is
     config = sft_tiny.get_config()
     config.init_from = str(tmp_path / "init")
     config.tokenizer.path = str(tmp_path / "none.model")
-    with pytest.raises(common.ConfigError, match=r"^config.init_from: checkpoint .* layers_0/attention/wk has "
-                                                 r"shape \(32, 2, 8\) in the checkpoint but \(64, 2, 16\) in the config"):
-        common.prepare_workdir(config, str(tmp_path / "work"), common.resolve_model_config(config))
+    config.data.path = str(write_jsonl(tmp_path / "d.jsonl", [{"messages": MULTI_TURN[0]}]))
+    with pytest.raises(ConfigError, match=r"^config.init_from: checkpoint .* layers_0/attention/wk has "
+                                          r"shape \(32, 2, 8\) in the checkpoint but \(64, 2, 16\) in the config"):
+        sft_trainer.train_and_evaluate(config, str(tmp_path / "work"))
     assert not (tmp_path / "work").exists()
 
 
-def test_prepare_workdir_copies_a_given_tokenizer_and_writes_the_model_config(tmp_path):
+def test_setup_copies_a_given_tokenizer_and_writes_the_model_config(tmp_path):
     words = "the a cat dog safe help answer question please thanks why how what no yes sorry can you I".split()
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(words, size=12)) + f" {i}." for i in range(400)]
@@ -345,11 +349,14 @@ def test_prepare_workdir_copies_a_given_tokenizer_and_writes_the_model_config(tm
     config = sft_tiny.get_config()
     config.model.update(TINY.replace(vocab_size=384).to_dict())
     config.tokenizer.path = tokenizer.model_path
-    model_cfg = common.resolve_model_config(config)
-    common.prepare_workdir(config, str(tmp_path / "work"), model_cfg)
+    config.seq_len = TINY.max_seq_len
+    model_cfg = resolve_model_config(config)
+    plain = setup.Task("sft", seq_len=False)  # setup alone: the trainer's data and steps left out
+    setup.setup(config, str(tmp_path / "work"), plain)
     assert (tmp_path / "work" / "tokenizer.model").read_bytes() == open(tokenizer.model_path, "rb").read()
     assert checkpoint.load_config(tmp_path / "work") == model_cfg
-    common.prepare_workdir(config, str(tmp_path / "work"), model_cfg.replace(dtype="bfloat16"))  # numerics may change
+    config.model.dtype = "bfloat16"
+    setup.setup(config, str(tmp_path / "work"), plain)  # numerics may change
 
 
 # ------------------------------------------------------------------------------------------------------ end to end
@@ -367,7 +374,8 @@ def test_tiny_sft_end_to_end_eval_loss_on_assistant_tokens_falls(tmp_path):
     config.seq_len, config.batch_size, config.num_epochs, config.num_train_steps = 128, 8, 0.0, 30
     config.learning_rate, config.warmup_steps, config.eval_every_steps = 3e-3, 3, 30
     config.data.val_fraction, config.progress_bar, config.sample_prompts = 0.1, False, ()
-    state, history = sft_trainer.train_and_evaluate(config, str(tmp_path / "work"))
+    result = sft_trainer.train_and_evaluate(config, str(tmp_path / "work"))
+    state, history = result.state, result.history
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     assert int(state.step) == 30 and len(evals) == 2
     assert evals[-1] < evals[0] - 0.5, evals

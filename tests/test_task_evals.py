@@ -11,7 +11,8 @@ from test_tracking import tensorboard_scalars
 from llama2_jax.evaluation.harness import evaluate_tasks
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.text.tokenizer import Tokenizer
-from llama2_jax.training import common, task_evals
+from llama2_jax.training import sft_run, task_evals
+from llama2_jax.training.checks import ConfigError
 from train import pretrain
 
 pytest.importorskip("lm_eval", reason="needs the [eval] extra: pip install -e .[eval]")
@@ -36,7 +37,8 @@ def task_config(tmp_path, **overrides):
 @pytest.mark.slow  # a minute on a busy 2-core machine: a tiny pretrain plus three lm-eval passes
 def test_pretraining_with_eval_tasks_logs_eval_task_metric_rows(tmp_path, capsys):
     workdir = tmp_path / "work"
-    state, history = pretrain.train_and_evaluate(task_config(tmp_path, progress_bar=True), str(workdir))
+    result = pretrain.train_and_evaluate(task_config(tmp_path, progress_bar=True), str(workdir))
+    state, history = result.state, result.history
     with open(workdir / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     task_rows = [r for r in rows if any(k.startswith("eval/") for k in r)]
@@ -77,8 +79,8 @@ def fail_if_compiled(*args, **kwargs):
     ({"eval_tasks_limit": -1}, r"^config.eval_tasks_limit is -1"),
 ])
 def test_bad_eval_task_fields_fail_before_the_state_is_built(tmp_path, monkeypatch, overrides, message):
-    monkeypatch.setattr(common, "init_llama_state", fail_if_compiled)
-    with pytest.raises(common.ConfigError, match=message):
+    monkeypatch.setattr(sft_run, "init_state", fail_if_compiled)
+    with pytest.raises(ConfigError, match=message):
         pretrain.train_and_evaluate(task_config(tmp_path, **overrides), str(tmp_path / "work"))
 
 
@@ -86,8 +88,8 @@ def test_eval_tasks_without_lm_eval_names_the_extra(tmp_path, monkeypatch):
     real_find_spec = task_evals.importlib.util.find_spec
     monkeypatch.setattr(task_evals.importlib.util, "find_spec",
                         lambda name, *a: None if name == "lm_eval" else real_find_spec(name, *a))
-    monkeypatch.setattr(common, "init_llama_state", fail_if_compiled)
-    with pytest.raises(common.ConfigError, match=r"lm-eval is not installed: pip install -e \.\[eval\]$"):
+    monkeypatch.setattr(sft_run, "init_state", fail_if_compiled)
+    with pytest.raises(ConfigError, match=r"lm-eval is not installed: pip install -e \.\[eval\]$"):
         pretrain.train_and_evaluate(task_config(tmp_path), str(tmp_path / "work"))
 
 

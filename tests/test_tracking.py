@@ -1,4 +1,4 @@
-"""llama2_jax.training.loop's Tracker (metrics.jsonl, TensorBoard and W&B offline get the same scalars; a resumed run continues the
+"""llama2_jax.training.tracking's Tracker (metrics.jsonl, TensorBoard and W&B offline get the same scalars; a resumed run continues the
 same W&B run) and Profiler (`config.profile_steps` writes a jax.profiler trace)."""
 
 import gzip
@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from llama2_jax.training import common, loop
+from llama2_jax.checkpoints.layout import WANDB_RUN_ID_FILE
+from llama2_jax.training import loop, run_dir, tokenizer_setup, tracking
+from llama2_jax.training.checks import ConfigError
 
 WANDB_BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of chunks with 7-byte headers
 WANDB_HEADER = 7  # ":W&B", a 2-byte magic number and a 1-byte version
@@ -93,7 +95,7 @@ def jsonl_metrics(workdir):
 
 def test_tracker_sends_the_same_scalars_to_jsonl_tensorboard_and_wandb(tmp_path):
     pytest.importorskip("wandb", reason="needs the [wandb] extra: pip install -e .[wandb]")
-    tracker = loop.Tracker(str(tmp_path), loop.WandbSettings(project="llama2-jax-test", mode="offline"), {"seed": 3})
+    tracker = tracking.Tracker(str(tmp_path), tracking.WandbSettings(project="llama2-jax-test", mode="offline"), {"seed": 3})
     logged = {1: {"loss": 2.5, "learning_rate": 1e-4}, 2: {"loss": 2.25, "learning_rate": 2e-4}, 3: {"eval_loss": 2.0}}
     for step, metrics in logged.items():
         tracker.write(step, metrics)
@@ -101,7 +103,7 @@ def test_tracker_sends_the_same_scalars_to_jsonl_tensorboard_and_wandb(tmp_path)
     assert jsonl_metrics(tmp_path) == logged
     (run_id,) = wandb_history(tmp_path)
     assert wandb_history(tmp_path)[run_id] == logged
-    assert (tmp_path / loop.WANDB_RUN_ID_FILE).read_text().strip() == run_id
+    assert (tmp_path / WANDB_RUN_ID_FILE).read_text().strip() == run_id
     tensorboard = tensorboard_scalars(tmp_path)
     assert {s: {k: pytest.approx(v, rel=1e-6) for k, v in m.items()} for s, m in logged.items()} == tensorboard
 
@@ -118,7 +120,7 @@ def test_bad_tracking_fields_are_one_line_config_errors(field, value, message):
     config = tiny.get_config()
     *parents, leaf = field.split(".")
     (config[parents[0]] if parents else config)[leaf] = value
-    with pytest.raises(common.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         loop.LoopSettings.from_config(config)
 
 
@@ -147,7 +149,7 @@ def test_pretraining_logs_to_wandb_offline_resumes_its_run_and_profiles_steps(tm
     config.num_train_steps = 6  # resume the same workdir for two more steps
     pretrain.train_and_evaluate(config, str(tmp_path))
     runs = wandb_history(tmp_path)
-    assert list(runs) == [(tmp_path / loop.WANDB_RUN_ID_FILE).read_text().strip()]  # one W&B run across both
+    assert list(runs) == [(tmp_path / WANDB_RUN_ID_FILE).read_text().strip()]  # one W&B run across both
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
     assert runs[next(iter(runs))] == jsonl_metrics(tmp_path)  # every logged scalar of steps 1..6, exactly
     assert sorted(jsonl_metrics(tmp_path)) == [1, 2, 3, 4, 5, 6]
@@ -159,7 +161,7 @@ def test_pretraining_rejects_a_bad_profile_window_before_loading_anything(tmp_pa
     from train import pretrain
 
     config = small_config(**{"profile_steps": "2-3", "data.source": "jsonl", "data.path": str(tmp_path / "absent")})
-    with pytest.raises(common.ConfigError, match=r"^config.profile_steps is '2-3'"):
+    with pytest.raises(ConfigError, match=r"^config.profile_steps is '2-3'"):
         pretrain.train_and_evaluate(config, str(tmp_path / "work"))
 
 
@@ -169,6 +171,7 @@ def test_ppo_profiles_its_iterations_and_logs_through_the_tracker(tmp_path):
     from test_ppo import tiny_config as ppo_config
     from test_rejection_sampling import make_tokenizer
 
+    from llama2_jax.training.rlhf_setup import Rewards
     from train import ppo
 
     (tmp_path / "tok").mkdir()
@@ -176,9 +179,8 @@ def test_ppo_profiles_its_iterations_and_logs_through_the_tracker(tmp_path):
     config.iterations, config.eval_every_iterations, config.checkpoint_every_iterations = 2, 2, 2
     config.profile_steps = "2:2"  # the second PPO iteration (rollout, scoring and updates)
     work = tmp_path / "ppo"
-    history = ppo.train_and_evaluate(config, str(work), score_fns={"helpful": prefers_target_tokens,
-                                                                   "safety": constant_safety},
-                                     reward_params={"helpful": None, "safety": None})
+    history = ppo.train(config, str(work), Rewards({"helpful": prefers_target_tokens, "safety": constant_safety},
+                                                   {"helpful": None, "safety": None})).history
     assert_one_trace_of_compiled_programs(work)
     logged = jsonl_metrics(work)
     assert sorted(logged) == [1, 2] and logged[2]["kl"] == history[1]["kl"]
@@ -193,13 +195,13 @@ def test_sft_and_reward_reject_a_bad_profile_window_before_reading_anything(tmp_
     def fail(*args, **kwargs):
         raise AssertionError("read or compiled before the config error")
 
-    monkeypatch.setattr(common, "prepare_workdir", fail)
-    monkeypatch.setattr(common, "init_llama_state", fail)
+    monkeypatch.setattr(tokenizer_setup, "Tokenizer", fail)
+    monkeypatch.setattr(run_dir, "write_workdir", fail)
     data = tmp_path / "data.jsonl"
     data.write_text("")  # never read: the error comes first
     config = (sft_tiny if trainer == "sft" else rm_tiny).get_config()
     config.data.path, config.profile_steps = str(data), "2-3"
     module = sft if trainer == "sft" else reward
-    with pytest.raises(common.ConfigError, match=r"^config.profile_steps is '2-3'"):
+    with pytest.raises(ConfigError, match=r"^config.profile_steps is '2-3'"):
         module.train_and_evaluate(config, str(tmp_path / "work"))
     assert not (tmp_path / "work").exists()

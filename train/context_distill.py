@@ -10,17 +10,17 @@ r"""Safety context distillation (paper section 4.2.4): `python -m train.context_
      in); the distilled answer is kept only when it scores above the original one (targeted context distillation,
      `llama2_jax.rlhf.context_distill`);
   3. the kept (prompt without preprompt, distilled answer) pairs are an SFT dataset (loss on the answer only), and the
-     policy is fine-tuned on it with the SFT trainer's run (`common.fine_tune`, config.sft).
+     policy is fine-tuned on it with the SFT trainer's run (`training.rounds.fine_tune_round`, config.sft).
 
 Outputs: WORKDIR/samples.jsonl (both answers and scores per prompt), WORKDIR/distill.jsonl (the SFT data),
 WORKDIR/distill.json (kept fraction, mean safety-RM gain of kept vs all), WORKDIR/sft/ (the distilled policy: an
-init_from). A re-run reuses finished samples (WORKDIR/distill.json) and the SFT trainer resumes from its checkpoints.
+init_from). The one round runs on the shared loop (`training.rounds`); a re-run reuses finished samples
+(WORKDIR/distill.json) and the SFT trainer resumes from its checkpoints. The safety RM is an argument of `train`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -28,61 +28,69 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llama2_jax.checkpoints import params_io as param_checkpoint
 from llama2_jax.cli import trainer as trainer_main
 from llama2_jax.data import safety_preprompts
 from llama2_jax.inference import decode, generate
-from llama2_jax.model import sharding as sh
-from llama2_jax.model.llama import abstract_params
 from llama2_jax.rlhf import context_distill as cd
 from llama2_jax.rlhf import formulas as rlhf
 from llama2_jax.text import chat_format as chat
-from llama2_jax.training import common
+from llama2_jax.training import rounds
+from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.loop import TrainResult
+from llama2_jax.training.outputs import read_json, write_json, write_jsonl
+from llama2_jax.training.rlhf_setup import RewardCheckpoints, Rewards, load_prompts
+from llama2_jax.training.setup import Run, Task, setup
 
 
-def check_config(config, mesh) -> None:
+def check_fields(config) -> None:
     """One-line ConfigErrors for the distillation fields, before anything is loaded or compiled."""
     s = config.sampling
     if not config.reward.safety_path:
-        raise common.ConfigError("config.reward.safety_path is empty: context distillation keeps answers by the "
-                                 "safety RM's score")
+        raise ConfigError("config.reward.safety_path is empty: context distillation keeps answers by the "
+                          "safety RM's score")
     if s.max_gen_len < 1 or s.temperature < 0 or not 0 < s.top_p <= 1:
-        raise common.ConfigError(f"config.sampling: max_gen_len {s.max_gen_len} must be >= 1, temperature "
-                                 f"{s.temperature} >= 0 and top_p {s.top_p} in (0, 1]")
-    if s.batch_size < 2 or s.batch_size % 2 or s.batch_size % sh.data_parallel_size(mesh):
-        raise common.ConfigError(f"config.sampling.batch_size ({s.batch_size}) must be even (two rows per prompt) "
-                                 f"and a multiple of the data-parallel size {sh.data_parallel_size(mesh)}")
+        raise ConfigError(f"config.sampling: max_gen_len {s.max_gen_len} must be >= 1, temperature "
+                          f"{s.temperature} >= 0 and top_p {s.top_p} in (0, 1]")
+    if s.batch_size < 2 or s.batch_size % 2:
+        raise ConfigError(f"config.sampling.batch_size ({s.batch_size}) must be even (two rows per prompt)")
+
+
+def check_model(config, cfg, mesh, *, rewards) -> None:
+    rounds.check_round_config(config, mesh)
+    rounds.check_generation_length(config, cfg)
+    rewards.check(config, cfg)
+    load_table(config)
 
 
 def load_table(config) -> safety_preprompts.PrepromptTable:
     try:
         return safety_preprompts.load_table(config.distill.preprompts_path or None)
     except (ValueError, OSError) as error:
-        raise common.ConfigError(f"config.distill.preprompts_path: {error}") from None
+        raise ConfigError(f"config.distill.preprompts_path: {error}") from None
 
 
 def adversarial_prompts(config, tokenizer, table) -> tuple[list, list[list[int]], list[list[int]]]:
     """(prompts, encodings with the preprompt, encodings without) of the safety-tagged prompts whose preprompted
     encoding fits in max_prompt_len (the others are dropped and counted)."""
-    prompts, _ = common.load_prompts(config, tokenizer)
+    prompts, _ = load_prompts(config, tokenizer)
     adversarial = [p for p in prompts if p.is_safety]
     if not adversarial:
-        raise common.ConfigError(f"config.prompts: none of the {len(prompts)} prompts is tagged is_safety (pass "
-                                 "--config.prompts.is_safety=True for a file of adversarial prompts)")
+        raise ConfigError(f"config.prompts: none of the {len(prompts)} prompts is tagged is_safety (pass "
+                          "--config.prompts.is_safety=True for a file of adversarial prompts)")
     kept, with_pre, without = [], [], []
     for i, prompt in enumerate(adversarial):
         try:
             preprompt = table.preprompt_for(i, prompt.risk_category, use_categories=config.distill.use_categories)
         except ValueError as error:
-            raise common.ConfigError(f"config.prompts: prompt {i}: {error}") from None
+            raise ConfigError(f"config.prompts: prompt {i}: {error}") from None
         tokens = chat.encode_dialog(tokenizer, cd.with_preprompt(prompt.messages, preprompt))
         if len(tokens) <= config.prompts.max_prompt_len:
             kept.append(prompt)
             with_pre.append(tokens)
             without.append(chat.encode_dialog(tokenizer, prompt.messages))
     if not kept:
-        raise common.ConfigError(f"config.prompts.max_prompt_len ({config.prompts.max_prompt_len}) is shorter than "
-                                 "every prompt with its preprompt")
+        raise ConfigError(f"config.prompts.max_prompt_len ({config.prompts.max_prompt_len}) is shorter than "
+                          "every prompt with its preprompt")
     print(f"context distillation: {len(kept)} adversarial prompts ({len(adversarial) - len(kept)} too long with the "
           f"preprompt, {len(prompts) - len(adversarial)} not tagged is_safety)")
     return kept, with_pre, without
@@ -106,45 +114,34 @@ def sample_and_score(policy_params, safety_params, prompt_tokens, prompt_lens, s
 
 def sample_both(config, sampler, params, safety_params, with_pre, without, mesh) -> dict[str, list]:
     """Per prompt: the answer with the preprompt and the one without (token lists) and their safety scores."""
-    rows, width = config.sampling.batch_size, config.prompts.max_prompt_len
+    width = config.prompts.max_prompt_len
     order = [(p, variant) for p in range(len(without)) for variant in (0, 1)]  # 0: with the preprompt, 1: without
+
+    def arrays(rows):
+        tokens, lens = rounds.pad([(with_pre if v == 0 else without)[p] for p, v in rows], width)
+        context, context_lens = rounds.pad([without[p] for p, _ in rows], width)
+        return {"prompt_tokens": tokens, "prompt_lens": lens, "score_tokens": context, "score_lens": context_lens}
+
+    call = functools.partial(sampler, params, safety_params)
+    outputs = rounds.sample_rows(call, order, arrays, config.sampling.batch_size, mesh, jax.random.PRNGKey(config.seed))
     answers, scores = [[None, None] for _ in without], np.zeros((len(without), 2), np.float32)
-    rng = jax.random.PRNGKey(config.seed)
-    to_global = functools.partial(common.host_to_global, mesh=mesh)
-    for start in range(0, len(order), rows):
-        chunk = order[start:start + rows]
-        padded = chunk + [chunk[0]] * (rows - len(chunk))
-        sample_in = [(with_pre if v == 0 else without)[p] for p, v in padded]
-        tokens, lens = generate.pad_prompts(sample_in, generate.META_PAD_ID, width, bucket=width)
-        context, context_lens = generate.pad_prompts([without[p] for p, _ in padded], generate.META_PAD_ID, width,
-                                                     bucket=width)
-        out = common.to_host(sampler(params, safety_params, *map(to_global, (tokens, lens, context, context_lens)),
-                                     jax.random.fold_in(rng, start)))
-        for row, (p, v) in enumerate(chunk):
-            answers[p][v] = out["answers"][row, :out["lengths"][row]].tolist()
-            scores[p, v] = out["safety"][row]
+    for (p, v), out in zip(order, outputs):
+        answers[p][v] = out["answers"][:out["lengths"]].tolist()
+        scores[p, v] = out["safety"]
     return {"answers": answers, "scores": scores}
 
 
-def write_jsonl(path: str, records) -> None:
-    if jax.process_index() == 0:
-        with open(path, "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in records)
-
-
-def distill(config, workdir: str, tokenizer, cfg, mesh, score_fns, reward_params) -> dict:
+def distill(run: Run, rewards: Rewards) -> dict:
     """Sample, score, keep and write WORKDIR/samples.jsonl, distill.jsonl and distill.json; returns the metrics."""
-    table = load_table(config)
-    prompts, with_pre, without = adversarial_prompts(config, tokenizer, table)
-    if score_fns is None:
-        score_fns, reward_params = common.load_reward_models(config, mesh, cfg.vocab_size)
+    config, tokenizer, cfg, mesh, workdir = run.config, run.tokenizer, run.model_cfg, run.mesh, run.workdir
+    prompts, with_pre, without = run.data
     s = config.sampling
     sampler = jax.jit(functools.partial(
-        sample_and_score, cfg=cfg, safety_fn=score_fns["safety"], max_gen_len=s.max_gen_len, temperature=s.temperature,
-        top_p=s.top_p, eos_id=tokenizer.eos_id, mesh=mesh), compiler_options=decode.DECODE_COMPILER_OPTIONS)
-    shardings = sh.tree_shardings(abstract_params(cfg, boxed=True), mesh)
-    params, _ = param_checkpoint.load_params(config.init_from, cfg, shardings=shardings)
-    samples = sample_both(config, sampler, params, reward_params["safety"], with_pre, without, mesh)
+        sample_and_score, cfg=cfg, safety_fn=rewards.fns["safety"], max_gen_len=s.max_gen_len,
+        temperature=s.temperature, top_p=s.top_p, eos_id=tokenizer.eos_id, mesh=mesh),
+        compiler_options=decode.DECODE_COMPILER_OPTIONS)
+    params = rounds.load_policy(config.init_from, cfg, mesh)
+    samples = sample_both(config, sampler, params, rewards.params["safety"], with_pre, without, mesh)
     del params
     texts = [[tokenizer.decode(a) for a in pair] for pair in samples["answers"]]
     distilled, original = samples["scores"][:, 0], samples["scores"][:, 1]
@@ -158,44 +155,46 @@ def distill(config, workdir: str, tokenizer, cfg, mesh, score_fns, reward_params
                 cd.distill_records([p.messages for p in prompts], [t[0] for t in texts], keep))
     metrics = cd.distill_metrics(distilled, original, keep)
     multihost_utils.sync_global_devices("context distillation samples")
-    if jax.process_index() == 0:  # written last: its presence marks the sampling as finished
-        with open(os.path.join(workdir, "distill.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+    write_json(os.path.join(workdir, "distill.json"), metrics)  # written last: it marks the sampling as finished
     return metrics
 
 
-def train_and_evaluate(config, workdir: str, score_fns=None, reward_params=None) -> dict:
-    """Distil and fine-tune; returns the distillation metrics and the SFT history.
+def cd_task(rewards) -> Task:
+    return Task("context_distill", check=check_fields, check_model=functools.partial(check_model, rewards=rewards),
+                make_data=lambda config, tokenizer, raw: adversarial_prompts(config, tokenizer, load_table(config)),
+                seq_len=False, init_from_required=True, lora=False, eval_tasks=False, writes_model=False)
 
-    score_fns / reward_params: a stand-in safety RM ({"safety": fn(params, tokens, lengths) -> sigmoid scores})
-    instead of config.reward.safety_path's checkpoint (tests)."""
-    mesh = common.make_mesh(config)
-    if score_fns is None:
-        check_config(config, mesh)
-    cfg = common.resolve_model_config(config, required=True)
-    if config.prompts.max_prompt_len + config.sampling.max_gen_len > cfg.max_seq_len:
-        raise common.ConfigError(f"config.prompts.max_prompt_len + config.sampling.max_gen_len exceeds the policy's "
-                                 f"max_seq_len {cfg.max_seq_len}")
-    common.check_workdir(workdir, cfg, init_from=config.init_from)
-    tokenizer = common.load_tokenizer(config, cfg.vocab_size)
-    os.makedirs(workdir, exist_ok=True)
-    summary = os.path.join(workdir, "distill.json")
-    if os.path.isfile(summary):  # resume: the samples are done
-        with open(summary) as f:
-            metrics = json.load(f)
-    else:
-        metrics = distill(config, workdir, tokenizer, cfg, mesh, score_fns, reward_params)
-    print(f"kept {metrics['kept']} of {metrics['prompts']} ({metrics['kept_fraction']:.1%}); safety RM gain "
-          f"(distilled - original): kept {metrics['safety_gain_kept_mean']:+.4f}, all "
-          f"{metrics['safety_gain_all_mean']:+.4f}", flush=True)
-    if not metrics["kept"]:
-        raise common.ConfigError("no distilled answer scored above the original one: nothing to fine-tune on")
-    sft = config.sft.copy_and_resolve_references()
-    sft.init_from, sft.data.path, sft.tokenizer.path = config.init_from, os.path.join(workdir, "distill.jsonl"), \
-        tokenizer.model_path
-    sft.mesh, sft.seed = config.mesh, config.seed
-    tuned = common.fine_tune(sft, os.path.join(workdir, "sft"))
-    return {**metrics, "sft_history": tuned.history}
+
+def train(config, workdir: str, rewards: RewardCheckpoints | Rewards) -> TrainResult:
+    """Distil with this safety RM ({"safety": ...}) and fine-tune; the summary has the distillation figures, the
+    history the round's row, the product is WORKDIR/sft."""
+    run = setup(config, workdir, cd_task(rewards))
+    summary = {}
+
+    def one_round(index: int) -> dict:
+        del index
+        metrics = read_json(os.path.join(workdir, "distill.json"))  # a rerun reuses finished samples
+        metrics = metrics or distill(run, rewards.load(run.config, run.mesh, run.model_cfg))
+        summary.update(metrics)
+        print(f"kept {metrics['kept']} of {metrics['prompts']} ({metrics['kept_fraction']:.1%}); safety RM gain "
+              f"(distilled - original): kept {metrics['safety_gain_kept_mean']:+.4f}, all "
+              f"{metrics['safety_gain_all_mean']:+.4f}", flush=True)
+        if not metrics["kept"]:
+            raise ConfigError("no distilled answer scored above the original one: nothing to fine-tune on")
+        rounds.fine_tune_round(config, init_from=config.init_from, data_path=os.path.join(workdir, "distill.jsonl"),
+                               tokenizer_path=run.tokenizer.model_path, workdir=rounds.sft_dir(workdir),
+                               seed=config.seed)
+        return metrics
+
+    result = rounds.run_rounds(run, 1, one_round)
+    result.summary = summary or read_json(os.path.join(workdir, "distill.json"), {})
+    result.product = rounds.sft_dir(workdir)
+    return result
+
+
+def train_and_evaluate(config, workdir: str) -> TrainResult:
+    """Context distillation with the safety RM of config.reward.safety_path."""
+    return train(config, workdir, RewardCheckpoints())
 
 
 if __name__ == "__main__":

@@ -1,45 +1,54 @@
-r"""Ghost Attention (paper section 3.3): an SFT dataset of dialogs where one instruction holds for every turn.
+r"""Ghost Attention (paper section 3.3): fine-tuning on dialogs where one instruction holds for every turn.
 
-    python -m train.gatt --checkpoint=DIR --tokenizer=PATH --dialogs=FILE --out=FILE [--max_turns=N --seed=S ...]
-    python -m train.sft --config=configs/sft_7b.py --config.init_from=DIR --config.data.path=FILE ...
+    python -m train.gatt --config=configs/gatt_7b.py --workdir=DIR --config.init_from=POLICY \
+        --config.data.path=DIALOGS [--config.gatt.max_turns=N --config.seed=S ...]
 
-For each source dialog (only its user messages are kept; its assistant replies are replaced by samples):
-  1. an instruction is sampled (`llama2_jax.data.gatt_instructions`: hobby / language / public figure, 1-2 of them);
+One round on the shared loop (`training.rounds`): the policy samples an SFT dataset, then the SFT trainer's run
+fine-tunes the policy on it (config.sft) into WORKDIR/sft. For each source dialog of config.data.path (only its user
+messages are kept; its assistant replies are replaced by samples):
+  1. an instruction is sampled (`llama2_jax.data.gatt_instructions`: hobby / language / public figure, 1 to
+     config.gatt.max_constraints of them);
   2. it is concatenated to *every* user message, before it: f"{instruction}\n\n{user}" (full form);
-  3. the current model samples the replies turn by turn (`generate.chat_completion`; all dialogs at turn k in one
-     batched call), each turn seeing the augmented history and its own earlier replies;
+  3. the policy samples the replies turn by turn (`generate.chat_completion`; all dialogs at turn k in calls of
+     config.sampling.batch_size), each turn seeing the augmented history and its own earlier replies;
   4. the training dialog keeps the instruction only in the first turn: it becomes the system message (Meta's format
-     merges it into the first user turn inside <<SYS>>), terse ("Figure: Napoleon") half of the time; later user
-     messages are the original ones;
-  5. the record carries `"train_on": "last"`: `train.sft` zeroes the loss on every token of previous turns, assistant
+     merges it into the first user turn inside <<SYS>>), terse ("Figure: Napoleon") config.gatt.terse_probability of
+     the time; later user messages are the original ones;
+  5. the record carries `"train_on": "last"`: the SFT run zeroes the loss on every token of previous turns, assistant
      turns included, and trains the last reply only.
-With `--samples=every_turn` (default) a dialog of n sampled turns gives n records (the dialog cut after turn 1..n,
-each training its last turn), so every turn depth is trained; `--samples=last_turn` gives one record per dialog.
+With `config.gatt.samples="every_turn"` (default) a dialog of n sampled turns gives n records (the dialog cut after
+turn 1..n, each training its last turn), so every turn depth is trained; "last_turn" gives one record per dialog.
 
-A dialog stops early (counted) when its next prompt would leave fewer than `--min_reply_tokens` of the model's
+A dialog stops early (counted) when its next prompt would leave fewer than config.gatt.min_reply_tokens of the model's
 context, or when the model replies with nothing or with special tags. Source dialogs containing Meta's special tags
-are skipped (counted).
-Output: JSONL, one `{"messages": [...], "train_on": "last", "gatt": {"instruction", "terse", "turns"}}` per line.
+are skipped (counted). Outputs: WORKDIR/gatt.jsonl, one `{"messages": [...], "train_on": "last", "gatt":
+{"instruction", "terse", "turns"}}` per line (a rerun reuses it), WORKDIR/gatt_stats.json, WORKDIR/sft/ (the
+fine-tuned policy: an init_from). The former command-line flags are config fields: --checkpoint = init_from,
+--tokenizer = tokenizer.path, --dialogs / --format = data.path / data.format, --max_gen_len / --temperature / --top_p /
+--batch_size = sampling.*, --dtype = model.dtype, --seed = seed, the others gatt.*; --out is WORKDIR/gatt.jsonl.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
+import os
 import random
-import sys
 from typing import Callable, Optional, Sequence
 
-from llama2_jax.cli.common import add_sampling_flags, check_sampling_flags, load_model
+import jax
+
+from llama2_jax.checkpoints import params_io
+from llama2_jax.cli import trainer as trainer_main
 from llama2_jax.data import gatt_instructions
 from llama2_jax.data.dialogs import read_dialogs
 from llama2_jax.data.gatt_instructions import Instruction
 from llama2_jax.inference import generate
-from llama2_jax.paths import prepare_output_file
 from llama2_jax.text import chat_format as chat
-from llama2_jax.text.tokenizer import check_vocab
-from llama2_jax.training import common
+from llama2_jax.training import rounds
+from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.loop import TrainResult
+from llama2_jax.training.outputs import read_json, write_json, write_jsonl
+from llama2_jax.training.setup import Run, Task, setup
 
 SAMPLES = ("every_turn", "last_turn")
 Sampler = Callable[[list[list[dict]]], list[str]]  # dialogs ending with a user message -> reply contents
@@ -187,69 +196,93 @@ class ModelSampler:
         return replies
 
 
-# -------------------------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------------------- trainer
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.gatt", description=__doc__.split("\n")[0])
-    add_sampling_flags(parser)  # --checkpoint --tokenizer --max_gen_len --temperature --top_p --seed --dtype
-    parser.set_defaults(max_gen_len=256)
-    parser.add_argument("--dialogs", required=True, help="multi-turn dialogs (any format of read_dialogs)")
-    parser.add_argument("--format", default="auto", help="dialog file format (default: detected)")
-    parser.add_argument("--out", required=True, help="output JSONL for train.sft (--config.data.path)")
-    parser.add_argument("--max_turns", type=int, default=0, help="sample at most this many turns (0 = all)")
-    parser.add_argument("--max_dialogs", type=int, default=0, help="use the first N dialogs (0 = all)")
-    parser.add_argument("--samples", choices=SAMPLES, default="every_turn", help="records per dialog")
-    parser.add_argument("--max_constraints", type=int, default=2, help="instructions combined per dialog (1-3)")
-    parser.add_argument("--terse_probability", type=float, default=0.5, help="share of terse training instructions")
-    parser.add_argument("--batch_size", type=int, default=16, help="dialogs per sampling call")
-    parser.add_argument("--min_reply_tokens", type=int, default=16, help="stop a dialog when less context is left")
-    args = parser.parse_args(argv)
-    check_sampling_flags(args)  # one-line errors, exit 1; fills in the default --dtype
-    return args
+def check_fields(config) -> None:
+    """One-line ConfigErrors for the GAtt fields, before anything is read or compiled."""
+    g, s = config.gatt, config.sampling
+    if not config.data.path:
+        raise ConfigError("config.data.path is empty: pass --config.data.path=FILE (multi-turn dialogs)")
+    if not os.path.isfile(config.data.path):
+        raise ConfigError(f"config.data.path: {config.data.path} does not exist")
+    if g.max_constraints not in (1, 2, 3):
+        raise ConfigError(f"config.gatt.max_constraints must be 1, 2 or 3 (instructions combined per dialog), got "
+                          f"{g.max_constraints!r}")
+    if g.samples not in SAMPLES:
+        raise ConfigError(f"config.gatt.samples is {g.samples!r}, expected one of {', '.join(SAMPLES)}")
+    if not 0.0 <= g.terse_probability <= 1.0:
+        raise ConfigError(f"config.gatt.terse_probability must be in [0, 1], got {g.terse_probability!r}")
+    for name in ("max_turns", "max_dialogs", "min_reply_tokens"):
+        if g[name] < 0:
+            raise ConfigError(f"config.gatt.{name} must be >= 0, got {g[name]!r}")
+    if s.batch_size < 1 or s.max_gen_len < 1:
+        raise ConfigError(f"config.sampling.batch_size ({s.batch_size}) and config.sampling.max_gen_len "
+                          f"({s.max_gen_len}) must be >= 1")
+    if s.temperature < 0 or not 0 < s.top_p <= 1:
+        raise ConfigError(f"config.sampling: temperature {s.temperature} must be >= 0 and top_p {s.top_p} in (0, 1]")
 
 
-def write_jsonl(path: str, records: Sequence[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def load_inputs(args: argparse.Namespace):
-    """(dialogs, params, LlamaConfig, tokenizer) for the CLI; bad input raises a one-line ConfigError naming the flag."""
-    try:  # before any sampling: a bad --out would lose every sample
-        prepare_output_file(args.out, "--out")
-    except (OSError, ValueError) as error:
-        raise common.ConfigError(str(error)) from None
+def read_source_dialogs(config) -> list:
+    """The first config.gatt.max_dialogs (0 = all) dialogs of config.data.path."""
     try:
-        dialogs, _ = read_dialogs(args.dialogs, format=args.format)
+        dialogs, _ = read_dialogs(config.data.path, format=config.data.format)
     except (ValueError, FileNotFoundError) as error:
-        raise common.ConfigError(f"--dialogs: {error}") from None
-    try:
-        params, cfg, tokenizer = load_model(args.checkpoint, args.tokenizer, args.dtype)
-        check_vocab(tokenizer, cfg.vocab_size)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        raise common.ConfigError(f"--checkpoint / --tokenizer: {error}") from None
-    return dialogs[: args.max_dialogs or None], params, cfg, tokenizer
+        raise ConfigError(f"config.data: {error}") from None
+    return dialogs[: config.gatt.max_dialogs or None]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> GattStats:
-    args = parse_args(argv)
-    try:
-        dialogs, params, cfg, tokenizer = load_inputs(args)
-    except common.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    sampler = ModelSampler(params, cfg, tokenizer, temperature=args.temperature, top_p=args.top_p,
-                           max_gen_len=args.max_gen_len, batch_size=args.batch_size, seed=args.seed,
-                           min_reply_tokens=args.min_reply_tokens)
-    records, stats = make_gatt_records(dialogs, sampler, seed=args.seed, max_turns=args.max_turns,
-                                       samples=args.samples, max_constraints=args.max_constraints,
-                                       terse_probability=args.terse_probability, fits=sampler.fits)
-    write_jsonl(args.out, records)
-    print(f"GAtt: {stats}\nwrote {len(records)} records to {args.out}")
-    return stats
+def check_model(config, model_cfg, mesh) -> None:
+    del model_cfg
+    rounds.check_fine_tuning(config, mesh)
+
+
+GATT = Task("gatt", check=check_fields, check_model=check_model, read=read_source_dialogs,
+            make_data=lambda config, tokenizer, raw: raw, seq_len=False, init_from_required=True, lora=False,
+            eval_tasks=False, writes_model=False)
+
+
+def make_records(run: Run) -> tuple[list[dict], dict]:
+    """Steps 1-5 with the policy as sampler: (records, stats)."""
+    config, g = run.config, run.config.gatt
+    params, cfg = params_io.load_params(config.init_from, run.model_cfg)
+    sampler = ModelSampler(jax.device_put(params), cfg, run.tokenizer, temperature=config.sampling.temperature,
+                           top_p=config.sampling.top_p, max_gen_len=config.sampling.max_gen_len,
+                           batch_size=config.sampling.batch_size, seed=config.seed,
+                           min_reply_tokens=g.min_reply_tokens)
+    records, stats = make_gatt_records(run.data, sampler, seed=config.seed, max_turns=g.max_turns, samples=g.samples,
+                                       max_constraints=g.max_constraints, terse_probability=g.terse_probability,
+                                       fits=sampler.fits)
+    return records, dataclasses.asdict(stats)
+
+
+def train_and_evaluate(config, workdir: str) -> TrainResult:
+    """Sample the GAtt records with config.init_from and fine-tune it on them; the summary has the records' counts
+    (`GattStats`), the product is WORKDIR/sft."""
+    run = setup(config, workdir, GATT)
+    records_path, stats_path = os.path.join(workdir, "gatt.jsonl"), os.path.join(workdir, "gatt_stats.json")
+
+    def one_round(index: int) -> dict:
+        del index
+        stats = read_json(stats_path)  # written after the records: a rerun reuses them
+        if stats is None:
+            records, stats = make_records(run)
+            write_jsonl(records_path, records)
+            write_json(stats_path, stats)
+        print(f"GAtt: {stats}\n{stats['records']} records in {records_path}", flush=True)
+        if not stats["records"]:
+            raise ConfigError(f"no GAtt record from the {stats['dialogs']} dialogs of config.data.path: nothing to "
+                              "fine-tune on")
+        rounds.fine_tune_round(config, init_from=config.init_from, data_path=records_path,
+                               tokenizer_path=run.tokenizer.model_path, workdir=rounds.sft_dir(workdir),
+                               seed=config.seed)
+        return stats
+
+    result = rounds.run_rounds(run, 1, one_round)
+    result.summary = read_json(stats_path, {})
+    result.product = rounds.sft_dir(workdir)
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    trainer_main.run_trainer(train_and_evaluate, "GAtt config file (configs/gatt_*.py).")

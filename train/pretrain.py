@@ -5,14 +5,20 @@ The embedded default trains offline on CPU: `python -m train.pretrain --config=c
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from typing import Any, Callable, Optional
 
 import jax
 
 from llama2_jax.cli import trainer as trainer_main
 from llama2_jax.data import hf_source, packing, pipeline, sources
 from llama2_jax.inference import generate
-from llama2_jax.training import common, loop
+from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.hosts import process_local
+from llama2_jax.training.loop import TrainResult
+from llama2_jax.training.setup import Run, Task, setup
+from llama2_jax.training.sft_run import train_next_token
 
 STREAM_TOKENIZER_DOCS = 20_000  # a streamed corpus trains the tokenizer on its first documents
 
@@ -31,7 +37,7 @@ def load_corpus(config):
         return sources.load_documents(data.source, data.path or None, field=data.field, split=data.split,
                                       data_dir=data.data_dir or None, one_doc_per_file=data.one_doc_per_file)
     except (ValueError, FileNotFoundError, ImportError) as error:
-        raise common.ConfigError(f"config.data: {error}") from None
+        raise ConfigError(f"config.data: {error}") from None
 
 
 def tokenizer_corpus(documents):
@@ -42,8 +48,15 @@ def tokenizer_corpus(documents):
     return documents
 
 
-def make_data(config, documents, tokenizer):
-    """(train iterator of this process's rows, eval batches function). Every process reads the global stream."""
+@dataclasses.dataclass
+class Corpus:
+    documents: Any  # what load_corpus returned
+    train_iter: Any  # this process's rows of every global batch
+    eval_batches: Optional[Callable[[], list]]  # this process's rows of the held-out batches, or None
+
+
+def make_data(config, tokenizer, documents) -> Corpus:
+    """The corpus tokenized and packed into batches. Every process reads the global stream."""
     try:
         if isinstance(documents, tuple):  # streamed: (train, validation) document streams
             train_iter, eval_batches = pipeline.make_stream_pretrain_iterators(
@@ -54,37 +67,33 @@ def make_data(config, documents, tokenizer):
                 documents, tokenizer, config.seq_len, config.batch_size, config.seed, config.data.val_fraction,
                 process_index=0, process_count=1, max_eval_batches=config.eval_batches or None)
     except ValueError as error:
-        raise common.ConfigError(f"config.data: {error}") from None
-    return common.process_local(train_iter, eval_batches)
+        raise ConfigError(f"config.data: {error}") from None
+    return Corpus(documents, *process_local(train_iter, eval_batches))
 
 
 def corpus_unigram_entropy(documents, tokenizer) -> float:
     return packing.unigram_entropy([pipeline.encode_document(tokenizer, doc) for doc in documents])
 
 
-def train_and_evaluate(config, workdir: str):
-    """Pretrain a Llama on the configured corpus (from scratch, or continued from config.init_from); returns (final
-    state, logged metrics). The tokenizer is config.tokenizer.path, init_from's, or one trained on the corpus."""
-    model_cfg = common.resolve_model_config(config)
-    mesh = common.make_mesh(config)
-    common.check_batch(config, mesh, model_cfg, config.seq_len)
-    loop.LoopSettings.from_config(config)  # checks profile_steps and wandb before anything is read or compiled
-    documents = load_corpus(config)
-    tokenizer = common.prepare_workdir(config, workdir, model_cfg, texts=tokenizer_corpus(documents))
-    extra_evals = common.task_evals(config, model_cfg, tokenizer, mesh)  # config.eval_tasks (lm-eval), or None
-    train_iter, eval_batches = make_data(config, documents, tokenizer)
-    state, history = common.train_llama(config, workdir, model_cfg, mesh, train_iter, eval_batches,
-                                        config.num_train_steps, extra_evals=extra_evals)
-    report(config, model_cfg, state, tokenizer, documents, history)
-    return state, history
+PRETRAIN = Task("pretrain", read=load_corpus, texts=tokenizer_corpus, make_data=make_data)
 
 
-def report(config, model_cfg, state, tokenizer, documents, history) -> None:
+def train_and_evaluate(config, workdir: str) -> TrainResult:
+    """Pretrain a Llama on the configured corpus (from scratch, or continued from config.init_from). The tokenizer is
+    config.tokenizer.path, init_from's, or one trained on the corpus."""
+    run = setup(config, workdir, PRETRAIN)
+    result = train_next_token(run, run.data.train_iter, run.data.eval_batches)
+    report(run, result.state, result.history)
+    return result
+
+
+def report(run: Run, state, history) -> None:
     if jax.process_index() != 0:
         return
+    config, model_cfg, tokenizer = run.config, run.model_cfg, run.tokenizer
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     if evals and config.data.source == "default":
-        entropy = corpus_unigram_entropy(documents, tokenizer)
+        entropy = corpus_unigram_entropy(run.data.documents, tokenizer)
         print(f"validation loss {evals[-1]:.4f} nats/token vs unigram entropy of the corpus {entropy:.4f} nats/token")
     prompts = [p for p in config.sample_prompts if p]
     if prompts and config.sample_tokens > 0 and jax.process_count() == 1:

@@ -16,7 +16,6 @@ DIR/REPORT.md has one table per stage and DIR/plots/<stage>.png its curves.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -29,6 +28,7 @@ from ml_collections import config_flags
 
 from llama2_jax.cli import common as cli_common
 from llama2_jax.evaluation import recipe_report
+from llama2_jax.training.outputs import read_json, write_json
 
 MANIFEST = "manifest.json"
 
@@ -38,19 +38,12 @@ class RecipeError(RuntimeError):
 
 
 def read_manifest(workdir: str) -> dict:
-    path = os.path.join(workdir, MANIFEST)
-    if not os.path.isfile(path):
-        return {"stages": {}}
-    with open(path) as f:
-        return json.load(f)
+    return read_json(os.path.join(workdir, MANIFEST), {"stages": {}})
 
 
 def write_manifest(workdir: str, manifest: dict) -> None:
-    """tmp + os.replace: a kill leaves the previous manifest or the new one, never half of one."""
-    path = os.path.join(workdir, MANIFEST)
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(path + ".tmp", path)
+    """Written whole (tmp + rename): a kill leaves the previous manifest or the new one, never half of one."""
+    write_json(os.path.join(workdir, MANIFEST), manifest)
 
 
 def listed_stages(config, field: str, text: str) -> list[str]:

@@ -1,6 +1,6 @@
-r"""Rejection-sampling fine-tuning (paper section 3.2.3): `python -m train.rejection_sampling --config=configs/rs_tiny.py
-    --workdir=DIR --config.init_from=POLICY --config.reward.helpful_path=RM [--config.reward.safety_path=RM]
-    --config.prompts.path=PROMPTS.jsonl`.
+r"""Rejection-sampling fine-tuning (paper section 3.2.3): `python -m train.rejection_sampling
+    --config=configs/rs_tiny.py --workdir=DIR --config.init_from=POLICY --config.reward.helpful_path=RM
+    [--config.reward.safety_path=RM] --config.prompts.path=PROMPTS.jsonl`.
 
 Per iteration i = 0 .. iterations - 1:
   1. sample K = `sampling.num_samples` responses per prompt from the current policy (`init_from` for i = 0, then the
@@ -20,44 +20,41 @@ Per iteration i = 0 .. iterations - 1:
      outranks). An empty pool is a one-line error naming sampling.max_gen_len;
   4. write the pool as an SFT dataset (messages JSONL with `"train_on": "last"`: only the chosen answer is trained;
      earlier turns of a multi-turn prompt are context) and fine-tune the *current* policy on it with the SFT trainer
-     (`common.fine_tune`, the SFT trainer's run, with config `config.sft` and init_from = the current policy).
+     (`training.rounds.fine_tune_round`: the SFT trainer's run with config `config.sft`, init_from = the policy).
 
 Outputs: WORKDIR/iter_<i>/samples.jsonl (every sample and its scores), WORKDIR/iter_<i>/pool.jsonl (the SFT data),
 WORKDIR/iter_<i>/sft/ (the fine-tuned policy: an init_from for PPO or the next round), WORKDIR/metrics.jsonl and
-TensorBoard (`llama2_jax.training.loop.Tracker`: one record of scalars per iteration, step = iteration; `config.profile_steps`
-traces the sampling and scoring of those iterations, 1-based), WORKDIR/best_of_k.json and WORKDIR/best_of_k.png
-(expected max reward of k samples, k = 1..K, per iteration: the unbiased estimator `rlhf.best_of_k_curve`). A
-finished iteration (iter_<i>/DONE) is skipped when the command is re-run, so a killed run resumes (the SFT trainer
-resumes from its own checkpoints).
+TensorBoard (the shared loop and tracker, `training.rounds.run_rounds`: one row of scalars per iteration at step
+i + 1, whose "iteration" is i; `config.profile_steps` traces whole iterations, 1-based), WORKDIR/best_of_k.json and
+WORKDIR/best_of_k.png (expected max reward of k samples, k = 1..K, per iteration: the unbiased estimator
+`rlhf.best_of_k_curve`). A finished iteration is checkpointed by the loop and skipped when the command is re-run, so a
+killed run resumes (the SFT trainer resumes from its own checkpoints). The reward models are an argument of `train`.
 
 Distillation (the paper ran RS with the 70B only): fine-tune a smaller model on a pool with `python -m train.sft
 --config.data.path=WORKDIR/iter_<i>/pool.jsonl`. Prompts (`llama2_jax.data.prompts`), reward-model loading
-(`common.load_reward_models`) and scoring (`rlhf.scoring_sequences`, `rlhf.score_sequences`) are shared with
+(`rlhf_setup.RewardCheckpoints`) and scoring (`rlhf.scoring_sequences`, `rlhf.score_sequences`) are shared with
 `train.ppo`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import logging
 import os
-from typing import Optional
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llama2_jax.checkpoints import params_io as param_checkpoint
 from llama2_jax.cli import trainer as trainer_main
-from llama2_jax.inference import decode, generate
-from llama2_jax.model import sharding as sh
-from llama2_jax.model.llama import abstract_params
+from llama2_jax.inference import decode
 from llama2_jax.rlhf import formulas as rlhf
 from llama2_jax.rlhf import pool as answer_pool
-from llama2_jax.training import common, loop
-
-_log = logging.getLogger(__name__)
+from llama2_jax.training import rounds
+from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.loop import TrainResult
+from llama2_jax.training.outputs import read_json, read_jsonl, write_json, write_jsonl
+from llama2_jax.training.rlhf_setup import RewardCheckpoints, Rewards, load_prompts
+from llama2_jax.training.setup import Run, Task, setup
 
 
 def sample_and_score(policy_params, reward_params, prompt_tokens, prompt_lens, is_safety, rng, *, cfg,
@@ -65,7 +62,7 @@ def sample_and_score(policy_params, reward_params, prompt_tokens, prompt_lens, i
                      mesh) -> dict[str, jax.Array]:
     """One batch, pure: sample, then score. Returns tokens [B, S], lengths [B] and the scores [B]."""
     out = decode.sample(policy_params, cfg, prompt_tokens, prompt_lens, rng, max_gen_len=max_gen_len,
-                          temperature=temperature, top_p=top_p, eos_id=eos_id, mesh=mesh)
+                        temperature=temperature, top_p=top_p, eos_id=eos_id, mesh=mesh)
     ids, lengths = rlhf.scoring_sequences(out["tokens"], out["prompt_lens"], out["lengths"], eos_id)
     scores = rlhf.score_sequences(score_fns, reward_params, ids, lengths, is_safety, threshold)
     return {"tokens": out["tokens"], "lengths": out["lengths"], "truncated": out["truncated"], **scores}
@@ -75,21 +72,23 @@ def sample_and_score(policy_params, reward_params, prompt_tokens, prompt_lens, i
 # One rejection-sampling iteration
 
 
-def check_config(config, mesh) -> None:
-    """One-line ConfigErrors for the RS fields, before anything is loaded or compiled."""
+def check_fields(config) -> None:
+    """One-line ConfigErrors for the RS fields that need neither the model nor the mesh."""
     s = config.sampling
     if s.num_samples < 1 or s.max_gen_len < 1 or config.iterations < 1:
-        raise common.ConfigError("config.sampling.num_samples, config.sampling.max_gen_len and config.iterations "
-                                 "must be >= 1")
+        raise ConfigError("config.sampling.num_samples, config.sampling.max_gen_len and config.iterations "
+                          "must be >= 1")
     if any(t < 0 for t in s.temperature_schedule):
-        raise common.ConfigError(f"config.sampling.temperature_schedule {tuple(s.temperature_schedule)}: every "
-                                 "temperature must be >= 0")
+        raise ConfigError(f"config.sampling.temperature_schedule {tuple(s.temperature_schedule)}: every "
+                          "temperature must be >= 0")
     if s.temperature < 0 or not 0 < s.top_p <= 1:
-        raise common.ConfigError(f"config.sampling: temperature {s.temperature} must be >= 0 and top_p {s.top_p} in "
-                                 "(0, 1]")
-    if s.batch_size < 1 or s.batch_size % sh.data_parallel_size(mesh):
-        raise common.ConfigError(f"config.sampling.batch_size ({s.batch_size}) must be a positive multiple of the "
-                                 f"data-parallel size {sh.data_parallel_size(mesh)}")
+        raise ConfigError(f"config.sampling: temperature {s.temperature} must be >= 0 and top_p {s.top_p} in (0, 1]")
+
+
+def check_config(config, mesh) -> None:
+    """One-line ConfigErrors for the RS fields, before anything is loaded or compiled."""
+    check_fields(config)
+    rounds.check_round_config(config, mesh)
 
 
 def iteration_temperature(config, iteration: int) -> float:
@@ -101,29 +100,30 @@ def iteration_temperature(config, iteration: int) -> float:
 
 
 def sample_all(config, sampler, policy_params, reward_params, encoded, prompts, iteration: int, mesh) -> dict:
-    """K samples for every prompt in batches of `sampling.batch_size` rows. Returns host arrays: responses (token
+    """K samples for every prompt in calls of `sampling.batch_size` rows. Returns host arrays: responses (token
     lists, [N][K]), scores {name: [N, K]} and truncated [N, K] (cut at max_gen_len)."""
-    k, rows = config.sampling.num_samples, config.sampling.batch_size
+    k, width = config.sampling.num_samples, config.prompts.max_prompt_len
     order = [(p, s) for p in range(len(encoded)) for s in range(k)]
-    responses = [[None] * k for _ in encoded]
-    scores: dict[str, np.ndarray] = {}
-    truncated = np.zeros((len(encoded), k), bool)
+    temperature = np.float32(iteration_temperature(config, iteration))
+
+    def arrays(rows):
+        tokens, lens = rounds.pad([encoded[p] for p, _ in rows], width)
+        return {"prompt_tokens": tokens, "prompt_lens": lens, "is_safety": np.array([prompts[p].is_safety
+                                                                                     for p, _ in rows])}
+
+    call = functools.partial(sampler, policy_params, reward_params, temperature=temperature)
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
-    for start in range(0, len(order), rows):
-        chunk = order[start:start + rows]
-        padded = chunk + [chunk[0]] * (rows - len(chunk))
-        tokens, lens = generate.pad_prompts([encoded[p] for p, _ in padded], generate.META_PAD_ID,
-                                            config.prompts.max_prompt_len, bucket=config.prompts.max_prompt_len)
-        safety = np.array([prompts[p].is_safety for p, _ in padded])
-        to_global = functools.partial(common.host_to_global, mesh=mesh)
-        out = common.to_host(sampler(policy_params, reward_params, to_global(tokens), to_global(lens),
-                                     to_global(safety), jax.random.fold_in(rng, start),
-                                     temperature=np.float32(iteration_temperature(config, iteration))))
-        for row, (p, s) in enumerate(chunk):
-            responses[p][s] = out["tokens"][row, lens[row]:lens[row] + out["lengths"][row]].tolist()
-            truncated[p, s] = out["truncated"][row]
-            for name in out.keys() - {"tokens", "lengths", "truncated"}:
-                scores.setdefault(name, np.zeros((len(encoded), k), np.float32))[p, s] = out[name][row]
+    outputs = rounds.sample_rows(call, order, arrays, config.sampling.batch_size, mesh, rng)
+    responses = [[None] * k for _ in encoded]
+    scores = {name: np.zeros((len(encoded), k), np.float32)
+              for name in outputs[0].keys() - {"tokens", "lengths", "truncated"}}
+    truncated = np.zeros((len(encoded), k), bool)
+    for (p, s), out in zip(order, outputs):
+        start = len(encoded[p])
+        responses[p][s] = out["tokens"][start:start + out["lengths"]].tolist()
+        truncated[p, s] = out["truncated"]
+        for name in scores:
+            scores[name][p, s] = out[name]
     return {"responses": responses, "scores": scores, "truncated": truncated}
 
 
@@ -162,15 +162,6 @@ def iteration_metrics(samples: dict, pool: dict, iteration: int) -> dict:
     return record
 
 
-def write_jsonl(path: str, records) -> None:
-    if jax.process_index() != 0:
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-
-
 def write_samples(path: str, prompts, tokenizer, samples: dict) -> None:
     write_jsonl(path, ({"prompt": prompt.messages, "is_safety": prompt.is_safety,
                         "responses": [tokenizer.decode(r) for r in samples["responses"][p]],
@@ -180,17 +171,7 @@ def write_samples(path: str, prompts, tokenizer, samples: dict) -> None:
 
 
 def read_pool(path: str) -> dict[int, dict]:
-    with open(path) as f:
-        return {record["prompt_index"]: record for record in map(json.loads, f)}
-
-
-def fine_tune(config, policy_dir: str, pool_path: str, tokenizer_path: str, workdir: str, iteration: int) -> None:
-    """SFT of the current policy on the pool (config.sft with init_from, data and tokenizer filled in)."""
-    sft = config.sft.copy_and_resolve_references()
-    sft.init_from, sft.data.path, sft.tokenizer.path = policy_dir, pool_path, tokenizer_path
-    sft.mesh = config.mesh
-    sft.seed = config.seed + iteration
-    common.fine_tune(sft, workdir)
+    return {record["prompt_index"]: record for record in read_jsonl(path)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -199,10 +180,9 @@ def fine_tune(config, policy_dir: str, pool_path: str, tokenizer_path: str, work
 
 def write_best_of_k(workdir: str, curves: dict[int, list[float]]) -> None:
     """WORKDIR/best_of_k.json ({iteration: [E max of k, k = 1..K]}) and best_of_k.png (one curve per iteration)."""
+    write_json(os.path.join(workdir, "best_of_k.json"), {str(i): curve for i, curve in sorted(curves.items())})
     if jax.process_index() != 0:
         return
-    with open(os.path.join(workdir, "best_of_k.json"), "w") as f:
-        json.dump({str(i): curve for i, curve in sorted(curves.items())}, f, indent=2)
     import matplotlib  # pylint: disable=g-import-not-at-top
 
     matplotlib.use("Agg")
@@ -228,96 +208,86 @@ def write_best_of_k(workdir: str, curves: dict[int, list[float]]) -> None:
 def make_sampler(config, cfg, score_fns, eos_id: int, mesh):
     s = config.sampling
     return jax.jit(functools.partial(
-        sample_and_score, cfg=cfg, score_fns=score_fns, max_gen_len=s.max_gen_len, top_p=s.top_p, eos_id=eos_id, threshold=config.reward.safety_threshold, mesh=mesh),
-        compiler_options=decode.DECODE_COMPILER_OPTIONS)
+        sample_and_score, cfg=cfg, score_fns=score_fns, max_gen_len=s.max_gen_len, top_p=s.top_p, eos_id=eos_id,
+        threshold=config.reward.safety_threshold, mesh=mesh), compiler_options=decode.DECODE_COMPILER_OPTIONS)
 
 
-def train_and_evaluate(config, workdir: str, score_fns: Optional[dict[str, rlhf.ScoreFn]] = None,
-                       reward_params: Optional[dict] = None) -> list[dict]:
-    """Run config.iterations rounds of sample -> score -> pool -> SFT; returns the per-iteration records.
-
-    score_fns / reward_params: stand-in reward models ({"helpful"/"safety": fn(params, tokens, lengths) -> sigmoid
-    scores}) instead of config.reward's checkpoints (tests)."""
-    common.check_shared_fields(config)  # before the trainer's own fields
-    mesh = common.make_mesh(config)
+def check_model(config, cfg, mesh, *, rewards) -> None:
     check_config(config, mesh)
-    loop.LoopSettings.from_config(config)  # profile_steps and wandb checked before anything is read or compiled
-    cfg = common.resolve_model_config(config, required=True)
-    if config.prompts.max_prompt_len + config.sampling.max_gen_len > cfg.max_seq_len:
-        raise common.ConfigError(f"config.prompts.max_prompt_len + config.sampling.max_gen_len exceeds the policy's "
-                                 f"max_seq_len {cfg.max_seq_len}")
-    common.check_workdir(workdir, cfg, init_from=config.init_from)
-    common.lock_workdir(workdir)
-    tokenizer = common.load_tokenizer(config, cfg.vocab_size)
-    prompts, encoded = common.load_prompts(config, tokenizer)
-    if score_fns is None:
-        score_fns, reward_params = common.load_reward_models(config, mesh, cfg.vocab_size)
-    sampler = make_sampler(config, cfg, score_fns, tokenizer.eos_id, mesh)
-    print(f"rejection sampling: {len(prompts)} prompts x {config.sampling.num_samples} samples, "
-          f"{config.iterations} iteration(s), reward models: {', '.join(score_fns)}")
+    rounds.check_generation_length(config, cfg)
+    rewards.check(config, cfg)
 
-    policy_dir, pool, curves, history = config.init_from, {}, read_curves(workdir), []
-    # profile_steps counts iterations (1-based) and traces their sampling and scoring; the SFT rounds have their own
-    # loop and field (config.sft.profile_steps).
-    tracker, profiler = loop.Tracker.from_config(config, workdir), loop.Profiler.from_config(config, workdir)
-    for iteration in range(config.iterations):
-        iter_dir = os.path.join(workdir, f"iter_{iteration}")
-        pool_path, sft_dir = os.path.join(iter_dir, "pool.jsonl"), os.path.join(iter_dir, "sft")
-        if os.path.exists(os.path.join(iter_dir, "DONE")):  # resume: this iteration finished earlier
-            pool, policy_dir = read_pool(pool_path), sft_dir
-            continue
-        params, _ = param_checkpoint.load_params(policy_dir, cfg, shardings=policy_shardings(cfg, mesh))
-        profiler.before_step(iteration + 1)
-        samples = sample_all(config, sampler, params, reward_params, encoded, prompts, iteration, mesh)
-        profiler.after_step(iteration + 1)  # sample_all returns host arrays: the device work is done
+
+def rs_task(rewards) -> Task:
+    return Task("rejection_sampling", check=check_fields,
+                check_model=functools.partial(check_model, rewards=rewards),
+                make_data=lambda config, tokenizer, raw: load_prompts(config, tokenizer), seq_len=False,
+                init_from_required=True, lora=False, eval_tasks=False, writes_model=False)
+
+
+def make_round(run: Run, sampler, rewards: Rewards, curves: dict):
+    """One round (`training.rounds`): sample from the current policy, score, pool, fine-tune."""
+    config, workdir, tokenizer = run.config, run.workdir, run.tokenizer
+    prompts, encoded = run.data
+
+    def one_round(i: int) -> dict:
+        iter_dir, previous = os.path.join(workdir, f"iter_{i}"), os.path.join(workdir, f"iter_{i - 1}")
+        policy_dir = rounds.sft_dir(previous) if i else config.init_from
+        pool = read_pool(os.path.join(previous, "pool.jsonl")) if i else {}
+        params = rounds.load_policy(policy_dir, run.model_cfg, run.mesh)
+        samples = sample_all(config, sampler, params, rewards.params, encoded, prompts, i, run.mesh)
         del params
-        pool = update_pool(pool, prompts, tokenizer, samples, iteration, config.sampling.keep_truncated)
+        pool = update_pool(pool, prompts, tokenizer, samples, i, config.sampling.keep_truncated)
         if not pool:
-            raise common.ConfigError(
-                f"rejection sampling iteration {iteration}: every sampled answer was cut at config.sampling."
+            raise ConfigError(
+                f"rejection sampling iteration {i}: every sampled answer was cut at config.sampling."
                 f"max_gen_len={config.sampling.max_gen_len} (none ended with EOS), so there is nothing to fine-tune "
                 "on; raise max_gen_len or set config.sampling.keep_truncated=True")
+        pool_path = os.path.join(iter_dir, "pool.jsonl")
         write_samples(os.path.join(iter_dir, "samples.jsonl"), prompts, tokenizer, samples)
         write_jsonl(pool_path, (pool[p] for p in sorted(pool)))
-        multihost_utils.sync_global_devices(f"rs pool {iteration}")
-        curves[iteration] = rlhf.best_of_k_curve(samples["scores"]["combined"]).tolist()
-        record = {**iteration_metrics(samples, pool, iteration),
-                  "temperature": iteration_temperature(config, iteration), "best_of_k": curves[iteration]}
-        history.append(record)
-        log_iteration(tracker, record)
+        multihost_utils.sync_global_devices(f"rs pool {i}")
+        curves[i] = rlhf.best_of_k_curve(samples["scores"]["combined"]).tolist()
+        record = {**iteration_metrics(samples, pool, i), "temperature": iteration_temperature(config, i)}
+        print_iteration(record, curves[i])
         write_best_of_k(workdir, curves)
-        fine_tune(config, policy_dir, pool_path, tokenizer.model_path, sft_dir, iteration)
-        policy_dir = sft_dir
-        write_jsonl(os.path.join(iter_dir, "DONE"), [{"policy": sft_dir}])
-    profiler.stop()
-    tracker.close()
-    print(f"final policy: {policy_dir}")
-    return history
+        rounds.fine_tune_round(config, init_from=policy_dir, data_path=pool_path, tokenizer_path=tokenizer.model_path,
+                               workdir=rounds.sft_dir(iter_dir), seed=config.seed + i)
+        return record
+
+    return one_round
 
 
-def policy_shardings(cfg, mesh):
-    return sh.tree_shardings(abstract_params(cfg, boxed=True), mesh)
+def train(config, workdir: str, rewards: RewardCheckpoints | Rewards) -> TrainResult:
+    """config.iterations rounds of sample -> score -> pool -> SFT with these reward models; the history has one row
+    per iteration, the summary the best-of-K curves ({iteration: [E max of k, k = 1..K]})."""
+    run = setup(config, workdir, rs_task(rewards))
+    reward_models = rewards.load(run.config, run.mesh, run.model_cfg)
+    sampler = make_sampler(run.config, run.model_cfg, reward_models.fns, run.tokenizer.eos_id, run.mesh)
+    print(f"rejection sampling: {len(run.data[0])} prompts x {config.sampling.num_samples} samples, "
+          f"{config.iterations} iteration(s), reward models: {', '.join(reward_models.fns)}")
+    curves = {int(i): curve for i, curve in read_json(os.path.join(workdir, "best_of_k.json"), {}).items()}
+    result = rounds.run_rounds(run, config.iterations, make_round(run, sampler, reward_models, curves))
+    finished = int(jax.device_get(result.state.step))
+    result.summary["best_of_k"] = {i: curves[i] for i in range(finished)}
+    result.product = rounds.sft_dir(workdir, f"iter_{finished - 1}") if finished else config.init_from
+    print(f"final policy: {result.product}")
+    return result
 
 
-def read_curves(workdir: str) -> dict[int, list[float]]:
-    """The best-of-K curves of finished iterations (resume)."""
-    path = os.path.join(workdir, "best_of_k.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return {int(i): curve for i, curve in json.load(f).items()}
+def train_and_evaluate(config, workdir: str) -> TrainResult:
+    """Rejection sampling with the reward models of config.reward's checkpoints."""
+    return train(config, workdir, RewardCheckpoints())
 
 
-def log_iteration(tracker: loop.Tracker, record: dict) -> None:
-    """The iteration's scalars through the Tracker (step = iteration; the curve itself is in best_of_k.json)."""
-    tracker.write(record["iteration"], {k: v for k, v in record.items() if k not in ("iteration", "best_of_k")})
+def print_iteration(record: dict, curve: list[float]) -> None:
     if jax.process_index() != 0:
         return
-    curve = ", ".join(f"{v:.3f}" for v in record["best_of_k"])
+    shown = ", ".join(f"{v:.3f}" for v in curve)
     print(f"iteration {record['iteration']}: reward mean {record['reward_combined_mean']:.4f} max "
           f"{record['reward_combined_max']:.4f} best-of-K {record['best_of_k_mean']:.4f} pool "
           f"{record['pool_reward_mean']:.4f} ({record['pool_from_earlier_iterations']} kept from earlier iterations)"
-          f"\n  E[max of k], k = 1..{len(record['best_of_k'])}: {curve}")
+          f"\n  E[max of k], k = 1..{len(curve)}: {shown}", flush=True)
 
 
 if __name__ == "__main__":

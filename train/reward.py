@@ -11,8 +11,8 @@ metrics.jsonl).
 * Tokenizer: config.tokenizer.path, else `tokenizer.model` in the init_from dir, else one trained on the pairs' text
   and cached in the workdir. It is copied to WORKDIR/tokenizer.model so the RM workdir is self-contained.
 * Steps: with config.num_epochs > 0 (0 = use num_train_steps), num_train_steps = floor(num_epochs * train pairs /
-  batch_size) (at least 1), computed at run time from the data; warmup = max(min_warmup_steps, round(warmup_fraction * steps)) when
-  warmup_fraction > 0 (the paper: 3 %, minimum 5), else config.warmup_steps.
+  batch_size) (at least 1), computed at run time from the data; warmup = max(min_warmup_steps,
+  round(warmup_fraction * steps)) when warmup_fraction > 0 (the paper: 3 %, minimum 5), else config.warmup_steps.
 * LoRA: `--config.lora.rank=R` (> 0, needs init_from) trains adapters and the score head on the frozen trunk.
 * Metrics: loss, accuracy (r_c > r_r), margin (mean r_c - r_r), score_chosen/rejected, and per rating level
   n_L / correct_L (as shares of all pairs, since the loop divides every sum by the pair count) from which
@@ -24,20 +24,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 
 import jax
-import jax.numpy as jnp
 
-from llama2_jax.checkpoints import params_io as param_checkpoint
 from llama2_jax.cli import trainer as trainer_main
 from llama2_jax.data import rm as rm_data
 from llama2_jax.model import score as score_model
-from llama2_jax.model import sharding as sh
-from llama2_jax.model.llama import abstract_params
-from llama2_jax.training import common, loop, losses
-from llama2_jax.training import state as train_state
+from llama2_jax.training import losses
+from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.hosts import process_local
+from llama2_jax.training.initial_state import init_state, make_tx
+from llama2_jax.training.loop import TrainResult
+from llama2_jax.training.outputs import write_json
+from llama2_jax.training.setup import Task, num_train_steps, setup
 
 EVAL_FILE = "rm_eval.json"
 
@@ -45,18 +44,15 @@ EVAL_FILE = "rm_eval.json"
 def check_fields(config) -> None:
     """One-line ConfigErrors for the RM-specific fields, before anything is read or compiled."""
     if config.margin_table not in losses.MARGIN_TABLES:
-        raise common.ConfigError(f"config.margin_table={config.margin_table!r}; known: "
-                                 f"{', '.join(losses.MARGIN_TABLES)}")
+        raise ConfigError(f"config.margin_table={config.margin_table!r}; known: {', '.join(losses.MARGIN_TABLES)}")
     if config.data.mix not in rm_data.MIXES:
-        raise common.ConfigError(f"config.data.mix={config.data.mix!r}; known: {', '.join(rm_data.MIXES)}")
-    common.check_num_epochs(config)
+        raise ConfigError(f"config.data.mix={config.data.mix!r}; known: {', '.join(rm_data.MIXES)}")
     if not 0.0 <= config.warmup_fraction < 1.0:
-        raise common.ConfigError(f"config.warmup_fraction={config.warmup_fraction} must be in [0, 1)")
+        raise ConfigError(f"config.warmup_fraction={config.warmup_fraction} must be in [0, 1)")
     if config.head_init_std < 0:
-        raise common.ConfigError(f"config.head_init_std={config.head_init_std} must be >= 0")
+        raise ConfigError(f"config.head_init_std={config.head_init_std} must be >= 0")
     if not config.data.path and not config.data.safety_path:
-        raise common.ConfigError("config.data.path: no preference file given (also none in config.data.safety_path)")
-    common.lora_config(config)
+        raise ConfigError("config.data.path: no preference file given (also none in config.data.safety_path)")
 
 
 def load_pairs(config) -> list:
@@ -67,7 +63,7 @@ def load_pairs(config) -> list:
         return rm_data.read_pair_files(data.path, data.safety_path, format=data.format, on_error=data.on_error,
                                        is_safety=data.is_safety, mix=data.mix, seed=config.seed)
     except (ValueError, FileNotFoundError) as error:
-        raise common.ConfigError(f"config.data: {error}") from None
+        raise ConfigError(f"config.data: {error}") from None
 
 
 def _pair_texts(pairs):
@@ -77,41 +73,36 @@ def _pair_texts(pairs):
         yield pair.rejected
 
 
-def make_data(config, pairs, tokenizer) -> rm_data.PairData:
+def make_data(config, tokenizer, pairs) -> rm_data.PairData:
     """Split, encode (truncation counted), and build the global train iterator and eval batches."""
     try:
-        return rm_data.make_pair_data(tokenizer, pairs, seq_len=config.seq_len, batch_size=config.batch_size,
+        data = rm_data.make_pair_data(tokenizer, pairs, seq_len=config.seq_len, batch_size=config.batch_size,
                                       seed=config.seed, val_fraction=config.data.val_fraction,
                                       max_eval_batches=config.eval_batches or None)
     except ValueError as error:
-        raise common.ConfigError(f"config.data: {error}") from None
+        raise ConfigError(f"config.data: {error}") from None
+    if jax.process_index() == 0:
+        print(f"reward-model data: {data.n_train} train / {len(pairs) - data.n_train} held-out pairs; "
+              f"{data.truncation.summary()}")
+    return data
 
 
 def schedule_steps(config, n_train: int) -> tuple[int, int]:
     """(num_train_steps, warmup_steps) from num_epochs / warmup_fraction (see the module docstring)."""
-    steps = common.num_train_steps(config, lambda epochs: max(1, int(epochs * n_train // config.batch_size)))
+    steps = num_train_steps(config, lambda epochs: max(1, int(epochs * n_train // config.batch_size)))
     warmup = config.warmup_steps
     if config.warmup_fraction > 0:
         warmup = max(config.min_warmup_steps, round(config.warmup_fraction * steps))
     return steps, min(warmup, steps)
 
 
-def init_reward_state(config, model_cfg, mesh, tx):
-    """Sharded TrainState: random init, or the init_from Llama's trunk (loaded onto its shardings) + a new head."""
-    model = score_model.ScoreModel(model_cfg, config.head_init_std)
-    tokens, lengths = jnp.zeros((1, 8), jnp.int32), jnp.ones((1,), jnp.int32)
-    rng = jax.random.PRNGKey(config.seed)
-    init_fn = functools.partial(lambda r: model.init(r, tokens, lengths)["params"], rng)
-    if not config.init_from:
-        return train_state.create_train_state(init_fn, tx, mesh)
-    shardings = train_state.state_shardings(jax.eval_shape(init_fn), tx, mesh)
-    llama_shardings = sh.tree_shardings(abstract_params(model_cfg, boxed=True), mesh)
-    try:
-        llama_params, _ = param_checkpoint.load_params(config.init_from, model_cfg, shardings=llama_shardings)
-    except (ValueError, FileNotFoundError) as error:
-        raise common.ConfigError(f"config.init_from: {error}") from None
-    params = score_model.init_score_params_from_llama(llama_params, jax.random.fold_in(rng, 1), config.head_init_std)
-    return train_state.state_from_params(params, tx, shardings), shardings
+def schedule(config, data: rm_data.PairData) -> dict:
+    steps, warmup = schedule_steps(config, data.n_train)
+    return {"num_train_steps": steps, "warmup_steps": warmup}
+
+
+REWARD = Task("reward", check=check_fields, read=load_pairs, texts=_pair_texts, make_data=make_data,
+              schedule=schedule, eval_tasks=False)
 
 
 def with_rating_tables(history: list[dict]) -> list[dict]:
@@ -135,14 +126,13 @@ def eval_summary(record: dict, data: rm_data.PairData) -> dict:
             "per_rating": levels, "truncation": dataclasses.asdict(data.truncation)}
 
 
-def report(workdir: str, history: list[dict], data: rm_data.PairData) -> dict | None:
+def report(workdir: str, history: list[dict], data: rm_data.PairData) -> dict:
     evals = [h for h in history if "eval_accuracy" in h]
     if not evals:
-        return None
+        return {}
     summary = eval_summary(evals[-1], data)
+    write_json(f"{workdir}/{EVAL_FILE}", summary)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, EVAL_FILE), "w") as f:
-            json.dump(summary, f, indent=2)
         print(f"held-out: accuracy {summary['accuracy']:.4f} on {summary['eval_pairs']} pairs, loss "
               f"{summary['loss']:.4f}, mean margin {summary['mean_margin']:.4f}")
         for level, row in summary["per_rating"].items():
@@ -150,49 +140,23 @@ def report(workdir: str, history: list[dict], data: rm_data.PairData) -> dict | 
     return summary
 
 
-def train_and_evaluate(config, workdir: str):
-    """Train a reward model; returns (final state, logged metrics with per-rating accuracies)."""
-    common.check_shared_fields(config)  # before the trainer's own fields
-    check_fields(config)
-    loop.LoopSettings.from_config(config)  # profile_steps and wandb checked before anything is read or compiled
-    model_cfg = common.resolve_model_config(config, config.seq_len)
-    mesh = common.make_mesh(config)
-    common.check_batch(config, mesh, model_cfg, config.seq_len)
-    pairs = load_pairs(config)
-    tokenizer = common.prepare_workdir(config, workdir, model_cfg, texts=_pair_texts(pairs))
-    data = make_data(config, pairs, tokenizer)
-    if jax.process_index() == 0:
-        print(f"reward-model data: {data.n_train} train / {len(pairs) - data.n_train} held-out pairs; "
-              f"{data.truncation.summary()}")
-    train_iter, eval_batches = common.process_local(data.train_iter, lambda: data.eval_batches)
-
-    steps, warmup = schedule_steps(config, data.n_train)
-    resolved = config.copy_and_resolve_references()
-    resolved.num_train_steps, resolved.warmup_steps = steps, warmup
-    tx, schedule = common.make_tx(resolved, steps)
-    model = score_model.ScoreModel(model_cfg, config.head_init_std)
-    loss_fn = functools.partial(losses.pairwise_loss, model=model, margin_table=config.margin_table)
-    lora_cfg = common.lora_config(config)
-    if lora_cfg is not None:  # adapters + the score head trained; the init_from trunk frozen
-        run = common.init_lora_state(config, model_cfg, mesh, tx, lora_cfg, workdir=workdir, kind="score",
-                                     head_init_std=config.head_init_std)
-        state, shardings = run.state, run.shardings
-        step, eval_step = run.jit_steps(loss_fn, model, resolved, mesh, schedule)
-    else:
-        state, shardings = init_reward_state(config, model_cfg, mesh, tx)
-        step = train_state.jit_train_step(loss_fn, shardings, mesh, grad_accum_steps=config.grad_accum_steps,
-                                          learning_rate_fn=schedule)
-        eval_step = train_state.jit_eval_step(loss_fn, shardings.params, mesh)
-
+def train_and_evaluate(config, workdir: str) -> TrainResult:
+    """Train a reward model; the history has the per-rating accuracies."""
+    run = setup(config, workdir, REWARD)
+    data, config = run.data, run.config
+    tx, schedule_fn = make_tx(config, run.settings.num_train_steps)
+    # LoRA: adapters and the score head trained, the init_from trunk frozen; else the trunk and a new head.
+    trainable = init_state(run, tx, kind="score", head_init_std=config.head_init_std)
+    loss_fn = functools.partial(losses.pairwise_loss, margin_table=config.margin_table)
+    model, model_cfg = score_model.ScoreModel(run.model_cfg, config.head_init_std), run.model_cfg
     # FLOPs per (padded) token: the LM's, minus the vocabulary projection the reward model does not have.
     flops = model_cfg.flops_per_token(config.seq_len) - 6.0 * model_cfg.vocab_size * model_cfg.dim
-    state, history = loop.run_loop(
-        settings=loop.LoopSettings.from_config(resolved), workdir=workdir, mesh=mesh, state=state,
-        shardings=shardings, train_step=step, train_iter=train_iter, eval_step=eval_step,
-        eval_batches=eval_batches, tokens_per_step=2 * config.batch_size * config.seq_len, flops_per_token=flops)
-    history = with_rating_tables(history)
-    report(workdir, history, data)
-    return state, history
+    result = run.train(trainable, loss_fn, model, schedule_fn,
+                       *process_local(data.train_iter, lambda: data.eval_batches),
+                       tokens_per_step=2 * config.batch_size * config.seq_len, flops_per_token=flops)
+    result.history = with_rating_tables(result.history)
+    result.summary = report(workdir, result.history, data)
+    return result
 
 
 if __name__ == "__main__":

@@ -41,20 +41,23 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama2_jax.checkpoints import storage
+from llama2_jax.checkpoints.layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    HEAD_ITEM,
+    LORA_CONFIG_FILE,
+    LORA_ITEM,
+    PARAMS_ITEM,
+    UnreadableCheckpoint,
+)
 from llama2_jax.model import lora
 from llama2_jax.model import score as score_model
 from llama2_jax.model import sharding as sh
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import abstract_params, unstack_layers
 
-CONFIG_FILE = "llama_config.json"
-PARAMS_ITEM = "params"
-CHECKPOINTS_DIR = "checkpoints"
 SCANNED_KEY = "layers"  # the scanned blocks' key; unrolled blocks are layers_{i}
 KINDS = ("llama", "score")  # what a checkpoint holds: a Llama, or a score-head model (reward / value)
-LORA_CONFIG_FILE = "lora_config.json"
-ADAPTERS_ITEM = "lora"
-HEAD_ITEM = "head"  # a LoRA reward model's trained score head (llama2_jax/training/checkpointer.py)
 
 Params = dict
 
@@ -111,7 +114,14 @@ def save_params(path, params: Params, config: LlamaConfig, *, overwrite: bool = 
     _check_shapes(shapes, _expected_shapes(config, scanned=False), f"params given to save_params({path})",
                   "the params", "the config")
     _write_item(path, PARAMS_ITEM, params, overwrite)
+    write_config(path, config)
+
+
+def write_config(path, config: LlamaConfig) -> None:
+    """`path/llama_config.json` (process 0): with it a trainer workdir loads like a converted checkpoint."""
     if jax.process_index() == 0:
+        path = _as_path(path)
+        path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
@@ -149,10 +159,6 @@ def _item_dirs(path, item: str = PARAMS_ITEM) -> list[epath.Path]:
                      f"({CONFIG_FILE} + {CHECKPOINTS_DIR}/<step>/{item}/)")
 
 
-class UnreadableCheckpoint(ValueError):
-    """An Orbax item whose files cannot be read (cut short, corrupted); the message is one line."""
-
-
 class _MissingItemMetadata(logging.Filter):
     """Reading one item of a CheckpointManager step (`checkpoints/<step>/params`) or a `save_params` dir with a
     PyTreeCheckpointer makes Orbax warn that the item has no _CHECKPOINT_METADATA file: that file is written per
@@ -172,7 +178,7 @@ def _reading(item_dir: epath.Path):
     try:
         yield
     except Exception as error:  # noqa: BLE001 - TensorStore reports a cut or corrupt file as ValueError and others
-        raise UnreadableCheckpoint(f"checkpoint {item_dir} cannot be read ({storage.first_line(error)})") from None
+        raise UnreadableCheckpoint(str(item_dir), error) from None
     finally:
         logger.removeFilter(quiet)
 
@@ -290,10 +296,9 @@ def save_adapters(path, adapters: Params, config: LlamaConfig, lora_cfg: "lora.L
     _check_shapes({n: tuple(np.shape(a)) for n, a in _flatten(adapters).items()},
                   {n: tuple(a.shape) for n, a in _flatten(expected).items()},
                   f"adapters given to save_adapters({path})", "the adapters", "the LoRA config")
-    _write_item(path, ADAPTERS_ITEM, adapters, overwrite)
+    _write_item(path, LORA_ITEM, adapters, overwrite)
     write_lora_config(path, lora_cfg, base_path)
-    if jax.process_index() == 0:
-        (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_config(path, config)
 
 
 def load_adapters(path, config: Optional[LlamaConfig] = None) -> tuple[Params, "lora.LoraConfig", LlamaConfig]:
@@ -301,7 +306,7 @@ def load_adapters(path, config: Optional[LlamaConfig] = None) -> tuple[Params, "
     dir or the latest step of a trainer workdir)."""
     lora_cfg, _ = load_lora_config(path)
     config = config or load_config(path)
-    item_dir = find_params_dir(path, ADAPTERS_ITEM)
+    item_dir = find_params_dir(path, LORA_ITEM)
     stored = _stored_shapes(item_dir)
     scanned = any(name.startswith(SCANNED_KEY + "/") for name in stored)
     expected = lora.abstract(abstract_params(config.replace(scan_layers=scanned)), config, lora_cfg)

@@ -13,7 +13,7 @@ from absl import logging as absl_logging
 from llama2_jax.cli import common as cli_common
 from llama2_jax.model import sharding as sh
 from llama2_jax.training import workdir_lock
-from llama2_jax.training.checkpointer import CheckpointError
+from llama2_jax.checkpoints.layout import CheckpointError
 from llama2_jax.training.checks import ConfigError, check_workdir_path, config_load_error
 
 FLAGS = flags.FLAGS

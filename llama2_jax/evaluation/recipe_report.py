@@ -11,7 +11,8 @@ from typing import Optional
 # Curves per stage kind: (metrics file relative to the stage dir or its product, x key, [y keys]).
 LM_CURVES = ("loss", "eval_loss")
 CURVES = {"lm": LM_CURVES, "rm": ("loss", "accuracy", "eval_loss", "eval_accuracy"),
-          "ppo": ("reward_combined", "eval_reward_combined", "kl"), "rs": LM_CURVES, "cd": LM_CURVES}
+          "ppo": ("reward_combined", "eval_reward_combined", "kl"), "rs": LM_CURVES, "cd": LM_CURVES,
+          "gatt": LM_CURVES}
 
 
 def read_records(path: str) -> list[dict]:
@@ -49,7 +50,7 @@ def lm_figures(records: list[dict]) -> dict:
 
 def curve_file(kind: str, stage_dir: str, output: str) -> str:
     """The metrics.jsonl that holds the stage's training curves."""
-    if kind in ("rs", "cd") or not os.path.isfile(os.path.join(stage_dir, "metrics.jsonl")):
+    if kind in ("rs", "cd", "gatt") or not os.path.isfile(os.path.join(stage_dir, "metrics.jsonl")):
         return os.path.join(output, "metrics.jsonl")
     return os.path.join(stage_dir, "metrics.jsonl")
 
@@ -83,7 +84,11 @@ def evaluate_stage(kind: str, stage_dir: str, output: str) -> dict:
         keys = ("prompts", "kept_fraction", "safety_original_mean", "safety_distilled_mean", "safety_gain_all_mean",
                 "safety_gain_kept_mean")
         return {**{k: summary.get(k) for k in keys}, **{f"sft_{k}": v for k, v in lm_figures(records).items()}}
-    raise ValueError(f"unknown stage kind {kind!r}; known: lm, rm, rs, ppo, cd")
+    if kind == "gatt":
+        summary = read_json(os.path.join(stage_dir, "gatt_stats.json")) or {}
+        keys = ("dialogs", "used", "turns_sampled", "records", "stopped_context", "stopped_bad_reply")
+        return {**{k: summary.get(k) for k in keys}, **{f"sft_{k}": v for k, v in lm_figures(records).items()}}
+    raise ValueError(f"unknown stage kind {kind!r}; known: lm, rm, rs, ppo, cd, gatt")
 
 
 def piqa_figures(out_dir: str) -> dict:

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
 
+from llama2_jax.checkpoints.layout import TOKENIZER_FILE
+
 
 class Tokenizer:
     """Thin wrapper around a SentencePiece model file."""
@@ -67,9 +69,6 @@ LLAMA2_TRAINER_SPEC: dict = dict(
     eos_id=2,
     pad_id=-1,
 )
-
-TOKENIZER_FILENAME = "tokenizer.model"
-
 
 def _training_lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
     """Yields the non-empty lines of every document.
@@ -150,7 +149,7 @@ def load_or_train_tokenizer(workdir: str | os.PathLike, corpus_texts: Iterable[s
     The cached model is reused as it is (so restarts and evaluations use the same ids); `corpus_texts` is then not read.
     A cached model with a different vocabulary size raises ValueError instead of being overwritten.
     """
-    model_path = pathlib.Path(workdir) / TOKENIZER_FILENAME
+    model_path = pathlib.Path(workdir) / TOKENIZER_FILE
     if model_path.is_file():
         tokenizer = Tokenizer(model_path)
         if tokenizer.vocab_size != vocab_size:

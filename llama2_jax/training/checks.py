@@ -1,5 +1,5 @@
 """Range checks of the config fields every trainer shares (configs/base.py), run first on the set-up path
-(`llama2_jax.training.common.resolve_model_config`), before anything is read, written or compiled.
+(`training.setup`), before anything is read, written or compiled.
 
 Each bad value is a one-line `ConfigError` naming the field; fields a config does not have are skipped (the trainer
 parents add their own fields and check them themselves; RLHF's sampling fields and iterations are checked by
@@ -16,7 +16,7 @@ from llama2_jax.paths import writable_dir_problem
 
 
 class ConfigError(ValueError):
-    """A bad config field or input, reported as one line before compilation (re-exported by llama2_jax.training.common)."""
+    """A bad config field or input, reported as one line before compilation."""
 
 
 Check = tuple[str, Callable[[Any], bool], str]  # (dotted field, accepts(value), what it must be)
@@ -93,8 +93,8 @@ def check_attention_backend(attention_impl: str) -> None:
     (fused flash attention) runs on NVIDIA GPUs only."""
     backend = jax.default_backend()
     if attention_impl == "cudnn" and backend != "gpu":
-        raise ConfigError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but the JAX backend is {backend!r}; "
-                          "use --config.model.attention_impl=xla")
+        raise ConfigError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but the JAX backend is "
+                          f"{backend!r}; use --config.model.attention_impl=xla")
 
 
 def check_workdir_path(workdir: str) -> None:

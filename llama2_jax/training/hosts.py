@@ -1,5 +1,5 @@
 """Batches across processes: every process reads the same global batches and keeps its own contiguous rows; host
-arrays to and from global arrays. Re-exported by `llama2_jax.training.common` (trainers use them from there)."""
+arrays to and from global arrays."""
 
 from __future__ import annotations
 

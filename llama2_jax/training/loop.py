@@ -1,23 +1,21 @@
-"""The one training loop: batches -> step -> metrics / progress bar / TensorBoard -> eval -> checkpoint.
+"""The one training loop: batches -> step -> metrics / progress bar / tracker -> evals -> checkpoint.
 
-Every step-based trainer (pretrain, SFT, reward, rejection sampling's SFT rounds) builds its state, its jitted step and its data, then calls
-`run_loop`. The loop resumes from the workdir's latest checkpoint, saves every `checkpoint_every_steps` and on
-SIGTERM (then exits cleanly), and logs through one `Tracker`: `WORKDIR/metrics.jsonl` (one JSON object per logged step
-and per eval), TensorBoard, and Weights & Biases when `config.wandb.project` is set. `config.profile_steps` traces a
-window of steps with `jax.profiler` (`Profiler`).
+Every trainer builds its state, its step and its data, then calls `run_loop`. A step is one optimizer step of a
+`TrainState` (pretraining, SFT, reward models, DPO), or one iteration of an RL method on a `LoopState` (a PPO
+iteration: rollout, scoring and updates of the policy and the value model; a rejection-sampling iteration: sample,
+score, fine-tune). The loop resumes from the workdir's latest checkpoint, saves every `checkpoint_every_steps`, at
+the end and on SIGTERM (then returns), and logs through one `tracking.Tracker`: WORKDIR/metrics.jsonl (one JSON object
+per logged step and per eval), TensorBoard, and Weights & Biases when `config.wandb.project` is set.
+`config.profile_steps` traces a window of steps (`tracking.Profiler`). Every trainer returns the loop's `TrainResult`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
 import logging
-import os
 import signal
 import time
-import uuid
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -25,9 +23,16 @@ from jax.sharding import Mesh
 
 from llama2_jax.model import sharding as sh
 from llama2_jax.training import perf
-from llama2_jax.training.checkpointer import TrainCheckpointer
-from llama2_jax.training.checks import ConfigError
-from llama2_jax.training.state import TrainState
+from llama2_jax.training.checkpointer import TrainCheckpointer, checkpoint_number
+from llama2_jax.training.state import LoopState
+from llama2_jax.training.tracking import (
+    Profiler,
+    Tracker,
+    WandbSettings,
+    drop_metrics_after,
+    parse_profile_steps,
+    wandb_from_config,
+)
 
 Batch = dict[str, np.ndarray]
 
@@ -38,13 +43,13 @@ class LoopSettings:
     num_train_steps: int
     log_every_steps: int = 10
     eval_every_steps: int = 100
-    eval_tasks_every_steps: int = 1000  # cadence of run_loop's extra_evals (lm-eval tasks, llama2_jax.training.task_evals)
+    eval_tasks_every_steps: int = 1000  # cadence of run_loop's extra_evals (lm-eval tasks, training.task_evals)
     checkpoint_every_steps: int = 100
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     progress_bar: bool = True
-    profile_steps: str = ""  # "START:STOP" (see Profiler)
-    wandb: Optional["WandbSettings"] = None  # W&B when wandb.project is set (see Tracker)
+    profile_steps: str = ""  # "START:STOP" (see tracking.Profiler)
+    wandb: Optional[WandbSettings] = None  # W&B when wandb.project is set (see tracking.Tracker)
     config: Optional[dict] = None  # the flattened trainer config, stored with the W&B run
 
     @classmethod
@@ -57,219 +62,30 @@ class LoopSettings:
         wandb, flat = wandb_from_config(config)
         return dataclasses.replace(settings, wandb=wandb, config=flat)
 
+    def tracker(self, workdir: str) -> Tracker:
+        return Tracker(workdir, self.wandb, self.config)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What every trainer's `train_and_evaluate` returns."""
+    state: Any  # the final TrainState, or LoopState of an RL loop
+    history: list[dict]  # every logged row, as in metrics.jsonl: {"step": N, metric: value, ...}
+    summary: dict = dataclasses.field(default_factory=dict)  # the trainer's figures: held-out eval, kept share ...
+    product: str = ""  # the directory of the trained model (an init_from): the workdir, or a fine-tuning run's
+    interrupted: bool = False  # stopped by SIGTERM after saving: a rerun resumes
+
+
+class Interrupted(Exception):
+    """Raised by a step whose work a SIGTERM cut short (a nested fine-tuning run saved its own checkpoint and
+    returned): the loop stops without saving this step, so a rerun redoes it and the nested run resumes."""
+
 
 def process_rows_to_global(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
     """This process's rows of a global batch -> global arrays split over the data axes of the mesh (each process
-    gives its own rows; `llama2_jax.training.common.host_to_global` is for an array that every process holds whole)."""
+    gives its own rows; `training.hosts.host_to_global` is for an array that every process holds whole)."""
     return {name: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, value.ndim), value)
             for name, value in batch.items()}
-
-
-class JsonlBackend:
-    """WORKDIR/metrics.jsonl: one JSON object per write, appended (a resumed run continues the file)."""
-    def __init__(self, workdir: str):
-        self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def drop_metrics_after(workdir: str, step: int) -> None:
-    """Remove the rows of WORKDIR/metrics.jsonl with a step above `step` (process 0): a resumed run logs those steps
-    again, so the file keeps one row per step (and eval). Rewritten atomically; a line cut short by a kill is
-    dropped."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if jax.process_index() != 0 or not os.path.exists(path):
-        return
-    kept, dropped = [], 0
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                dropped += 1
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] > step:
-                dropped += 1
-            else:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    if dropped:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
-
-
-class TensorBoardBackend:
-    """WORKDIR/tensorboard event files (tensorboardX: no TensorFlow needed)."""
-    def __init__(self, workdir: str):
-        from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            self.writer.add_scalar(name, value, step)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-WANDB_RUN_ID_FILE = "wandb_run_id"
-WANDB_MODES = ("online", "offline", "disabled")
-
-
-class WandbBackend:
-    """A Weights & Biases run whose files live in WORKDIR/wandb. Its id is kept in WORKDIR/wandb_run_id, so a resumed
-    training run continues the same W&B run (`resume="allow"`). Offline mode needs no login and no network."""
-
-    def __init__(self, workdir: str, settings: "WandbSettings", config: Optional[dict] = None):
-        import wandb  # optional (the [wandb] extra); WandbSettings.from_config checked that it is installed
-        id_file = os.path.join(workdir, WANDB_RUN_ID_FILE)
-        if os.path.exists(id_file):
-            with open(id_file) as f:
-                run_id = f.read().strip()
-        else:
-            run_id = uuid.uuid4().hex[:12]  # W&B run ids are short alphanumeric strings
-            with open(id_file, "w") as f:
-                f.write(run_id + "\n")
-        self.run = wandb.init(project=settings.project, entity=settings.entity or None, name=settings.name or None,
-                              mode=settings.mode, id=run_id, resume="allow", dir=workdir, config=config,
-                              settings=wandb.Settings(console="off", x_disable_stats=True))
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log(metrics, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
-
-
-@dataclasses.dataclass(frozen=True)
-class WandbSettings:
-    """`config.wandb`: project "" means no W&B."""
-    project: str = ""
-    entity: str = ""
-    mode: str = "online"
-    name: str = ""
-
-    @classmethod
-    def from_config(cls, config) -> "WandbSettings":
-        wandb = config.get("wandb")
-        if wandb is None:
-            return cls()
-        settings = cls(**{f.name: wandb[f.name] for f in dataclasses.fields(cls) if f.name in wandb})
-        if settings.mode not in WANDB_MODES:
-            raise ConfigError(f"config.wandb.mode is {settings.mode!r}, expected one of "
-                                     f"{', '.join(WANDB_MODES)}")
-        if settings.project and importlib.util.find_spec("wandb") is None:
-            raise ConfigError(f"config.wandb.project is {settings.project!r} but wandb is not installed: "
-                                     "pip install -e .[wandb]")
-        return settings
-
-
-class Tracker:
-    """The one metrics interface of every trainer: each `write(step, metrics)` goes to metrics.jsonl, TensorBoard and,
-    when configured, W&B, with the same scalar names and values. Only process 0 writes.
-
-    `Tracker(workdir)` writes JSONL and TensorBoard; `Tracker.from_config(config, workdir)` adds W&B when
-    `config.wandb.project` is set (the flattened config is stored with the W&B run).
-    """
-
-    def __init__(self, workdir: str, wandb: Optional[WandbSettings] = None, config: Optional[dict] = None):
-        self.enabled = jax.process_index() == 0
-        self.backends: list = []
-        if not self.enabled:
-            return
-        os.makedirs(workdir, exist_ok=True)
-        self.backends.append(JsonlBackend(workdir))
-        try:
-            self.backends.append(TensorBoardBackend(workdir))
-        except ImportError:  # optional: metrics.jsonl is always written
-            logging.warning("tensorboardX is not installed: no TensorBoard event files")
-        if wandb is not None and wandb.project:
-            self.backends.append(WandbBackend(workdir, wandb, config))
-
-    @classmethod
-    def from_config(cls, config, workdir: str) -> "Tracker":
-        return cls(workdir, *wandb_from_config(config))
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        values = {name: float(value) for name, value in metrics.items()}
-        for backend in self.backends:
-            backend.write(step, values)
-
-    def close(self) -> None:
-        for backend in self.backends:
-            backend.close()
-        self.backends = []
-
-
-MetricsWriter = Tracker  # the former name (JSONL + TensorBoard only)
-
-
-def wandb_from_config(config) -> tuple["WandbSettings", Optional[dict]]:
-    """(W&B settings, the flattened config to store with the run, or None when W&B is off)."""
-    settings = WandbSettings.from_config(config)
-    flat = _flatten(config.to_dict()) if settings.project and hasattr(config, "to_dict") else None
-    return settings, flat
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-class Profiler:
-    """`config.profile_steps = "START:STOP"`: a `jax.profiler` trace of steps START..STOP (1-based, inclusive) into
-    WORKDIR/profile (open with xprof or TensorBoard's profile plugin). Process 0 only; "" disables it."""
-
-    def __init__(self, workdir: str, steps: str = ""):
-        self.directory = os.path.join(workdir, "profile")
-        self.window = parse_profile_steps(steps)
-        self.active = False
-
-    @classmethod
-    def from_config(cls, config, workdir: str) -> "Profiler":
-        return cls(workdir, config.get("profile_steps", "") or "")
-
-    def before_step(self, step: int) -> None:
-        """Call before running step `step` (1-based)."""
-        if self.window and not self.active and self.window[0] <= step <= self.window[1] \
-                and jax.process_index() == 0:
-            jax.profiler.start_trace(self.directory)
-            self.active = True
-
-    def after_step(self, step: int, outputs=None) -> None:
-        """Call after step `step` with its outputs (waited for, so the trace holds the device work)."""
-        if self.active and step >= self.window[1]:
-            jax.block_until_ready(outputs)
-            self.stop()
-
-    def stop(self) -> None:
-        if self.active:
-            jax.profiler.stop_trace()
-            self.active = False
-
-
-def parse_profile_steps(text: str) -> Optional[tuple[int, int]]:
-    """"START:STOP" -> (START, STOP) with 1 <= START <= STOP; "" -> None. ConfigError naming the field otherwise."""
-    if not text:
-        return None
-    start, colon, stop = text.partition(":")
-    try:
-        window = (int(start), int(stop))
-    except ValueError:
-        window = None
-    if not colon or window is None or not 1 <= window[0] <= window[1]:
-        raise ConfigError(f"config.profile_steps is {text!r}, expected START:STOP with 1 <= START <= STOP")
-    return window
 
 
 class TerminationFlag:
@@ -311,7 +127,7 @@ def evaluate(params, eval_step: Callable, batches: list[Batch], mesh: Mesh) -> d
 
 @dataclasses.dataclass
 class Throughput:
-    """Tokens/s and MFU between two log points."""
+    """Tokens/s and MFU between two log points (none without `tokens_per_step`)."""
     tokens_per_step: int
     flops_per_token: float
     last_time: float = dataclasses.field(default_factory=time.perf_counter)
@@ -321,6 +137,8 @@ class Throughput:
         now = time.perf_counter()
         steps, seconds = step - self.last_step, max(now - self.last_time, 1e-9)
         self.last_time, self.last_step = now, step
+        if not self.tokens_per_step:  # a step of no fixed token count (an RL iteration logs its own rates)
+            return {}
         tokens_per_sec = steps * self.tokens_per_step / seconds
         out = {"tokens_per_sec": tokens_per_sec, "steps_per_sec": steps / seconds}
         utilisation = perf.mfu(tokens_per_sec, self.flops_per_token, jax.device_count())
@@ -348,67 +166,110 @@ def _extra_postfix(metrics: dict[str, float]) -> dict[str, str]:
     return {name.removeprefix("eval/"): f"{value:.4g}" for name, value in metrics.items()}
 
 
-def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainState, shardings: TrainState,
-             train_step: Callable, train_iter: Iterator[Batch], eval_step: Optional[Callable] = None,
-             eval_batches: Optional[Callable[[], list[Batch]]] = None, tokens_per_step: int = 0,
-             flops_per_token: float = 0.0,
-             extra_evals: Optional[Callable[..., dict[str, float]]] = None) -> tuple[TrainState, list[dict]]:
-    """Train to `settings.num_train_steps`, resuming from the latest checkpoint in `workdir` if there is one.
+def _due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
 
-    `train_iter` yields this process's rows of each global batch and has Grain's `get_state()`/`set_state()`.
-    `extra_evals(params, step) -> {name: value}` (e.g. lm-eval tasks, `common.task_evals`) runs every
-    `settings.eval_tasks_every_steps` steps and at the last one; its values are one logged row each time, and the
-    progress bar keeps showing the latest ones.
-    Returns the final state and the list of logged records (also in metrics.jsonl).
-    """
-    checkpointer = TrainCheckpointer(workdir, max_to_keep=settings.keep_checkpoints,
-                                     async_save=settings.async_checkpoints)
+
+def _params(state) -> Any:
+    """The params the evals read: the TrainState's, or a LoopState's main model's."""
+    return state.main.params if isinstance(state, LoopState) else state.params
+
+
+class _Rows:
+    """What the loop logs: each row to the tracker and the history, the progress bar, tokens/s between rows."""
+
+    def __init__(self, settings: LoopSettings, workdir: str, start: int, tokens_per_step: int, flops_per_token: float):
+        drop_metrics_after(workdir, start)  # the rows a killed run logged past its last checkpoint are redone
+        self.tracker, self.history = settings.tracker(workdir), []
+        self.throughput = Throughput(tokens_per_step, flops_per_token, last_step=start)
+        self.progress = _progress(settings, start)
+        self.extra: dict[str, float] = {}  # the last extra_evals values, kept on the progress bar
+
+    def train(self, step: int, metrics) -> None:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.write(step, {**values, **self.throughput.measure(step)})
+
+    def evals(self, step: int, metrics: dict[str, float], *, extra: bool = False) -> None:
+        if extra:
+            self.extra = metrics
+        self.write(step, metrics)
+        self.throughput.measure(step)  # do not count eval time as training time
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.tracker.write(step, metrics)
+        self.history.append({"step": step, **metrics})
+        if self.progress is not None:
+            self.progress.set_postfix({**_postfix(metrics), **_extra_postfix(self.extra)}, refresh=False)
+
+    def close(self) -> None:
+        self.tracker.close()
+        if self.progress is not None:
+            self.progress.close()
+
+
+def _resume(checkpointer: TrainCheckpointer, state, shardings, train_iter):
+    """The newest readable checkpoint's state (and data position), or `state` when there is none."""
     if checkpointer.all_steps():
         state, data_state = checkpointer.restore(state, shardings)
-        train_iter.set_state(data_state)
+        if train_iter is not None:
+            train_iter.set_state(data_state)
         logging.info("resumed from step %d", int(jax.device_get(state.step)))
-    start = int(jax.device_get(state.step))
-    drop_metrics_after(workdir, start)  # the rows a killed run logged past its last checkpoint are redone
-    writer, history = Tracker(workdir, settings.wandb, settings.config), []
+    return state
+
+
+def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state, shardings, train_step: Callable,
+             train_iter: Optional[Iterator[Batch]], eval_step: Optional[Callable] = None,
+             eval_batches: Optional[Callable[[], list[Batch]]] = None, tokens_per_step: int = 0,
+             flops_per_token: float = 0.0, extra_evals: Optional[Callable[..., dict[str, float]]] = None,
+             stop_early: Callable[[], bool] = lambda: False) -> TrainResult:
+    """Train to `settings.num_train_steps`, resuming from the latest checkpoint in `workdir` if there is one.
+
+    `train_step(state, batch) -> (state, metrics)`; `train_iter` yields this process's rows of each global batch and
+    has Grain's `get_state()`/`set_state()`, or is None for steps that read no batch (their `batch` is None).
+    `extra_evals(params, step) -> {name: value}` (lm-eval tasks, `training.task_evals`) runs every
+    `settings.eval_tasks_every_steps` steps and at the last one; its values are one logged row each time, and the
+    progress bar keeps showing the latest ones. `tokens_per_step` > 0 adds tokens/s and MFU to the logged rows.
+    `stop_early()` is asked after every step (PPO's early stopping); a step may raise `Interrupted`.
+    """
+    checkpointer = TrainCheckpointer(workdir, max_to_keep=settings.keep_checkpoints,
+                                     async_save=settings.async_checkpoints,
+                                     models=tuple(state.others) if isinstance(state, LoopState) else ())
+    state = _resume(checkpointer, state, shardings, train_iter)
+    step = start = int(jax.device_get(state.step))
+    rows = _Rows(settings, workdir, start, tokens_per_step, flops_per_token)
     profiler = Profiler(workdir, settings.profile_steps)
-    throughput = Throughput(tokens_per_step, flops_per_token, last_step=start)
-    progress = _progress(settings, start)
-    latest_extra: dict[str, float] = {}  # the last extra_evals values, kept on the progress bar
+    last, interrupted = settings.num_train_steps, False
 
-    def log(step: int, metrics: dict[str, float]):
-        writer.write(step, metrics)
-        history.append({"step": step, **metrics})
-        if progress is not None:
-            progress.set_postfix({**_postfix(metrics), **_extra_postfix(latest_extra)}, refresh=False)
+    def data_state():
+        return train_iter.get_state() if train_iter is not None else None
 
-    step = start
     with TerminationFlag() as termination:
-        while step < settings.num_train_steps and not termination.requested:
-            batch = process_rows_to_global(next(train_iter), mesh)
+        while step < last and not termination.requested:
+            batch = process_rows_to_global(next(train_iter), mesh) if train_iter is not None else None
             profiler.before_step(step + 1)
-            state, metrics = train_step(state, batch)
+            try:
+                state, metrics = train_step(state, batch)
+            except Interrupted:
+                interrupted = True
+                break
             step += 1
             profiler.after_step(step, metrics)
-            if progress is not None:
-                progress.update(1)
-            if step % settings.log_every_steps == 0 or step == settings.num_train_steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                log(step, {**values, **throughput.measure(step)})
-            if eval_step is not None and (step % settings.eval_every_steps == 0 or step == settings.num_train_steps):
-                log(step, evaluate(state.params, eval_step, eval_batches(), mesh))
-                throughput.measure(step)  # do not count eval time as training time
-            if extra_evals is not None and (step % settings.eval_tasks_every_steps == 0
-                                            or step == settings.num_train_steps):
-                latest_extra = extra_evals(state.params, step)
-                log(step, latest_extra)
-                throughput.measure(step)
-            if step % settings.checkpoint_every_steps == 0 or step == settings.num_train_steps:
-                checkpointer.save(state, train_iter.get_state())
-        if termination.requested and checkpointer.latest_step() != step:
-            checkpointer.save(state, train_iter.get_state(), force=True)
+            if rows.progress is not None:
+                rows.progress.update(1)
+            if _due(step, settings.log_every_steps, last):
+                rows.train(step, metrics)
+            if eval_step is not None and _due(step, settings.eval_every_steps, last):
+                rows.evals(step, evaluate(_params(state), eval_step, eval_batches(), mesh))
+            if extra_evals is not None and _due(step, settings.eval_tasks_every_steps, last):
+                rows.evals(step, extra_evals(_params(state), step), extra=True)
+            stop = stop_early()
+            if _due(step, settings.checkpoint_every_steps, last) or stop:
+                checkpointer.save(state, data_state(), force=stop)
+            if stop:
+                break
+        if termination.requested and not interrupted and checkpointer.latest_step() != checkpoint_number(state):
+            checkpointer.save(state, data_state(), force=True)
     profiler.stop()
     checkpointer.close()
-    writer.close()
-    if progress is not None:
-        progress.close()
-    return state, history
+    rows.close()
+    return TrainResult(state, rows.history, product=workdir, interrupted=interrupted or termination.requested)

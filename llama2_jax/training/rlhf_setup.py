@@ -1,7 +1,13 @@
-"""RLHF set-up shared by rejection sampling and PPO: the prompt set and the reward models of a config."""
+"""RLHF set-up shared by rejection sampling, PPO and context distillation: the prompt set and the reward models.
+
+The RL trainers take their reward models as an argument (`train(config, workdir, rewards)`): `RewardCheckpoints()`
+reads config.reward's checkpoints (what `python -m train.<trainer>` runs), a `Rewards` of stand-in functions serves
+tests and experiments.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -40,22 +46,55 @@ def load_score_params(path: str, cfg: LlamaConfig, shardings, field: str):
         raise ConfigError(f"{field}: {error}") from None
 
 
-def load_reward_models(config, mesh, vocab_size: int) -> tuple[dict[str, rlhf.ScoreFn], dict[str, Any]]:
-    """({name: sigmoid score fn}, {name: params sharded on the mesh}) for config.reward.helpful_path / safety_path
-    (either may be empty, not both; one path given twice is loaded once). Numerics from config.model."""
-    paths = {name: config.reward[f"{name}_path"] for name in rlhf.REWARD_NAMES if config.reward[f"{name}_path"]}
-    if not paths:
-        raise ConfigError("config.reward.helpful_path and config.reward.safety_path are both empty")
-    numerics, fns, params, loaded = model_config(config), {}, {}, {}
-    for name, path in paths.items():
-        field = f"config.reward.{name}_path"
-        cfg = model_config_from(path, numerics, field)
-        if cfg.vocab_size != vocab_size:
-            raise ConfigError(f"{field}: vocabulary {cfg.vocab_size} differs from the policy's {vocab_size} (the "
-                              "reward models must share the policy's tokenizer)")
-        if path not in loaded:
-            shardings = sh.tree_shardings(score_model.abstract_score_params(cfg, boxed=True), mesh)
-            loaded[path] = load_score_params(path, cfg, shardings, field)
-        params[name] = loaded[path]
-        fns[name] = functools.partial(sigmoid_reward, cfg=cfg)
-    return fns, params
+@dataclasses.dataclass
+class Rewards:
+    """Reward models as the RL trainers score with them: {name: fn(params, tokens [B, S], lengths [B]) -> sigmoid
+    scores [B]} and {name: params}, names from `rlhf.REWARD_NAMES`. Already loaded (a stand-in, e.g. in tests): its
+    `check` has nothing to check and `load` returns it."""
+    fns: dict[str, rlhf.ScoreFn]
+    params: dict[str, Any]
+
+    def check(self, config, model_cfg: LlamaConfig) -> None:
+        del config, model_cfg
+
+    def load(self, config, mesh, model_cfg: LlamaConfig) -> "Rewards":
+        del config, mesh, model_cfg
+        return self
+
+
+class RewardCheckpoints:
+    """The reward models of config.reward.helpful_path / safety_path (train.reward workdirs): `check` before the
+    run writes anything, `load` onto the mesh once it is set up."""
+
+    @staticmethod
+    def paths(config) -> dict[str, str]:
+        paths = {name: config.reward[f"{name}_path"] for name in rlhf.REWARD_NAMES if config.reward[f"{name}_path"]}
+        if not paths:
+            raise ConfigError("config.reward.helpful_path and config.reward.safety_path are both empty")
+        return paths
+
+    def configs(self, config, vocab_size: int) -> dict[str, LlamaConfig]:
+        """{name: the reward model's LlamaConfig} (numerics from config.model); same vocabulary as the policy."""
+        numerics, configs = model_config(config), {}
+        for name, path in self.paths(config).items():
+            field = f"config.reward.{name}_path"
+            configs[name] = model_config_from(path, numerics, field)
+            if configs[name].vocab_size != vocab_size:
+                raise ConfigError(f"{field}: vocabulary {configs[name].vocab_size} differs from the policy's "
+                                  f"{vocab_size} (the reward models must share the policy's tokenizer)")
+        return configs
+
+    def check(self, config, model_cfg: LlamaConfig) -> None:
+        self.configs(config, model_cfg.vocab_size)
+
+    def load(self, config, mesh, model_cfg: LlamaConfig) -> Rewards:
+        """Each model's params sharded on the mesh (one path given twice is loaded once)."""
+        fns, params, loaded = {}, {}, {}
+        for name, cfg in self.configs(config, model_cfg.vocab_size).items():
+            path = config.reward[f"{name}_path"]
+            if path not in loaded:
+                shardings = sh.tree_shardings(score_model.abstract_score_params(cfg, boxed=True), mesh)
+                loaded[path] = load_score_params(path, cfg, shardings, f"config.reward.{name}_path")
+            params[name] = loaded[path]
+            fns[name] = functools.partial(sigmoid_reward, cfg=cfg)
+        return Rewards(fns, params)

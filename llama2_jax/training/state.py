@@ -2,16 +2,18 @@
 
     state, metrics = train_step(state, batch, frozen=None, loss_fn=…, grad_accum_steps=…)
 
-`loss_fn(params, batch) -> (loss_sum, aux)` follows the contract in `llama2_jax/training/losses.py` (sums plus a "weight").
-A trainer with a frozen model (DPO's reference policy, a LoRA base, a distillation teacher) passes it as `frozen`:
-the step then calls `loss_fn(params, batch, frozen)`, differentiates `params` only, and never updates or donates
-`frozen` (it is sharded like params). Trainers bind `loss_fn` with `functools.partial` and jit the step once with
-shardings and donation (`jit_train_step`). Parameters and optimizer state are float32 (master weights); the model computes in
-`LlamaConfig.dtype` (bfloat16 by default).
+`loss_fn(params, batch) -> (loss_sum, aux)` follows the contract in `llama2_jax/training/losses.py` (sums plus a
+"weight"). A trainer with a frozen model (DPO's reference policy, a LoRA base, a distillation teacher) passes it as
+`frozen`: the step then calls `loss_fn(params, batch, frozen)`, differentiates `params` only, and never updates or
+donates `frozen` (it is sharded like params). Trainers bind `loss_fn` with `functools.partial` and jit the step once
+with shardings and donation (`jit_train_step`; `Trainable.jit_steps` does it for a LoRA or a full run). Parameters and
+optimizer state are float32 (master weights); the model computes in `LlamaConfig.dtype` (bfloat16 by default).
+`LoopState` is the loop's state when one step trains several models or none (an RL iteration).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from llama2_jax.model import lora
 from llama2_jax.model import sharding as sh
 
 LossFn = Callable[..., tuple[jax.Array, dict]]  # (params, batch) or (params, batch, frozen) -> (loss_sum, aux)
@@ -50,6 +53,16 @@ class TrainState(flax.struct.PyTreeNode):
     @classmethod
     def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+
+
+class LoopState(flax.struct.PyTreeNode):
+    """What the loop steps when one step trains several models or none (an RL iteration): `step` counts loop steps;
+    `main` is the model the workdir holds (checkpointed as its `params`: an init_from), `others` are further models
+    trained in the same step (PPO's value model), each checkpointed under its name. Rejection sampling, context
+    distillation and GAtt have none: each iteration's model is its fine-tuning run's own workdir."""
+    step: Any
+    main: Optional[TrainState] = None
+    others: dict = flax.struct.field(default_factory=dict)
 
 
 def warmup_cosine_schedule(peak_lr: float, warmup_steps: int, total_steps: int,
@@ -197,3 +210,31 @@ def jit_eval_step(loss_fn: LossFn, params_shardings: Any, mesh: Mesh, *, frozen_
         in_shardings += (frozen_shardings,)
     return jax.jit(sh.with_activation_sharding(step, mesh), in_shardings=in_shardings,
                    out_shardings=sh.replicated(mesh))
+
+
+@dataclasses.dataclass
+class Trainable:
+    """A model ready to train (`training.initial_state.init_state`): its sharded TrainState, and the frozen tree every
+    step reads, sharded (a LoRA run's base, or a full fine-tuning's reference policy for DPO), or None."""
+    state: TrainState
+    shardings: TrainState
+    frozen: Any = None
+    frozen_shardings: Any = None
+    lora_cfg: Optional[lora.LoraConfig] = None  # adapters on the frozen base; None = the params are the model
+
+    def jit_steps(self, loss_fn: Callable, model, mesh: Mesh, *, grad_accum_steps: int = 1,
+                  schedule: Optional[optax.Schedule] = None, seed: int = 0, reference: bool = False):
+        """(train step, eval step) in the loop's signature for a losses.py loss `loss_fn(params, batch[, frozen], *,
+        model)`. A LoRA run's loss sees the adapted model (adapter dropout keyed from seed + 1); with `reference` the
+        loss also gets the frozen tree (losses.dpo_loss). The eval step has no dropout."""
+        if self.lora_cfg is not None:
+            loss = lora.adapted_loss(loss_fn, model, self.lora_cfg, pass_frozen=reference)
+            rng_seed = seed + 1 if self.lora_cfg.dropout > 0 else None
+        else:
+            loss, rng_seed = functools.partial(loss_fn, model=model), None
+        step = jit_train_step(loss, self.shardings, mesh, grad_accum_steps=grad_accum_steps, learning_rate_fn=schedule,
+                              frozen_shardings=self.frozen_shardings, rng_seed=rng_seed)
+        eval_step = jit_eval_step(loss, self.shardings.params, mesh, frozen_shardings=self.frozen_shardings)
+        if self.frozen is None:
+            return step, eval_step
+        return with_frozen(step, self.frozen), with_frozen(eval_step, self.frozen)

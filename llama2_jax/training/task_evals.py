@@ -29,7 +29,7 @@ ExtraEvals = Callable[[object, int], dict[str, float]]
 
 
 class TaskEvalsError(ValueError):
-    """Raised for a bad eval_tasks* field; llama2_jax.training.common turns it into its ConfigError."""
+    """Raised for a bad eval_tasks* field; training.setup turns it into its ConfigError."""
 
 
 @dataclasses.dataclass(frozen=True)
