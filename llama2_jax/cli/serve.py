@@ -10,9 +10,12 @@ answers /health only once it can serve. SIGTERM stops accepting, finishes the in
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 from typing import Optional, Sequence
 
 from llama2_jax.cli.common import DTYPES, default_dtype, fail, load_model_or_exit
+from llama2_jax.serve.guard import MAX_BODY_BYTES
 from llama2_jax.text.tokenizer import check_vocab
 
 
@@ -30,11 +33,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help=f"one of {', '.join(DTYPES)} (default: float32 on CPU, "
                                                       "bfloat16 on GPU/TPU)")
     parser.add_argument("--model_name", default="llama2_jax", help="the model id of /v1/models and requests")
+    parser.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES,
+                        help="larger request bodies are refused with HTTP 413 before they are read")
     args = parser.parse_args(argv)
     if not 0 <= args.port < 65536:
         fail(f"--port must be in [0, 65535], got {args.port}")
     if args.max_batch < 1:
         fail(f"--max_batch must be >= 1, got {args.max_batch}")
+    if args.max_body_bytes < 1:
+        fail(f"--max_body_bytes must be >= 1, got {args.max_body_bytes}")
     if args.max_queue < 1:
         fail(f"--max_queue must be >= 1, got {args.max_queue}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
@@ -59,6 +66,24 @@ def make_engine(args: argparse.Namespace):
     return Engine(params, cfg, tokenizer, n_slots=args.max_batch, max_len=args.max_seq_len, max_queue=args.max_queue)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything is loaded or compiled, so that a port in use is reported at once
+    (uvicorn listens on it later). SO_REUSEADDR as uvicorn's own bind: a port in TIME_WAIT can be reused, one that a
+    process listens on cannot."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        reason = "the address is already in use" if error.errno == errno.EADDRINUSE else error.strerror or error
+        fail(f"cannot listen on {host}:{port}: {reason}")
+    except (socket.gaierror, UnicodeError) as error:
+        sock.close()
+        fail(f"cannot listen on {host}:{port}: {error}")
+    return sock
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     try:
@@ -67,13 +92,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         from llama2_jax.serve.api import create_app
     except ImportError as error:
         fail(f"{error.name} is missing: install the serve extra (pip install -e '.[serve]')")
+    sock = bind(args.host, args.port)
     engine = make_engine(args)
     buckets = engine.warm_up()
+    port = sock.getsockname()[1]
     print(f"compiled {buckets} prompt buckets ({', '.join(map(str, engine.buckets))} tokens) for {engine.n_slots} "
-          f"slots of {engine.max_len} tokens; serving {args.model_name} on http://{args.host}:{args.port}",
-          flush=True)
-    uvicorn.run(create_app(engine, args.model_name), host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=None)
+          f"slots of {engine.max_len} tokens; serving {args.model_name} on http://{args.host}:{port}", flush=True)
+    app = create_app(engine, args.model_name, max_body_bytes=args.max_body_bytes)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None)).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Sequence
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from llama2_jax.serve.engine import Engine, Finished, Piece, QueueFull, Request
+from llama2_jax.serve.guard import MAX_BODY_BYTES, Guard, KeyRing, parse_body
 from llama2_jax.serve.requests import (
     DEFAULT_COMPLETION_TOKENS,
     ApiError,
@@ -28,9 +29,11 @@ from llama2_jax.serve.requests import (
 DISCONNECT_POLL_S = 0.25
 
 
-def create_app(engine: Engine, model_name: str = "llama2_jax") -> FastAPI:
+def create_app(engine: Engine, model_name: str = "llama2_jax", *, api_keys: Sequence[str] = (),
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name`; the engine thread runs for the app's lifetime (it is
-    started here if not yet running, and stopped after the in-flight requests finish)."""
+    started here if not yet running, and stopped after the in-flight requests finish). With `api_keys`, every path
+    but /health needs `Authorization: Bearer KEY`; bodies over `max_body_bytes` are refused (413), see `Guard`."""
 
     async def lifespan(app: FastAPI):
         if engine._thread is None:
@@ -39,6 +42,7 @@ def create_app(engine: Engine, model_name: str = "llama2_jax") -> FastAPI:
         await asyncio.get_running_loop().run_in_executor(None, engine.stop)
 
     app = FastAPI(title="llama2_jax", lifespan=lifespan)
+    app.add_middleware(Guard, keys=KeyRing(api_keys), max_body_bytes=max_body_bytes)
     tokenizer = engine.tokenizer
 
     @app.exception_handler(ApiError)
@@ -57,7 +61,7 @@ def create_app(engine: Engine, model_name: str = "llama2_jax") -> FastAPI:
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = await read_body(http, model_name)
-        prompts = encode_prompts(body.get("prompt"), tokenizer)
+        prompts = await asyncio.to_thread(encode_prompts, body.get("prompt"), tokenizer)  # long texts take seconds
         texts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
         texts = [t if isinstance(t, str) else tokenizer.decode(p) for t, p in zip(texts, prompts)] \
             if len(texts) == len(prompts) else [tokenizer.decode(p) for p in prompts]
@@ -73,7 +77,7 @@ def create_app(engine: Engine, model_name: str = "llama2_jax") -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
         body = await read_body(http, model_name)
-        prompt = encode_messages(body.get("messages"), tokenizer)
+        prompt = await asyncio.to_thread(encode_messages, body.get("messages"), tokenizer)
         events, requests = submit(http, body, [prompt], None, allow_logprobs=False)
         if body.get("stream"):
             return sse(chat_chunks(http, events, requests))
@@ -94,14 +98,15 @@ def create_app(engine: Engine, model_name: str = "llama2_jax") -> FastAPI:
         emit_for = lambda index: lambda event: loop.call_soon_threadsafe(events.put_nowait, (index, event))
         requests = make_requests(body, prompts, engine.max_len, emit_for, default_max_tokens=default_max_tokens,
                                  allow_logprobs=allow_logprobs)
-        for i, request in enumerate(requests):
-            try:
-                engine.submit(request)
-            except (QueueFull, RuntimeError) as error:
-                for r in requests[:i]:
-                    r.cancelled.set()
-                raise ApiError(str(error), None, *((429, "rate_limit_error") if isinstance(error, QueueFull)
-                                                   else (503, "server_error"))) from None
+        if len(requests) > engine.max_queue:  # could never be queued, however idle the server
+            raise ApiError(f"this request asks for {len(requests)} completions (prompts x n); this server queues at "
+                           f"most {engine.max_queue} (--max_queue)", "prompt" if "prompt" in body else "n")
+        try:
+            engine.submit(*requests)
+        except QueueFull as error:
+            raise ApiError(str(error), None, 429, "rate_limit_error") from None
+        except RuntimeError as error:
+            raise ApiError(str(error), None, 503, "server_error") from None
         return events, requests
 
     async def completion_chunks(http, events, requests, echo_texts) -> AsyncIterator[dict]:
@@ -138,12 +143,7 @@ def create_app(engine: Engine, model_name: str = "llama2_jax") -> FastAPI:
 
 
 async def read_body(http: HttpRequest, model_name: str) -> dict[str, Any]:
-    try:
-        body = json.loads(await http.body())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ApiError(f"the request body is not valid JSON: {error}") from None
-    if not isinstance(body, dict):
-        raise ApiError("the request body must be a JSON object")
+    body = parse_body(await http.body())  # read in full by `Guard`
     check_model(body, model_name)
     if not isinstance(body.get("stream", False), bool):
         raise ApiError(f"stream must be a boolean, got {body['stream']!r}", "stream")

@@ -10,8 +10,8 @@ to its `emit` callback (called on the engine thread: the HTTP layer forwards it 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import queue
 import threading
 from typing import Callable, Optional, Sequence
 
@@ -107,7 +107,9 @@ class Engine:
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
         self.n_slots, self.max_len = n_slots, max_len or cfg.max_seq_len
         self.buckets = prompt_buckets(self.max_len)
-        self.pending: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self.pending: collections.deque[Request] = collections.deque()  # guarded by _queue_lock
+        self._queue_lock = threading.Condition()
         self.slots: dict[int, _Active] = {}
         self.steps = 0
         self.cancelled = 0  # requests whose client went away while they were decoding
@@ -143,14 +145,18 @@ class Engine:
 
     # -- the thread ------------------------------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> None:
-        """Queue a request (QueueFull when the queue is full, RuntimeError once stopping)."""
-        if self._stopping.is_set():
-            raise RuntimeError("the server is shutting down")
-        try:
-            self.pending.put_nowait(request)
-        except queue.Full:
-            raise QueueFull(f"the request queue is full ({self.pending.maxsize} waiting)") from None
+    def submit(self, *requests: Request) -> None:
+        """Queue requests, all or none: QueueFull when they do not all fit in the queue now, ValueError when they
+        could never fit (more than max_queue), RuntimeError once stopping."""
+        with self._queue_lock:
+            if self._stopping.is_set():
+                raise RuntimeError("the server is shutting down")
+            if len(requests) > self.max_queue:
+                raise ValueError(f"{len(requests)} requests at once; the queue holds at most {self.max_queue}")
+            if len(self.pending) + len(requests) > self.max_queue:
+                raise QueueFull(f"the request queue is full ({len(self.pending)} of {self.max_queue} waiting)")
+            self.pending.extend(requests)
+            self._queue_lock.notify()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="llama2-jax-engine", daemon=True)
@@ -163,16 +169,15 @@ class Engine:
             self._thread.join(timeout)
 
     def load(self) -> dict[str, int]:
-        return {"active": len(self.slots), "queued": self.pending.qsize(), "slots": self.n_slots}
+        return {"active": len(self.slots), "queued": len(self.pending), "slots": self.n_slots}
 
     def _run(self) -> None:
-        while not (self._stopping.is_set() and not self.slots and self.pending.empty()):
+        while not (self._stopping.is_set() and not self.slots and not self.pending):
             self._admit()
             if not self.slots:
-                try:  # idle: wait for a request without spinning
-                    self._start(self.pending.get(timeout=0.05))
-                except queue.Empty:
-                    pass
+                with self._queue_lock:  # idle: wait for a request without spinning
+                    if not self.pending:
+                        self._queue_lock.wait(0.05)
                 continue
             try:
                 self.state = decode.generate_step_jit(self.params, self.cfg, self.state)
@@ -191,10 +196,10 @@ class Engine:
 
     def _admit(self) -> None:
         while len(self.slots) < self.n_slots:
-            try:
-                request = self.pending.get_nowait()
-            except queue.Empty:
-                return
+            with self._queue_lock:
+                if not self.pending:
+                    return
+                request = self.pending.popleft()
             self._start(request)
 
     def _start(self, request: Request) -> None:
