@@ -1,7 +1,7 @@
 """`python -m llama2_jax.serve`: an OpenAI-compatible HTTP server with continuous batching.
 
   python -m llama2_jax.serve --checkpoint=DIR --tokenizer=FILE [--host=127.0.0.1 --port=8000 --max_batch=16
-      --max_seq_len=N --dtype=float32 --model_name=llama2_jax --max_queue=64]
+      --max_seq_len=N --dtype=float32 --model_name=llama2_jax --max_queue=64 --api_key=KEY ...]
 
 Every program (prefill per prompt bucket, insert, the decode step) is compiled before the server listens, so it
 answers /health only once it can serve. SIGTERM stops accepting, finishes the in-flight requests, then exits.
@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import socket
+import sys
 from typing import Optional, Sequence
 
 from llama2_jax.cli.common import DTYPES, default_dtype, fail, load_model_or_exit
-from llama2_jax.serve.guard import MAX_BODY_BYTES
+from llama2_jax.serve.guard import KEYS_ENV, MAX_BODY_BYTES, is_loopback, read_key_file
 from llama2_jax.text.tokenizer import check_vocab
 
 
@@ -33,6 +35,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help=f"one of {', '.join(DTYPES)} (default: float32 on CPU, "
                                                       "bfloat16 on GPU/TPU)")
     parser.add_argument("--model_name", default="llama2_jax", help="the model id of /v1/models and requests")
+    parser.add_argument("--api_key", action="append", default=[],
+                        help=f"a key clients must send as 'Authorization: Bearer KEY' (repeat for several; or the "
+                             f"environment variable {KEYS_ENV}=FILE, one key a line); /health stays open")
     parser.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES,
                         help="larger request bodies are refused with HTTP 413 before they are read")
     args = parser.parse_args(argv)
@@ -46,10 +51,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         fail(f"--max_queue must be >= 1, got {args.max_queue}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         fail(f"--max_seq_len must be >= 2, got {args.max_seq_len}")
+    args.api_keys = api_keys(args.api_key, os.environ.get(KEYS_ENV))
     args.dtype = args.dtype or default_dtype()
     if args.dtype not in DTYPES:
         fail(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     return args
+
+
+def api_keys(flag_keys: list[str], key_file: Optional[str]) -> list[str]:
+    """The keys of --api_key and of the LLAMA2_JAX_API_KEYS file, together (exits on a bad file or an empty key)."""
+    if any(not key.strip() or any(c.isspace() for c in key) for key in flag_keys):
+        fail("--api_key must be a non-empty key without whitespace")
+    keys = list(flag_keys)
+    if key_file:
+        try:
+            keys += read_key_file(key_file)
+        except ValueError as error:
+            fail(str(error))
+    return keys
+
+
+def exposure_warning(host: str, keys: list[str]) -> Optional[str]:
+    """The warning for a server that anyone on the network can use (a non-loopback address without keys)."""
+    if keys or is_loopback(host):
+        return None
+    return (f"warning: serving on {host} without API keys: anyone who can reach this port can use the model "
+            f"(set --api_key or {KEYS_ENV})")
 
 
 def make_engine(args: argparse.Namespace):
@@ -93,12 +120,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ImportError as error:
         fail(f"{error.name} is missing: install the serve extra (pip install -e '.[serve]')")
     sock = bind(args.host, args.port)
+    warning = exposure_warning(args.host, args.api_keys)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     engine = make_engine(args)
     buckets = engine.warm_up()
     port = sock.getsockname()[1]
     print(f"compiled {buckets} prompt buckets ({', '.join(map(str, engine.buckets))} tokens) for {engine.n_slots} "
           f"slots of {engine.max_len} tokens; serving {args.model_name} on http://{args.host}:{port}", flush=True)
-    app = create_app(engine, args.model_name, max_body_bytes=args.max_body_bytes)
+    app = create_app(engine, args.model_name, api_keys=args.api_keys, max_body_bytes=args.max_body_bytes)
     uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None)).run(sockets=[sock])
 
 

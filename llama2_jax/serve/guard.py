@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 from typing import Any, Iterable, Optional
 
@@ -24,6 +25,34 @@ OPEN_PATHS = ("/health",)  # answered without an API key (load balancers' health
 MISSING_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
                "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
 WRONG_KEY = "Incorrect API key provided."
+
+
+KEYS_ENV = "LLAMA2_JAX_API_KEYS"  # the path of a file of API keys, one a line (# comments and blank lines skipped)
+
+
+def read_key_file(path: str) -> list[str]:
+    """The keys of a key file; ValueError (naming the file) when it cannot be read or holds none."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{KEYS_ENV}={path}: cannot read the key file: {error}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError(f"{KEYS_ENV}={path}: the key file holds no key")
+    if any(any(c.isspace() for c in key) for key in keys):
+        raise ValueError(f"{KEYS_ENV}={path}: a key contains whitespace (one key a line)")
+    return keys
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: reachable from wherever it resolves
+        return False
 
 
 def _digest(key: str) -> bytes:
