@@ -109,12 +109,29 @@ class Guard:
     or as soon as a chunked body passes the limit), and replayed to the app. A client that goes away before its body
     is complete gets nothing: there is no one to answer (starlette would raise ClientDisconnect into the log)."""
 
-    def __init__(self, app, *, keys: KeyRing, max_body_bytes: int):
-        self.app, self.keys, self.max_body_bytes = app, keys, max_body_bytes
+    def __init__(self, app, *, keys: KeyRing, max_body_bytes: int, metrics=None):
+        self.app, self.keys, self.max_body_bytes, self.metrics = app, keys, max_body_bytes, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.metrics is None:
+            return await self.guard(scope, receive, send)
+        status = None
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.guard(scope, receive, send_counted)
+        finally:
+            if status is not None:  # None: the client left before an answer
+                self.metrics.request_done(scope.get("path", ""), status)
+
+    async def guard(self, scope, receive, send):
         headers = scope.get("headers", [])
         if self.keys and scope.get("path") not in OPEN_PATHS:
             key = bearer_key(headers)
