@@ -129,7 +129,7 @@ class Engine:
         self._queued = 0
         self._queue_lock = threading.Condition()
         self.slots: dict[int, _Active] = {}
-        self.steps = 0
+        self.steps = self.prefills = 0
         self.cancelled = 0  # completions whose client went away while they were decoding
         self.metrics = metrics or Metrics()
         self.prefix = PrefixCache(prefix_blocks, prefix_block) if prefix_blocks else None
@@ -301,6 +301,7 @@ class Engine:
         keys = [_sample_key(request.seed, sample) for sample in samples]
         try:
             self._prefill(free[0], request, keys[0])
+            self.prefills += 1
             for slot, key in zip(free[1:], keys[1:]):
                 self.state, self.controls = programs.fork_slot_jit(self.state, self.controls, np.int32(free[0]),
                                                                    np.int32(slot), key)

@@ -142,7 +142,8 @@ def parse_sampling(body: dict, *, chat_api: bool, vocab_size: int) -> Sampling:
     if stream_options is not None:
         if not stream:
             raise ApiError("stream_options is only allowed with stream=true", "stream_options")
-        if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}:
+        if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"} \
+                or not isinstance(stream_options.get("include_usage", False), (bool, type(None))):
             raise ApiError(f"stream_options must be {{\"include_usage\": bool}}, got {stream_options!r}",
                            "stream_options")
     include_usage = _bool(stream_options or {}, "include_usage")
