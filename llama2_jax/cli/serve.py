@@ -4,7 +4,8 @@
       --max_seq_len=N --dtype=float32 --model_name=llama2_jax --max_queue=64 --api_key=KEY ...]
 
 Every program (prefill per prompt bucket, insert, the decode step) is compiled before the server listens, so it
-answers /health only once it can serve. SIGTERM stops accepting, finishes the in-flight requests, then exits.
+answers /health only once it can serve. SIGTERM stops accepting, finishes the in-flight requests (for at most
+--grace_period seconds), then exits.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--api_key", action="append", default=[],
                         help=f"a key clients must send as 'Authorization: Bearer KEY' (repeat for several; or the "
                              f"environment variable {KEYS_ENV}=FILE, one key a line); /health stays open")
+    parser.add_argument("--grace_period", type=float, default=30.0,
+                        help="seconds that SIGTERM waits for in-flight requests before cutting them off")
     parser.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES,
                         help="larger request bodies are refused with HTTP 413 before they are read")
     args = parser.parse_args(argv)
@@ -45,6 +48,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         fail(f"--port must be in [0, 65535], got {args.port}")
     if args.max_batch < 1:
         fail(f"--max_batch must be >= 1, got {args.max_batch}")
+    if not args.grace_period >= 0:
+        fail(f"--grace_period must be >= 0 seconds, got {args.grace_period}")
     if args.max_body_bytes < 1:
         fail(f"--max_body_bytes must be >= 1, got {args.max_body_bytes}")
     if args.max_queue < 1:
@@ -128,8 +133,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     port = sock.getsockname()[1]
     print(f"compiled {buckets} prompt buckets ({', '.join(map(str, engine.buckets))} tokens) for {engine.n_slots} "
           f"slots of {engine.max_len} tokens; serving {args.model_name} on http://{args.host}:{port}", flush=True)
-    app = create_app(engine, args.model_name, api_keys=args.api_keys, max_body_bytes=args.max_body_bytes)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None)).run(sockets=[sock])
+    # after SIGTERM uvicorn stops accepting, waits up to --grace_period for the open requests, then cancels them
+    # (their slots are freed) and the app's shutdown stops the engine
+    app = create_app(engine, args.model_name, api_keys=args.api_keys, max_body_bytes=args.max_body_bytes,
+                     grace_period=args.grace_period)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.grace_period)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from llama2_jax.serve.prefix_cache import PrefixCache
 from llama2_jax.serve.text import cut_at_stop, held_back, reply_text, tokens_covering, tokens_for_text
 
 MIN_BUCKET = 16
+SHUTDOWN_ERROR = "the server shut down before this completion finished (its grace period ran out)"
 N_TOP = 20  # the most likely tokens recorded per position (OpenAI's chat top_logprobs allow up to 20)
 
 
@@ -133,7 +134,7 @@ class Engine:
         self.cancelled = 0  # completions whose client went away while they were decoding
         self.metrics = metrics or Metrics()
         self.prefix = PrefixCache(prefix_blocks, prefix_block) if prefix_blocks else None
-        self._stopping = threading.Event()
+        self._stopping, self._abort = threading.Event(), threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._reset()
 
@@ -240,17 +241,13 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: Optional[float] = None) -> None:
-        """Finish the queued and in-flight requests (within `timeout` seconds: then answer the rest with an error),
-        then end the thread."""
+        """Finish the queued and in-flight requests, then end the thread; after `timeout` seconds the requests still
+        queued or in flight are answered with an error instead (a shutdown's grace period)."""
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                with self._queue_lock:
-                    for request, _ in self.pending:
-                        request.cancelled.set()
-                for active in list(self.slots.values()):
-                    active.request.cancelled.set()
+                self._abort.set()
                 self._thread.join()
 
     def load(self) -> dict[str, int]:
@@ -258,6 +255,16 @@ class Engine:
 
     def _run(self) -> None:
         while not (self._stopping.is_set() and not self.slots and not self.pending):
+            if self._abort.is_set():
+                self._fail_all(SHUTDOWN_ERROR)
+                with self._queue_lock:
+                    for request, samples in self.pending:
+                        for sample in samples:
+                            request.emit(Finished("", "error", len(request.prompt), 0, [], sample,
+                                                  error=SHUTDOWN_ERROR))
+                    self.pending.clear()
+                    self._queued = 0
+                return
             self._admit()
             if not self.slots:
                 with self._queue_lock:  # idle: wait for a request without spinning
