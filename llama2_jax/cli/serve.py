@@ -39,6 +39,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--api_key", action="append", default=[],
                         help=f"a key clients must send as 'Authorization: Bearer KEY' (repeat for several; or the "
                              f"environment variable {KEYS_ENV}=FILE, one key a line); /health stays open")
+    parser.add_argument("--prefix_cache_mb", type=float, default=0.0,
+                        help="memory for the KV of shared prompt prefixes (system prompts, few-shot examples), "
+                             "reused by later requests, least recently used evicted first; 0: no prefix cache")
+    parser.add_argument("--prefix_block", type=int, default=16, help="tokens per prefix-cache block")
     parser.add_argument("--grace_period", type=float, default=30.0,
                         help="seconds that SIGTERM waits for in-flight requests before cutting them off")
     parser.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES,
@@ -48,6 +52,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         fail(f"--port must be in [0, 65535], got {args.port}")
     if args.max_batch < 1:
         fail(f"--max_batch must be >= 1, got {args.max_batch}")
+    if not args.prefix_cache_mb >= 0:
+        fail(f"--prefix_cache_mb must be >= 0, got {args.prefix_cache_mb}")
+    if args.prefix_block < 1:
+        fail(f"--prefix_block must be >= 1, got {args.prefix_block}")
     if not args.grace_period >= 0:
         fail(f"--grace_period must be >= 0 seconds, got {args.grace_period}")
     if args.max_body_bytes < 1:
@@ -86,7 +94,7 @@ def exposure_warning(host: str, keys: list[str]) -> Optional[str]:
 
 def make_engine(args: argparse.Namespace):
     """Load the model and build the engine (exits with `error: ...` on a bad checkpoint, tokenizer or length)."""
-    from llama2_jax.serve.engine import Engine
+    from llama2_jax.serve.engine import Engine, kv_bytes_per_token, prefix_pool_blocks
 
     params, cfg, tokenizer = load_model_or_exit(args)
     try:
@@ -95,7 +103,12 @@ def make_engine(args: argparse.Namespace):
         fail(str(error))
     if args.max_seq_len is not None and args.max_seq_len > cfg.max_seq_len:
         fail(f"--max_seq_len {args.max_seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    return Engine(params, cfg, tokenizer, n_slots=args.max_batch, max_len=args.max_seq_len, max_queue=args.max_queue)
+    blocks = prefix_pool_blocks(cfg, args.prefix_cache_mb, args.prefix_block)
+    if args.prefix_cache_mb and not blocks:
+        fail(f"--prefix_cache_mb {args.prefix_cache_mb} holds no block of --prefix_block {args.prefix_block} tokens "
+             f"({kv_bytes_per_token(cfg) * args.prefix_block} bytes)")
+    return Engine(params, cfg, tokenizer, n_slots=args.max_batch, max_len=args.max_seq_len, max_queue=args.max_queue,
+                  prefix_blocks=blocks, prefix_block=args.prefix_block)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -132,7 +145,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     buckets = engine.warm_up()
     port = sock.getsockname()[1]
     print(f"compiled {buckets} prompt buckets ({', '.join(map(str, engine.buckets))} tokens) for {engine.n_slots} "
-          f"slots of {engine.max_len} tokens; serving {args.model_name} on http://{args.host}:{port}", flush=True)
+          f"slots of {engine.max_len} tokens; {engine.memory_line()}; serving {args.model_name} on "
+          f"http://{args.host}:{port}", flush=True)
     # after SIGTERM uvicorn stops accepting, waits up to --grace_period for the open requests, then cancels them
     # (their slots are freed) and the app's shutdown stops the engine
     app = create_app(engine, args.model_name, api_keys=args.api_keys, max_body_bytes=args.max_body_bytes,

@@ -45,6 +45,16 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     return next(width for width in buckets if width >= length)
 
 
+def kv_bytes_per_token(cfg) -> int:
+    """Bytes of KV cache one token takes (keys and values of every layer in the compute dtype)."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize
+
+
+def prefix_pool_blocks(cfg, megabytes: float, block: int) -> int:
+    """How many prefix-cache blocks of `block` tokens fit in `megabytes` MiB."""
+    return int(megabytes * 2 ** 20 // (kv_bytes_per_token(cfg) * block))
+
+
 class QueueFull(Exception):
     """The engine's request queue is full (HTTP 429)."""
 
@@ -249,6 +259,17 @@ class Engine:
             if self._thread.is_alive():
                 self._abort.set()
                 self._thread.join()
+
+    def memory_line(self) -> str:
+        """Device memory of the weights, the slots' KV cache and the prefix cache, for the start-up line."""
+        mib = lambda n: f"{n / 2 ** 20:.1f} MiB"
+        weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.params))
+        kv = kv_bytes_per_token(self.cfg)
+        line = f"weights {mib(weights)}, KV cache {mib(kv * self.n_slots * self.max_len)}"
+        if self.prefix is not None:
+            line += (f", prefix cache {mib(kv * self.prefix.n_blocks * self.prefix.block)} ({self.prefix.n_blocks} "
+                     f"blocks of {self.prefix.block} tokens)")
+        return line
 
     def load(self) -> dict[str, int]:
         return {"active": len(self.slots), "queued": self._queued, "slots": self.n_slots}
