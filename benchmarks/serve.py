@@ -6,7 +6,8 @@ SHAPES); the requests have mixed prompt lengths (token-id prompts) and mixed max
 aggregate completion tokens/s and p50/p99 request latency for both phases, how many requests were answered, and the
 median time of one decode-slot step (serve.programs.step over all slots). A second line: requests sharing a
 --shared_prompt-token system prompt (distinct suffixes, streamed), time to first token and throughput without and
-with the prefix cache.
+with the prefix cache. A third line: int8 weight-only against the same weights (memory, step time, logit error and
+greedy agreement on a fixed prompt set).
 
   python benchmarks/serve.py --tokenizer=/path/to/tokenizer.model --shape=15m --clients=16
 """
@@ -20,6 +21,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from generate import SHAPES, device_name, random_params  # benchmarks/generate.py
 
@@ -27,6 +29,7 @@ from llama2_jax.inference import decode
 from llama2_jax.serve import programs
 from llama2_jax.serve.api import create_app
 from llama2_jax.serve.engine import Engine, prefix_pool_blocks
+from llama2_jax.serve.quantize import weights_view
 from llama2_jax.text.tokenizer import Tokenizer
 
 
@@ -106,6 +109,30 @@ def streamed_phase(client, requests, workers: int) -> tuple[float, list[float], 
     return time.perf_counter() - start, [r[0] for r in results], sum(r[1] for r in results)
 
 
+def int8_line(engine: Engine, args) -> str:
+    """int8 weight-only against the engine's own weights: their memory, the decode-slot step time, and on a fixed
+    prompt set (8 random prompts of 64 tokens) the largest logit difference over the logits' standard deviation and
+    the greedy (argmax) agreement over every position."""
+    cfg = engine.cfg
+    int8 = Engine(engine.params, cfg, engine.tokenizer, n_slots=engine.n_slots, max_len=engine.max_len,
+                  quantize="int8")
+
+    def forward(params, tokens):
+        view = decode.layer_params(weights_view(params, cfg), cfg)
+        caches = decode.init_layer_caches(cfg, tokens.shape[0], tokens.shape[1])
+        hidden, _ = decode.decode_forward(view, cfg, tokens, caches, jnp.zeros((), jnp.int32))
+        return decode.project_logits(view, hidden)
+
+    forward = jax.jit(forward)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(3, cfg.vocab_size, size=(8, min(64, engine.max_len))))
+    exact, quantized = np.asarray(forward(engine.params, tokens)), np.asarray(forward(int8.params, tokens))
+    size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)) / 2 ** 20
+    return (f"int8: weights {size(engine.params):.1f} -> {size(int8.params):.1f} MiB | slot_step "
+            f"{slot_step_ms(engine):.2f} -> {slot_step_ms(int8):.2f} ms | logits max|d|/std="
+            f"{np.abs(quantized - exact).max() / exact.std():.3f} greedy_agreement="
+            f"{(quantized.argmax(-1) == exact.argmax(-1)).mean():.3f} over {tokens.size} positions")
+
+
 def prefix_line(params, cfg, tokenizer, args) -> str:
     """Time to first token and throughput of requests that share a --shared_prompt-token system prompt (distinct
     suffixes), served without and with the prefix cache, one after the other in this run."""
@@ -180,6 +207,7 @@ def main(argv=None) -> None:
           f"p50={pct(many_lat, 50):.3f}s p99={pct(many_lat, 99):.3f}s | speedup="
           f"{(many_tokens / many_wall) / (one_tokens / one_wall):.2f}x answered={many_answered}/{len(requests)} "
           f"tokens={many_tokens}/{one_tokens} slot_step={step:.2f}ms", flush=True)
+    print(int8_line(engine, args), flush=True)
     if args.shared_prompt:
         print(prefix_line(params, cfg, tokenizer, args), flush=True)
 

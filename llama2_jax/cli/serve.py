@@ -39,6 +39,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--api_key", action="append", default=[],
                         help=f"a key clients must send as 'Authorization: Bearer KEY' (repeat for several; or the "
                              f"environment variable {KEYS_ENV}=FILE, one key a line); /health stays open")
+    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+                        help="int8: matmul weights stored as int8 with a scale per output channel (weight-only)")
     parser.add_argument("--prefix_cache_mb", type=float, default=0.0,
                         help="memory for the KV of shared prompt prefixes (system prompts, few-shot examples), "
                              "reused by later requests, least recently used evicted first; 0: no prefix cache")
@@ -108,7 +110,8 @@ def make_engine(args: argparse.Namespace):
         fail(f"--prefix_cache_mb {args.prefix_cache_mb} holds no block of --prefix_block {args.prefix_block} tokens "
              f"({kv_bytes_per_token(cfg) * args.prefix_block} bytes)")
     return Engine(params, cfg, tokenizer, n_slots=args.max_batch, max_len=args.max_seq_len, max_queue=args.max_queue,
-                  prefix_blocks=blocks, prefix_block=args.prefix_block)
+                  prefix_blocks=blocks, prefix_block=args.prefix_block,
+                  quantize=None if args.quantize == "none" else args.quantize)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -25,6 +25,7 @@ from llama2_jax.inference import decode
 from llama2_jax.serve import programs
 from llama2_jax.serve.metrics import Metrics
 from llama2_jax.serve.prefix_cache import PrefixCache
+from llama2_jax.serve.quantize import quantize_params
 from llama2_jax.serve.text import cut_at_stop, held_back, reply_text, tokens_covering, tokens_for_text
 
 MIN_BUCKET = 16
@@ -127,12 +128,17 @@ class _Active:
 
 class Engine:
     """Continuous batching over `n_slots` decode slots of `max_len` tokens each (prompt + completion).
-    prefix_blocks > 0: a prefix cache of that many blocks of `prefix_block` tokens (see serve.prefix_cache)."""
+    prefix_blocks > 0: a prefix cache of that many blocks of `prefix_block` tokens (see serve.prefix_cache);
+    quantize="int8": int8 weight-only matmul kernels (see serve.quantize)."""
 
     def __init__(self, params, cfg, tokenizer, *, n_slots: int = 16, max_len: Optional[int] = None,
-                 max_queue: int = 64, prefix_blocks: int = 0, prefix_block: int = 16,
+                 max_queue: int = 64, prefix_blocks: int = 0, prefix_block: int = 16, quantize: Optional[str] = None,
                  metrics: Optional[Metrics] = None):
-        self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        if quantize:
+            params = quantize_params(decode.layer_params(params, cfg))
+        self.params, self.cfg, self.tokenizer, self.quantize = params, cfg, tokenizer, quantize
         self.n_slots, self.max_len = n_slots, max_len or cfg.max_seq_len
         self.buckets = prompt_buckets(self.max_len)
         self.max_queue = max_queue  # samples waiting (a request of p prompts and n samples takes p * n)
@@ -221,7 +227,7 @@ class Engine:
         """The prompt's tokens with their log-probabilities (echo with logprobs): position 0 has none."""
         tokens = np.full((width,), decode.META_PAD_ID, np.int32)
         tokens[: len(prompt)] = prompt
-        lp = jax.device_get(decode.prompt_logprobs_jit(self.params, self.cfg, tokens))
+        lp = jax.device_get(programs.prompt_logprobs_jit(self.params, self.cfg, tokens))
         return [TokenLogprob(prompt[0], None, {})] + [
             TokenLogprob(prompt[p], float(lp.chosen[0, p]), _top(lp.top_ids[0, p], lp.top_values[0, p]))
             for p in range(1, len(prompt))]
@@ -265,7 +271,7 @@ class Engine:
         mib = lambda n: f"{n / 2 ** 20:.1f} MiB"
         weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.params))
         kv = kv_bytes_per_token(self.cfg)
-        line = f"weights {mib(weights)}, KV cache {mib(kv * self.n_slots * self.max_len)}"
+        line = f"weights {mib(weights)}{' (int8 kernels)' if self.quantize else ''}, KV cache {mib(kv * self.n_slots * self.max_len)}"
         if self.prefix is not None:
             line += (f", prefix cache {mib(kv * self.prefix.n_blocks * self.prefix.block)} ({self.prefix.n_blocks} "
                      f"blocks of {self.prefix.block} tokens)")

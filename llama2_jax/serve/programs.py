@@ -1,6 +1,7 @@
 """The server's device programs, over the decode slots of llama2_jax.inference.decode (init_slots, generate_step):
 put a prompt straight into a slot after a cached prefix, copy a slot for the n samples of one prompt, the decode step
-with OpenAI's frequency / presence penalties and logit bias, and the prefix cache's block pool.
+with OpenAI's frequency / presence penalties and logit bias, and the prefix cache's block pool. Every program takes
+the served weights as they are stored (int8 ones are widened layer by layer: serve.quantize).
 
 Shape legend: B decode slots, S slot length (max_len), V vocabulary, R prefill width (a bucket), N pool blocks,
 T tokens per block, M = S // T blocks per slot, K KV heads, H head dim.
@@ -21,6 +22,7 @@ from flax import struct
 
 from llama2_jax.inference import decode
 from llama2_jax.model.llama import cache_length_axis, layer_cache_shape
+from llama2_jax.serve.quantize import weights_view
 
 Array = jax.Array
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (the padded width of `Controls` updates)
@@ -54,11 +56,16 @@ def step(params: dict, cfg, state: decode.DecodeState, controls: Controls) -> tu
     """decode.generate_step with each slot choosing from its adjusted logits (`logit_adjust`; log-probabilities stay
     the model's), then the chosen tokens counted."""
     before = state.pos
-    state = decode.generate_step(params, cfg, state, logit_adjust=logit_adjust(controls))
+    state = decode.generate_step(weights_view(params, cfg), cfg, state, logit_adjust=logit_adjust(controls))
     rows = jnp.arange(state.pos.shape[0])
     token = state.tokens[rows, jnp.minimum(before, state.tokens.shape[1] - 1)]
     placed = (state.pos > before).astype(jnp.int32)
     return state, controls.replace(counts=controls.counts.at[rows, token].add(placed))
+
+
+def prompt_logprobs(params: dict, cfg, prompt_tokens: Array) -> decode.SlotLogprobs:
+    """decode.prompt_logprobs over the served weights (int8 ones included)."""
+    return decode.prompt_logprobs(weights_view(params, cfg), cfg, prompt_tokens)
 
 
 def latest(state: decode.DecodeState) -> dict[str, Array]:
@@ -96,7 +103,7 @@ def prefill_slot(params: dict, cfg, state: decode.DecodeState, controls: Control
       max_tokens, temperature, top_p, frequency, presence: [] scalars; rng: the request's PRNG key.
       bias_ids, bias_values: [MAX_LOGIT_BIAS] logit_bias entries (unused ones: id >= V, dropped).
     """
-    params = decode.layer_params(params, cfg)
+    params = decode.layer_params(weights_view(params, cfg), cfg)
     rows = _slot_rows(state.cache, slot)
     _, rows = decode.decode_forward(params, cfg, decode.model_inputs(rest[None], pad_id), rows, start)
     size = state.tokens.shape[1]
@@ -176,6 +183,7 @@ def save_blocks(pool: decode.LayerCaches, state: decode.DecodeState, slot, ids: 
 step_jit = jax.jit(step, static_argnames=("cfg",), donate_argnames=("state", "controls"),
                    compiler_options=decode.DECODE_COMPILER_OPTIONS)
 latest_jit = jax.jit(latest)
+prompt_logprobs_jit = jax.jit(prompt_logprobs, static_argnames=("cfg",))
 prefill_slot_jit = jax.jit(prefill_slot, static_argnames=("cfg", "pad_id"), donate_argnames=("state", "controls"),
                            compiler_options=decode.DECODE_COMPILER_OPTIONS)
 fork_slot_jit = jax.jit(fork_slot, donate_argnames=("state", "controls"))
