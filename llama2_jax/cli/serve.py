@@ -1,7 +1,8 @@
 """`python -m llama2_jax.serve`: an OpenAI-compatible HTTP server with continuous batching.
 
   python -m llama2_jax.serve --checkpoint=DIR --tokenizer=FILE [--host=127.0.0.1 --port=8000 --max_batch=16
-      --max_seq_len=N --dtype=float32 --model_name=llama2_jax --max_queue=64 --api_key=KEY ...]
+      --max_seq_len=N --dtype=float32 --model_name=llama2_jax --max_queue=64 --api_key=KEY ...
+      --mesh.tensor=N --mesh.data=N --quantize=int8 --prefix_cache_mb=MB --grace_period=S --max_body_bytes=N]
 
 Every program (prefill per prompt bucket, insert, the decode step) is compiled before the server listens, so it
 answers /health only once it can serve. SIGTERM stops accepting, finishes the in-flight requests (for at most
@@ -18,6 +19,7 @@ import sys
 from typing import Optional, Sequence
 
 from llama2_jax.cli.common import DTYPES, default_dtype, fail, load_model_or_exit
+from llama2_jax.model import sharding as sh
 from llama2_jax.serve.guard import KEYS_ENV, MAX_BODY_BYTES, is_loopback, read_key_file
 from llama2_jax.text.tokenizer import check_vocab
 
@@ -39,6 +41,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--api_key", action="append", default=[],
                         help=f"a key clients must send as 'Authorization: Bearer KEY' (repeat for several; or the "
                              f"environment variable {KEYS_ENV}=FILE, one key a line); /health stays open")
+    for axis, meaning in (("data", "replicas of the model, the decode slots split over them"),
+                          ("fsdp", "the model dim of the weights split over them"),
+                          ("tensor", "attention heads, MLP and vocabulary split over them (tensor parallel)")):
+        parser.add_argument(f"--mesh.{axis}", dest=f"mesh_{axis}", type=int, default=1,
+                            help=f"devices on the mesh's {axis} axis: {meaning} (all 1: one device, no mesh)")
     parser.add_argument("--quantize", choices=("none", "int8"), default="none",
                         help="int8: matmul weights stored as int8 with a scale per output channel (weight-only)")
     parser.add_argument("--prefix_cache_mb", type=float, default=0.0,
@@ -105,13 +112,22 @@ def make_engine(args: argparse.Namespace):
         fail(str(error))
     if args.max_seq_len is not None and args.max_seq_len > cfg.max_seq_len:
         fail(f"--max_seq_len {args.max_seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    mesh = None
+    if (args.mesh_data, args.mesh_fsdp, args.mesh_tensor) != (1, 1, 1):
+        try:
+            mesh = sh.make_mesh(args.mesh_data, args.mesh_fsdp, args.mesh_tensor)
+        except ValueError as error:
+            fail(f"--mesh.data/--mesh.fsdp/--mesh.tensor: {error}")
     blocks = prefix_pool_blocks(cfg, args.prefix_cache_mb, args.prefix_block)
     if args.prefix_cache_mb and not blocks:
         fail(f"--prefix_cache_mb {args.prefix_cache_mb} holds no block of --prefix_block {args.prefix_block} tokens "
              f"({kv_bytes_per_token(cfg) * args.prefix_block} bytes)")
-    return Engine(params, cfg, tokenizer, n_slots=args.max_batch, max_len=args.max_seq_len, max_queue=args.max_queue,
-                  prefix_blocks=blocks, prefix_block=args.prefix_block,
-                  quantize=None if args.quantize == "none" else args.quantize)
+    try:
+        return Engine(params, cfg, tokenizer, n_slots=args.max_batch, max_len=args.max_seq_len,
+                      max_queue=args.max_queue, prefix_blocks=blocks, prefix_block=args.prefix_block,
+                      quantize=None if args.quantize == "none" else args.quantize, mesh=mesh)
+    except ValueError as error:  # the mesh does not divide the model or the slots
+        fail(str(error))
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -20,8 +20,10 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from llama2_jax.inference import decode
+from llama2_jax.model import sharding as sh
 from llama2_jax.serve import programs
 from llama2_jax.serve.metrics import Metrics
 from llama2_jax.serve.prefix_cache import PrefixCache
@@ -44,6 +46,15 @@ def prompt_buckets(max_len: int, smallest: int = MIN_BUCKET) -> list[int]:
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
     return next(width for width in buckets if width >= length)
+
+
+def check_mesh(cfg, n_slots: int, mesh: Mesh) -> None:
+    """ValueError (naming the flag) unless the slots split over the mesh's data axes and the KV heads over tensor."""
+    data, tensor = sh.data_parallel_size(mesh), mesh.shape[sh.TENSOR]
+    if n_slots % data:
+        raise ValueError(f"--max_batch {n_slots} is not divisible by the mesh's data x fsdp size {data}")
+    if cfg.n_kv_heads % tensor:
+        raise ValueError(f"the model's {cfg.n_kv_heads} KV heads are not divisible by --mesh.tensor={tensor}")
 
 
 def kv_bytes_per_token(cfg) -> int:
@@ -129,15 +140,24 @@ class _Active:
 class Engine:
     """Continuous batching over `n_slots` decode slots of `max_len` tokens each (prompt + completion).
     prefix_blocks > 0: a prefix cache of that many blocks of `prefix_block` tokens (see serve.prefix_cache);
-    quantize="int8": int8 weight-only matmul kernels (see serve.quantize)."""
+    quantize="int8": int8 weight-only matmul kernels (see serve.quantize); mesh: serve one model sharded over it
+    (see serve.programs; n_slots must divide by its data-parallel size, the KV heads by its tensor size)."""
 
     def __init__(self, params, cfg, tokenizer, *, n_slots: int = 16, max_len: Optional[int] = None,
                  max_queue: int = 64, prefix_blocks: int = 0, prefix_block: int = 16, quantize: Optional[str] = None,
-                 metrics: Optional[Metrics] = None):
+                 mesh: Optional[Mesh] = None, metrics: Optional[Metrics] = None):
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        if quantize or mesh is not None:
+            params = decode.layer_params(params, cfg)
         if quantize:
-            params = quantize_params(decode.layer_params(params, cfg))
+            params = quantize_params(params)
+        if mesh is not None:
+            check_mesh(cfg, n_slots, mesh)
+            shardings = programs.param_shardings(params, cfg, mesh)
+            sh.check_divisible(params, shardings)
+            params = jax.device_put(params, shardings)
+        self.mesh = mesh
         self.params, self.cfg, self.tokenizer, self.quantize = params, cfg, tokenizer, quantize
         self.n_slots, self.max_len = n_slots, max_len or cfg.max_seq_len
         self.buckets = prompt_buckets(self.max_len)
@@ -159,9 +179,14 @@ class Engine:
         self.state = decode.init_slots(self.cfg, self.n_slots, self.max_len, jax.random.PRNGKey(0),
                                        eos_id=self.tokenizer.eos_id, logprobs=True, n_top=N_TOP)
         self.controls = programs.init_controls(self.n_slots, self.cfg.vocab_size)
+        if self.mesh is not None:
+            self.state = jax.device_put(self.state, programs.state_shardings(self.state, self.mesh))
+            self.controls = jax.device_put(self.controls, sh.replicated(self.mesh))
         if self.prefix is not None:
             self.prefix.clear()
             self.pool = programs.init_pool(self.cfg, self.prefix.n_blocks, self.prefix.block)
+            if self.mesh is not None:
+                self.pool = jax.device_put(self.pool, programs.pool_shardings(self.pool, self.mesh))
 
     # -- compilation -------------------------------------------------------------------------------------------------
 
@@ -172,13 +197,16 @@ class Engine:
             self._prefill(0, Request([self.tokenizer.bos_id], 1, lambda _: None), jax.random.PRNGKey(0), width)
             self._prompt_logprobs([self.tokenizer.bos_id], width)
         self.state, self.controls = programs.fork_slot_jit(self.state, self.controls, np.int32(0), np.int32(0),
-                                                           jax.random.PRNGKey(0))
-        self.state, self.controls = programs.step_jit(self.params, self.cfg, self.state, self.controls)
+                                                           jax.random.PRNGKey(0), mesh=self.mesh)
+        self.state, self.controls = programs.step_jit(self.params, self.cfg, self.state, self.controls,
+                                                      mesh=self.mesh)
         jax.block_until_ready(programs.latest_jit(self.state))
         if self.prefix is not None:
             ids = np.zeros(self.max_len // self.prefix.block, np.int32)
-            self.state = programs.load_blocks_jit(self.state, self.pool, np.int32(0), ids, np.int32(0))
-            self.pool = programs.save_blocks_jit(self.pool, self.state, np.int32(0), ids, np.int32(0), np.int32(0))
+            self.state = programs.load_blocks_jit(self.state, self.pool, np.int32(0), ids, np.int32(0),
+                                                  mesh=self.mesh)
+            self.pool = programs.save_blocks_jit(self.pool, self.state, np.int32(0), ids, np.int32(0), np.int32(0),
+                                                 mesh=self.mesh)
         jax.block_until_ready(self.state.tokens)
         self._reset()
         return len(self.buckets)
@@ -195,7 +223,7 @@ class Engine:
             cached = self.prefix.lookup(keys)
             if cached:
                 self.state = programs.load_blocks_jit(self.state, self.pool, np.int32(slot), self._block_ids(cached),
-                                                      np.int32(len(cached)))
+                                                      np.int32(len(cached)), mesh=self.mesh)
             start = len(cached) * self.prefix.block
         width = width or bucket_for(max(len(prompt) - 1 - start, 1), self.buckets)
         start = min(start, size - width)  # the prefill must fit in the slot (recomputing a little of the prefix)
@@ -210,13 +238,13 @@ class Engine:
             np.int32(start), row[start:start + width], max_tokens=np.int32(request.max_tokens),
             temperature=np.float32(request.temperature), top_p=np.float32(request.top_p), rng=rng,
             frequency=np.float32(request.frequency_penalty), presence=np.float32(request.presence_penalty),
-            bias_ids=bias_ids, bias_values=bias_values)
+            bias_ids=bias_ids, bias_values=bias_values, mesh=self.mesh)
         if self.prefix is not None and len(keys) > len(cached):
             new = self.prefix.allocate(keys[len(cached):], keep=len(cached))
             if new:
                 self.pool = programs.save_blocks_jit(self.pool, self.state, np.int32(slot),
                                                      self._block_ids(cached + new), np.int32(len(cached)),
-                                                     np.int32(len(cached) + len(new)))
+                                                     np.int32(len(cached) + len(new)), mesh=self.mesh)
 
     def _block_ids(self, blocks: list[int]) -> np.ndarray:
         ids = np.zeros((self.max_len // self.prefix.block,), np.int32)
@@ -299,7 +327,8 @@ class Engine:
                         self._queue_lock.wait(0.05)
                 continue
             try:
-                self.state, self.controls = programs.step_jit(self.params, self.cfg, self.state, self.controls)
+                self.state, self.controls = programs.step_jit(self.params, self.cfg, self.state, self.controls,
+                                                              mesh=self.mesh)
                 self.steps += 1
                 self._collect()
             except Exception as error:  # noqa: BLE001 -- fail the in-flight requests, keep serving
@@ -338,7 +367,7 @@ class Engine:
             self.prefills += 1
             for slot, key in zip(free[1:], keys[1:]):
                 self.state, self.controls = programs.fork_slot_jit(self.state, self.controls, np.int32(free[0]),
-                                                                   np.int32(slot), key)
+                                                                   np.int32(slot), key, mesh=self.mesh)
             echo_lp = None
             if request.echo and request.logprobs is not None:
                 echo_lp = [_cut_top(entry, request.logprobs) for entry in self._prompt_logprobs(

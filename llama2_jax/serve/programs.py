@@ -16,16 +16,63 @@ a prompt are copies of the prefilled slot (`fork_slot`) that differ only in thei
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama2_jax.inference import decode
-from llama2_jax.model.llama import cache_length_axis, layer_cache_shape
-from llama2_jax.serve.quantize import weights_view
+from llama2_jax.model import sharding as sh
+from llama2_jax.model.llama import KV_CACHE_AXES, abstract_params, cache_length_axis, layer_cache_shape
+from llama2_jax.serve.quantize import is_quantized, weights_view
 
 Array = jax.Array
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (the padded width of `Controls` updates)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A model across devices: the weights sharded by the trainers' rules (model.sharding.LOGICAL_RULES), the slots' KV
+# cache as decode.kv_cache_shardings (slots over the data axes, KV heads over tensor), everything else replicated.
+# Every program pins its outputs to these shardings, so the state keeps one layout from step to step.
+
+
+def param_shardings(params: dict, cfg, mesh: Mesh):
+    """NamedShardings of the served params (decode.layer_params layout, int8 kernels included: their scales keep
+    the kernel's sharding on the axes they keep and are replicated on the contracted ones)."""
+    rules = sh.tree_shardings(abstract_params(cfg.replace(scan_layers=False), boxed=True), mesh)
+
+    def match(leaf, rule):
+        if not is_quantized(leaf):
+            return rule
+        spec = tuple(rule.spec) + (None,) * (leaf["int8"].ndim - len(rule.spec))
+        kept = [None if size == 1 else axis for axis, size in zip(spec, leaf["scale"].shape)]
+        return {"int8": rule, "scale": NamedSharding(mesh, PartitionSpec(*kept))}
+
+    return jax.tree_util.tree_map(match, params, rules, is_leaf=is_quantized)
+
+
+def state_shardings(state: decode.DecodeState, mesh: Mesh):
+    replicated = sh.replicated(mesh)
+    shardings = jax.tree_util.tree_map(lambda _: replicated, state)
+    return shardings.replace(cache=decode.kv_cache_shardings(mesh, len(state.cache)))
+
+
+def pool_shardings(pool: decode.LayerCaches, mesh: Mesh):
+    """The pool's blocks replicated (any slot may load any block), KV heads over tensor as in the slots."""
+    spec = {name: NamedSharding(mesh, sh.logical_to_spec((None,) + KV_CACHE_AXES[name][1:])) for name in ("k", "v")}
+    return [dict(spec) for _ in pool]
+
+
+def _pin(tree, shardings):
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+
+def _pin_state(state, controls, mesh: Optional[Mesh]):
+    if mesh is None:
+        return state, controls
+    return _pin(state, state_shardings(state, mesh)), _pin(controls, sh.replicated(mesh))
 
 
 @struct.dataclass
@@ -52,7 +99,8 @@ def logit_adjust(controls: Controls) -> Array:
             - (counts > 0).astype(jnp.float32) * controls.presence[:, None])
 
 
-def step(params: dict, cfg, state: decode.DecodeState, controls: Controls) -> tuple[decode.DecodeState, Controls]:
+def step(params: dict, cfg, state: decode.DecodeState, controls: Controls, mesh: Optional[Mesh] = None
+         ) -> tuple[decode.DecodeState, Controls]:
     """decode.generate_step with each slot choosing from its adjusted logits (`logit_adjust`; log-probabilities stay
     the model's), then the chosen tokens counted."""
     before = state.pos
@@ -60,7 +108,7 @@ def step(params: dict, cfg, state: decode.DecodeState, controls: Controls) -> tu
     rows = jnp.arange(state.pos.shape[0])
     token = state.tokens[rows, jnp.minimum(before, state.tokens.shape[1] - 1)]
     placed = (state.pos > before).astype(jnp.int32)
-    return state, controls.replace(counts=controls.counts.at[rows, token].add(placed))
+    return _pin_state(state, controls.replace(counts=controls.counts.at[rows, token].add(placed)), mesh)
 
 
 def prompt_logprobs(params: dict, cfg, prompt_tokens: Array) -> decode.SlotLogprobs:
@@ -91,7 +139,7 @@ def _put_rows(cache: decode.LayerCaches, rows: decode.LayerCaches, slot) -> deco
 
 def prefill_slot(params: dict, cfg, state: decode.DecodeState, controls: Controls, slot, prompt_row: Array, length,
                  start, rest: Array, *, max_tokens, temperature, top_p, rng: Array, frequency, presence,
-                 bias_ids: Array, bias_values: Array, pad_id: int = decode.META_PAD_ID
+                 bias_ids: Array, bias_values: Array, pad_id: int = decode.META_PAD_ID, mesh: Optional[Mesh] = None
                  ) -> tuple[decode.DecodeState, Controls]:
     """Put a prompt into decode slot `slot` (its previous request, if any, is dropped); see the module docstring.
 
@@ -116,10 +164,10 @@ def prefill_slot(params: dict, cfg, state: decode.DecodeState, controls: Control
     bias = jnp.zeros(controls.bias.shape[1:], jnp.float32).at[bias_ids].set(bias_values, mode="drop")
     controls = Controls(counts=put(controls.counts, 0), frequency=put(controls.frequency, frequency),
                         presence=put(controls.presence, presence), bias=put(controls.bias, bias))
-    return state, controls
+    return _pin_state(state, controls, mesh)
 
 
-def fork_slot(state: decode.DecodeState, controls: Controls, source, target, rng: Array
+def fork_slot(state: decode.DecodeState, controls: Controls, source, target, rng: Array, mesh: Optional[Mesh] = None
               ) -> tuple[decode.DecodeState, Controls]:
     """Slot `target` becomes a copy of slot `source` (its KV cache, tokens, position, sampling and controls) drawing
     with key `rng`: another sample of the same prompt, without prefilling it again."""
@@ -129,7 +177,7 @@ def fork_slot(state: decode.DecodeState, controls: Controls, source, target, rng
                           prompt_lens=copy(state.prompt_lens), done=copy(state.done),
                           temperature=copy(state.temperature), top_p=copy(state.top_p),
                           rng=state.rng.at[target].set(rng))
-    return state, jax.tree_util.tree_map(copy, controls)
+    return _pin_state(state, jax.tree_util.tree_map(copy, controls), mesh)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -148,8 +196,8 @@ def _block_start(name: str, index, block: int, slot_or_block) -> tuple:
     return tuple(jnp.asarray(s, jnp.int32) for s in starts)
 
 
-def load_blocks(state: decode.DecodeState, pool: decode.LayerCaches, slot, ids: Array, count
-                ) -> decode.DecodeState:
+def load_blocks(state: decode.DecodeState, pool: decode.LayerCaches, slot, ids: Array, count,
+                mesh: Optional[Mesh] = None) -> decode.DecodeState:
     """Copy pool blocks ids[0 .. count) into slot `slot`'s KV cache at positions [0, count * T). ids: [M] int32."""
     block = pool[0]["v"].shape[cache_length_axis("v")]
 
@@ -158,11 +206,12 @@ def load_blocks(state: decode.DecodeState, pool: decode.LayerCaches, slot, ids: 
                                                     _block_start(name, j, block, slot))
                  for name, c in layer.items()} for layer, p in zip(cache, pool)]
 
-    return state.replace(cache=jax.lax.fori_loop(0, count, body, state.cache))
+    state = state.replace(cache=jax.lax.fori_loop(0, count, body, state.cache))
+    return state if mesh is None else _pin(state, state_shardings(state, mesh))
 
 
-def save_blocks(pool: decode.LayerCaches, state: decode.DecodeState, slot, ids: Array, first, count
-                ) -> decode.LayerCaches:
+def save_blocks(pool: decode.LayerCaches, state: decode.DecodeState, slot, ids: Array, first, count,
+                mesh: Optional[Mesh] = None) -> decode.LayerCaches:
     """Copy slot `slot`'s KV cache blocks first .. count - 1 (positions [j * T, (j + 1) * T)) into pool blocks
     ids[j]. ids: [M] int32."""
     block = pool[0]["v"].shape[cache_length_axis("v")]
@@ -177,15 +226,16 @@ def save_blocks(pool: decode.LayerCaches, state: decode.DecodeState, slot, ids: 
                 (ids[j], 0, 0, 0)) for name in layer})
         return out
 
-    return jax.lax.fori_loop(first, count, body, pool)
+    pool = jax.lax.fori_loop(first, count, body, pool)
+    return pool if mesh is None else _pin(pool, pool_shardings(pool, mesh))
 
 
-step_jit = jax.jit(step, static_argnames=("cfg",), donate_argnames=("state", "controls"),
+step_jit = jax.jit(step, static_argnames=("cfg", "mesh"), donate_argnames=("state", "controls"),
                    compiler_options=decode.DECODE_COMPILER_OPTIONS)
 latest_jit = jax.jit(latest)
 prompt_logprobs_jit = jax.jit(prompt_logprobs, static_argnames=("cfg",))
-prefill_slot_jit = jax.jit(prefill_slot, static_argnames=("cfg", "pad_id"), donate_argnames=("state", "controls"),
-                           compiler_options=decode.DECODE_COMPILER_OPTIONS)
-fork_slot_jit = jax.jit(fork_slot, donate_argnames=("state", "controls"))
-load_blocks_jit = jax.jit(load_blocks, donate_argnames=("state",))
-save_blocks_jit = jax.jit(save_blocks, donate_argnames=("pool",))
+prefill_slot_jit = jax.jit(prefill_slot, static_argnames=("cfg", "pad_id", "mesh"),
+                           donate_argnames=("state", "controls"), compiler_options=decode.DECODE_COMPILER_OPTIONS)
+fork_slot_jit = jax.jit(fork_slot, static_argnames=("mesh",), donate_argnames=("state", "controls"))
+load_blocks_jit = jax.jit(load_blocks, static_argnames=("mesh",), donate_argnames=("state",))
+save_blocks_jit = jax.jit(save_blocks, static_argnames=("mesh",), donate_argnames=("pool",))
