@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from test_generate import init_params
 from test_serve import MODEL_CFG
 

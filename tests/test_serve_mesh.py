@@ -6,7 +6,6 @@ the prefix cache and with int8 weights), and a mesh that does not divide the mod
 import jax
 import numpy as np
 import pytest
-
 from test_serve import MODEL_CFG, N_SLOTS, served  # noqa: F401  (the module's server)
 from test_serve_prefix import complete
 
@@ -65,9 +64,10 @@ def test_int8_on_the_mesh_equals_int8_on_one_device(served):
 
 
 def test_mesh_flags_are_checked_before_serving(served, tmp_path, capsys):
+    from test_serve import shared_file
+
     from llama2_jax.checkpoints import params_io
     from llama2_jax.cli import serve as serve_cli
-    from test_serve import shared_file
 
     params_io.save_params(tmp_path / "ckpt", served[1], MODEL_CFG)
     base = [f"--checkpoint={tmp_path / 'ckpt'}", f"--tokenizer={shared_file('llama2-tokenizer.model')}",

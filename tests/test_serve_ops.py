@@ -160,6 +160,7 @@ def leftovers() -> int:
 @pytest.mark.slow
 def test_load_of_64_concurrent_clients_in_two_identical_waves(served):
     url, _, _, engine = served
+    baseline = leftovers()  # what earlier tests may still hold
     waves = []
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         for _ in range(3):  # a first wave warms every path; the next two must not grow anything
@@ -178,8 +179,9 @@ def test_load_of_64_concurrent_clients_in_two_identical_waves(served):
                     assert (reason, tokens) == ("length", max_tokens) or (reason == "stop" and tokens < max_tokens)
             assert sum(kind == "left" for kind, _ in results) == 8
             waves.append((elapsed, leftovers(), len(jax.live_arrays()), rss_mb()))
-    (_, _, arrays_1, rss_1), (_, left_2, arrays_2, rss_2) = waves[1], waves[2]
-    assert left_2 == 0 and arrays_2 == arrays_1, waves  # nothing of the requests is kept, on the host or the device
+    (_, left_1, arrays_1, rss_1), (_, left_2, arrays_2, rss_2) = waves[1], waves[2]
+    # nothing of the requests is kept, on the host or the device
+    assert left_1 <= baseline and left_2 <= baseline and arrays_2 <= arrays_1, (baseline, waves)
     # RSS moves in allocator-sized steps (glibc arenas, XLA's CPU allocator): the same probe on the engine before
     # this work wandered 613-683 MB over 16 waves; a leak of the requests' buffers would grow without bound
     assert rss_2 - rss_1 < 64, waves

@@ -299,7 +299,8 @@ class Engine:
         mib = lambda n: f"{n / 2 ** 20:.1f} MiB"
         weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.params))
         kv = kv_bytes_per_token(self.cfg)
-        line = f"weights {mib(weights)}{' (int8 kernels)' if self.quantize else ''}, KV cache {mib(kv * self.n_slots * self.max_len)}"
+        line = (f"weights {mib(weights)}{' (int8 kernels)' if self.quantize else ''}, "
+                f"KV cache {mib(kv * self.n_slots * self.max_len)}")
         if self.prefix is not None:
             line += (f", prefix cache {mib(kv * self.prefix.n_blocks * self.prefix.block)} ({self.prefix.n_blocks} "
                      f"blocks of {self.prefix.block} tokens)")
