@@ -5,6 +5,7 @@ leaving early: every other request answered in full, no slot leaks, memory flat 
 import concurrent.futures
 import gc
 import json
+import logging
 import re
 import time
 
@@ -15,6 +16,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from test_serve import MODEL_CFG, served  # noqa: E402,F401  (the module's server)
+from test_serve_limits import _Records  # noqa: E402
 
 from llama2_jax.serve import engine as engine_module  # noqa: E402
 from llama2_jax.serve.engine import SHUTDOWN_ERROR, Engine, Finished, Piece, Request  # noqa: E402
@@ -82,12 +84,19 @@ def wait_for(condition, seconds: float) -> float:
 def test_a_client_that_leaves_a_whole_response_frees_its_slot_at_once(served, slow_steps):
     url, _, _, engine = served
     before = engine.cancelled
-    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 25, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
-    # the connection is closed when the client gives up; the slot is freed at the next step (50 ms here), not after
-    # a polling interval or the 25 tokens
-    assert wait_for(lambda: engine.cancelled == before + 1 and engine.load()["active"] == 0, 2) < 0.3
+    records = _Records()
+    logging.getLogger("uvicorn.error").addHandler(records)
+    try:
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 25, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
+        # the connection is closed when the client gives up; the slot is freed at the next step (50 ms here), not
+        # after a polling interval or the 25 tokens
+        assert wait_for(lambda: engine.cancelled == before + 1 and engine.load()["active"] == 0, 2) < 0.3
+        time.sleep(0.2)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(records)
+    assert [r.getMessage() for r in records.records if r.levelno >= logging.WARNING or r.exc_info] == []
 
 
 def test_a_shutdown_answers_what_its_grace_period_cannot_finish(served, slow_steps):
@@ -161,7 +170,8 @@ def leftovers() -> int:
 def test_load_of_64_concurrent_clients_in_two_identical_waves(served):
     url, _, _, engine = served
     baseline = leftovers()  # what earlier tests may still hold
-    waves = []
+    waves, records = [], _Records()
+    logging.getLogger("uvicorn.error").addHandler(records)
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         for _ in range(3):  # a first wave warms every path; the next two must not grow anything
             results, start = [], time.perf_counter()
@@ -179,6 +189,8 @@ def test_load_of_64_concurrent_clients_in_two_identical_waves(served):
                     assert (reason, tokens) == ("length", max_tokens) or (reason == "stop" and tokens < max_tokens)
             assert sum(kind == "left" for kind, _ in results) == 8
             waves.append((elapsed, leftovers(), len(jax.live_arrays()), rss_mb()))
+    logging.getLogger("uvicorn.error").removeHandler(records)
+    assert [r.getMessage() for r in records.records if r.levelno >= logging.WARNING or r.exc_info] == []
     (_, left_1, arrays_1, rss_1), (_, left_2, arrays_2, rss_2) = waves[1], waves[2]
     # nothing of the requests is kept, on the host or the device
     assert left_1 <= baseline and left_2 <= baseline and arrays_2 <= arrays_1, (baseline, waves)

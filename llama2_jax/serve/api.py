@@ -221,8 +221,8 @@ async def gather(http: HttpRequest, events: asyncio.Queue, requests: list[Reques
     try:
         while len(finished) < len(requests) * n:
             index, event = await events.get()
-            if event is GONE:
-                raise asyncio.CancelledError
+            if event is GONE:  # answered for the log and the metrics only: nobody reads it (nginx's 499)
+                raise ApiError("the client closed the request", None, 499, "client_closed_request")
             if isinstance(event, Finished):
                 if event.error:
                     cancel(requests)
