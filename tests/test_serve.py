@@ -24,7 +24,8 @@ from test_generate import CFG, full_logits, init_params  # noqa: E402
 from llama2_jax.inference import generate as gen  # noqa: E402
 from llama2_jax.serve import engine as engine_module  # noqa: E402
 from llama2_jax.serve.api import create_app  # noqa: E402
-from llama2_jax.serve.engine import Engine, QueueFull, Request, held_back  # noqa: E402
+from llama2_jax.serve.engine import Engine, QueueFull, Request  # noqa: E402
+from llama2_jax.serve.text import held_back  # noqa: E402
 from llama2_jax.text.tokenizer import Tokenizer  # noqa: E402
 
 MODEL_CFG = CFG.replace(vocab_size=32000, max_seq_len=32)
@@ -127,7 +128,7 @@ def test_sampled_completion_repeats_by_seed_and_equals_text_completion(served, c
 def test_streamed_pieces_join_to_the_completion(served, client):
     whole = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=12, temperature=0).choices[0].text
     chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=12, temperature=0,
-                                            stream=True))
+                                            stream=True, stream_options={"include_usage": True}))
     texts = [c.choices[0].text for c in chunks if c.choices]
     assert len(texts) > 2 and "".join(texts) == whole
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -238,13 +239,13 @@ def test_a_full_queue_is_429(served):
 
 def test_a_client_that_goes_away_frees_its_slot(served, monkeypatch):
     url, _, _, engine = served
-    step = engine_module.decode.generate_step_jit
+    step = engine_module.programs.step_jit
 
     def slow_step(*args, **kwargs):  # long enough that the request is still decoding when the client leaves
         time.sleep(0.1)
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module.decode, "generate_step_jit", slow_step)
+    monkeypatch.setattr(engine_module.programs, "step_jit", slow_step)
     before = engine.cancelled
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 25, "temperature": 0, "stream": True}
     with httpx.stream("POST", url + "/v1/completions", json=body) as response:

@@ -369,9 +369,9 @@ def prefill(params: dict, cfg: LlamaConfig, prompt_tokens: Array, prompt_len, *,
     return Prefix(tokens=tokens, length=length, logits=project_logits(params, last), cache=cache)
 
 
-def top_logprobs(logits: Array) -> tuple[Array, Array]:
-    """logits [..., V] -> (ids [..., TOP_LOGPROBS] int32, log-probabilities [..., TOP_LOGPROBS]), most likely first."""
-    values, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), TOP_LOGPROBS)
+def top_logprobs(logits: Array, k: int = TOP_LOGPROBS) -> tuple[Array, Array]:
+    """logits [..., V] -> (ids [..., k] int32, log-probabilities [..., k]), most likely first."""
+    values, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), k)
     return ids.astype(jnp.int32), values
 
 
@@ -389,18 +389,18 @@ def prompt_logprobs(params: dict, cfg: LlamaConfig, prompt_tokens: Array, *, pad
 
 
 def init_slots(cfg: LlamaConfig, n_slots: int, max_len: int, rng: Array, *, temperature=DEFAULT_TEMPERATURE,
-               top_p=DEFAULT_TOP_P, eos_id: int = EOS_ID, pad_id: int = META_PAD_ID, logprobs: bool = False
-               ) -> DecodeState:
+               top_p=DEFAULT_TOP_P, eos_id: int = EOS_ID, pad_id: int = META_PAD_ID, logprobs: bool = False,
+               n_top: int = TOP_LOGPROBS) -> DecodeState:
     """n_slots free decode slots with a KV cache of max_len (<= max_seq_len) slots each; pos, end [n_slots].
     Every slot starts with `temperature`, `top_p` and the key fold_in(rng, slot) (`insert` may set its own);
-    logprobs: record `SlotLogprobs` (in `DecodeState.logprobs`)."""
+    logprobs: record `SlotLogprobs` (in `DecodeState.logprobs`) with the n_top most likely tokens per position."""
     if max_len > cfg.max_seq_len:
         raise ValueError(f"max_len {max_len} exceeds max_seq_len {cfg.max_seq_len}")
     zeros = lambda: jnp.zeros((n_slots,), jnp.int32)  # distinct buffers: the jitted step donates the state
     full = lambda value: jnp.full((n_slots,), value, jnp.float32)
     lp = None
     if logprobs:
-        top = (n_slots, max_len, TOP_LOGPROBS)
+        top = (n_slots, max_len, n_top)
         lp = SlotLogprobs(chosen=jnp.zeros((n_slots, max_len), jnp.float32), top_ids=jnp.zeros(top, jnp.int32),
                           top_values=jnp.zeros(top, jnp.float32))
     return DecodeState(tokens=jnp.full((n_slots, max_len), pad_id, jnp.int32),
@@ -417,7 +417,7 @@ def free_slots(state: DecodeState) -> Array:
 
 def _record_logprobs(lp: SlotLogprobs, rows: Array, column: Array, active: Array, logits: Array, token: Array
                      ) -> SlotLogprobs:
-    ids, values = top_logprobs(logits)  # [n, TOP_LOGPROBS]
+    ids, values = top_logprobs(logits, lp.top_ids.shape[-1])  # [n, n_top]
     keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)
     return SlotLogprobs(
         chosen=lp.chosen.at[rows, column].set(keep(token_logprobs(logits, token), lp.chosen[rows, column])),
@@ -436,14 +436,17 @@ def _choose_rows(keys: Array, logits: Array, temperature: Array, top_p: Array, a
     return jnp.where(sampling, drawn, greedy)
 
 
-def _place_rows(state: DecodeState, rows: Array, logits: Array) -> DecodeState:
+def _place_rows(state: DecodeState, rows: Array, logits: Array, logit_adjust: Optional[Array] = None
+                ) -> DecodeState:
     """Choose the next token of the given slots (rows [n] int, logits [n, V]) at their own positions with their own
     temperature, top_p and key, record EOS (and log-probabilities), and advance their pos. Slots that are done or at
-    their end are left unchanged."""
+    their end are left unchanged. logit_adjust [n, V] (optional) is added to the logits the token is chosen from
+    (penalties, biases); the log-probabilities stay the model's."""
     pos = state.pos[rows]
     keys = jax.vmap(jax.random.fold_in)(state.rng[rows], pos)
     active = ~state.done[rows] & (pos < state.end[rows])
-    token = _choose_rows(keys, logits, state.temperature[rows], state.top_p[rows], active)  # [n]
+    chosen_from = logits if logit_adjust is None else logits + logit_adjust
+    token = _choose_rows(keys, chosen_from, state.temperature[rows], state.top_p[rows], active)  # [n]
     column = jnp.minimum(pos, state.tokens.shape[1] - 1)
     current = state.tokens[rows, column]
     lp = state.logprobs
@@ -479,15 +482,17 @@ def insert(state: DecodeState, prefix: Prefix, slot, *, max_gen_len, pad_id: int
     return _place_rows(state, slot[None], prefix.logits[None])
 
 
-def generate_step(params: dict, cfg: LlamaConfig, state: DecodeState, *, pad_id: int = META_PAD_ID) -> DecodeState:
+def generate_step(params: dict, cfg: LlamaConfig, state: DecodeState, *, pad_id: int = META_PAD_ID,
+                  logit_adjust: Optional[Array] = None) -> DecodeState:
     """One decode step for every slot of an `init_slots` state: feed each slot's last token at its own position,
-    write it into the KV cache and choose the next token (free slots compute and discard)."""
+    write it into the KV cache and choose the next token (free slots compute and discard). logit_adjust [B, V]
+    (optional): added to the logits each slot chooses from (see `_place_rows`)."""
     params = layer_params(params, cfg)
     prev = jnp.maximum(state.pos - 1, 0)  # [B]
     fed = jnp.take_along_axis(state.tokens, prev[:, None], axis=1)  # [B, 1]
     hidden, cache = decode_forward(params, cfg, model_inputs(fed, pad_id), state.cache, prev)
     rows = jnp.arange(state.tokens.shape[0])
-    return _place_rows(state.replace(cache=cache), rows, project_logits(params, hidden[:, 0]))
+    return _place_rows(state.replace(cache=cache), rows, project_logits(params, hidden[:, 0]), logit_adjust)
 
 
 prefill_jit = jax.jit(prefill, static_argnames=("cfg", "pad_id"), compiler_options=DECODE_COMPILER_OPTIONS)

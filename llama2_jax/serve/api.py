@@ -1,44 +1,51 @@
 """The OpenAI-compatible HTTP API (FastAPI) over an `Engine`: POST /v1/completions, POST /v1/chat/completions,
-GET /v1/models, GET /health. `stream=true` answers server-sent events ("data: {json}\\n\\n" ... "data: [DONE]").
-Every response carries usage counts (streams: in the last chunk). Bad requests are HTTP 400 with an OpenAI-style
-error body, a full queue is 429; the server keeps serving either way."""
+GET /v1/models, GET /health, GET /metrics (Prometheus). `stream=true` answers server-sent events ("data: {json}\\n\\n"
+... "data: [DONE]"). Bad requests are HTTP 400 with an OpenAI-style error body, a full queue is 429; the server keeps
+serving either way. A client that goes away cancels its completions at once (their slots are free at the next
+step)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
-import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Sequence
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from llama2_jax.serve import responses as out
 from llama2_jax.serve.engine import Engine, Finished, Piece, QueueFull, Request
+from llama2_jax.serve.guard import MAX_BODY_BYTES, Guard, KeyRing, parse_body
 from llama2_jax.serve.requests import (
     DEFAULT_COMPLETION_TOKENS,
     ApiError,
+    Sampling,
     check_model,
     encode_messages,
     encode_prompts,
     make_requests,
+    parse_sampling,
 )
 
-DISCONNECT_POLL_S = 0.25
+GONE = object()  # put in a request's event queue when its client disconnects
 
 
-def create_app(engine: Engine, model_name: str = "llama2_jax") -> FastAPI:
+def create_app(engine: Engine, model_name: str = "llama2_jax", *, api_keys: Sequence[str] = (),
+               max_body_bytes: int = MAX_BODY_BYTES, grace_period: Optional[float] = None) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name`; the engine thread runs for the app's lifetime (it is
-    started here if not yet running, and stopped after the in-flight requests finish)."""
+    started here if not yet running, and stopped after the in-flight requests finish, or after grace_period
+    seconds). With `api_keys`, every path but /health needs `Authorization: Bearer KEY`; bodies over
+    `max_body_bytes` are refused (413), see `Guard`."""
 
     async def lifespan(app: FastAPI):
         if engine._thread is None:
             engine.start()
         yield
-        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop, grace_period)
 
     app = FastAPI(title="llama2_jax", lifespan=lifespan)
+    app.add_middleware(Guard, keys=KeyRing(api_keys), max_body_bytes=max_body_bytes, metrics=engine.metrics)
     tokenizer = engine.tokenizer
 
     @app.exception_handler(ApiError)
@@ -49,6 +56,10 @@ def create_app(engine: Engine, model_name: str = "llama2_jax") -> FastAPI:
     async def health():
         return {"status": "ok", "model": model_name, **engine.load()}
 
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics.render(gauges(engine)), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
@@ -57,108 +68,113 @@ def create_app(engine: Engine, model_name: str = "llama2_jax") -> FastAPI:
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = await read_body(http, model_name)
-        prompts = encode_prompts(body.get("prompt"), tokenizer)
-        texts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
-        texts = [t if isinstance(t, str) else tokenizer.decode(p) for t, p in zip(texts, prompts)] \
-            if len(texts) == len(prompts) else [tokenizer.decode(p) for p in prompts]
-        events, requests = submit(http, body, prompts, DEFAULT_COMPLETION_TOKENS, allow_logprobs=True)
-        echo = bool(body.get("echo"))
-        if body.get("stream"):
-            return sse(completion_chunks(http, events, requests, texts if echo else None))
-        finished = await gather(http, events, requests)
-        choices = [{"index": i, "text": (texts[i] if echo else "") + f.text, "finish_reason": f.finish_reason,
-                    "logprobs": logprobs_body(f, tokenizer)} for i, f in enumerate(finished)]
-        return response("text_completion", "cmpl", choices, finished)
+        sampling = parse_sampling(body, chat_api=False, vocab_size=engine.cfg.vocab_size)
+        prompts = await asyncio.to_thread(encode_prompts, body.get("prompt"), tokenizer)  # long texts take seconds
+        texts = body["prompt"] if isinstance(body["prompt"], list) and len(body["prompt"]) == len(prompts) \
+            else [body["prompt"]]
+        texts = [t if isinstance(t, str) else tokenizer.decode(p) for t, p in zip(texts, prompts)]
+        events, requests = submit(body, sampling, prompts, DEFAULT_COMPLETION_TOKENS, "prompt")
+        echo = texts if sampling.echo else None
+        if sampling.stream:
+            stream = out.Stream("text_completion", model_name, sampling.include_usage)
+            return sse(completion_chunks(stream, events, requests, sampling, echo))
+        finished = await gather(http, events, requests, sampling.n)
+        choices = [out.completion_choice(i, f, tokenizer, echo[i // sampling.n] if echo else None)
+                   for i, f in enumerate(finished)]
+        return out.response("text_completion", model_name, choices, usage_of(requests, finished))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
         body = await read_body(http, model_name)
-        prompt = encode_messages(body.get("messages"), tokenizer)
-        events, requests = submit(http, body, [prompt], None, allow_logprobs=False)
-        if body.get("stream"):
-            return sse(chat_chunks(http, events, requests))
-        finished = await gather(http, events, requests)
-        choices = [{"index": 0, "message": {"role": "assistant", "content": finished[0].text},
-                    "finish_reason": finished[0].finish_reason}]
-        return response("chat.completion", "chatcmpl", choices, finished)
+        sampling = parse_sampling(body, chat_api=True, vocab_size=engine.cfg.vocab_size)
+        prompt = await asyncio.to_thread(encode_messages, body.get("messages"), tokenizer)
+        events, requests = submit(body, sampling, [prompt], None, "messages")
+        if sampling.stream:
+            stream = out.Stream("chat.completion.chunk", model_name, sampling.include_usage)
+            return sse(chat_chunks(stream, events, requests, sampling))
+        finished = await gather(http, events, requests, sampling.n)
+        choices = [out.chat_choice(i, f, tokenizer) for i, f in enumerate(finished)]
+        return out.response("chat.completion", model_name, choices, usage_of(requests, finished))
 
-    def response(kind: str, prefix: str, choices: list, finished: list[Finished]) -> dict:
-        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
-                "model": model_name, "choices": choices, "usage": usage(finished)}
-
-    def submit(http, body, prompts, default_max_tokens, *, allow_logprobs):
-        n = body.get("n", 1)
-        if n != 1:
-            raise ApiError(f"n must be 1 on this server, got {n!r}", "n")
+    def submit(body: dict, sampling: Sampling, prompts: list[list[int]], default_max_tokens: Optional[int],
+               prompt_field: str) -> tuple[asyncio.Queue, list[Request]]:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         emit_for = lambda index: lambda event: loop.call_soon_threadsafe(events.put_nowait, (index, event))
-        requests = make_requests(body, prompts, engine.max_len, emit_for, default_max_tokens=default_max_tokens,
-                                 allow_logprobs=allow_logprobs)
-        for i, request in enumerate(requests):
-            try:
-                engine.submit(request)
-            except (QueueFull, RuntimeError) as error:
-                for r in requests[:i]:
-                    r.cancelled.set()
-                raise ApiError(str(error), None, *((429, "rate_limit_error") if isinstance(error, QueueFull)
-                                                   else (503, "server_error"))) from None
+        requests = make_requests(sampling, prompts, engine.max_len, emit_for, default_max_tokens=default_max_tokens,
+                                 prompt_field=prompt_field)
+        total = len(requests) * sampling.n
+        if total > engine.max_queue:  # could never be queued, however idle the server
+            raise ApiError(f"this request asks for {total} completions (prompts x n); this server queues at most "
+                           f"{engine.max_queue} (--max_queue)", "n" if sampling.n > 1 else prompt_field)
+        try:
+            engine.submit(*requests)
+        except QueueFull as error:
+            raise ApiError(str(error), None, 429, "rate_limit_error") from None
+        except RuntimeError as error:
+            raise ApiError(str(error), None, 503, "server_error") from None
         return events, requests
 
-    async def completion_chunks(http, events, requests, echo_texts) -> AsyncIterator[dict]:
-        chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        chunk = lambda choices, **extra: {"id": chunk_id, "object": "text_completion", "created": created,
-                                          "model": model_name, "choices": choices, **extra}
-        if echo_texts:
-            for i, text in enumerate(echo_texts):
-                yield chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
-        finished = {}
-        async for index, event in stream_events(http, events, requests):
+    async def completion_chunks(stream: out.Stream, events, requests, sampling: Sampling, echo_texts
+                                ) -> AsyncIterator[dict]:
+        offsets: dict[int, int] = {}  # choice -> characters sent (text_offset of its next token)
+        finished: dict[int, Finished] = {}
+        async for index, event in stream_events(events, requests, sampling.n):
             if isinstance(event, Piece):
-                yield chunk([{"index": index, "text": event.text, "logprobs": None, "finish_reason": None}])
+                text = echo_texts[index // sampling.n] if event.echo else event.text
+                logprobs = None
+                if event.logprobs is not None:
+                    logprobs = out.completion_logprobs(event.logprobs, tokenizer, offsets.get(index, 0))
+                    offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1]) \
+                        if event.logprobs else offsets.get(index, 0)
+                yield stream.chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}])
             else:
                 finished[index] = event
-                yield chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": event.finish_reason}])
-        yield chunk([], usage=usage([finished[i] for i in sorted(finished)]))
+                yield stream.chunk([{"index": index, "text": "", "logprobs": None,
+                                     "finish_reason": event.finish_reason}])
+        if stream.include_usage:
+            yield stream.chunk([], usage_of(requests, [finished[i] for i in sorted(finished)]))
 
-    async def chat_chunks(http, events, requests) -> AsyncIterator[dict]:
-        chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        chunk = lambda choices, **extra: {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
-                                          "model": model_name, "choices": choices, **extra}
-        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    async def chat_chunks(stream: out.Stream, events, requests, sampling: Sampling) -> AsyncIterator[dict]:
+        for index in range(sampling.n):
+            yield stream.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None}])
         finished = []
-        async for _index, event in stream_events(http, events, requests):
+        async for index, event in stream_events(events, requests, sampling.n):
             if isinstance(event, Piece):
-                yield chunk([{"index": 0, "delta": {"content": event.text}, "finish_reason": None}])
+                logprobs = None if event.logprobs is None else out.chat_logprobs(event.logprobs, tokenizer)
+                yield stream.chunk([{"index": index, "delta": {"content": event.text}, "logprobs": logprobs,
+                                     "finish_reason": None}])
             else:
                 finished.append(event)
-                yield chunk([{"index": 0, "delta": {}, "finish_reason": event.finish_reason}])
-        yield chunk([], usage=usage(finished))
+                yield stream.chunk([{"index": index, "delta": {}, "logprobs": None,
+                                     "finish_reason": event.finish_reason}])
+        if stream.include_usage:
+            yield stream.chunk([], usage_of(requests, finished))
 
     return app
 
 
+def gauges(engine: Engine) -> list[tuple[str, str, str, float]]:
+    """(name, kind, help, value) of what /metrics reads from the engine now."""
+    load = engine.load()
+    rows = [("queue_depth", "gauge", "completions waiting for a slot", load["queued"]),
+            ("active_slots", "gauge", "decode slots in use", load["active"]),
+            ("slots", "gauge", "decode slots", load["slots"])]
+    if engine.prefix is not None:
+        hits, lookups = engine.prefix.hit_tokens, engine.prefix.lookup_tokens
+        rows += [("prefix_cache_hit_tokens_total", "counter", "prompt tokens whose KV came from the prefix cache",
+                  hits),
+                 ("prefix_cache_lookup_tokens_total", "counter", "prompt tokens looked up in the prefix cache",
+                  lookups),
+                 ("prefix_cache_hit_rate", "gauge", "hit tokens / looked-up tokens", hits / lookups if lookups else 0),
+                 ("prefix_cache_blocks", "gauge", "blocks in use in the prefix cache", len(engine.prefix))]
+    return rows
+
+
 async def read_body(http: HttpRequest, model_name: str) -> dict[str, Any]:
-    try:
-        body = json.loads(await http.body())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ApiError(f"the request body is not valid JSON: {error}") from None
-    if not isinstance(body, dict):
-        raise ApiError("the request body must be a JSON object")
+    body = parse_body(await http.body())  # read in full by `Guard`
     check_model(body, model_name)
-    if not isinstance(body.get("stream", False), bool):
-        raise ApiError(f"stream must be a boolean, got {body['stream']!r}", "stream")
     return body
-
-
-async def next_event(http: HttpRequest, events: asyncio.Queue, requests: list[Request]):
-    """The next (index, event); when the client has gone away, cancel the requests (freeing their slots)."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await http.is_disconnected():
-                cancel(requests)
-                raise asyncio.CancelledError from None
 
 
 def cancel(requests: list[Request]) -> None:
@@ -166,57 +182,60 @@ def cancel(requests: list[Request]) -> None:
         request.cancelled.set()
 
 
-async def stream_events(http, events, requests) -> AsyncIterator[tuple[int, object]]:
-    """Engine events until every request has finished; an engine error ends the stream with an error event."""
-    remaining = len(requests)
+def choice_index(index: int, event, n: int) -> int:
+    """OpenAI orders choices prompt by prompt, the n samples of each together."""
+    return index * n + event.sample
+
+
+async def stream_events(events: asyncio.Queue, requests: list[Request], n: int
+                        ) -> AsyncIterator[tuple[int, object]]:
+    """(choice index, engine event) until every completion has finished; an engine error ends the stream with an
+    error event. Closing the generator (the client went away: starlette cancels the response) cancels the
+    requests."""
+    remaining = len(requests) * n
     try:
         while remaining:
-            index, event = await next_event(http, events, requests)
+            index, event = await events.get()
             if isinstance(event, Finished):
                 remaining -= 1
                 if event.error:
                     raise RuntimeError(event.error)
-            yield index, event
+            yield choice_index(index, event, n), event
     finally:
-        if remaining:  # the client went away (the generator is closed) or the engine failed
+        if remaining:
             cancel(requests)
 
 
-async def gather(http, events, requests) -> list[Finished]:
+async def watch_disconnect(http: HttpRequest, requests: list[Request], events: asyncio.Queue) -> None:
+    """Wait for the client to go away; then cancel its requests and wake `gather`."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    cancel(requests)
+    events.put_nowait((None, GONE))
+
+
+async def gather(http: HttpRequest, events: asyncio.Queue, requests: list[Request], n: int) -> list[Finished]:
+    """Every completion's `Finished`, in choice order."""
+    watcher = asyncio.create_task(watch_disconnect(http, requests, events))
     finished: dict[int, Finished] = {}
-    while len(finished) < len(requests):
-        index, event = await next_event(http, events, requests)
-        if isinstance(event, Finished):
-            if event.error:
-                cancel(requests)
-                raise ApiError(f"generation failed: {event.error}", None, 500, "server_error")
-            finished[index] = event
-    return [finished[i] for i in range(len(requests))]
+    try:
+        while len(finished) < len(requests) * n:
+            index, event = await events.get()
+            if event is GONE:  # answered for the log and the metrics only: nobody reads it (nginx's 499)
+                raise ApiError("the client closed the request", None, 499, "client_closed_request")
+            if isinstance(event, Finished):
+                if event.error:
+                    cancel(requests)
+                    raise ApiError(f"generation failed: {event.error}", None, 500, "server_error")
+                finished[choice_index(index, event, n)] = event
+    finally:
+        watcher.cancel()
+    return [finished[i] for i in range(len(finished))]
 
 
-def usage(finished: list[Finished]) -> dict[str, int]:
-    prompt = sum(f.prompt_tokens for f in finished)
-    completion = sum(f.completion_tokens for f in finished)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def token_text(tokenizer, token: int) -> str:
-    return tokenizer.sp.id_to_piece(int(token)).replace("\u2581", " ")
-
-
-def logprobs_body(finished: Finished, tokenizer) -> Optional[dict]:
-    """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs ({token text: log-probability}) and
-    text_offset (characters before each token in the returned text, approximated by the token texts' lengths)."""
-    if finished.token_logprobs is None:
-        return None
-    tokens = [token_text(tokenizer, t) for t in finished.tokens]
-    offsets, total = [], 0
-    for text in tokens:
-        offsets.append(total)
-        total += len(text)
-    top = [None if entry is None else {token_text(tokenizer, t): v for t, v in entry.items()}
-           for entry in finished.top_logprobs]
-    return {"tokens": tokens, "token_logprobs": finished.token_logprobs, "top_logprobs": top, "text_offset": offsets}
+def usage_of(requests: list[Request], finished: list[Finished]) -> dict[str, int]:
+    """Prompt tokens once per prompt (its n samples share it), completion tokens of every sample."""
+    return out.usage(sum(len(r.prompt) for r in requests), sum(f.completion_tokens for f in finished))
 
 
 def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
