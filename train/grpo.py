@@ -191,7 +191,7 @@ def make_data(config, tokenizer, raw=None) -> Prompts:
         if config.prompts.max_prompts:
             records = records[:config.prompts.max_prompts]
         order = np.random.default_rng(config.seed).permutation(len(records))
-        n_val = int(round(config.prompts.val_fraction * len(records)))
+        n_val = round(config.prompts.val_fraction * len(records))
         train = encode_records([records[i] for i in order[n_val:]], tokenizer, width, config.prompts.path)
         held = encode_records([records[i] for i in order[:n_val]], tokenizer, width, config.prompts.path) \
             if n_val else None
@@ -333,6 +333,9 @@ def run_iteration(config, policy: Policy, state, batch, prompts: PromptSet, rng)
     update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
     lengths, truncated = (np.asarray(x) for x in jax.device_get((rolled["lengths"], rolled["truncated"])))
     metrics = reward_metrics(result, config.grpo.num_generations)
+    if config.grpo.variant == "rloo" and "ref_logprobs" in experience:  # RLOO's KL is in the reward: k1 per answer
+        kl = jnp.sum((experience["logprobs"] - experience["ref_logprobs"]) * experience["mask"], axis=1)
+        metrics["kl"] = float(jnp.mean(kl))
     metrics.update(losses.per_token_means(update_metrics), loss=update_metrics["loss"],
                    grad_norm=update_metrics["grad_norm"], answer_length_mean=float(lengths.mean()),
                    answer_length_max=float(lengths.max()), truncated_fraction=float(truncated.mean()),
