@@ -22,6 +22,7 @@ from llama2_jax.model.llama import Llama
 from llama2_jax.text import chat_format as chat
 from llama2_jax.text.tokenizer import train_tokenizer
 from llama2_jax.training.checks import ConfigError
+from llama2_jax.training.rlhf_setup import Rewards
 from train import grpo
 
 CFG = LlamaConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
@@ -140,6 +141,16 @@ def sampled_reward(params, cfg, tokenizer, records, samples: int = 8, seed: int 
                                                 answer=[r["answer"] for r in records])))
 
 
+def longer_is_better(params, tokens, lengths):
+    """Stand-in reward model: a sigmoid score that grows with the sequence length (params unused)."""
+    del params, tokens
+    return jax.nn.sigmoid(lengths.astype(jnp.float32) / 4.0 - 5.0)
+
+
+STAND_IN_REWARDS = Rewards({"helpful": longer_is_better, "safety": lambda params, tokens, lengths: jnp.full(
+    tokens.shape[:1], 0.9)}, {"helpful": None, "safety": None})
+
+
 @pytest.fixture(scope="module")
 def sft_policy(tokenizer, tmp_path_factory):
     """(SFT params, their workdir): 100 full-batch Adam steps on the 70 training problems (~20 s)."""
@@ -157,6 +168,7 @@ def test_grpo_raises_the_sampled_exact_match_reward_of_the_sft_policy(tmp_path, 
     train, held = arithmetic.make_problems(TASK)
     before = np.mean([sampled_reward(params, CFG, tokenizer, train, seed=s) for s in (0, 1)])
     config = tiny_config(sft_dir)
+    config.eval_every_iterations = 20  # one held-out evaluation, at the end
     work = tmp_path / "grpo"
     history = grpo.train(config, str(work)).history
 
@@ -165,7 +177,7 @@ def test_grpo_raises_the_sampled_exact_match_reward_of_the_sft_policy(tmp_path, 
                 "clipfrac", "answer_length_mean", "answer_length_max", "truncated_fraction",
                 "generation_tokens_per_s", "loss"):
         assert all(np.isfinite(h[key]) for h in history), key
-    assert "eval_reward_mean" in history[9] and "eval_reward_mean" in history[19]
+    assert "eval_reward_mean" in history[19] and 0 <= history[19]["eval_reward_mean"] <= 1
     assert history[-1]["policy_step"] == 20 * 4 and "kl" not in history[-1]  # beta = 0: no reference, no KL
     assert all(h["reward_failures"] == 0 for h in history)
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
@@ -178,15 +190,19 @@ def test_grpo_raises_the_sampled_exact_match_reward_of_the_sft_policy(tmp_path, 
 
 
 @pytest.mark.slow
-def test_rloo_with_a_reference_runs_and_a_second_run_resumes(tmp_path, sft_policy):
-    """RLOO with beta > 0 (the reference kept, KL in the reward): 2 iterations checkpointed; the same command with
-    iterations = 3 continues at iteration 3 from the checkpoint."""
+def test_rloo_with_a_reference_and_reward_models_runs_and_a_second_run_resumes(tmp_path, sft_policy):
+    """RLOO with beta > 0 (the reference kept, KL in the reward), exact match plus a stand-in reward-model pair:
+    2 iterations checkpointed; the same command with iterations = 3 continues at iteration 3 from the checkpoint."""
     config = tiny_config(sft_policy[1])
     config.grpo.variant, config.grpo.beta = "rloo", 0.05
     config.iterations, config.checkpoint_every_iterations, config.eval_every_iterations = 2, 1, 0
+    config.reward.rm_weight = 0.5
     work = tmp_path / "rloo"
-    first = grpo.train(config, str(work)).history
+    first = grpo.train(config, str(work), STAND_IN_REWARDS).history
     assert [h["step"] for h in first] == [1, 2] and abs(first[0]["kl"]) < 1e-4  # π = π_ref at the first rollout
+    for row in first:  # the reward models' whitened logit: mean 0, std 1 over the batch
+        assert abs(row["reward_rm_mean"]) < 1e-4 and abs(row["reward_rm_std"] - 1.0) < 1e-3, row
+        assert abs(row["reward_mean"] - row["reward_exact_match_mean"]) < 1e-4  # + 0.5 x a zero-mean reward
     config.iterations = 3
-    second = grpo.train(config, str(work)).history
+    second = grpo.train(config, str(work), STAND_IN_REWARDS).history
     assert [h["step"] for h in second] == [3] and second[0]["policy_step"] == 3 * 4
