@@ -4,7 +4,8 @@ r"""GRPO on CPU in minutes: the arithmetic task with its exact-match reward, fro
 
 The SFT policy must have answered the task's prompts ("What is 3 + 4?" -> "7") in Meta's chat format, e.g. train.sft
 on `arithmetic.sft_record`s of the training split (tests/test_grpo_trainer.py does it in the test). Per iteration:
-16 prompts x G = 8 answers of up to 4 tokens, 4 optimizer steps (2 epochs x 2 minibatches); beta = 0 (no reference kept).
+16 prompts x G = 8 answers of up to 4 tokens, 4 optimizer steps (2 epochs x 2 minibatches); beta = 0 (no
+reference kept).
 """
 
 from configs import base, grpo_7b

@@ -429,11 +429,11 @@ def train(config, workdir: str, rewards=None) -> TrainResult:
     policy = Policy(phases, trainable.frozen if keep_reference else None,
                     reward_models.params if reward_models else {}, reward_fns, run.tokenizer)
     prompts = run.data
+    names = [r.spec for r in reward_fns] + (["reward models"] if reward_models else [])
     print(f"{config.grpo.variant.upper()}: {len(prompts.train.prompts.encoded)} train / "
           f"{len(prompts.held_out.encoded) if prompts.held_out else 0} held-out prompts, "
           f"{config.batch_size // config.grpo.num_generations} prompts x G={config.grpo.num_generations} per "
-          f"iteration, rewards: {', '.join([r.spec for r in reward_fns] + (['reward models'] if reward_models else []))}"
-          f", reference {'kept' if keep_reference else 'not kept (beta = 0)'}")
+          f"iteration, rewards: {', '.join(names)}, reference {'kept' if keep_reference else 'not kept (beta = 0)'}")
     settings = dataclasses.replace(run.settings, num_train_steps=config.iterations, log_every_steps=1,
                                    checkpoint_every_steps=config.checkpoint_every_iterations, progress_bar=False)
     return run.run_loop(settings=settings, state=train_state.LoopState(0, trainable.state, {}),
