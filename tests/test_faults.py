@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from llama2_jax.checkpoints import params_io as ckpt
 from llama2_jax.checkpoints import storage
 from llama2_jax.checkpoints.layout import LOCK_FILE, UNREADABLE_DIR, CheckpointError
 from llama2_jax.cli import convert
-from llama2_jax.training import tracking, workdir_lock
+from llama2_jax.training import loop, tracking, workdir_lock
 from llama2_jax.training.checkpointer import TrainCheckpointer
 from llama2_jax.training.checks import ConfigError
 from llama2_jax.training.rlhf_setup import Rewards
@@ -115,6 +116,41 @@ def test_ppo_resumes_from_the_newest_step_that_holds_both_models(tmp_path, caplo
     state, _ = checkpointer.restore(template, shardings)
     checkpointer.close()
     assert int(state.step) == 2 and (w_of(state.main), w_of(state.others["value"])) == (2.5, 12.5)
+
+
+# --------------------------------------------- 2. SIGTERM in a round: the nested fine-tuning run, then the rounds
+
+
+def rounds_loop(workdir, steps, step_fn):
+    settings = loop.LoopSettings(num_train_steps=steps, log_every_steps=1, checkpoint_every_steps=1,
+                                 async_checkpoints=False, progress_bar=False)
+    return loop.run_loop(settings=settings, workdir=str(workdir), mesh=None, state=LoopState(0),
+                         shardings=LoopState(None), train_step=step_fn, train_iter=None)
+
+
+def test_sigterm_during_a_round_stops_its_fine_tuning_and_the_round_is_redone(tmp_path):
+    """A round (rejection sampling: sample, then a nested fine-tuning loop) that gets SIGTERM before its nested loop
+    starts: the nested loop saves without running a step and reports it, the round is not counted, and a rerun
+    redoes it (the nested loop resuming)."""
+    nested_steps = []
+
+    def one_round(state, batch, signal_first):
+        index = int(jax.device_get(state.step))
+        if signal_first:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the round samples
+        inner = rounds_loop(tmp_path / f"round_{index}", 3, lambda s, b: (s.replace(step=int(s.step) + 1),
+                                                                          {"loss": 0.0}))
+        nested_steps.append(len(inner.history))
+        if inner.interrupted:
+            raise loop.Interrupted
+        return state.replace(step=index + 1), {"round": float(index)}
+
+    first = rounds_loop(tmp_path / "rounds", 2, lambda s, b: one_round(s, b, signal_first=True))
+    assert first.interrupted and first.history == [] and nested_steps == [0]
+    assert not (tmp_path / "rounds" / "checkpoints").exists() or not os.listdir(tmp_path / "rounds" / "checkpoints")
+    again = rounds_loop(tmp_path / "rounds", 2, lambda s, b: one_round(s, b, signal_first=False))
+    assert not again.interrupted and [h["step"] for h in again.history] == [1, 2] and nested_steps == [0, 3, 3]
+    assert sorted(os.listdir(tmp_path / "rounds" / "checkpoints")) == ["1", "2"]
 
 
 # ------------------------------------------------------------------------------------- 3. one run per workdir

@@ -118,3 +118,14 @@ def test_lora_and_full_runs_do_not_resume_each_other(tmp_path):
     with pytest.raises(ConfigError, match=r"holds a LoRA run with config.lora \{'rank': 4\}, not \{'rank': 8\}"):
         run_dir.check_workdir(str(tmp_path), run_dir.run_record("sft", model_cfg, other))
     run_dir.check_workdir(str(tmp_path), run_dir.run_record("sft", model_cfg, lora_cfg))  # the same: resumes
+
+
+def test_a_ppo_resume_with_another_value_model_is_refused(tmp_path):
+    model_cfg = resolve_model_config(small_config())
+    run_dir.write_workdir(str(tmp_path), run_dir.run_record("ppo", model_cfg, None, {"value": model_cfg.to_dict()}),
+                          writes_model=False)
+    run_dir.check_workdir(str(tmp_path), run_dir.run_record("ppo", model_cfg, None, {"value": model_cfg.to_dict()}))
+    other = {"value": model_cfg.replace(n_layers=4).to_dict()}  # value.init_from: a reward model of another size
+    with pytest.raises(ConfigError, match=r"run.json: the workdir holds a run of other value settings than this "
+                                          r"run's; resume with them or use a new --workdir$"):
+        run_dir.check_workdir(str(tmp_path), run_dir.run_record("ppo", model_cfg, None, other))

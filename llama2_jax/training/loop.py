@@ -88,13 +88,20 @@ def process_rows_to_global(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
             for name, value in batch.items()}
 
 
+_ACTIVE_FLAGS: list["TerminationFlag"] = []  # the loops running now, outermost first (a round's fine-tuning nests)
+
+
 class TerminationFlag:
-    """Set by SIGTERM; the loop checks it between steps, saves a checkpoint and returns."""
+    """Set by SIGTERM; the loop checks it between steps, saves a checkpoint and returns. A loop started inside a step
+    of another (rejection sampling's fine-tuning) starts stopped when the outer one was asked to stop, and a SIGTERM
+    stops every running loop."""
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
+        self.requested = any(flag.requested for flag in _ACTIVE_FLAGS)
+        _ACTIVE_FLAGS.append(self)
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not in the main thread (e.g. a notebook worker): no handler
@@ -103,9 +110,11 @@ class TerminationFlag:
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and exiting")
-        self.requested = True
+        for flag in _ACTIVE_FLAGS:
+            flag.requested = True
 
     def __exit__(self, *exc):
+        _ACTIVE_FLAGS.remove(self)
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
