@@ -60,9 +60,9 @@ if __name__ == "__main__":  # 64 simulated CPU devices: enough for the 70B mesh;
 import argparse  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from llama2_jax.accel import aot  # noqa: E402
+from llama2_jax.accel import aot, tpu  # noqa: E402
+from llama2_jax.accel.estimate import POLICY_ORDER, memory_formula, pick_policy  # noqa: E402
 from llama2_jax.model import lora  # noqa: E402
 from llama2_jax.model import sharding as sh  # noqa: E402
 from llama2_jax.model.config import AttentionImpl, LlamaConfig, RematPolicy, get_config  # noqa: E402
@@ -71,81 +71,6 @@ from llama2_jax.model.llama import abstract_params  # noqa: E402
 GIB = 1024 ** 3
 SIZES = {"7b": 8, "13b": 8, "70b": 64}  # preset -> fsdp devices
 LORA_SIZES = {"7b": (1, 24.0), "13b": (1, 40.0), "70b": (8, 40.0)}  # preset -> (fsdp devices, GiB budget), LoRA SFT
-# Policies from least to most recomputation; "auto" takes the first whose formula fits the budget.
-POLICY_ORDER = (RematPolicy.NONE.value, RematPolicy.DOTS.value, RematPolicy.DOTS_NO_BATCH.value,
-                RematPolicy.MINIMAL.value)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The formula
-
-
-def memory_formula(cfg: LlamaConfig, seq: int, batch_per_device: int, n_devices: int, remat: str,
-                   attention: str = "xla") -> dict[str, float]:
-    """Estimated peak bytes per device of one FSDP train step, by term (and "total").
-
-    Notation: P parameters, n devices (every parameter has a model-dim axis sharded over fsdp, so state divides by n),
-    b rows per device of T tokens, L layers, D model dim, F FFN width, N query heads, K KV heads, H head dim, V vocab,
-    a = bytes of the compute dtype (2 for bfloat16). Activations are per device (the batch is split, the model dims
-    are not: fsdp gathers the weights, not the activations).
-    """
-    P, n = cfg.param_count(), n_devices
-    b, T, L, D, F = batch_per_device, seq, cfg.n_layers, cfg.dim, cfg.hidden_dim
-    N, K, H, V = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size
-    a = jnp.dtype(cfg.dtype).itemsize
-    tokens = b * T
-    scores = b * N * T * T  # attention score elements of one layer (the reference kernel materialises them)
-    flash = attention != "xla"  # cuDNN or chunked: no [B, N, T, T] tensor is kept for the backward pass
-    # chunked recomputes one block of queries at a time: its scores, probabilities and their gradients are live
-    block_scores = b * N * min(cfg.attention_block_size, T) * T if attention == AttentionImpl.CHUNKED.value else 0
-
-    out = {}
-    # --- training state: float32, sharded over all n devices (ZeRO-3) ---
-    out["params"] = 4.0 * P / n  # master weights
-    out["grads"] = 4.0 * P / n  # float32 gradients, live from the backward pass until the update
-    out["adam"] = 8.0 * P / n  # first and second moments
-    # (the update is elementwise and fuses; donation makes the new state reuse the old state's buffers)
-
-    # --- activations saved for the backward pass, per layer and token, by remat policy ---
-    block_input = D * a  # the scan carry: every policy keeps each layer's input [b, T, D]
-    weight_dots = (N * H + 2 * K * H + D + 2 * F + D) * a  # q, k, v, wo out, w1 out, w3 out, w2 out (no batch dims)
-    attention_dots = (0 if flash else N * T * 4) + N * H * a  # scores q.k (float32) and probs.v (batch-dim dots)
-    # everything else the VJPs need: the two norm outputs, rotated q and k, softmax probabilities (float32 and the
-    # bfloat16 copy), silu(w1 x) and silu(w1 x) * w3 x
-    elementwise = 2 * D * a + (N + K) * H * a + (0 if flash else N * T * (4 + a)) + 2 * F * a
-    per_token_layer = {
-        RematPolicy.MINIMAL.value: block_input,
-        RematPolicy.DOTS_NO_BATCH.value: block_input + weight_dots,
-        RematPolicy.DOTS.value: block_input + weight_dots + attention_dots,
-        RematPolicy.NONE.value: block_input + weight_dots + attention_dots + elementwise,
-    }[remat]
-    out["saved_activations"] = float(L * tokens * per_token_layer)
-
-    # --- transient working sets (one at a time) ---
-    # backward of one layer: its forward is recomputed whole (what the policy did not keep), plus the gradients of
-    # the attention scores and probabilities (float32) and a float32 copy of the activation gradient
-    full_layer = block_input + weight_dots + attention_dots + elementwise
-    layer_backward = tokens * full_layer + (block_scores if flash else scores) * 8 + tokens * D * 4
-    # fsdp: one layer's weights all-gathered (bfloat16, double-buffered for prefetch) and its float32 gradient
-    # before the reduce-scatter
-    layer_params = (cfg.param_count() - 2 * V * D - D) / L
-    fsdp_buffers = layer_params * (2 * a + 4)
-    out["layer_backward"] = float(layer_backward + fsdp_buffers)
-    # the loss: float32 logits, their exp/softmax and their gradient, [b, T, V] each
-    out["logits"] = 3.0 * tokens * V * 4
-    out["total"] = sum(out.values())
-    return out
-
-
-def pick_policy(cfg: LlamaConfig, seq: int, batch_per_device: int, n_devices: int, budget_bytes: float,
-                attention: str = "xla") -> str:
-    """The least-recomputing policy whose formula total fits the budget (the most frugal one if none does)."""
-    for policy in POLICY_ORDER:
-        if memory_formula(cfg, seq, batch_per_device, n_devices, policy, attention)["total"] <= budget_bytes:
-            return policy
-    return POLICY_ORDER[-1]
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # XLA's figure
 
@@ -208,10 +133,14 @@ def extrapolate(small: aot.MemoryFigure, large: aot.MemoryFigure, l0: int, l1: i
                             at(small.temp, large.temp), at(small.alias, large.alias), small.compile_s + large.compile_s)
 
 
-def verdict(total: float, hbm: float) -> str:
-    if total > hbm:
-        return "DOES NOT FIT"
-    headroom = 100.0 * (1.0 - total / hbm)
+def verdict(figure: aot.MemoryFigure, hbm: float) -> str:
+    """Whether the step fits the chip: the compiler refuses what does not (its own peak against its available HBM);
+    the headroom is against XLA's argument + output + temp - alias sum, an upper bound of that peak."""
+    if figure.error:
+        return "DOES NOT FIT (the compiler refused it)"
+    headroom = 100.0 * (1.0 - figure.total / hbm)
+    if headroom < 0:
+        return "fits by the compiler's peak, but no headroom (the sum exceeds the chip)"
     return f"fits, {headroom:.0f} % headroom" + ("" if headroom >= 10 else " (< 10 %)")
 
 
@@ -233,8 +162,6 @@ def tpu_config(name: str, task: str, args, hbm_bytes: float, n_devices: int) -> 
 
 def tpu_main(args) -> None:
     """--target=tpu:NAME: the TPU compiler's per-chip figure of every requested trainer kind for each size."""
-    from llama2_jax.accel import tpu
-
     try:
         target = tpu.parse_target(args.target)
         mesh_shape = [int(x) for x in args.mesh.split(",")]
@@ -246,8 +173,8 @@ def tpu_main(args) -> None:
     except (ValueError, RuntimeError) as error:
         raise SystemExit(f"error: {error}") from None
     hbm = target.hbm_gib * GIB
-    print(f"target {target.name}: {target.chips} chips ({target.topology_name}), {target.hbm_gib:.0f} GiB HBM per "
-          f"chip; mesh {dict(mesh.shape)}", flush=True)
+    print(f"target {target.name}: {target.chips} chips ({target.topology_name}), {target.hbm_gib:.2f} GiB HBM per "
+          f"chip for programs; mesh {dict(mesh.shape)}", flush=True)
     for name in args.sizes.split(","):
         done: dict[str, tuple] = {}
         for task in args.tasks.split(","):
@@ -269,11 +196,11 @@ def tpu_main(args) -> None:
                 else:
                     figure, how = compile_one(cfg), f"all {cfg.n_layers} layers"
                 done[program] = (figure, cfg, how)
-            fits = "DOES NOT FIT (the compiler refused)" if figure.error else verdict(figure.total, hbm)
+            fits = verdict(figure, hbm)
             unit = "pair" if task in aot.PAIR_TASKS else "row"
             print(f"{name} {task} {target.name} mesh={','.join(map(str, mesh.shape.values()))} seq={args.seq} "
                   f"{unit}s/shard={args.batch_per_device} remat={cfg.remat_policy} attention={attention_label(cfg)}: "
-                  f"{figure.describe().replace('GiB/device', 'GiB/chip')} of {target.hbm_gib:.0f} GiB -> {fits} "
+                  f"{figure.describe().replace('GiB/device', 'GiB/chip')} of {target.hbm_gib:.2f} GiB -> {fits} "
                   f"[{how}]", flush=True)
 
 

@@ -64,7 +64,8 @@ def test_unknown_slices_and_targets_are_one_line_errors_listing_the_known_ones()
     with pytest.raises(ValueError, match=r"^unknown target 'gpu:h100-8': expected tpu:NAME with NAME one of v4-8, "):
         accel_tpu.parse_target("gpu:h100-8")
     v5p = accel_tpu.parse_target("tpu:v5p-64")
-    assert (v5p.chips, v5p.topology_name, v5p.hbm_gib, v5p.generation.chip_config) == (32, "v5:2x4x4", 95.0, "megacore")
+    assert (v5p.chips, v5p.topology_name, v5p.generation.chip_config) == (32, "v5:2x4x4", "megacore")
+    assert v5p.hbm_gib == 95.74  # the compiler's available HBM on a v5p chip
     v5e = accel_tpu.tpu_slice("v5e-8")
     assert (v5e.chips, v5e.topology_name, v5e.chips_per_host_bounds) == (8, "v5e:2x4", (2, 4, 1))  # one 8-chip host
 

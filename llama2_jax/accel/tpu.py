@@ -10,9 +10,10 @@ else; the tests set JAX_PLATFORMS=cpu).
 
 Slice names follow Cloud TPU: v4 and v5p count TensorCores (two per chip, driven as one "megacore" device: v5p-8 is
 4 chips), v5e and v6e count chips (one core each). Topologies, chip configs and host bounds are those Cloud TPU
-uses (MaxText's accelerator_to_spec_map lists the same); HBM per chip from the Cloud TPU system architecture pages:
-v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB. The TPU compiler keeps a little of it for itself (it reports 15.75 GiB
-available on a v5e chip).
+uses (MaxText's accelerator_to_spec_map lists the same; v5e/v6e slices of up to 8 chips are one host); HBM per chip
+as published on the Cloud TPU system architecture pages: v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB. What
+`Generation.hbm_gib` records, and what fits is judged against, is the compiler's own "available HBM", which libtpu
+0.0.42 prints when it refuses a program too large for the chip: v4 30.75, v5e 15.75, v5p 95.74, v6e 31.25 ("G").
 """
 
 from __future__ import annotations
@@ -31,15 +32,19 @@ class Generation:
     topology_prefix: str  # libtpu's name in topology strings ("v5" for v5p)
     chip_config: str  # "megacore" (two TensorCores as one device) or "default" (one core)
     cores_per_chip: int  # how the slice name counts: v5p-8 = 8 cores = 4 chips
-    hbm_gib: float  # HBM per chip
+    hbm_gib: float  # HBM per chip the TPU compiler lets a program use (its "available HBM")
     device_kind: str  # jax's Device.device_kind
+    peak_bf16_flops: float  # per chip, FLOP/s
+    ici_bytes_per_s: float  # inter-chip interconnect bandwidth per chip (all links)
 
 
+# Peak bfloat16 FLOP/s and ICI bandwidth per chip from the Cloud TPU system architecture pages (v4: 275 TFLOP/s,
+# 2,400 Gbit/s; v5e: 197, 1,600; v5p: 459, 4,800; v6e: 918, 3,584).
 GENERATIONS = {
-    "v4": Generation("v4", "v4", "megacore", 2, 32.0, "TPU v4"),
-    "v5e": Generation("v5e", "v5e", "default", 1, 16.0, "TPU v5 lite"),
-    "v5p": Generation("v5p", "v5", "megacore", 2, 95.0, "TPU v5"),
-    "v6e": Generation("v6e", "v6e", "default", 1, 32.0, "TPU v6 lite"),
+    "v4": Generation("v4", "v4", "megacore", 2, 30.75, "TPU v4", 275e12, 2400e9 / 8),
+    "v5e": Generation("v5e", "v5e", "default", 1, 15.75, "TPU v5 lite", 197e12, 1600e9 / 8),
+    "v5p": Generation("v5p", "v5", "megacore", 2, 95.74, "TPU v5", 459e12, 4800e9 / 8),
+    "v6e": Generation("v6e", "v6e", "default", 1, 31.25, "TPU v6 lite", 918e12, 3584e9 / 8),
 }
 # Chip topologies by slice size (the number in the name). 3-D tori for v4/v5p, 2-D for v5e/v6e.
 _TOPOLOGIES_3D = {8: (2, 2, 1), 16: (2, 2, 2), 32: (2, 2, 4), 64: (2, 4, 4), 128: (4, 4, 4), 256: (4, 4, 8),
@@ -62,7 +67,7 @@ class TpuSlice:
 
     @property
     def hbm_gib(self) -> float:
-        """HBM per chip (= per JAX device: a megacore chip is one device)."""
+        """HBM per chip a program may use (= per JAX device: a megacore chip is one device)."""
         return self.generation.hbm_gib
 
     @property
