@@ -31,6 +31,9 @@ says otherwise, remat "auto" = the formula's pick against 90 % of the chip's HBM
   python benchmarks/memory.py --target=tpu:v5p-8 --sizes=7b
   python benchmarks/memory.py --target=tpu:v5p-64 --sizes=70b --tasks=pretrain,lora --layers=2,4
 
+With --target=gpu:NAME (h100-8, a100-64, ...; `pip install -e .[gpu-aot]`, the CUDA PJRT plugin without CUDA
+libraries) it is XLA's GPU compiler, deviceless (llama2_jax.accel.gpu; attention "xla", "chunked" for LoRA).
+
 It prints per chip argument/output/temp/alias bytes against the chip's HBM and the compile seconds (no time
 estimate: `cost_analysis()` counts a scanned layer stack once and Pallas kernels not at all). A program that does not
 fit is refused by the TPU compiler; its message (the bytes it needed) is printed instead.
@@ -61,7 +64,7 @@ import argparse  # noqa: E402
 
 import jax  # noqa: E402
 
-from llama2_jax.accel import aot, tpu  # noqa: E402
+from llama2_jax.accel import aot, targets  # noqa: E402
 from llama2_jax.accel.estimate import POLICY_ORDER, memory_formula, pick_policy  # noqa: E402
 from llama2_jax.model import lora  # noqa: E402
 from llama2_jax.model import sharding as sh  # noqa: E402
@@ -133,22 +136,29 @@ def extrapolate(small: aot.MemoryFigure, large: aot.MemoryFigure, l0: int, l1: i
                             at(small.temp, large.temp), at(small.alias, large.alias), small.compile_s + large.compile_s)
 
 
-def verdict(figure: aot.MemoryFigure, hbm: float) -> str:
-    """Whether the step fits the chip: the compiler refuses what does not (its own peak against its available HBM);
-    the headroom is against XLA's argument + output + temp - alias sum, an upper bound of that peak."""
+def verdict(figure: aot.MemoryFigure, hbm: float, on_tpu: bool) -> str:
+    """Whether the step fits the chip. The TPU compiler refuses what does not (its own peak against its available
+    HBM); the headroom is against XLA's argument + output + temp - alias sum, an upper bound of that peak. The GPU
+    compiler checks nothing: the sum is compared with the GPU's memory."""
     if figure.error:
         return "DOES NOT FIT (the compiler refused it)"
     headroom = 100.0 * (1.0 - figure.total / hbm)
     if headroom < 0:
-        return "fits by the compiler's peak, but no headroom (the sum exceeds the chip)"
+        return "fits by the compiler's peak, but no headroom (the sum exceeds the chip)" if on_tpu else "DOES NOT FIT"
     return f"fits, {headroom:.0f} % headroom" + ("" if headroom >= 10 else " (< 10 %)")
 
 
-def tpu_config(name: str, task: str, args, hbm_bytes: float, n_devices: int) -> LlamaConfig:
-    """The size's config as the trainers run it on a TPU: bfloat16 compute, scanned layers, float32 master weights
-    (a bfloat16 frozen base for LoRA), the kernel and remat policy of the flags (auto: splash; the least-recomputing
-    policy whose formula fits 90 % of the chip for full training, "minimal" for LoRA)."""
-    attention = AttentionImpl.SPLASH.value if args.attention == "auto" else args.attention
+def target_config(name: str, task: str, args, hbm_bytes: float, n_devices: int, on_tpu: bool) -> LlamaConfig:
+    """The size's config as the trainers run it on the target: bfloat16 compute, scanned layers, float32 master
+    weights (a bfloat16 frozen base for LoRA), the kernel and remat policy of the flags (auto: splash on a TPU, else
+    chunked for LoRA and xla otherwise, cuDNN's kernel needing a GPU to compile; the least-recomputing policy whose
+    formula fits 90 % of the chip for full training, "minimal" for LoRA)."""
+    if args.attention != "auto":
+        attention = args.attention
+    elif on_tpu:
+        attention = AttentionImpl.SPLASH.value
+    else:
+        attention = AttentionImpl.CHUNKED.value if task == "lora" else AttentionImpl.XLA.value
     cfg = get_config(name, dtype="bfloat16", param_dtype="bfloat16" if task == "lora" else "float32",
                      scan_layers=True, max_seq_len=args.seq, attention_impl=attention,
                      attention_block_size=args.attention_block_size, attention_kv_block_size=args.attention_block_size)
@@ -160,21 +170,23 @@ def tpu_config(name: str, task: str, args, hbm_bytes: float, n_devices: int) -> 
     return cfg.replace(remat_policy=pick_policy(cfg, args.seq, rows, n_devices, 0.9 * hbm_bytes, attention))
 
 
-def tpu_main(args) -> None:
-    """--target=tpu:NAME: the TPU compiler's per-chip figure of every requested trainer kind for each size."""
+def target_main(args) -> None:
+    """--target=tpu:NAME or gpu:NAME: the target compiler's per-chip figure of every requested trainer kind for each
+    size."""
     try:
-        target = tpu.parse_target(args.target)
+        target = targets.parse_target(args.target)
         mesh_shape = [int(x) for x in args.mesh.split(",")]
         unknown = sorted(set(args.tasks.split(",")) - set(aot.TASKS))
         if unknown or len(mesh_shape) != 3:
             raise ValueError(f"unknown --tasks {unknown}; known: {', '.join(aot.TASKS)}" if unknown else
                              f"--mesh={args.mesh}: expected DATA,FSDP,TENSOR (one may be -1)")
-        mesh = sh.make_mesh(*mesh_shape, devices=tpu.compile_only_devices(target))
+        mesh = sh.make_mesh(*mesh_shape, devices=targets.compile_only_devices(target))
     except (ValueError, RuntimeError) as error:
         raise SystemExit(f"error: {error}") from None
     hbm = target.hbm_gib * GIB
-    print(f"target {target.name}: {target.chips} chips ({target.topology_name}), {target.hbm_gib:.2f} GiB HBM per "
-          f"chip for programs; mesh {dict(mesh.shape)}", flush=True)
+    on_tpu = targets.is_tpu(target)
+    print(f"target {target.name}: {target.chips} chips, {target.hbm_gib:.2f} GiB per chip for programs; mesh "
+          f"{dict(mesh.shape)}", flush=True)
     for name in args.sizes.split(","):
         done: dict[str, tuple] = {}
         for task in args.tasks.split(","):
@@ -183,7 +195,7 @@ def tpu_main(args) -> None:
                 figure, cfg, how = done[program]
                 how = f"the {program} program: {how}"
             else:
-                cfg = tpu_config(name, task, args, hbm, sh.data_parallel_size(mesh))
+                cfg = target_config(name, task, args, hbm, sh.data_parallel_size(mesh), on_tpu)
                 compile_one = lambda c: aot.compile_train_step(  # noqa: E731
                     task, c, mesh, seq_len=args.seq, batch_per_device=args.batch_per_device, lora_rank=args.lora_rank)
                 if args.layers:
@@ -196,7 +208,7 @@ def tpu_main(args) -> None:
                 else:
                     figure, how = compile_one(cfg), f"all {cfg.n_layers} layers"
                 done[program] = (figure, cfg, how)
-            fits = verdict(figure, hbm)
+            fits = verdict(figure, hbm, on_tpu)
             unit = "pair" if task in aot.PAIR_TASKS else "row"
             print(f"{name} {task} {target.name} mesh={','.join(map(str, mesh.shape.values()))} seq={args.seq} "
                   f"{unit}s/shard={args.batch_per_device} remat={cfg.remat_policy} attention={attention_label(cfg)}: "
@@ -229,13 +241,14 @@ def main(argv=None) -> None:
                              "with --target the rank of the lora task (default 16)")
     parser.add_argument("--attention", choices=["auto", AttentionImpl.XLA.value, AttentionImpl.CHUNKED.value,
                                                 AttentionImpl.SPLASH.value],
-                        default="auto", help="attention kernel compiled (cudnn cannot be compiled on CPU, splash only "
-                                             "for a TPU target); auto: splash for a TPU target, else chunked with "
-                                             "--lora_rank, xla otherwise")
+                        default="auto", help="attention kernel compiled (cudnn needs a GPU to compile, splash a TPU "
+                                             "target); auto: splash for a TPU target, else chunked for LoRA, xla "
+                                             "otherwise")
     parser.add_argument("--attention_block_size", type=int, default=512,
                         help="queries per block of chunked attention; splash's query and key blocks")
-    parser.add_argument("--target", default="", help="tpu:NAME (e.g. tpu:v5p-8): compile with the TPU compiler for "
-                                                      "that slice (needs the tpu-aot extra) instead of on CPU devices")
+    parser.add_argument("--target", default="", help="tpu:NAME (e.g. tpu:v5p-8) or gpu:NAME (e.g. gpu:h100-8): compile "
+                                                      "with that platform's compiler for its compile-only devices "
+                                                      "(the tpu-aot / gpu-aot extra) instead of on CPU devices")
     parser.add_argument("--tasks", default=",".join(aot.TASKS), help="with --target: trainer kinds to compile")
     parser.add_argument("--mesh", default="1,-1,1", help="with --target: DATA,FSDP,TENSOR mesh axes over the chips")
     args = parser.parse_args(argv)
@@ -243,7 +256,7 @@ def main(argv=None) -> None:
         parser.error(f"--attention_block_size must be positive, got {args.attention_block_size}")
     if args.target:
         args.lora_rank = args.lora_rank or 16
-        return tpu_main(args)
+        return target_main(args)
     if args.attention == AttentionImpl.SPLASH.value:
         parser.error("--attention=splash compiles only for a TPU: pass --target=tpu:NAME")
     if args.lora_rank > 0:
