@@ -27,7 +27,10 @@ PLAN_TASKS = ("pretrain", "sft", "lora", "rm", "dpo")
 # (1024 x 4096 = 4M tokens, section 2.2), its SFT batch (64, section 3.1) for SFT and LoRA, its reward-model batch
 # (512 pairs, section 3.2.2), and 64 pairs for DPO.
 DEFAULT_GLOBAL_BATCH = {"pretrain": 1024, "sft": 64, "lora": 64, "rm": 512, "dpo": 64}
-SKIP_FACTOR = 1.25  # the closed form misses the compiler by far less than this (docs/accelerators-tpu.md)
+# The closed form overestimates what the TPU compiler needs (it budgets XLA:CPU's float32 copies; 70B on v5p-64,
+# remat "dots", 1 row: 153 GiB estimated, 96.7 GiB needed), so only candidates estimated at more than twice the chip
+# are skipped without a compile.
+SKIP_FACTOR = 2.0
 HEADROOM = 0.10
 
 
@@ -69,9 +72,11 @@ def meshes(cfg: LlamaConfig, chips: int) -> Iterator[tuple[int, int, int]]:
                 yield data, chips // (data * tensor), tensor
 
 
-def task_memory(cfg: LlamaConfig, task: str, seq: int, rows: int, mesh: tuple[int, int, int], remat: str) -> float:
+def task_memory(cfg: LlamaConfig, task: str, seq: int, rows: int, mesh: tuple[int, int, int], remat: str,
+                grad_accum_steps: int = 1) -> float:
     """`estimate.memory_formula` per chip with the task's trained state: LoRA keeps only the bfloat16 base (the
-    adapters are negligible), DPO adds its float32 reference; rm/dpo rows are pairs (two sequences)."""
+    adapters are negligible), DPO adds its float32 reference, accumulation a float32 gradient sum; rm/dpo rows are
+    pairs (two sequences)."""
     data, fsdp, tensor = mesh
     sequences = rows * (2 if task in aot.PAIR_TASKS else 1)
     terms = estimate.memory_formula(cfg, seq, sequences, fsdp * tensor, remat, cfg.attention_impl)
@@ -80,6 +85,8 @@ def task_memory(cfg: LlamaConfig, task: str, seq: int, rows: int, mesh: tuple[in
         terms["total"] -= terms["params"] + terms["grads"] + terms["adam"] - 2.0 * params
     if task == "dpo":
         terms["total"] += 4.0 * params
+    if grad_accum_steps > 1 and task != "lora":
+        terms["total"] += 4.0 * params  # the scan's running sum of the micro-batches' gradients
     return terms["total"]
 
 
@@ -97,8 +104,9 @@ def enumerate_candidates(cfg: LlamaConfig, task: str, target: TpuSlice, seq: int
                 sequences = global_batch * (2 if task in aot.PAIR_TASKS else 1)
                 seconds = estimate.step_seconds(cfg, seq, sequences, mesh, rows, remat, peak_flops=gen.peak_bf16_flops,
                                                 ici_bytes_per_s=gen.ici_bytes_per_s)
-                out.append(Candidate(mesh, rows, global_batch // (rows * shards), remat, seconds,
-                                     task_memory(cfg, task, seq, rows, mesh, remat)))
+                accum = global_batch // (rows * shards)
+                out.append(Candidate(mesh, rows, accum, remat, seconds,
+                                     task_memory(cfg, task, seq, rows, mesh, remat, accum)))
     # ties (no communication to save): fewer micro-batches, then less recomputation
     return sorted(out, key=lambda c: (c.seconds["total"], c.grad_accum_steps, estimate.POLICY_ORDER.index(c.remat)))
 

@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora_rank", type=int, default=16)
     parser.add_argument("--max_compiles", type=int, default=4, help="compile at most this many candidates")
     parser.add_argument("--keep", type=int, default=1, help="stop after this many candidates fit with 10 %% headroom")
+    parser.add_argument("--verbose", action="store_true", help="print every candidate skipped by the estimate")
     return parser
 
 
@@ -85,9 +86,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     devices = accel_tpu.compile_only_devices(target)
     candidates = planner.plan(cfg, args.task, target, devices, seq=args.seq_len, global_batch=global_batch,
                               max_compiles=args.max_compiles, keep=args.keep, lora_rank=args.lora_rank,
-                              report=lambda c: print(_line(c, hbm), flush=True))
+                              report=lambda c: print(_line(c, hbm), flush=True) if args.verbose or c.figure else None)
     if not candidates:
         fail(f"no mesh of {target.chips} chips divides --global_batch={global_batch} and the model's heads")
+    skipped = [c for c in candidates if c.skipped]
+    if skipped and not args.verbose:
+        best = min(skipped, key=lambda c: c.estimate_bytes)
+        print(f"  ({len(skipped)} candidates skipped without a compile: closed-form estimate > {planner.SKIP_FACTOR} x "
+              f"HBM, the smallest {best.estimate_bytes / aot.GIB:.1f} GiB; --verbose lists them)")
     untouched = [c for c in candidates if c.figure is None and not c.skipped]
     if untouched:
         print(f"  ({len(untouched)} more candidates ranked lower, not compiled; the next: "
