@@ -23,6 +23,21 @@ device, 70b on fsdp=8, remat "minimal" unless --remat says otherwise (see the XL
 "chunked" unless --attention says otherwise (query blocks recomputed in the backward pass: no [N, T, T] float32
 scores, probabilities or gradients; the same numbers as "xla", see llama2_jax/model/attention.py).
 
+With --target=tpu:NAME (e.g. tpu:v5p-8; needs `pip install -e .[tpu-aot]`) the compiler is the TPU's own (libtpu),
+for the compile-only devices of that slice (llama2_jax.accel.tpu), and every trainer kind of --tasks is compiled
+(llama2_jax.accel.aot: pretrain, sft, lora, rm, dpo, ppo_policy, ppo_value), attention "splash" unless --attention
+says otherwise, remat "auto" = the formula's pick against 90 % of the chip's HBM (LoRA: minimal):
+
+  python benchmarks/memory.py --target=tpu:v5p-8 --sizes=7b
+  python benchmarks/memory.py --target=tpu:v5p-64 --sizes=70b --tasks=pretrain,lora --layers=2,4
+
+With --target=gpu:NAME (h100-8, a100-64, ...; `pip install -e .[gpu-aot]`, the CUDA PJRT plugin without CUDA
+libraries) it is XLA's GPU compiler, deviceless (llama2_jax.accel.gpu; attention "xla", "chunked" for LoRA).
+
+It prints per chip argument/output/temp/alias bytes against the chip's HBM and the compile seconds (no time
+estimate: `cost_analysis()` counts a scanned layer stack once and Pallas kernels not at all). A program that does not
+fit is refused by the TPU compiler; its message (the bytes it needed) is printed instead.
+
 The XLA flag below must be set before JAX is imported, so run this file as a script (tests import only the
 formula and set their own device count).
 """
@@ -35,7 +50,8 @@ import sys
 if __name__ == "__main__":  # 64 simulated CPU devices: enough for the 70B mesh; 7B/13B use the first 8
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=64").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
-    if any(arg.startswith("--lora_rank") and not arg.endswith("=0") for arg in sys.argv):
+    if (any(arg.startswith("--lora_rank") and not arg.endswith("=0") for arg in sys.argv)
+            and not any(arg.startswith("--target") for arg in sys.argv)):
         # XLA:CPU has no bfloat16 matmul: it converts the operands to float32, and its while-loop invariant code
         # motion then hoists that conversion of the WHOLE stacked bfloat16 base out of the layer scan, a float32
         # copy of the base that XLA:GPU/TPU (native bfloat16 dots) never make (measured on 7B: temp +0.75 GiB per
@@ -45,181 +61,42 @@ if __name__ == "__main__":  # 64 simulated CPU devices: enough for the 70B mesh;
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import time  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
+from llama2_jax.accel import aot, targets  # noqa: E402
+from llama2_jax.accel.estimate import POLICY_ORDER, memory_formula, pick_policy  # noqa: E402
 from llama2_jax.model import lora  # noqa: E402
 from llama2_jax.model import sharding as sh  # noqa: E402
 from llama2_jax.model.config import AttentionImpl, LlamaConfig, RematPolicy, get_config  # noqa: E402
-from llama2_jax.model.llama import Llama, abstract_params  # noqa: E402
-from llama2_jax.training import losses
-from llama2_jax.training import state as train_state  # noqa: E402
+from llama2_jax.model.llama import abstract_params  # noqa: E402
 
 GIB = 1024 ** 3
 SIZES = {"7b": 8, "13b": 8, "70b": 64}  # preset -> fsdp devices
 LORA_SIZES = {"7b": (1, 24.0), "13b": (1, 40.0), "70b": (8, 40.0)}  # preset -> (fsdp devices, GiB budget), LoRA SFT
-# Policies from least to most recomputation; "auto" takes the first whose formula fits the budget.
-POLICY_ORDER = (RematPolicy.NONE.value, RematPolicy.DOTS.value, RematPolicy.DOTS_NO_BATCH.value,
-                RematPolicy.MINIMAL.value)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The formula
-
-
-def memory_formula(cfg: LlamaConfig, seq: int, batch_per_device: int, n_devices: int, remat: str,
-                   attention: str = "xla") -> dict[str, float]:
-    """Estimated peak bytes per device of one FSDP train step, by term (and "total").
-
-    Notation: P parameters, n devices (every parameter has a model-dim axis sharded over fsdp, so state divides by n),
-    b rows per device of T tokens, L layers, D model dim, F FFN width, N query heads, K KV heads, H head dim, V vocab,
-    a = bytes of the compute dtype (2 for bfloat16). Activations are per device (the batch is split, the model dims
-    are not: fsdp gathers the weights, not the activations).
-    """
-    P, n = cfg.param_count(), n_devices
-    b, T, L, D, F = batch_per_device, seq, cfg.n_layers, cfg.dim, cfg.hidden_dim
-    N, K, H, V = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size
-    a = jnp.dtype(cfg.dtype).itemsize
-    tokens = b * T
-    scores = b * N * T * T  # attention score elements of one layer (the reference kernel materialises them)
-    flash = attention != "xla"  # cuDNN or chunked: no [B, N, T, T] tensor is kept for the backward pass
-    # chunked recomputes one block of queries at a time: its scores, probabilities and their gradients are live
-    block_scores = b * N * min(cfg.attention_block_size, T) * T if attention == AttentionImpl.CHUNKED.value else 0
-
-    out = {}
-    # --- training state: float32, sharded over all n devices (ZeRO-3) ---
-    out["params"] = 4.0 * P / n  # master weights
-    out["grads"] = 4.0 * P / n  # float32 gradients, live from the backward pass until the update
-    out["adam"] = 8.0 * P / n  # first and second moments
-    # (the update is elementwise and fuses; donation makes the new state reuse the old state's buffers)
-
-    # --- activations saved for the backward pass, per layer and token, by remat policy ---
-    block_input = D * a  # the scan carry: every policy keeps each layer's input [b, T, D]
-    weight_dots = (N * H + 2 * K * H + D + 2 * F + D) * a  # q, k, v, wo out, w1 out, w3 out, w2 out (no batch dims)
-    attention_dots = (0 if flash else N * T * 4) + N * H * a  # scores q.k (float32) and probs.v (batch-dim dots)
-    # everything else the VJPs need: the two norm outputs, rotated q and k, softmax probabilities (float32 and the
-    # bfloat16 copy), silu(w1 x) and silu(w1 x) * w3 x
-    elementwise = 2 * D * a + (N + K) * H * a + (0 if flash else N * T * (4 + a)) + 2 * F * a
-    per_token_layer = {
-        RematPolicy.MINIMAL.value: block_input,
-        RematPolicy.DOTS_NO_BATCH.value: block_input + weight_dots,
-        RematPolicy.DOTS.value: block_input + weight_dots + attention_dots,
-        RematPolicy.NONE.value: block_input + weight_dots + attention_dots + elementwise,
-    }[remat]
-    out["saved_activations"] = float(L * tokens * per_token_layer)
-
-    # --- transient working sets (one at a time) ---
-    # backward of one layer: its forward is recomputed whole (what the policy did not keep), plus the gradients of
-    # the attention scores and probabilities (float32) and a float32 copy of the activation gradient
-    full_layer = block_input + weight_dots + attention_dots + elementwise
-    layer_backward = tokens * full_layer + (block_scores if flash else scores) * 8 + tokens * D * 4
-    # fsdp: one layer's weights all-gathered (bfloat16, double-buffered for prefetch) and its float32 gradient
-    # before the reduce-scatter
-    layer_params = (cfg.param_count() - 2 * V * D - D) / L
-    fsdp_buffers = layer_params * (2 * a + 4)
-    out["layer_backward"] = float(layer_backward + fsdp_buffers)
-    # the loss: float32 logits, their exp/softmax and their gradient, [b, T, V] each
-    out["logits"] = 3.0 * tokens * V * 4
-    out["total"] = sum(out.values())
-    return out
-
-
-def pick_policy(cfg: LlamaConfig, seq: int, batch_per_device: int, n_devices: int, budget_bytes: float,
-                attention: str = "xla") -> str:
-    """The least-recomputing policy whose formula total fits the budget (the most frugal one if none does)."""
-    for policy in POLICY_ORDER:
-        if memory_formula(cfg, seq, batch_per_device, n_devices, policy, attention)["total"] <= budget_bytes:
-            return policy
-    return POLICY_ORDER[-1]
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # XLA's figure
 
 
-@dataclasses.dataclass
-class Compiled:
-    total: int  # argument + output + temp - alias, bytes per device
-    argument: int
-    output: int
-    temp: int
-    alias: int
-    compile_s: float
+def cpu_mesh(n_devices: int):
+    """An fsdp mesh over the first n_devices simulated CPU devices."""
+    return sh.make_mesh(1, n_devices, 1, devices=jax.devices()[:n_devices])
 
 
-def compile_step(cfg: LlamaConfig, n_devices: int, seq: int, batch_per_device: int) -> Compiled:
-    """AOT-compile the trainer's step on an fsdp mesh of the first n_devices devices; nothing is allocated."""
-    mesh = sh.make_mesh(1, n_devices, 1, devices=jax.devices()[:n_devices])
-    model = Llama(cfg)
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    init_fn = functools.partial(lambda rng: model.init(rng, tokens)["params"], jax.random.PRNGKey(0))
-    schedule = train_state.warmup_cosine_schedule(3e-4, 2000, 500_000)
-    tx = train_state.make_optimizer(schedule)
-    boxed = jax.eval_shape(init_fn)  # parameter shapes with their logical axes
-    shardings = train_state.state_shardings(boxed, tx, mesh)
-    sh.check_divisible(nn.unbox(boxed), shardings.params)
-    abstract = jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), nn.unbox(boxed))
-    abstract_state = jax.tree.map(lambda s, shard: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard),
-                                  abstract, shardings)
-    rows = batch_per_device * n_devices
-    batch_sharding = sh.batch_sharding(mesh)
-    abstract_batch = {name: jax.ShapeDtypeStruct((rows, seq), jnp.float32 if name == "loss_mask" else jnp.int32,
-                                                 sharding=batch_sharding)
-                      for name in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
-    loss_fn = functools.partial(losses.next_token_loss, model=model)
-    step = train_state.jit_train_step(loss_fn, shardings, mesh, learning_rate_fn=schedule)
-    start = time.perf_counter()
-    lowered = step.lower(abstract_state, abstract_batch)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
-    m = compiled.memory_analysis()
-    arg, out, temp, alias = (int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
-                             int(m.alias_size_in_bytes))
-    return Compiled(arg + out + temp - alias, arg, out, temp, alias, compile_s)
+def compile_step(cfg: LlamaConfig, n_devices: int, seq: int, batch_per_device: int) -> aot.MemoryFigure:
+    """AOT-compile the pretraining step (llama2_jax.accel.aot) on an fsdp mesh of n_devices CPU devices."""
+    return aot.compile_train_step("pretrain", cfg, cpu_mesh(n_devices), seq_len=seq, batch_per_device=batch_per_device)
 
 
-def compile_lora_step(cfg: LlamaConfig, n_devices: int, seq: int, batch_per_device: int, rank: int) -> Compiled:
-    """AOT-compile one LoRA SFT step: the trainer's `train_state.train_step` over {"lora": adapters} with the
-    frozen base (cfg.param_dtype) as a separate, non-donated argument; nothing is allocated."""
-    mesh = sh.make_mesh(1, n_devices, 1, devices=jax.devices()[:n_devices])
-    lora_cfg = lora.LoraConfig(rank=rank, alpha=2.0 * rank)
-    base_boxed = abstract_params(cfg, boxed=True)
-    base_shardings = sh.tree_shardings(base_boxed, mesh)
-    sh.check_divisible(nn.unbox(base_boxed), base_shardings)
-    trainable_boxed = {"lora": lora.abstract(nn.unbox(base_boxed), cfg, lora_cfg, boxed=True)}
-    schedule = train_state.warmup_cosine_schedule(2e-4, 100, 10_000)
-    tx = train_state.make_optimizer(schedule, weight_decay=0.0)
-    shardings = train_state.state_shardings(trainable_boxed, tx, mesh)
-    abstract = jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), nn.unbox(trainable_boxed))
-    with_sharding = lambda tree, shards: jax.tree.map(  # noqa: E731
-        lambda s, shard: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard), tree, shards)
-    abstract_state = with_sharding(abstract, shardings)
-    abstract_base = with_sharding(nn.unbox(base_boxed), base_shardings)
-    rows = batch_per_device * n_devices
-    batch_sharding = sh.batch_sharding(mesh)
-    abstract_batch = {name: jax.ShapeDtypeStruct((rows, seq), jnp.float32 if name == "loss_mask" else jnp.int32,
-                                                 sharding=batch_sharding)
-                      for name in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
-    print(f"  {cfg.n_layers} layers: " + lora.describe(abstract.params, nn.unbox(base_boxed)), flush=True)
-    loss_fn = lora.adapted_loss(losses.next_token_loss, Llama(cfg), lora_cfg)
-
-    def step(state, frozen, batch):
-        return train_state.train_step(state, batch, loss_fn=lambda t, b: loss_fn(t, b, frozen))
-
-    jitted = jax.jit(sh.with_activation_sharding(step, mesh), in_shardings=(shardings, base_shardings, batch_sharding),
-                     out_shardings=(shardings, sh.replicated(mesh)), donate_argnums=0)
-    start = time.perf_counter()
-    compiled = jitted.lower(abstract_state, abstract_base, abstract_batch).compile()
-    compile_s = time.perf_counter() - start
-    m = compiled.memory_analysis()
-    arg, out, temp, alias = (int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
-                             int(m.alias_size_in_bytes))
-    return Compiled(arg + out + temp - alias, arg, out, temp, alias, compile_s)
+def compile_lora_step(cfg: LlamaConfig, n_devices: int, seq: int, batch_per_device: int, rank: int
+                      ) -> aot.MemoryFigure:
+    """AOT-compile one LoRA SFT step: the trainer's step over {"lora": adapters} with the frozen base
+    (cfg.param_dtype) as a separate, non-donated argument (llama2_jax.accel.aot)."""
+    base = abstract_params(cfg)
+    adapters = lora.abstract(base, cfg, lora.LoraConfig(rank=rank, alpha=2.0 * rank))
+    print(f"  {cfg.n_layers} layers: " + lora.describe(adapters, base), flush=True)
+    return aot.compile_train_step("lora", cfg, cpu_mesh(n_devices), seq_len=seq, batch_per_device=batch_per_device,
+                                  lora_rank=rank)
 
 
 def lora_main(args) -> None:
@@ -248,6 +125,97 @@ def lora_main(args) -> None:
               f"{sum(r.compile_s for r in results):.0f}s) -> {fits} in {budget:.0f} GiB", flush=True)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The TPU compiler (--target=tpu:NAME)
+
+
+def extrapolate(small: aot.MemoryFigure, large: aot.MemoryFigure, l0: int, l1: int, n_layers: int) -> aot.MemoryFigure:
+    """Each memory term linear in the layer count through the figures compiled with l0 and l1 layers."""
+    at = lambda a, b: int(round(a + (b - a) * (n_layers - l0) / (l1 - l0)))  # noqa: E731
+    return aot.MemoryFigure(at(small.argument, large.argument), at(small.output, large.output),
+                            at(small.temp, large.temp), at(small.alias, large.alias), small.compile_s + large.compile_s)
+
+
+def verdict(figure: aot.MemoryFigure, hbm: float, on_tpu: bool) -> str:
+    """Whether the step fits the chip. The TPU compiler refuses what does not (its own peak against its available
+    HBM); the headroom is against XLA's argument + output + temp - alias sum, an upper bound of that peak. The GPU
+    compiler checks nothing: the sum is compared with the GPU's memory."""
+    if figure.error:
+        return "DOES NOT FIT (the compiler refused it)"
+    headroom = 100.0 * (1.0 - figure.total / hbm)
+    if headroom < 0:
+        return "fits by the compiler's peak, but no headroom (the sum exceeds the chip)" if on_tpu else "DOES NOT FIT"
+    return f"fits, {headroom:.0f} % headroom" + ("" if headroom >= 10 else " (< 10 %)")
+
+
+def target_config(name: str, task: str, args, hbm_bytes: float, n_devices: int, on_tpu: bool) -> LlamaConfig:
+    """The size's config as the trainers run it on the target: bfloat16 compute, scanned layers, float32 master
+    weights (a bfloat16 frozen base for LoRA), the kernel and remat policy of the flags (auto: splash on a TPU, else
+    chunked for LoRA and xla otherwise, cuDNN's kernel needing a GPU to compile; the least-recomputing policy whose
+    formula fits 90 % of the chip for full training, "minimal" for LoRA)."""
+    if args.attention != "auto":
+        attention = args.attention
+    elif on_tpu:
+        attention = AttentionImpl.SPLASH.value
+    else:
+        attention = AttentionImpl.CHUNKED.value if task == "lora" else AttentionImpl.XLA.value
+    cfg = get_config(name, dtype="bfloat16", param_dtype="bfloat16" if task == "lora" else "float32",
+                     scan_layers=True, max_seq_len=args.seq, attention_impl=attention,
+                     attention_block_size=args.attention_block_size, attention_kv_block_size=args.attention_block_size)
+    if args.remat != "auto":
+        return cfg.replace(remat_policy=args.remat)
+    if task == "lora":
+        return cfg.replace(remat_policy=RematPolicy.MINIMAL.value)
+    rows = args.batch_per_device * (2 if task in aot.PAIR_TASKS else 1)  # a pair is two sequences
+    return cfg.replace(remat_policy=pick_policy(cfg, args.seq, rows, n_devices, 0.9 * hbm_bytes, attention))
+
+
+def target_main(args) -> None:
+    """--target=tpu:NAME or gpu:NAME: the target compiler's per-chip figure of every requested trainer kind for each
+    size."""
+    try:
+        target = targets.parse_target(args.target)
+        mesh_shape = [int(x) for x in args.mesh.split(",")]
+        unknown = sorted(set(args.tasks.split(",")) - set(aot.TASKS))
+        if unknown or len(mesh_shape) != 3:
+            raise ValueError(f"unknown --tasks {unknown}; known: {', '.join(aot.TASKS)}" if unknown else
+                             f"--mesh={args.mesh}: expected DATA,FSDP,TENSOR (one may be -1)")
+        mesh = sh.make_mesh(*mesh_shape, devices=targets.compile_only_devices(target))
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(f"error: {error}") from None
+    hbm = target.hbm_gib * GIB
+    on_tpu = targets.is_tpu(target)
+    print(f"target {target.name}: {target.chips} chips, {target.hbm_gib:.2f} GiB per chip for programs; mesh "
+          f"{dict(mesh.shape)}", flush=True)
+    for name in args.sizes.split(","):
+        done: dict[str, tuple] = {}
+        for task in args.tasks.split(","):
+            program = "pretrain" if task == "sft" else task  # SFT's step is pretraining's; the loss mask is data
+            if program in done:
+                figure, cfg, how = done[program]
+                how = f"the {program} program: {how}"
+            else:
+                cfg = target_config(name, task, args, hbm, sh.data_parallel_size(mesh), on_tpu)
+                compile_one = lambda c: aot.compile_train_step(  # noqa: E731
+                    task, c, mesh, seq_len=args.seq, batch_per_device=args.batch_per_device, lora_rank=args.lora_rank)
+                if args.layers:
+                    l0, l1 = (int(x) for x in args.layers.split(","))
+                    small, large = compile_one(cfg.replace(n_layers=l0)), compile_one(cfg.replace(n_layers=l1))
+                    failed = small if small.error else large if large.error else None
+                    figure = failed or extrapolate(small, large, l0, l1, cfg.n_layers)
+                    how = (f"extrapolated from {l0} layers ({small.total / GIB:.2f} GiB) and {l1} layers "
+                           f"({large.total / GIB:.2f} GiB)")
+                else:
+                    figure, how = compile_one(cfg), f"all {cfg.n_layers} layers"
+                done[program] = (figure, cfg, how)
+            fits = verdict(figure, hbm, on_tpu)
+            unit = "pair" if task in aot.PAIR_TASKS else "row"
+            print(f"{name} {task} {target.name} mesh={','.join(map(str, mesh.shape.values()))} seq={args.seq} "
+                  f"{unit}s/shard={args.batch_per_device} remat={cfg.remat_policy} attention={attention_label(cfg)}: "
+                  f"{figure.describe().replace('GiB/device', 'GiB/chip')} of {target.hbm_gib:.2f} GiB -> {fits} "
+                  f"[{how}]", flush=True)
+
+
 def attention_label(cfg: LlamaConfig) -> str:
     if cfg.attention_impl == AttentionImpl.CHUNKED.value:
         return f"chunked/{cfg.attention_block_size}"
@@ -269,14 +237,28 @@ def main(argv=None) -> None:
                         help="compile with these layer counts (e.g. 2,4) and extrapolate linearly to the full depth "
                              "instead of compiling the full model")
     parser.add_argument("--lora_rank", type=int, default=0,
-                        help="> 0: LoRA SFT of this rank (frozen bfloat16 base) on 7b/13b x1 device, 70b on fsdp=8")
-    parser.add_argument("--attention", choices=["auto", AttentionImpl.XLA.value, AttentionImpl.CHUNKED.value],
-                        default="auto", help="attention kernel compiled (cudnn cannot be compiled on CPU); auto: "
-                                             "chunked with --lora_rank, xla otherwise")
-    parser.add_argument("--attention_block_size", type=int, default=512, help="queries per block of chunked attention")
+                        help="> 0: LoRA SFT of this rank (frozen bfloat16 base) on 7b/13b x1 device, 70b on fsdp=8; "
+                             "with --target the rank of the lora task (default 16)")
+    parser.add_argument("--attention", choices=["auto", AttentionImpl.XLA.value, AttentionImpl.CHUNKED.value,
+                                                AttentionImpl.SPLASH.value],
+                        default="auto", help="attention kernel compiled (cudnn needs a GPU to compile, splash a TPU "
+                                             "target); auto: splash for a TPU target, else chunked for LoRA, xla "
+                                             "otherwise")
+    parser.add_argument("--attention_block_size", type=int, default=512,
+                        help="queries per block of chunked attention; splash's query and key blocks")
+    parser.add_argument("--target", default="", help="tpu:NAME (e.g. tpu:v5p-8) or gpu:NAME (e.g. gpu:h100-8): compile "
+                                                      "with that platform's compiler for its compile-only devices "
+                                                      "(the tpu-aot / gpu-aot extra) instead of on CPU devices")
+    parser.add_argument("--tasks", default=",".join(aot.TASKS), help="with --target: trainer kinds to compile")
+    parser.add_argument("--mesh", default="1,-1,1", help="with --target: DATA,FSDP,TENSOR mesh axes over the chips")
     args = parser.parse_args(argv)
     if args.attention_block_size <= 0:
         parser.error(f"--attention_block_size must be positive, got {args.attention_block_size}")
+    if args.target:
+        args.lora_rank = args.lora_rank or 16
+        return target_main(args)
+    if args.attention == AttentionImpl.SPLASH.value:
+        parser.error("--attention=splash compiles only for a TPU: pass --target=tpu:NAME")
     if args.lora_rank > 0:
         return lora_main(args)
 

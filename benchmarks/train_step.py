@@ -411,6 +411,8 @@ def parse_args(argv=None):
         parser.error(f"unknown --hf_variants {sorted(unknown)}; known: {', '.join(HF_VARIANTS)}")
     if args.attention == AttentionImpl.CUDNN.value and jax.devices()[0].platform != "gpu":
         parser.error("--attention=cudnn needs an NVIDIA GPU")
+    if args.attention == AttentionImpl.SPLASH.value and jax.devices()[0].platform != "tpu":
+        parser.error("--attention=splash needs a TPU")
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     return args

@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_from = ""  # "" = random init; else a converted JAX checkpoint dir or a trainer workdir, whose
     # architecture (llama_config.json) replaces config.model's; of config.model only the numerics are then used
     # (LlamaConfig.NUMERICS_FIELDS: dtype, param_dtype, scan_layers, remat_policy, attention_impl,
-    # attention_block_size)
+    # attention_block_size, attention_kv_block_size, attention_interpret)
 
     # --- data (llama2_jax.data.sources) ---
     config.data = ml_collections.ConfigDict()

@@ -4,8 +4,9 @@ r"""Llama 2 SFT recipe (paper section 3.1) for a 7B model: cosine schedule from 
     python -m train.sft --config=configs/sft_7b.py --workdir=DIR --config.init_from=CKPT --config.data.path=FILE
 
 * Architecture: with `init_from` set, the model's architecture comes from `CKPT/llama_config.json`; of `config.model`
-  only the numerics are used (dtype, param_dtype, scan_layers, remat_policy, attention_impl, attention_block_size:
-  `LlamaConfig.NUMERICS_FIELDS`). `config.model` is used whole only for a random init (init_from = "", tests).
+  only the numerics are used (dtype, param_dtype, scan_layers, remat_policy, attention_impl and its block sizes and
+  interpret mode: `LlamaConfig.NUMERICS_FIELDS`). `config.model` is used whole only for a random init (init_from = "",
+  tests).
 * Steps: with `num_epochs` > 0, num_train_steps = ceil(num_epochs x packed rows per epoch / batch_size), computed at
   run time from the dataset (rows are packed in file order once to count them; a shuffled epoch differs by a few
   rows). `num_epochs = 0` uses `num_train_steps` as given.

@@ -11,18 +11,23 @@ slots are unwritten or stale and are masked.
 
 Implementations (`AttentionImpl`): "xla" (einsum + float32 softmax, the reference; everywhere), "chunked" (the same
 math over blocks of queries, each block recomputed in the backward pass, so no [B, N, T, S] tensor is ever live:
-memory-lean training anywhere XLA runs) and "cudnn" (`jax.nn.dot_product_attention(implementation="cudnn")`, flash
-attention on NVIDIA GPUs). A TPU splash kernel fits the same signature: it takes segment ids natively.
+memory-lean training anywhere XLA runs), "cudnn" (`jax.nn.dot_product_attention(implementation="cudnn")`, flash
+attention on NVIDIA GPUs) and "splash" (jax's Pallas TPU splash attention, `splash_attention`: flash attention with
+block-sparse causal and segment masks, mapped over the mesh with `shard_map`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from llama2_jax.model.config import AttentionImpl
+from llama2_jax.model import sharding as sh
+from llama2_jax.model.config import SPLASH_BLOCK_MULTIPLE, AttentionImpl
 
 Array = jax.Array
 
@@ -148,6 +153,107 @@ def cudnn_attention(q: Array, k: Array, v: Array, mask: Optional[Array], impleme
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+def splash_block_sizes(length: int, block_q: int, block_kv: int) -> tuple[int, int, int]:
+    """(padded length, query block, key/value block) for a sequence of `length` tokens: blocks no longer than the
+    sequence rounded up to the 128 lanes, and the sequence padded to a multiple of both blocks."""
+    padded = -(-length // SPLASH_BLOCK_MULTIPLE) * SPLASH_BLOCK_MULTIPLE
+    block_q, block_kv = min(block_q, padded), min(block_kv, padded)
+    step = math.lcm(block_q, block_kv)
+    return -(-padded // step) * step, block_q, block_kv
+
+
+def _splash_local(q: Array, k: Array, v: Array, q_segment_ids: Optional[Array], kv_segment_ids: Optional[Array], *,
+                  block_q: int, block_kv: int, interpret: bool) -> Array:
+    """Splash attention on one device's shard: q [B, T, N, H], k/v [B, T, K, H], segment ids [B, T] or None."""
+    batch, length, n_heads, head_dim = q.shape
+    padded, block_q, block_kv = splash_block_sizes(length, block_q, block_kv)
+    # The kernel does not scale the scores: scale q (in float32, rounded once to q's dtype), as MaxText does.
+    q = (q.astype(jnp.float32) / math.sqrt(head_dim)).astype(q.dtype)
+    # [B, T, n, H] -> [B, n, T', H]. The padded tail comes last, so causality already hides it from every real query
+    # (and a padding query sees at least itself); with segment ids it also gets segment 0, the padding segment.
+    pad = ((0, 0), (0, 0), (0, padded - length), (0, 0))
+    q, k, v = (jnp.pad(x.transpose(0, 2, 1, 3), pad) for x in (q, k, v))
+    segments = None
+    if q_segment_ids is not None:
+        q_seg, kv_seg = (jnp.pad(s.astype(jnp.int32), ((0, 0), (0, padded - length))) for s in
+                         (q_segment_ids, kv_segment_ids))
+        segments = splash.SegmentIds(q=q_seg, kv=kv_seg)
+    blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                               block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+                               block_q_dq=block_q, block_kv_dq=block_kv)
+    mask = splash.MultiHeadMask([splash.CausalMask((padded, padded))] * n_heads)
+    kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    out = jax.vmap(kernel)(q, k, v, segment_ids=segments)  # [B, N, T', H]
+    return out[:, :, :length].transpose(0, 2, 1, 3)
+
+
+def splash_attention(q: Array, k: Array, v: Array, q_segment_ids: Optional[Array] = None,
+                     kv_segment_ids: Optional[Array] = None, *, block_q: int = 512, block_kv: int = 512,
+                     interpret: bool = False) -> Array:
+    """Causal self-attention with jax's Pallas TPU splash attention kernel (`make_splash_mha`), forward and backward.
+
+    q [B, T, N, H], k/v [B, T, K, H], segment ids [B, T] (0 = padding) or None -> [B, T, N, H] in q's dtype.
+
+    - Masks: the kernel's static `CausalMask` and-ed with its `SegmentIds`, so packed documents never attend across
+      (`attention_mask`'s semantics). Blocks that the mask empties are skipped, forward and backward.
+    - GQA: native. The kernel reads KV head h // R for query head h from k/v of K heads (its block index maps), so
+      the repeated keys and values are never materialised; MQA (K = 1) is the same call.
+    - T need not divide by the blocks: the sequence is padded (`splash_block_sizes`) and the tail dropped.
+    - Numerics: scores and softmax in float32 inside the kernel (online softmax, as flash attention), q pre-scaled by
+      1/sqrt(H) in its own dtype, probabilities cast to v's dtype before the product with v: the reference's math
+      up to the order of float32 sums and that one rounding of the scaled q (exact when sqrt(H) is a power of two).
+    - Sharding: inside `sharding.activation_sharding(mesh)` (every jitted train step) the kernel runs under
+      `shard_map` with the specs of `LOGICAL_RULES` (batch over data/fsdp, query and KV heads over tensor), each
+      device on its own rows and heads; no collective is needed. Outside it, on the arrays as given.
+    - `interpret`: run the Pallas kernel in interpret mode (any backend: CPU tests); otherwise it lowers for TPU
+      only (TPU devices, or the compile-only devices of llama2_jax.accel).
+
+    Decoding does not use this (`cached_attention` attends over the KV cache). jax also ships a TPU kernel for that,
+    `pallas.ops.tpu.ragged_paged_attention`; it pays off only with a *paged* KV cache (pages shared across requests,
+    ragged lengths packed into one batch, as vLLM/JetStream serve), whereas this project's cache is one dense
+    [B, K, H, S] buffer per layer whose reads at one decode step are a batched matmul XLA already streams at HBM
+    bandwidth. Using it would mean a paged cache and a page allocator in llama2_jax.inference.decode and the server:
+    worth it for a many-user TPU server, not for the dense decode loop here.
+    """
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"splash attention is self-attention: {q.shape[1]} queries but {k.shape[1]} keys")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("splash attention needs both q_segment_ids and kv_segment_ids, or neither")
+    local = functools.partial(_splash_local, block_q=block_q, block_kv=block_kv, interpret=interpret)
+    mesh = sh.activation_mesh()
+    if mesh is None:
+        return local(q, k, v, q_segment_ids, kv_segment_ids)
+    q_spec = sh.logical_to_spec((sh.BATCH, sh.LENGTH, sh.HEADS, sh.HEAD_DIM))
+    kv_spec = sh.logical_to_spec((sh.BATCH, sh.LENGTH, sh.KV_HEADS, sh.HEAD_DIM))
+    segment_spec = sh.logical_to_spec((sh.BATCH, sh.LENGTH))
+    _check_splash_sharding(mesh, q.shape, k.shape, q_spec, kv_spec)
+    if q_segment_ids is None:
+        mapped = jax.shard_map(lambda q_, k_, v_: local(q_, k_, v_, None, None), mesh=mesh,
+                               in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)
+        return mapped(q, k, v)
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, segment_spec, segment_spec),
+                           out_specs=q_spec, check_vma=False)
+    return mapped(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _check_splash_sharding(mesh, q_shape, kv_shape, q_spec, kv_spec) -> None:
+    """One-line ValueError when the rules table would split what splash cannot take split (the sequence or the head
+    dim) or a dimension does not divide by its mesh axes."""
+    for name, shape, spec in (("queries", q_shape, q_spec), ("keys/values", kv_shape, kv_spec)):
+        for axis, (dim, axes) in enumerate(zip(shape, spec)):
+            if axes is None:
+                continue
+            if axis in (1, 3):
+                raise ValueError(f"splash attention cannot split the {'sequence' if axis == 1 else 'head'} axis of "
+                                 f"the {name} over mesh axes {axes}: change sharding.LOGICAL_RULES")
+            axes = (axes,) if isinstance(axes, str) else axes
+            size = math.prod(mesh.shape[a] for a in axes)
+            if dim % size:
+                what = "batch rows" if axis == 0 else "heads"
+                raise ValueError(f"splash attention: {dim} {what} of the {name} do not divide over mesh axes {axes} "
+                                 f"of size {size}; change the mesh or the batch")
+
+
 def dot_product_attention(
     q: Array,
     k: Array,
@@ -157,6 +263,8 @@ def dot_product_attention(
     q_segment_ids: Optional[Array] = None,
     kv_segment_ids: Optional[Array] = None,
     block_size: int = 512,
+    kv_block_size: int = 512,
+    interpret: bool = False,
 ) -> Array:
     """Causal (optionally segment-masked) self-attention with grouped KV heads, training and full forward passes
     (attention over a KV cache is `cached_attention`).
@@ -167,7 +275,9 @@ def dot_product_attention(
       impl: an `AttentionImpl` value.
       q_segment_ids: [B, T] int, document id of each query token (0 = padding); None = one document.
       kv_segment_ids: [B, T] int, the same for keys.
-      block_size: queries per block of the "chunked" implementation (ignored by the others).
+      block_size: queries per block of the "chunked" and "splash" implementations (ignored by the others).
+      kv_block_size: keys per block of "splash".
+      interpret: "splash" in Pallas interpret mode (runs on any backend).
     Returns:
       [B, T, N, H] in q's dtype.
     """
@@ -179,6 +289,9 @@ def dot_product_attention(
         return cudnn_attention(q, k, v, mask)
     if impl == AttentionImpl.CHUNKED.value:
         return chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, block_size=block_size)
+    if impl == AttentionImpl.SPLASH.value:
+        return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q=block_size, block_kv=kv_block_size,
+                                interpret=interpret)
     if impl != AttentionImpl.XLA.value:
         raise ValueError(f"unknown attention implementation {impl!r}; known: {[i.value for i in AttentionImpl]}")
     mask = attention_mask(batch, q_len, kv_len, None, q_segment_ids, kv_segment_ids)

@@ -25,9 +25,11 @@ class AttentionImpl(str, enum.Enum):
     XLA = "xla"  # reference einsum + float32 softmax; runs everywhere
     CUDNN = "cudnn"  # jax.nn.dot_product_attention(implementation="cudnn"): fused flash attention on NVIDIA GPUs
     CHUNKED = "chunked"  # the reference math over query blocks, each recomputed in the backward pass: no [T, T] tensor
+    SPLASH = "splash"  # jax's Pallas TPU splash (flash) attention kernel, sharded with shard_map; TPU (or interpret)
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+SPLASH_BLOCK_MULTIPLE = 128  # the splash kernel tiles keys by the TPU's 128 lanes (attention.splash_attention)
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
@@ -60,7 +62,8 @@ class LlamaConfig:
 
     # How the model is computed and stored, not what it is: overridable on top of a checkpoint's architecture.
     NUMERICS_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "scan_layers", "remat_policy",
-                                                  "attention_impl", "attention_block_size")
+                                                  "attention_impl", "attention_block_size",
+                                                  "attention_kv_block_size", "attention_interpret")
 
     vocab_size: int = 32000
     dim: int = 4096
@@ -78,7 +81,12 @@ class LlamaConfig:
     scan_layers: bool = False  # nn.scan over the blocks: one compiled block, stacked params [L, ...]
     remat_policy: str = RematPolicy.NONE.value
     attention_impl: str = AttentionImpl.XLA.value
-    attention_block_size: int = 512  # "chunked" attention: queries per block ([B, N, block, S] scores live at once)
+    # "chunked": queries per block ([B, N, block, S] scores live at once); "splash": the kernel's query block.
+    attention_block_size: int = 512
+    # "splash": the kernel's key/value block. 512/512 are MaxText's splash defaults (base.yml sa_block_*), which it
+    # runs on v5e, v5p and v6e alike; both must be multiples of 128 (the TPU lane width) for splash.
+    attention_kv_block_size: int = 512
+    attention_interpret: bool = False  # "splash": run the Pallas kernel in interpret mode (any backend, slow: tests)
     lora_dropout: float = 0.0  # dropout on the LoRA adapters' input while training (lora.py); no effect without them
 
     def __post_init__(self):
@@ -95,7 +103,7 @@ class LlamaConfig:
 
     def _validate(self):
         positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "hidden_dim", "max_seq_len",
-                    "attention_block_size")
+                    "attention_block_size", "attention_kv_block_size")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -120,6 +128,13 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
         _check_enum("remat_policy", self.remat_policy, RematPolicy)
         _check_enum("attention_impl", self.attention_impl, AttentionImpl)
+        if not isinstance(self.attention_interpret, bool):
+            raise ValueError(f"LlamaConfig.attention_interpret must be True or False, got {self.attention_interpret!r}")
+        if self.attention_impl == AttentionImpl.SPLASH.value:
+            for name in ("attention_block_size", "attention_kv_block_size"):
+                if getattr(self, name) % SPLASH_BLOCK_MULTIPLE:
+                    raise ValueError(f"LlamaConfig.{name} must be a multiple of {SPLASH_BLOCK_MULTIPLE} with "
+                                     f"attention_impl='splash', got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:

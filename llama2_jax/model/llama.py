@@ -142,7 +142,9 @@ class Attention(nn.Module):
 
         if layer_cache is None:
             out = dot_product_attention(q, key, value, impl=cfg.attention_impl, q_segment_ids=segment_ids,
-                                        kv_segment_ids=segment_ids, block_size=cfg.attention_block_size)
+                                        kv_segment_ids=segment_ids, block_size=cfg.attention_block_size,
+                                        kv_block_size=cfg.attention_kv_block_size,
+                                        interpret=cfg.attention_interpret)
             new_cache = None
         else:
             out = cached_attention(q, key, value, layer_cache["k"].astype(dtype), layer_cache["v"].astype(dtype),

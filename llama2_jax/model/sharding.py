@@ -105,6 +105,12 @@ def with_activation_sharding(fn, mesh: Optional[Mesh]):
     return traced
 
 
+def activation_mesh() -> Optional[Mesh]:
+    """The mesh of the enclosing `activation_sharding` context (None outside one): what a kernel that must be
+    mapped over the devices by hand (`shard_map`, e.g. attention.splash_attention) is mapped over."""
+    return _ACTIVATION_MESH.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
     """`with_sharding_constraint(x, logical axes)` on the `activation_sharding` mesh; the identity outside it, so
     the model runs unchanged on one device, in tests and inside callers that shard by hand (generation)."""

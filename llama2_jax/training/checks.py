@@ -88,13 +88,18 @@ def check_shared_fields(config) -> None:
             raise ConfigError(f"config.{field} must be {expected}, got {value!r}")
 
 
-def check_attention_backend(attention_impl: str) -> None:
+def check_attention_backend(attention_impl: str, interpret: bool = False) -> None:
     """ConfigError when config.model.attention_impl needs an accelerator the default JAX backend is not: "cudnn"
-    (fused flash attention) runs on NVIDIA GPUs only."""
+    (fused flash attention) runs on NVIDIA GPUs only, "splash" (a Pallas TPU kernel) on TPUs only unless
+    config.model.attention_interpret runs it in interpret mode."""
     backend = jax.default_backend()
     if attention_impl == "cudnn" and backend != "gpu":
         raise ConfigError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but the JAX backend is "
                           f"{backend!r}; use --config.model.attention_impl=xla")
+    if attention_impl == "splash" and backend != "tpu" and not interpret:
+        raise ConfigError(f"config.model.attention_impl='splash' needs a TPU, but the JAX backend is {backend!r}; use "
+                          "--config.model.attention_impl=xla (or --config.model.attention_interpret=True to run the "
+                          "kernel in Pallas interpret mode, slowly)")
 
 
 def check_workdir_path(workdir: str) -> None:

@@ -38,7 +38,7 @@ def resolve_model_config(config, seq_len: Optional[int] = None, *, required: boo
     shared fields are range-checked first (`check_shared_fields`)."""
     check_shared_fields(config)
     numerics = model_config(config)
-    check_attention_backend(numerics.attention_impl)
+    check_attention_backend(numerics.attention_impl, numerics.attention_interpret)
     if not config.init_from:
         if required:
             raise ConfigError("config.init_from is empty: pass the model to start from (for RLHF the policy: an SFT "
