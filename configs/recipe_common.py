@@ -23,14 +23,14 @@ def base_config() -> ml_collections.ConfigDict:
     # 3.3); rm_init: the round's reward models are trained on every label so far starting from the SFT model ("sft",
     # section 3.2.2: "we initialize our reward models from pretrained chat model checkpoints", one epoch over all the
     # data) or continue from the previous round's ("continue": cheaper, one pass over the old labels per round).
-    config.rlhf = ml_collections.ConfigDict({"rounds": 0, "ppo_from_round": 0, "gatt_after_round": 3, "rm_init": "sft",
-                                             "stages": ml_collections.ConfigDict()})
+    config.rlhf = ml_collections.ConfigDict({"rounds": 0, "ppo_from_round": 0, "gatt_after_round": 3,
+                                             "rm_init": "sft", "stages": ml_collections.ConfigDict()})
     return config
 
 
 def stage(kind: str, output: str, *commands: str) -> ml_collections.ConfigDict:
-    """One stage: its evaluation kind (lm | rm | rs | ppo | cd | gatt), its product (relative to DIR/<stage>; "a|b" = the
-    first that exists) and its commands (`MODULE ARGS...`, run as `python -m MODULE ARGS...`). Placeholders: {dir}
-    the stage's workdir, {data}, {paths.NAME}, {workdir} and {<stage>} = an earlier stage's product. `extra` is
-    appended to the last command (e.g. --config.num_train_steps=5 for a shortened run)."""
+    """One stage: its evaluation kind (lm | rm | rs | ppo | cd | gatt | pairs | round_eval), its product (relative to
+    DIR/<stage>; "a|b" = the first that exists) and its commands (`MODULE ARGS...`, run as `python -m MODULE
+    ARGS...`). Placeholders: {dir} the stage's workdir, {data}, {paths.NAME}, {workdir} and {<stage>} = an earlier
+    stage's product. `extra` is appended to the last command (e.g. --config.num_train_steps=5 for a shortened run)."""
     return ml_collections.ConfigDict({"kind": kind, "output": output, "commands": tuple(commands), "extra": ""})

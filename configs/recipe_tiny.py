@@ -89,8 +89,8 @@ def get_config():
     rlhf.pairs = recipe_common.stage(
         "pairs", ".", f"train.rlhf_round --mode=pairs --policy=<policy> {round_flags} --num_prompts=16 "
         "<previous_pairs>")
-    round_rm = (f"--config.num_train_steps=20 --config.eval_every_steps=10 --config.checkpoint_every_steps=10 {short} "
-                "--config.data.path=<labels>")
+    round_rm = ("--config.num_train_steps=20 --config.eval_every_steps=10 --config.checkpoint_every_steps=10 "
+                f"--config.batch_size=8 {short} --config.data.path=<labels>")  # round 1: 16 labels, 10 % held out
     rlhf.rm_helpful = recipe_common.stage(
         "rm", ".", f"train.reward --config=configs/rm_tiny.py --workdir={{dir}} --config.init_from=<rm_init_helpful> "
         f"{round_rm}")

@@ -11,6 +11,7 @@ from test_recipe import short_recipe
 
 from configs import recipe_7b, recipe_tiny
 from llama2_jax.data import preferences
+from llama2_jax.evaluation import recipe_report
 from train import recipe
 
 
@@ -57,7 +58,7 @@ def test_plan_of_the_7b_rounds():
 
 
 def short_rounds():
-    """short_recipe with two rounds of 4 pairs, reward models of 2 steps, RS of 2 samples; no PPO/GAtt/CD."""
+    """short_recipe with two rounds of 8 pairs, reward models of 2 steps, RS of 2 samples; no PPO/GAtt/CD."""
     config = short_recipe()
     config.stage_order = "pretrain,sft,rm_helpful,rm_safety,rs"
     config.eval.stages = "pretrain"
@@ -65,9 +66,10 @@ def short_rounds():
     stages = config.rlhf.stages
     rm = "--config.num_train_steps=2 --config.seq_len=128 --config.batch_size=8 --config.checkpoint_every_steps=1 " \
          "--config.eval_every_steps=2 --config.eval_batches=1"
-    for name in ("gold_rm", "rm_helpful", "rm_safety"):
-        stages[name].extra = rm
-    small = "--num_prompts=4 --eval_prompts=4 --max_gen_len=8"
+    stages.gold_rm.extra = rm
+    for name in ("rm_helpful", "rm_safety"):  # round 1: 8 labels, one held out
+        stages[name].extra = rm.replace("--config.batch_size=8", "--config.batch_size=4")
+    small = "--num_prompts=8 --eval_prompts=4 --max_gen_len=8"
     stages.pairs.extra = small
     stages.eval.extra = small
     stages.rs.extra = config.stages.rs.extra
@@ -105,7 +107,7 @@ def test_two_rounds_retrain_on_all_labels_pool_across_rounds_and_resume(tmp_path
         for key in ("proxy_helpful_mean", "gold_helpful_mean", "win_rate_vs_sft"):
             assert 0 <= figures[key] <= 1, (k, key)
     report = open(os.path.join(work, "REPORT.md")).read()
-    assert "## RLHF rounds" in report and "| rm_helpful_accuracy_before |" not in report
+    assert "## RLHF rounds" in report and "| rm_helpful_accuracy_before |" in report
     assert "| round | new_labels | all_labels |" in report and "![proxy vs gold reward per round](plots/rounds.png)" \
         in report
     assert os.path.getsize(os.path.join(work, "plots", "rounds.png")) > 1000
@@ -126,3 +128,20 @@ def test_two_rounds_retrain_on_all_labels_pool_across_rounds_and_resume(tmp_path
     for name in after[:2]:
         assert resumed[name]["metrics"] == stages[name]["metrics"], name
     assert resumed["round_2_eval"]["metrics"] == stages["round_2_eval"]["metrics"]
+
+
+def test_rounds_table_and_proxy_vs_gold_plot(tmp_path):
+    stages = {}
+    for k, (proxy, gold) in enumerate([(0.6, 0.5), (0.7, 0.45)], start=1):
+        stages[f"round_{k}_pairs"] = {"metrics": {"new_labels": 8, "all_labels": 8 * k,
+                                                  "rm_helpful_accuracy_before": 0.5 + 0.1 * k}}
+        stages[f"round_{k}_eval"] = {"metrics": {"proxy_helpful_mean": proxy, "gold_helpful_mean": gold,
+                                                 "win_rate_vs_sft": 0.25 * k}}
+    rows = recipe_report.round_rows({"stages": stages})
+    assert [(r["round"], r["all_labels"], r["gold_helpful_mean"], r["rm_safety_accuracy_before"]) for r in rows] == \
+        [(1, 8, 0.5, None), (2, 16, 0.45, None)]
+    (tmp_path / "plots").mkdir()
+    lines = recipe_report.rounds_section(str(tmp_path), {"stages": stages})
+    assert "| 2 | 8 | 16 | 0.7 | - | 0.7 | - | 0.45 | - | 0.5 |" in lines
+    assert (tmp_path / "plots" / "rounds.png").stat().st_size > 1000
+    assert recipe_report.rounds_section(str(tmp_path), {"stages": {}}) == []

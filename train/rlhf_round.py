@@ -6,7 +6,8 @@ r"""One RLHF round's data and its measurements (paper section 3.2, Figure 1), tw
   a fresh batch of prompts (the K-th slice of --num_prompts before the --eval_prompts held-out last ones), two answers
   each from the latest policy at two temperatures (section 3.2.1: "different temperature"), labelled by the annotator
   (the gold reward models: the synthetic setup of Gao et al. 2023; or --labels_dir, a `FileAnnotator` directory the
-  user labels; a re-run after "labels pending" reuses the pairs.jsonl it sampled). Writes pairs.jsonl, labels.jsonl (this batch's preference pairs), preferences_all.jsonl (every
+  user labels; a re-run after "labels pending" reuses the pairs.jsonl it sampled). Writes pairs.jsonl, labels.jsonl
+  (this batch's preference pairs), preferences_all.jsonl (every
   label so far: the previous round's file + this batch, the reward models' training data, section 3.2.2) and
   round.json: the counts and each reward model's accuracy on this batch BEFORE it trains on it (Figure 6).
 

@@ -191,10 +191,11 @@ def rounds_section(workdir: str, manifest: dict) -> list[str]:
     if not rows:
         return []
     keys = ["round", *ROUND_FIGURES, *POLICY_FIGURES]
-    lines = ["## RLHF rounds", "", "Per round: the labels (new, all so far), each reward model's accuracy on the new "
-             "batch before it trained on it (Figure 6), and the round's policy on held-out prompts: mean proxy reward "
-             "(the round's RMs), mean gold reward (the gold annotator: the synthetic setup of Gao et al. 2023, not "
-             "human labels) and its win rate over the SFT policy judged by the annotator.", "",
+    about = ("Per round: the labels (new, all so far), each reward model's accuracy on the new batch before it "
+             "trained on it (Figure 6), and the round's policy on held-out prompts: mean proxy reward (the round's "
+             "RMs), mean gold reward (the gold annotator: the synthetic setup of Gao et al. 2023, not human labels) "
+             "and its win rate over the SFT policy judged by the annotator.")
+    lines = ["## RLHF rounds", "", about, "",
              "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     lines += ["| " + " | ".join(fmt(row[key]) for key in keys) + " |" for row in rows]
     if plot_rounds(os.path.join(workdir, "plots", "rounds.png"), rows):
