@@ -15,6 +15,14 @@ half an hour on 2 CPU cores):
   gatt        configs/gatt_tiny.py: 16 FastChat dialogs (2 turns sampled), then 10 SFT steps on its records
   cd          configs/cd_tiny.py on 16 HH harmless prompts, 10 SFT steps on the kept pairs
 After every stage but the reward models: lm-eval's PIQA (local JSONL, first 200 questions, zero-shot).
+
+With config.rlhf.rounds = 2 (below) rs, ppo, gatt and cd come from config.rlhf.stages instead (train.recipe's plan):
+  gold_rm     configs/rm_tiny.py on both preference files, 40 steps: the annotator (the synthetic setup)
+  round_K     pairs: 16 fresh OASST prompts x 2 answers (T 0.6 / 1.0, 32 tokens) labelled by gold_rm; rm_helpful,
+              rm_safety: 20 steps of 8 pairs on every label so far, from the SFT model; rs: as above from the latest
+              policy, its pool carried over; eval: 16 held-out prompts (proxy / gold reward, win rate over SFT)
+  round_2     also ppo and gatt (ppo_from_round 0 = the last; gatt_after_round 3 clipped to 2), then cd
+PIQA then runs after pretrain, sft and cd (the round stages are not named in eval.stages).
 """
 
 import ml_collections

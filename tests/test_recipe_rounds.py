@@ -58,7 +58,7 @@ def test_plan_of_the_7b_rounds():
 
 
 def short_rounds():
-    """short_recipe with two rounds of 8 pairs, reward models of 2 steps, RS of 2 samples; no PPO/GAtt/CD."""
+    """short_recipe with two rounds of 12 pairs, reward models of 2 steps, RS of 2 samples; no PPO/GAtt/CD."""
     config = short_recipe()
     config.stage_order = "pretrain,sft,rm_helpful,rm_safety,rs"
     config.eval.stages = "pretrain"
@@ -66,10 +66,9 @@ def short_rounds():
     stages = config.rlhf.stages
     rm = "--config.num_train_steps=2 --config.seq_len=128 --config.batch_size=8 --config.checkpoint_every_steps=1 " \
          "--config.eval_every_steps=2 --config.eval_batches=1"
-    stages.gold_rm.extra = rm
-    for name in ("rm_helpful", "rm_safety"):  # round 1: 8 labels, one held out
-        stages[name].extra = rm.replace("--config.batch_size=8", "--config.batch_size=4")
-    small = "--num_prompts=8 --eval_prompts=4 --max_gen_len=8"
+    for name in ("gold_rm", "rm_helpful", "rm_safety"):  # round 1: 12 labels, 2 held out, batch 8
+        stages[name].extra = rm
+    small = "--num_prompts=12 --eval_prompts=4 --max_gen_len=8"
     stages.pairs.extra = small
     stages.eval.extra = small
     stages.rs.extra = config.stages.rs.extra

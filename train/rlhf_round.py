@@ -71,7 +71,7 @@ def prompt_slices(path: str, tokenizer, max_prompt_len: int, eval_prompts: int, 
                          f"{eval_prompts} held out")
     held_out, rest = fitting[cut:], fitting[:cut]
     batch = rest[(round_index - 1) * num_prompts:round_index * num_prompts]
-    if not batch:
+    if num_prompts and not batch:
         raise ValueError(f"{path}: no fresh prompts left for round {round_index} ({len(rest)} after the "
                          f"{eval_prompts} held-out ones, {num_prompts} per round)")
     return held_out, batch
