@@ -60,4 +60,44 @@ def get_config():
         "cd", "sft", "train.context_distill --config=configs/cd_7b.py --workdir={dir} --config.init_from={gatt} "
         "--config.reward.safety_path={rm_safety} --config.prompts.path={paths.safety_prompts}")
     config.stages = stages
+
+    # The paper's loop (section 3.2, Figure 1): RLHF-V1..V5, each on a fresh batch of preference data collected on the
+    # latest model; V1-V4 rejection sampling only, V5 rejection sampling then PPO (ppo_from_round 0 = the last);
+    # GAtt after RLHF-V3 (section 3.3); the reward models retrained from the chat (SFT) checkpoint on all the data so
+    # far each round (section 3.2.2: one epoch, "initialize our reward models from pretrained chat model
+    # checkpoints"). Annotator: people, through the file annotator (llama2_jax.rlhf.label_files): round K's pairs
+    # stage exports DIR/round_K/pairs/labels/pending.jsonl and stops with "labels pending"; label them (the paper's
+    # four rating levels, per-answer safety on safety prompts), put the labels file there and re-run the recipe.
+    # Batch size: the paper collected 1,418,091 Meta comparisons (Table 6) in 14 weekly batches (section 3.2.1,
+    # Table 26): about 100,000 per batch, several batches per RLHF version; num_prompts is that, per round, to be
+    # set to the labelling capacity. Pair temperatures: two of llama2_jax.rlhf.pairs.PAIR_TEMPERATURES (the paper
+    # says only "varying the temperature hyper-parameter", section 3.2.1).
+    config.rlhf.rounds = 5
+    config.rlhf.ppo_from_round = 0
+    config.rlhf.gatt_after_round = 3
+    config.rlhf.rm_init = "sft"
+    rlhf = config.rlhf.stages
+    round_flags = ("--round=<round> --out_dir={dir} --prompts={paths.rlhf_prompts} --labels_dir={dir}/labels "
+                   "--rm_helpful=<rm_helpful> --rm_safety=<rm_safety> --eval_prompts=1000 --max_prompt_len=2048 "
+                   "--max_gen_len=2048 --keep_truncated=False --batch_size=64")
+    rlhf.pairs = recipe_common.stage(
+        "pairs", ".", f"train.rlhf_round --mode=pairs --policy=<policy> {round_flags} --num_prompts=100000 "
+        "<previous_pairs>")
+    for kind in ("helpful", "safety"):  # every label so far + the open-source pairs, each RM config's mix
+        rlhf[f"rm_{kind}"] = recipe_common.stage(
+            "rm", ".", f"train.reward --config=configs/rm_{kind}_7b.py --workdir={{dir}} "
+            f"--config.init_from=<rm_init_{kind}> --config.data.path=<labels>,{{paths.helpful_pairs}} "
+            "--config.data.safety_path={paths.safety_pairs}")
+    round_rewards = "--config.reward.helpful_path=<rm_helpful> --config.reward.safety_path=<rm_safety>"
+    rlhf.rs = recipe_common.stage(
+        "rs", "iter_0/sft", "train.rejection_sampling --config=configs/rs_7b.py --workdir={dir} "
+        f"--config.init_from=<policy> {round_rewards} --config.prompts.path={{paths.rlhf_prompts}} "
+        "--config.iterations=1 --config.first_iteration=<iteration> <pool_from>")
+    rlhf.ppo = recipe_common.stage("ppo", "best|.", stages.ppo.commands[0].replace("{rs}", "<policy>").replace(
+        rewards, round_rewards))
+    rlhf.gatt = recipe_common.stage("gatt", "sft", stages.gatt.commands[0].replace("{ppo}", "<policy>"))
+    rlhf.eval = recipe_common.stage(
+        "round_eval", ".", f"train.rlhf_round --mode=eval --policy=<policy> --sft_policy={{sft}} {round_flags}")
+    rlhf.cd = recipe_common.stage("cd", "sft", stages.cd.commands[0].replace("{gatt}", "<policy>").replace(
+        "{rm_safety}", "<rm_safety>"))
     return config

@@ -16,12 +16,21 @@ def base_config() -> ml_collections.ConfigDict:
     # appended to the command (e.g. --mesh=1:-1:1 --dtype=bfloat16).
     config.eval = ml_collections.ConfigDict({"piqa_path": "", "limit": 0, "batch_size": 16, "flags": "",
                                              "stages": "pretrain,sft,rs,ppo,gatt,cd"})
+    # RLHF rounds (paper section 3.2, Figure 1; train.recipe's plan): 0 = the one-round recipe of stage_order. N > 0:
+    # after the stages before "rs", N rounds of rlhf.stages (pairs -> rm_helpful, rm_safety -> rs [-> ppo] [-> gatt]
+    # -> eval), then its cd. ppo_from_round: PPO after RS from this round on (0 = the last only: RLHF-V5 was RS then
+    # PPO); gatt_after_round: GAtt once after this round (clipped to N; 0 = none; the paper: after RLHF-V3, section
+    # 3.3); rm_init: the round's reward models are trained on every label so far starting from the SFT model ("sft",
+    # section 3.2.2: "we initialize our reward models from pretrained chat model checkpoints", one epoch over all the
+    # data) or continue from the previous round's ("continue": cheaper, one pass over the old labels per round).
+    config.rlhf = ml_collections.ConfigDict({"rounds": 0, "ppo_from_round": 0, "gatt_after_round": 3,
+                                             "rm_init": "sft", "stages": ml_collections.ConfigDict()})
     return config
 
 
 def stage(kind: str, output: str, *commands: str) -> ml_collections.ConfigDict:
-    """One stage: its evaluation kind (lm | rm | rs | ppo | cd | gatt), its product (relative to DIR/<stage>; "a|b" = the
-    first that exists) and its commands (`MODULE ARGS...`, run as `python -m MODULE ARGS...`). Placeholders: {dir}
-    the stage's workdir, {data}, {paths.NAME}, {workdir} and {<stage>} = an earlier stage's product. `extra` is
-    appended to the last command (e.g. --config.num_train_steps=5 for a shortened run)."""
+    """One stage: its evaluation kind (lm | rm | rs | ppo | cd | gatt | pairs | round_eval), its product (relative to
+    DIR/<stage>; "a|b" = the first that exists) and its commands (`MODULE ARGS...`, run as `python -m MODULE
+    ARGS...`). Placeholders: {dir} the stage's workdir, {data}, {paths.NAME}, {workdir} and {<stage>} = an earlier
+    stage's product. `extra` is appended to the last command (e.g. --config.num_train_steps=5 for a shortened run)."""
     return ml_collections.ConfigDict({"kind": kind, "output": output, "commands": tuple(commands), "extra": ""})

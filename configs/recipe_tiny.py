@@ -15,6 +15,14 @@ half an hour on 2 CPU cores):
   gatt        configs/gatt_tiny.py: 16 FastChat dialogs (2 turns sampled), then 10 SFT steps on its records
   cd          configs/cd_tiny.py on 16 HH harmless prompts, 10 SFT steps on the kept pairs
 After every stage but the reward models: lm-eval's PIQA (local JSONL, first 200 questions, zero-shot).
+
+With config.rlhf.rounds = 2 (below) rs, ppo, gatt and cd come from config.rlhf.stages instead (train.recipe's plan):
+  gold_rm     configs/rm_tiny.py on both preference files, 40 steps: the annotator (the synthetic setup)
+  round_K     pairs: 16 fresh OASST prompts x 2 answers (T 0.6 / 1.0, 32 tokens) labelled by gold_rm; rm_helpful,
+              rm_safety: 20 steps of 8 pairs on every label so far, from the SFT model; rs: as above from the latest
+              policy, its pool carried over; eval: 16 held-out prompts (proxy / gold reward, win rate over SFT)
+  round_2     also ppo and gatt (ppo_from_round 0 = the last; gatt_after_round 3 clipped to 2), then cd
+PIQA then runs after pretrain, sft and cd (the round stages are not named in eval.stages).
 """
 
 import ml_collections
@@ -73,4 +81,41 @@ def get_config():
         "--config.reward.safety_path={rm_safety} --config.prompts.path={paths.safety_prompts} "
         "--config.prompts.max_prompts=16 --config.sft.num_train_steps=10 --config.sft.checkpoint_every_steps=10")
     config.stages = stages
+
+    # Two RLHF rounds: the annotator is a gold RM trained (its own stage) on both shipped preference files, the
+    # synthetic setup of Gao et al. 2023; each round labels 16 pairs of a fresh OASST prompt batch, retrains both
+    # RMs from the SFT model on every label so far, and runs one rejection-sampling iteration (pool carried over);
+    # round 2 (the last) adds PPO and GAtt (gatt_after_round 3 clipped to 2), then context distillation.
+    config.rlhf.rounds = 2
+    rlhf = config.rlhf.stages
+    rlhf.gold_rm = recipe_common.stage(
+        "rm", ".", "train.reward --config=configs/rm_tiny.py --workdir={dir} --config.init_from={sft} "
+        "--config.data.path={paths.helpful_pairs} --config.data.safety_path={paths.safety_pairs} --config.seed=1 "
+        f"--config.num_train_steps=40 --config.eval_every_steps=20 --config.checkpoint_every_steps=20 {short}")
+    round_flags = ("--round=<round> --out_dir={dir} --prompts={paths.rlhf_prompts} --gold_helpful={gold_rm} "
+                   "--rm_helpful=<rm_helpful> --rm_safety=<rm_safety> --eval_prompts=16 --max_gen_len=32")
+    rlhf.pairs = recipe_common.stage(
+        "pairs", ".", f"train.rlhf_round --mode=pairs --policy=<policy> {round_flags} --num_prompts=16 "
+        "<previous_pairs>")
+    round_rm = ("--config.num_train_steps=20 --config.eval_every_steps=10 --config.checkpoint_every_steps=10 "
+                f"--config.batch_size=8 {short} --config.data.path=<labels>")  # round 1: 16 labels, 10 % held out
+    rlhf.rm_helpful = recipe_common.stage(
+        "rm", ".", f"train.reward --config=configs/rm_tiny.py --workdir={{dir}} --config.init_from=<rm_init_helpful> "
+        f"{round_rm}")
+    rlhf.rm_safety = recipe_common.stage(
+        "rm", ".", f"train.reward --config=configs/rm_tiny.py --workdir={{dir}} --config.init_from=<rm_init_safety> "
+        f"{round_rm} --config.data.is_safety=True")
+    round_rewards = "--config.reward.helpful_path=<rm_helpful> --config.reward.safety_path=<rm_safety>"
+    rlhf.rs = recipe_common.stage(
+        "rs", "iter_0/sft", "train.rejection_sampling --config=configs/rs_tiny.py --workdir={dir} "
+        f"--config.init_from=<policy> {round_rewards} --config.prompts.path={{paths.rlhf_prompts}} "
+        "--config.iterations=1 --config.prompts.max_prompts=16 --config.sft.num_train_steps=10 "
+        "--config.sft.checkpoint_every_steps=10 --config.first_iteration=<iteration> <pool_from>")
+    rlhf.ppo = recipe_common.stage("ppo", "best|.", stages.ppo.commands[0].replace("{rs}", "<policy>").replace(
+        rewards, round_rewards))
+    rlhf.gatt = recipe_common.stage("gatt", "sft", stages.gatt.commands[0].replace("{ppo}", "<policy>"))
+    rlhf.eval = recipe_common.stage(
+        "round_eval", ".", f"train.rlhf_round --mode=eval --policy=<policy> --sft_policy={{sft}} {round_flags}")
+    rlhf.cd = recipe_common.stage("cd", "sft", stages.cd.commands[0].replace("{gatt}", "<policy>").replace(
+        "{rm_safety}", "<rm_safety>"))
     return config

@@ -39,6 +39,12 @@ def get_config():
     config.sampling.batch_size = 64  # (prompt, sample) rows per compiled sample+score call (see the KV-cache note)
 
     config.iterations = 2  # RS rounds in this run; the pool of best answers carries over between them
+    # The pool of an earlier run to start from (its pool.jsonl, same prompts file: entries are keyed by prompt index),
+    # so the recipe's RLHF rounds pool across rounds (section 3.2.3); its entries keep the rewards they were pooled
+    # with (not re-scored by this run's reward models). first_iteration: the number this run's first iteration has in
+    # the pool's "iteration" field (the round's index - 1 in train.recipe).
+    config.pool_from = ""
+    config.first_iteration = 0
 
     config.sft = sft_7b.get_config()  # the SFT recipe (LR 2e-5 cosine, batch 64 x 4096, 2 epochs) for the pool;
     config.sft.data.val_fraction = 0.02  # the paper gives no RS fine-tuning settings; init_from/data/tokenizer are

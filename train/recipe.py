@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import types
+from typing import Any, NamedTuple
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -59,6 +60,97 @@ def stage_names(config) -> list[str]:
     return listed_stages(config, "stage_order", config.stage_order)
 
 
+class Planned(NamedTuple):
+    name: str  # the manifest's key and the {name} placeholder of its product
+    stage: Any  # its entry (kind, output, commands, extra)
+    dir: str  # relative to DIR
+
+
+ROUND_STEPS = ("pairs", "rm_helpful", "rm_safety", "rs", "ppo", "gatt", "eval")
+REPLACED_BY_ROUNDS = ("rs", "ppo", "gatt", "cd")  # with rlhf.rounds > 0: from config.rlhf.stages instead
+
+
+def round_settings(config) -> tuple[int, int, int]:
+    """(rounds, the first round with PPO, the round GAtt follows (0 = none)), checked; one-line errors."""
+    r = config.rlhf
+    if r.rounds < 0:
+        raise RecipeError(f"config.rlhf.rounds={r.rounds} must be >= 0")
+    if not 0 <= r.ppo_from_round <= r.rounds:
+        raise RecipeError(f"config.rlhf.ppo_from_round={r.ppo_from_round} must be in 0..rlhf.rounds ({r.rounds}); "
+                          "0 = the last round")
+    if r.gatt_after_round < 0:
+        raise RecipeError(f"config.rlhf.gatt_after_round={r.gatt_after_round} must be >= 0 (0 = no GAtt)")
+    if r.rm_init not in ("sft", "continue"):
+        raise RecipeError(f"config.rlhf.rm_init={r.rm_init!r}, expected \"sft\" or \"continue\"")
+    missing = [s for s in ROUND_STEPS + ("cd",) if s not in r.stages]
+    if missing:
+        raise RecipeError(f"config.rlhf.stages lacks {missing}")
+    return r.rounds, r.ppo_from_round or r.rounds, min(r.gatt_after_round, r.rounds)
+
+
+def round_stage(template, tokens: dict[str, str]):
+    """A round's stage from its template: <token>s replaced (the {placeholders} are filled when it runs)."""
+    stage = template.copy_and_resolve_references()
+    commands = []
+    for line in template.commands:
+        for token, value in tokens.items():
+            line = line.replace(f"<{token}>", value)
+        commands.append(line)
+    with stage.unlocked():
+        stage.commands = tuple(commands)
+    return stage
+
+
+def plan(config) -> list[Planned]:
+    """The stages to run, in order. With config.rlhf.rounds = N > 0 (paper section 3.2, Figure 1) the stages of
+    stage_order up to the reward models run first, then round K = 1..N: round_K_pairs (sample and label a fresh
+    batch with the latest policy), round_K_rm_helpful / round_K_rm_safety (the RMs on every label so far, from the SFT
+    model or continuing the previous round's: rlhf.rm_init), round_K_rs (rejection sampling with the round's RMs, its
+    pool carried over from the previous round), round_K_ppo from rlhf.ppo_from_round, round_K_gatt after
+    rlhf.gatt_after_round, round_K_eval (the round's figures); then cd on the latest policy. A gold_rm entry of
+    config.rlhf.stages (the gold reward model of the synthetic setup) runs before the rounds. A round's stages run in
+    DIR/round_K/<step>; rs, ppo, gatt and cd run only where stage_order names them. Templates: config.rlhf.stages,
+    whose <round> <iteration> <policy> <rm_helpful> <rm_safety>
+    <rm_init_helpful> <rm_init_safety> <labels> <previous_pairs> <pool_from> are filled here."""
+    names = stage_names(config)
+    if not config.get("rlhf") or not config.rlhf.rounds:
+        return [Planned(name, config.stages[name], name) for name in names]
+    rounds, ppo_from, gatt_after = round_settings(config)
+    out = [Planned(name, config.stages[name], name) for name in names if name not in REPLACED_BY_ROUNDS]
+    if "gold_rm" in config.rlhf.stages:  # the synthetic setup's annotator (Gao et al. 2023), a stage of its own
+        out.append(Planned("gold_rm", config.rlhf.stages.gold_rm, "gold_rm"))
+    latest = {"policy": "sft", "rm_helpful": "rm_helpful", "rm_safety": "rm_safety"}
+    templates = config.rlhf.stages
+    for k in range(1, rounds + 1):
+        previous = f"round_{k - 1}"
+        tokens = {"round": str(k), "iteration": str(k - 1), "labels": f"{{round_{k}_pairs}}/preferences_all.jsonl",
+                  "previous_pairs": f"--previous={{{previous}_pairs}}" if k > 1 else "",
+                  "pool_from": f"--config.pool_from={{{previous}_rs}}/../pool.jsonl" if k > 1 else ""}
+
+        def add(step: str) -> None:
+            current = {**tokens, **{key: f"{{{value}}}" for key, value in latest.items()}}
+            for kind in ("helpful", "safety"):
+                init = "sft" if config.rlhf.rm_init == "sft" else latest[f"rm_{kind}"]
+                current[f"rm_init_{kind}"] = f"{{{init}}}"
+            out.append(Planned(f"round_{k}_{step}", round_stage(templates[step], current), f"round_{k}/{step}"))
+
+        add("pairs")  # sampled by the latest policy; the RMs measured before they train on it (Figure 6)
+        for kind in ("helpful", "safety"):
+            add(f"rm_{kind}")
+            latest[f"rm_{kind}"] = f"round_{k}_rm_{kind}"
+        for step, runs in (("rs", "rs" in names), ("ppo", k >= ppo_from and "ppo" in names),
+                           ("gatt", k == gatt_after and "gatt" in names)):
+            if runs:
+                add(step)
+                latest["policy"] = f"round_{k}_{step}"
+        add("eval")
+    if "cd" in names:
+        current = {**{key: f"{{{value}}}" for key, value in latest.items()}, "rm_init_helpful": "",
+                   "rm_init_safety": ""}
+        out.append(Planned("cd", round_stage(templates.cd, current), "cd"))
+    return out
+
+
 def fill(text: str, values: dict[str, str], stage: str) -> str:
     try:
         return text.format(**values)
@@ -67,9 +159,10 @@ def fill(text: str, values: dict[str, str], stage: str) -> str:
                           f"known placeholder ({', '.join(sorted(values))})") from None
 
 
-def stage_commands(config, name: str, values: dict[str, str]) -> list[list[str]]:
-    """The stage's command lines as argv lists: `python -m MODULE ARGS...`; `extra` is appended to the last one."""
-    stage = config.stages[name]
+def stage_commands(config, name: str, values: dict[str, str], stage=None) -> list[list[str]]:
+    """The stage's command lines as argv lists: `python -m MODULE ARGS...`; `extra` is appended to the last one.
+    stage: the stage's entry (default config.stages[name]; the RLHF rounds' stages come from `plan`)."""
+    stage = config.stages[name] if stage is None else stage
     lines = list(stage.commands)
     if stage.get("extra", ""):
         lines[-1] = f"{lines[-1]} {stage.extra}"
@@ -128,13 +221,15 @@ def run_piqa(config, values: dict[str, str], checkpoint: str, stage_dir: str, en
     return figures
 
 
-def run_stage(config, workdir: str, name: str, manifest: dict, values: dict[str, str], env: dict) -> dict:
+def run_stage(config, workdir: str, planned: Planned, manifest: dict, values: dict[str, str], env: dict) -> dict:
     """Run the stage's unfinished commands, then evaluate it; returns its manifest entry."""
-    stage_dir = os.path.join(workdir, name)
+    name, stage = planned.name, planned.stage
+    stage_dir = os.path.join(workdir, planned.dir)
     os.makedirs(stage_dir, exist_ok=True)
     entry = manifest["stages"].setdefault(name, {"commands_done": 0, "seconds": 0.0})
+    entry["dir"] = planned.dir
     write_manifest(workdir, manifest)
-    commands = stage_commands(config, name, {**values, "dir": stage_dir})
+    commands = stage_commands(config, name, {**values, "dir": stage_dir}, stage)
     for index in range(entry["commands_done"], len(commands)):
         print(f"[{name}] {shlex.join(commands[index][2:])}", flush=True)
         start = time.perf_counter()
@@ -142,7 +237,6 @@ def run_stage(config, workdir: str, name: str, manifest: dict, values: dict[str,
         entry["seconds"] += time.perf_counter() - start
         entry["commands_done"] = index + 1
         write_manifest(workdir, manifest)
-    stage = config.stages[name]
     entry["output"] = product(stage_dir, stage.output)
     entry["kind"] = stage.kind
     metrics = recipe_report.evaluate_stage(stage.kind, stage_dir, entry["output"])
@@ -161,19 +255,21 @@ def run_stage(config, workdir: str, name: str, manifest: dict, values: dict[str,
 
 def run_recipe(config, workdir: str) -> dict:
     """Every stage of config.stage_order not yet finished in DIR/manifest.json, then DIR/REPORT.md and plots."""
-    names = stage_names(config)
+    stages = plan(config)
+    names = [planned.name for planned in stages]
     os.makedirs(workdir, exist_ok=True)
     manifest = read_manifest(workdir)
     values = {"data": os.path.abspath(config.data_dir), "workdir": os.path.abspath(workdir)}
     values["paths"] = types.SimpleNamespace(**{k: fill(v, values, f"paths.{k}") for k, v in config.paths.items()})
     path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}  # stage logs line by line
-    for name in names:
+    for planned in stages:
+        name = planned.name
         entry = manifest["stages"].get(name, {})
         if entry.get("finished"):
             print(f"[{name}] finished earlier: skipped ({entry['output']})", flush=True)
         else:
-            entry = run_stage(config, os.path.abspath(workdir), name, manifest, values, env)
+            entry = run_stage(config, os.path.abspath(workdir), planned, manifest, values, env)
             print(f"[{name}] done in {entry['seconds']:.0f} s: {recipe_report.one_line(entry['metrics'])}",
                   flush=True)
         values[name] = entry["output"]

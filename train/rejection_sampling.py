@@ -81,6 +81,10 @@ def check_fields(config) -> None:
     if any(t < 0 for t in s.temperature_schedule):
         raise ConfigError(f"config.sampling.temperature_schedule {tuple(s.temperature_schedule)}: every "
                           "temperature must be >= 0")
+    if config.pool_from and not os.path.isfile(config.pool_from):
+        raise ConfigError(f"config.pool_from: no such file {config.pool_from}")
+    if config.first_iteration < 0:
+        raise ConfigError(f"config.first_iteration {config.first_iteration} must be >= 0")
     if s.temperature < 0 or not 0 < s.top_p <= 1:
         raise ConfigError(f"config.sampling: temperature {s.temperature} must be >= 0 and top_p {s.top_p} in (0, 1]")
 
@@ -171,6 +175,9 @@ def write_samples(path: str, prompts, tokenizer, samples: dict) -> None:
 
 
 def read_pool(path: str) -> dict[int, dict]:
+    """The pool of a pool.jsonl by prompt index ("" = empty: a run without config.pool_from)."""
+    if not path:
+        return {}
     return {record["prompt_index"]: record for record in read_jsonl(path)}
 
 
@@ -233,11 +240,12 @@ def make_round(run: Run, sampler, rewards: Rewards, curves: dict):
     def one_round(i: int) -> dict:
         iter_dir, previous = os.path.join(workdir, f"iter_{i}"), os.path.join(workdir, f"iter_{i - 1}")
         policy_dir = rounds.sft_dir(previous) if i else config.init_from
-        pool = read_pool(os.path.join(previous, "pool.jsonl")) if i else {}
+        pool = read_pool(os.path.join(previous, "pool.jsonl")) if i else read_pool(config.pool_from)
         params = rounds.load_policy(policy_dir, run.model_cfg, run.mesh)
         samples = sample_all(config, sampler, params, rewards.params, encoded, prompts, i, run.mesh)
         del params
-        pool = update_pool(pool, prompts, tokenizer, samples, i, config.sampling.keep_truncated)
+        number = config.first_iteration + i  # the iteration's number in the pool (rounds: across runs)
+        pool = update_pool(pool, prompts, tokenizer, samples, number, config.sampling.keep_truncated)
         if not pool:
             raise ConfigError(
                 f"rejection sampling iteration {i}: every sampled answer was cut at config.sampling."
@@ -248,7 +256,7 @@ def make_round(run: Run, sampler, rewards: Rewards, curves: dict):
         write_jsonl(pool_path, (pool[p] for p in sorted(pool)))
         multihost_utils.sync_global_devices(f"rs pool {i}")
         curves[i] = rlhf.best_of_k_curve(samples["scores"]["combined"]).tolist()
-        record = {**iteration_metrics(samples, pool, i), "temperature": iteration_temperature(config, i)}
+        record = {**iteration_metrics(samples, pool, number), "temperature": iteration_temperature(config, i)}
         print_iteration(record, curves[i])
         write_best_of_k(workdir, curves)
         rounds.fine_tune_round(config, init_from=policy_dir, data_path=pool_path, tokenizer_path=tokenizer.model_path,

@@ -102,7 +102,7 @@ def schedule(config, data: rm_data.PairData) -> dict:
 
 
 REWARD = Task("reward", check=check_fields, read=load_pairs, texts=_pair_texts, make_data=make_data,
-              schedule=schedule, eval_tasks=False)
+              schedule=schedule, eval_tasks=False, init_kinds=("llama", "score"))
 
 
 def with_rating_tables(history: list[dict]) -> list[dict]:

@@ -12,7 +12,10 @@ from typing import Optional
 LM_CURVES = ("loss", "eval_loss")
 CURVES = {"lm": LM_CURVES, "rm": ("loss", "accuracy", "eval_loss", "eval_accuracy"),
           "ppo": ("reward_combined", "eval_reward_combined", "kl"), "rs": LM_CURVES, "cd": LM_CURVES,
-          "gatt": LM_CURVES}
+          "gatt": LM_CURVES, "pairs": (), "round_eval": ()}
+ROUND_FIGURES = ("new_labels", "all_labels", "rm_helpful_accuracy_before", "rm_safety_accuracy_before")
+POLICY_FIGURES = ("proxy_helpful_mean", "proxy_safety_mean", "gold_helpful_mean", "gold_safety_mean",
+                  "win_rate_vs_sft")
 
 
 def read_records(path: str) -> list[dict]:
@@ -62,7 +65,8 @@ def evaluate_stage(kind: str, stage_dir: str, output: str) -> dict:
         return lm_figures(records)
     if kind == "rm":
         summary = read_json(os.path.join(stage_dir, "rm_eval.json")) or {}
-        return {"steps": last_value(records, "step"), "eval_accuracy": summary.get("accuracy"),
+        return {"steps": last_value(records, "step"), "train_pairs": summary.get("train_pairs"),
+                "eval_accuracy": summary.get("accuracy"),
                 "eval_loss": summary.get("loss"), "eval_pairs": summary.get("eval_pairs"),
                 "mean_margin": summary.get("mean_margin")}
     if kind == "rs":
@@ -88,7 +92,9 @@ def evaluate_stage(kind: str, stage_dir: str, output: str) -> dict:
         summary = read_json(os.path.join(stage_dir, "gatt_stats.json")) or {}
         keys = ("dialogs", "used", "turns_sampled", "records", "stopped_context", "stopped_bad_reply")
         return {**{k: summary.get(k) for k in keys}, **{f"sft_{k}": v for k, v in lm_figures(records).items()}}
-    raise ValueError(f"unknown stage kind {kind!r}; known: lm, rm, rs, ppo, cd, gatt")
+    if kind in ("pairs", "round_eval"):  # train.rlhf_round's round.json
+        return read_json(os.path.join(stage_dir, "round.json")) or {}
+    raise ValueError(f"unknown stage kind {kind!r}; known: lm, rm, rs, ppo, cd, gatt, pairs, round_eval")
 
 
 def piqa_figures(out_dir: str) -> dict:
@@ -148,7 +154,7 @@ def write_report(workdir: str, names: list[str], manifest: dict) -> str:
              "(the sum over runs of this directory; a stage skipped on a re-run adds nothing).", ""]
     for name in names:
         entry = manifest["stages"][name]
-        kind, stage_dir = entry.get("kind"), os.path.join(workdir, name)
+        kind, stage_dir = entry.get("kind"), os.path.join(workdir, entry.get("dir", name))
         lines += [f"## {name}", "", f"Product: `{os.path.relpath(entry['output'], workdir)}`; "
                   f"{entry.get('seconds', 0.0):.0f} s.", "", "| figure | value |", "| --- | --- |"]
         lines += [f"| {k} | {fmt(v)} |" for k, v in entry["metrics"].items()]
@@ -156,9 +162,69 @@ def write_report(workdir: str, names: list[str], manifest: dict) -> str:
         if kind and plot_stage(os.path.join(workdir, "plots", f"{name}.png"), name, kind, records):
             lines += ["", f"![{name} curves](plots/{name}.png)"]
         if kind == "rs" and os.path.isfile(os.path.join(stage_dir, "best_of_k.png")):
-            lines += ["", f"![best of K]({name}/best_of_k.png)"]
+            lines += ["", f"![best of K]({entry.get('dir', name)}/best_of_k.png)"]
         lines.append("")
+    lines += rounds_section(workdir, manifest)
     path = os.path.join(workdir, "REPORT.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+def round_rows(manifest: dict) -> list[dict]:
+    """One row per RLHF round (train.recipe's round_K_pairs and round_K_eval stages): the labels, each RM's accuracy
+    on the round's new batch before training on it (paper Figure 6), and the round's policy on held-out prompts."""
+    rows, k = [], 1
+    while f"round_{k}_pairs" in manifest["stages"]:
+        row = {"round": k}
+        for step, keys in (("pairs", ROUND_FIGURES), ("eval", POLICY_FIGURES)):
+            metrics = manifest["stages"].get(f"round_{k}_{step}", {}).get("metrics", {})
+            row.update({key: metrics.get(key) for key in keys})
+        rows.append(row)
+        k += 1
+    return rows
+
+
+def rounds_section(workdir: str, manifest: dict) -> list[str]:
+    """REPORT.md's "RLHF rounds" table and plots/rounds.png (proxy vs gold reward per round); [] without rounds."""
+    rows = round_rows(manifest)
+    if not rows:
+        return []
+    keys = ["round", *ROUND_FIGURES, *POLICY_FIGURES]
+    about = ("Per round: the labels (new, all so far), each reward model's accuracy on the new batch before it "
+             "trained on it (Figure 6), and the round's policy on held-out prompts: mean proxy reward (the round's "
+             "RMs), mean gold reward (the gold annotator: the synthetic setup of Gao et al. 2023, not human labels) "
+             "and its win rate over the SFT policy judged by the annotator.")
+    lines = ["## RLHF rounds", "", about, "",
+             "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(fmt(row[key]) for key in keys) + " |" for row in rows]
+    if plot_rounds(os.path.join(workdir, "plots", "rounds.png"), rows):
+        lines += ["", "![proxy vs gold reward per round](plots/rounds.png)"]
+    return lines + [""]
+
+
+def plot_rounds(path: str, rows: list[dict]) -> bool:
+    """Proxy and gold mean reward of each round's policy (x = round). False when no round has either."""
+    series = {key: [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+              for key in ("proxy_helpful_mean", "gold_helpful_mean", "proxy_safety_mean", "gold_safety_mean")}
+    series = {key: points for key, points in series.items() if points}
+    if not series:
+        return False
+    import matplotlib  # pylint: disable=g-import-not-at-top
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for key, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key,
+                linestyle="-" if key.startswith("gold") else "--")
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean sigmoid reward, held-out prompts")
+    ax.set_title("Proxy vs gold reward per RLHF round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

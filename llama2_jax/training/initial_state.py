@@ -70,6 +70,10 @@ def _full_state(config, model_cfg, mesh, tx, kind: str, head_init_std: float):
     if not config.init_from:
         return train_state.create_train_state(init_fn, tx, mesh)
     shardings = train_state.state_shardings(jax.eval_shape(init_fn), tx, mesh)
+    if kind == "score" and _is_score_checkpoint(config.init_from, model_cfg):
+        # continuing a reward model (the recipe's RLHF rounds with rlhf.rm_init="continue"): its trunk and its head
+        params, _ = params_io.load_params(config.init_from, model_cfg, shardings=shardings.params, kind="score")
+        return train_state.state_from_params(params, tx, shardings), shardings
     llama_shardings = shardings.params if kind == "llama" else sh.tree_shardings(
         abstract_params(model_cfg, boxed=True), mesh)
     try:
@@ -79,3 +83,12 @@ def _full_state(config, model_cfg, mesh, tx, kind: str, head_init_std: float):
     if kind == "score":  # the reward model: init_from's trunk and a new head (paper section 3.2.2)
         params = score_model.init_score_params_from_llama(params, jax.random.fold_in(rng, 1), head_init_std)
     return train_state.state_from_params(params, tx, shardings), shardings
+
+
+def _is_score_checkpoint(path: str, model_cfg) -> bool:
+    """Whether init_from holds a score model (a reward model to continue training) rather than a Llama."""
+    try:
+        params_io.check_params(path, model_cfg, kind="score")
+    except (ValueError, FileNotFoundError):
+        return False
+    return True

@@ -113,12 +113,18 @@ def _check_lora(workdir: str, stored: Optional[dict], lora: Optional[dict]) -> N
                           f"{held}, not {lora}; resume with those settings or use a new --workdir")
 
 
-def check_init_params(path: str, model_cfg: LlamaConfig, *, kind: str = "llama", field: str = "config.init_from"):
-    """The params at `path` have this model's shapes (read from the Orbax metadata only)."""
-    try:
-        params_io.check_params(path, model_cfg, kind=kind)
-    except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(f"{field}: {error}") from None
+def check_init_params(path: str, model_cfg: LlamaConfig, *, kind: str = "llama", field: str = "config.init_from",
+                      kinds: tuple[str, ...] = ()):
+    """The params at `path` have this model's shapes, as a model of `kind` or of any of `kinds` (read from the Orbax
+    metadata only); the error names the first kind's mismatch."""
+    first = None
+    for each in kinds or (kind,):
+        try:
+            params_io.check_params(path, model_cfg, kind=each)
+            return
+        except (ValueError, FileNotFoundError) as error:
+            first = first or error
+    raise ConfigError(f"{field}: {first}")
 
 
 def check_unlocked(workdir: str) -> None:

@@ -62,6 +62,8 @@ class Task:
     init_from_required: bool = False
     lora: bool = True  # config.lora can train adapters; else config.lora.rank > 0 is refused
     eval_tasks: bool = True  # config.eval_tasks (lm-eval) can run during training
+    init_kinds: tuple[str, ...] = ("llama",)  # checkpoint kinds init_from may hold (the reward model: a Llama, or a
+    # reward model to continue training)
     writes_model: bool = True  # the workdir holds the trained model (llama_config.json, tokenizer.model: an
     # init_from); False: its models are in sub-directories (rejection sampling's iterations)
 
@@ -126,7 +128,7 @@ def setup(config, workdir: str, task: Task) -> Run:
     run_dir.check_unlocked(workdir)
     run_dir.check_workdir(workdir, record)
     if config.init_from:
-        run_dir.check_init_params(config.init_from, model_cfg)
+        run_dir.check_init_params(config.init_from, model_cfg, kinds=task.init_kinds)
     tokenizer = find_tokenizer(config, model_cfg.vocab_size, workdir=workdir, trainable=task.texts is not None)
     raw = task.read(config)
     if tokenizer is None:
