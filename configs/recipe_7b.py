@@ -93,11 +93,5 @@ def get_config():
         "rs", "iter_0/sft", "train.rejection_sampling --config=configs/rs_7b.py --workdir={dir} "
         f"--config.init_from=<policy> {round_rewards} --config.prompts.path={{paths.rlhf_prompts}} "
         "--config.iterations=1 --config.first_iteration=<iteration> <pool_from>")
-    rlhf.ppo = recipe_common.stage("ppo", "best|.", stages.ppo.commands[0].replace("{rs}", "<policy>").replace(
-        rewards, round_rewards))
-    rlhf.gatt = recipe_common.stage("gatt", "sft", stages.gatt.commands[0].replace("{ppo}", "<policy>"))
-    rlhf.eval = recipe_common.stage(
-        "round_eval", ".", f"train.rlhf_round --mode=eval --policy=<policy> --sft_policy={{sft}} {round_flags}")
-    rlhf.cd = recipe_common.stage("cd", "sft", stages.cd.commands[0].replace("{gatt}", "<policy>").replace(
-        "{rm_safety}", "<rm_safety>"))
+    recipe_common.add_round_stages(rlhf, stages, rewards, round_rewards, round_flags)
     return config

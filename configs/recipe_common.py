@@ -34,3 +34,14 @@ def stage(kind: str, output: str, *commands: str) -> ml_collections.ConfigDict:
     ARGS...`). Placeholders: {dir} the stage's workdir, {data}, {paths.NAME}, {workdir} and {<stage>} = an earlier
     stage's product. `extra` is appended to the last command (e.g. --config.num_train_steps=5 for a shortened run)."""
     return ml_collections.ConfigDict({"kind": kind, "output": output, "commands": tuple(commands), "extra": ""})
+
+
+def add_round_stages(rlhf, stages, rewards: str, round_rewards: str, round_flags: str) -> None:
+    """The round templates that follow the one-pass stages: PPO, GAtt and CD from the latest policy (<policy>) and
+    the round's reward models, and the round's held-out evaluation (train.rlhf_round --mode=eval)."""
+    rlhf.ppo = stage("ppo", "best|.", stages.ppo.commands[0].replace("{rs}", "<policy>").replace(rewards, round_rewards))
+    rlhf.gatt = stage("gatt", "sft", stages.gatt.commands[0].replace("{ppo}", "<policy>"))
+    rlhf.eval = stage("round_eval", ".",
+                      f"train.rlhf_round --mode=eval --policy=<policy> --sft_policy={{sft}} {round_flags}")
+    rlhf.cd = stage("cd", "sft", stages.cd.commands[0].replace("{gatt}", "<policy>").replace("{rm_safety}",
+                                                                                             "<rm_safety>"))

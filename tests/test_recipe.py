@@ -96,8 +96,10 @@ def test_a_failing_stage_is_one_line_naming_its_log(tmp_path):
 
 
 def short_recipe():
-    """recipe_tiny with a 2-layer, 64-wide model and a few steps per stage."""
+    """recipe_tiny with a 2-layer, 64-wide model and a few steps per stage, one RLHF pass (the rounds:
+    tests/test_recipe_rounds.py)."""
     config = recipe_tiny.get_config()
+    config.rlhf.rounds = 0
     config.data_dir = os.path.dirname(shared_file("oasst-en-100-pairs.jsonl"))
     shared_file("piqa-valid-with-labels.jsonl")  # skips (naming the file) where it is absent
     config.eval.limit, config.eval.stages = 20, "pretrain,cd"  # PIQA after the first and the last stage
@@ -129,6 +131,7 @@ def test_shipped_tiny_recipe_evaluates_its_pretrained_model_on_piqa(tmp_path):
     evaluation once stopped the recipe ("a continuation of 193 tokens does not fit max_seq_len 128")."""
     config = recipe_tiny.get_config()
     config.data_dir = os.path.dirname(shared_file("piqa-valid-with-labels.jsonl"))
+    config.rlhf.rounds = 0  # only the pretraining stage runs (the rounds: tests/test_recipe_rounds.py)
     config.stage_order = "pretrain"
     config.stages.pretrain.extra = "--config.num_train_steps=4 --config.eval_every_steps=4"
     metrics = recipe.run_recipe(config, str(tmp_path))["stages"]["pretrain"]["metrics"]

@@ -21,6 +21,7 @@ def names(config):
 
 def test_plan_of_the_tiny_rounds():
     config = recipe_tiny.get_config()
+    config.rlhf.rounds = 2
     assert names(config) == [
         "pretrain", "sft", "rm_helpful", "rm_safety", "gold_rm",
         "round_1_pairs", "round_1_rm_helpful", "round_1_rm_safety", "round_1_rs", "round_1_eval",
@@ -60,6 +61,7 @@ def test_plan_of_the_7b_rounds():
 def short_rounds():
     """short_recipe with two rounds of 12 pairs, reward models of 2 steps, RS of 2 samples; no PPO/GAtt/CD."""
     config = short_recipe()
+    config.rlhf.rounds = 2
     config.stage_order = "pretrain,sft,rm_helpful,rm_safety,rs"
     config.eval.stages = "pretrain"
     config.eval.limit = 4
