@@ -9,7 +9,8 @@ accumulation for one model, task and TPU slice, ranked by a closed-form cost and
 3. Skip, by name and figure, the candidates whose closed-form memory (`estimate.memory_formula`, the task's state
    swapped in) exceeds `SKIP_FACTOR` times the chip, then compile the rest in rank order (llama2_jax.accel.aot) until
    `keep` of them fit with >= 10 % headroom or `max_compiles` were compiled. Every candidate compiled is reported
-   with the compiler's figure, fitting or not.
+   with the compiler's figure, fitting or not. A refusal costs seconds (the TPU compiler stops at buffer
+   assignment), a compile that fits minutes, hence the default of 8 compiles.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Callable, Iterator, Optional
 from llama2_jax.accel import aot, estimate
 from llama2_jax.accel.tpu import TpuSlice
 from llama2_jax.model import sharding as sh
-from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.config import AttentionImpl, LlamaConfig, RematPolicy
 
 PLAN_TASKS = ("pretrain", "sft", "lora", "rm", "dpo")
 # Global batch per optimizer step when none is given (sequences; pairs for rm and dpo): the paper's pretraining batch
@@ -72,6 +73,15 @@ def meshes(cfg: LlamaConfig, chips: int) -> Iterator[tuple[int, int, int]]:
                 yield data, chips // (data * tensor), tensor
 
 
+def policies(cfg: LlamaConfig) -> tuple[str, ...]:
+    """The remat policies worth compiling. With splash attention "dots" and "dots_no_batch" keep the same tensors
+    (the only dots with batch dimensions are attention's, which the kernel replaces; its output is recomputed under
+    both), so only "dots_no_batch" is tried (measured: 70B on v5p-64 compiled to the same figures under both)."""
+    if cfg.attention_impl == AttentionImpl.SPLASH.value:
+        return tuple(p for p in estimate.POLICY_ORDER if p != RematPolicy.DOTS.value)
+    return estimate.POLICY_ORDER
+
+
 def task_memory(cfg: LlamaConfig, task: str, seq: int, rows: int, mesh: tuple[int, int, int], remat: str,
                 grad_accum_steps: int = 1) -> float:
     """`estimate.memory_formula` per chip with the task's trained state: LoRA keeps only the bfloat16 base (the
@@ -100,7 +110,7 @@ def enumerate_candidates(cfg: LlamaConfig, task: str, target: TpuSlice, seq: int
         for rows in (1, 2, 4, 8):
             if global_batch % (rows * shards):
                 continue
-            for remat in estimate.POLICY_ORDER:
+            for remat in policies(cfg):
                 sequences = global_batch * (2 if task in aot.PAIR_TASKS else 1)
                 seconds = estimate.step_seconds(cfg, seq, sequences, mesh, rows, remat, peak_flops=gen.peak_bf16_flops,
                                                 ici_bytes_per_s=gen.ici_bytes_per_s)
