@@ -115,15 +115,15 @@ def test_splash_sharding_errors_are_one_line():
 
 def test_splash_on_cpu_without_interpret_is_a_one_line_config_error():
     from configs import tiny
-    from llama2_jax.training import common
+    from llama2_jax.training import model_config
 
     config = tiny.get_config()
     config.model.attention_impl = "splash"
     with pytest.raises(checks.ConfigError, match=r"^config.model.attention_impl='splash' needs a TPU, but the JAX "
                                                  r"backend is 'cpu'; use --config.model.attention_impl=xla [^\n]*$"):
-        common.resolve_model_config(config)
+        model_config.resolve_model_config(config)
     config.model.attention_interpret = True
-    assert common.resolve_model_config(config).attention_impl == "splash"
+    assert model_config.resolve_model_config(config).attention_impl == "splash"
 
 
 def test_splash_block_sizes_must_be_whole_lanes():
