@@ -1,5 +1,6 @@
 """A trainer program's `__main__` (python -m train.<trainer>): --config, --workdir and the multi-host flags, the
-distributed start-up, and every ConfigError / CheckpointError / FileNotFoundError as one line and exit status 1."""
+distributed start-up, and every ConfigError / CheckpointError / WriterError / FileNotFoundError as one line and exit
+status 1."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from llama2_jax.model import sharding as sh
 from llama2_jax.training import workdir_lock
 from llama2_jax.training.checkpointer import CheckpointError
 from llama2_jax.training.checks import ConfigError, check_workdir_path, config_load_error
+from llama2_jax.training.loop import WriterError
 
 FLAGS = flags.FLAGS
 
@@ -44,7 +46,7 @@ def run_main(train_and_evaluate: Callable[[Any, str], Any]) -> Callable[[list[st
             check_workdir_path(FLAGS.workdir)
             sh.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
             train_and_evaluate(config, FLAGS.workdir)
-        except (ConfigError, CheckpointError, FileNotFoundError) as error:
+        except (ConfigError, CheckpointError, WriterError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
         finally:

@@ -5,6 +5,10 @@ Every step-based trainer (pretrain, SFT, reward, rejection sampling's SFT rounds
 SIGTERM (then exits cleanly), and logs through one `Tracker`: `WORKDIR/metrics.jsonl` (one JSON object per logged step
 and per eval), TensorBoard, and Weights & Biases when `config.wandb.project` is set. `config.profile_steps` traces a
 window of steps with `jax.profiler` (`Profiler`).
+
+Faults: the metrics files are written in the calling thread, so a write that fails (a full disk) fails at once: the
+run stops with one `WriterError` line naming the file and the last good checkpoint, never a writer thread that dies
+and leaves the loop blocked behind its queue.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
 from typing import Callable, Iterator, Optional
@@ -23,9 +28,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from llama2_jax.checkpoints import storage
 from llama2_jax.model import sharding as sh
 from llama2_jax.training import perf
-from llama2_jax.training.checkpointer import TrainCheckpointer
+from llama2_jax.training.checkpointer import CheckpointError, TrainCheckpointer
 from llama2_jax.training.checks import ConfigError
 from llama2_jax.training.state import TrainState
 
@@ -65,10 +71,32 @@ def process_rows_to_global(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
             for name, value in batch.items()}
 
 
+class WriterError(RuntimeError):
+    """A metrics file (metrics.jsonl, the TensorBoard events, the W&B run) cannot be written; the message is one line
+    naming the file and the last good checkpoint of the workdir (read when the message is shown, so a save that was
+    still being written when the writer failed is counted once it completed)."""
+
+    def __init__(self, problem: str, workdir: str):
+        super().__init__(problem)
+        self.problem, self.workdir = problem, workdir
+
+    def __str__(self) -> str:
+        return f"{self.problem}; {last_good_checkpoint(self.workdir)}"
+
+
+def last_good_checkpoint(workdir: str) -> str:
+    """"last good checkpoint: step N (DIR)" from WORKDIR/checkpoints/<step> (Orbax renames a save's temporary
+    directory to its step only once it is complete), or "no checkpoint saved yet"."""
+    directory = os.path.join(workdir, "checkpoints")
+    steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
+    return f"last good checkpoint: step {max(steps)} ({directory})" if steps else "no checkpoint saved yet"
+
+
 class JsonlBackend:
     """WORKDIR/metrics.jsonl: one JSON object per write, appended (a resumed run continues the file)."""
     def __init__(self, workdir: str):
-        self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.file = open(self.path, "a")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -104,14 +132,32 @@ def drop_metrics_after(workdir: str, step: int) -> None:
 
 
 class TensorBoardBackend:
-    """WORKDIR/tensorboard event files (tensorboardX: no TensorFlow needed)."""
+    """A WORKDIR/tensorboard event file (tensorboardX's protos and record framing: no TensorFlow needed), one event
+    per write, written and flushed in the calling thread. Not tensorboardX's SummaryWriter: its writer thread dies on a
+    write error (a full disk) and `add_scalar` then blocks for ever on the thread's full queue."""
     def __init__(self, workdir: str):
-        from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.record_writer import RecordWriter
+
+        directory = os.path.join(workdir, "tensorboard")
+        os.makedirs(directory, exist_ok=True)
+        # TensorBoard reads every events.out.tfevents.* file; the suffix keeps two writers of one second apart
+        self.path = os.path.join(directory, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+                                            f"{uuid.uuid4().hex[:8]}")
+        self.writer = RecordWriter(self.path)
+        self.header = Event(wall_time=time.time(), file_version="brain.Event:2")  # written with the first scalars
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            self.writer.add_scalar(name, value, step)
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.summary import scalar  # a Summary of one value (tag cleaned as SummaryWriter does)
+
+        if self.header is not None:
+            self.writer.write(self.header.SerializeToString())
+            self.header = None
+        values = [value for name, number in metrics.items() for value in scalar(name, number).value]
+        self.writer.write(Event(wall_time=time.time(), step=step, summary=Summary(value=values)).SerializeToString())
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
@@ -135,6 +181,7 @@ class WandbBackend:
             run_id = uuid.uuid4().hex[:12]  # W&B run ids are short alphanumeric strings
             with open(id_file, "w") as f:
                 f.write(run_id + "\n")
+        self.path = os.path.join(workdir, "wandb")
         self.run = wandb.init(project=settings.project, entity=settings.entity or None, name=settings.name or None,
                               mode=settings.mode, id=run_id, resume="allow", dir=workdir, config=config,
                               settings=wandb.Settings(console="off", x_disable_stats=True))
@@ -179,31 +226,52 @@ class Tracker:
 
     def __init__(self, workdir: str, wandb: Optional[WandbSettings] = None, config: Optional[dict] = None):
         self.enabled = jax.process_index() == 0
+        self.workdir = workdir
         self.backends: list = []
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.backends.append(JsonlBackend(workdir))
         try:
-            self.backends.append(TensorBoardBackend(workdir))
-        except ImportError:  # optional: metrics.jsonl is always written
-            logging.warning("tensorboardX is not installed: no TensorBoard event files")
-        if wandb is not None and wandb.project:
-            self.backends.append(WandbBackend(workdir, wandb, config))
+            os.makedirs(workdir, exist_ok=True)
+            self.backends.append(JsonlBackend(workdir))
+            try:
+                self.backends.append(TensorBoardBackend(workdir))
+            except ImportError:  # optional: metrics.jsonl is always written
+                logging.warning("tensorboardX is not installed: no TensorBoard event files")
+            if wandb is not None and wandb.project:
+                self.backends.append(WandbBackend(workdir, wandb, config))
+        except OSError as error:  # e.g. the TensorBoard file's first event on a full disk
+            self._fail(error.filename or workdir, error, "opening the metrics files")
 
     @classmethod
     def from_config(cls, config, workdir: str) -> "Tracker":
         return cls(workdir, *wandb_from_config(config))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        """Every backend writes `metrics` as scalars of `step`; a backend that fails raises WriterError (after the
+        others were closed)."""
         values = {name: float(value) for name, value in metrics.items()}
         for backend in self.backends:
-            backend.write(step, values)
+            try:
+                backend.write(step, values)
+            except Exception as error:  # noqa: BLE001 - whatever a writer raises stops the run the same way
+                self._fail(backend.path, error, f"writing the metrics of step {step}")
 
     def close(self) -> None:
-        for backend in self.backends:
-            backend.close()
-        self.backends = []
+        for backend in list(self.backends):
+            try:
+                backend.close()
+            except Exception as error:  # noqa: BLE001 - a final flush failing
+                self._fail(backend.path, error, "closing")
+
+    def _fail(self, path: str, error: BaseException, doing: str):
+        backends, self.backends = self.backends, []
+        for other in backends:  # close what is open; the one failed again on its buffered data: nothing more to say
+            try:
+                other.close()
+            except Exception:  # noqa: BLE001
+                pass
+        reason = "no space left on the device" if storage.is_disk_full(error) else storage.first_line(error)
+        raise WriterError(f"{doing} to {path} failed ({reason})", self.workdir) from None
 
 
 MetricsWriter = Tracker  # the former name (JSONL + TensorBoard only)
@@ -343,6 +411,14 @@ def _postfix(metrics: dict[str, float]) -> dict[str, str]:
             for name, fmt in shown.items() if name in metrics}
 
 
+def _close_quietly(checkpointer: TrainCheckpointer) -> None:
+    """Wait for a pending save and close; its own failure is not reported over the error that stops the run."""
+    try:
+        checkpointer.close()
+    except CheckpointError:
+        pass
+
+
 def _extra_postfix(metrics: dict[str, float]) -> dict[str, str]:
     """'eval/piqa_local/acc' -> 'piqa_local/acc': the extra evals' last values on the bar."""
     return {name.removeprefix("eval/"): f"{value:.4g}" for name, value in metrics.items()}
@@ -381,31 +457,39 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainSt
         if progress is not None:
             progress.set_postfix({**_postfix(metrics), **_extra_postfix(latest_extra)}, refresh=False)
 
+    def due(every: int) -> bool:
+        return step % every == 0 or step == settings.num_train_steps
+
     step = start
-    with TerminationFlag() as termination:
-        while step < settings.num_train_steps and not termination.requested:
-            batch = process_rows_to_global(next(train_iter), mesh)
-            profiler.before_step(step + 1)
-            state, metrics = train_step(state, batch)
-            step += 1
-            profiler.after_step(step, metrics)
-            if progress is not None:
-                progress.update(1)
-            if step % settings.log_every_steps == 0 or step == settings.num_train_steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                log(step, {**values, **throughput.measure(step)})
-            if eval_step is not None and (step % settings.eval_every_steps == 0 or step == settings.num_train_steps):
-                log(step, evaluate(state.params, eval_step, eval_batches(), mesh))
-                throughput.measure(step)  # do not count eval time as training time
-            if extra_evals is not None and (step % settings.eval_tasks_every_steps == 0
-                                            or step == settings.num_train_steps):
-                latest_extra = extra_evals(state.params, step)
-                log(step, latest_extra)
-                throughput.measure(step)
-            if step % settings.checkpoint_every_steps == 0 or step == settings.num_train_steps:
-                checkpointer.save(state, train_iter.get_state())
-        if termination.requested and checkpointer.latest_step() != step:
-            checkpointer.save(state, train_iter.get_state(), force=True)
+    try:
+        with TerminationFlag() as termination:
+            while step < settings.num_train_steps and not termination.requested:
+                batch = process_rows_to_global(next(train_iter), mesh)
+                profiler.before_step(step + 1)
+                state, metrics = train_step(state, batch)
+                step += 1
+                profiler.after_step(step, metrics)
+                if progress is not None:
+                    progress.update(1)
+                if due(settings.log_every_steps):
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    log(step, {**values, **throughput.measure(step)})
+                if eval_step is not None and due(settings.eval_every_steps):
+                    log(step, evaluate(state.params, eval_step, eval_batches(), mesh))
+                    throughput.measure(step)  # do not count eval time as training time
+                if extra_evals is not None and due(settings.eval_tasks_every_steps):
+                    latest_extra = extra_evals(state.params, step)
+                    log(step, latest_extra)
+                    throughput.measure(step)
+                if due(settings.checkpoint_every_steps):
+                    checkpointer.save(state, train_iter.get_state())
+            if termination.requested and checkpointer.latest_step() != step:
+                checkpointer.save(state, train_iter.get_state(), force=True)
+    except WriterError:
+        _close_quietly(checkpointer)  # a pending save completes first: the checkpoint the error names is on disk
+        if progress is not None:
+            progress.close()
+        raise
     profiler.stop()
     checkpointer.close()
     writer.close()
