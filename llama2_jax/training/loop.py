@@ -340,6 +340,12 @@ def parse_profile_steps(text: str) -> Optional[tuple[int, int]]:
     return window
 
 
+class Terminated(Exception):
+    """Raised by `run_loop` once the checkpoint SIGTERM asked for is saved, so that a program exits right away instead
+    of running its final evaluation, report or samples after the loop (a scheduler's grace period is short). The
+    trainer command lines print it as one line and exit with status 0."""
+
+
 class TerminationFlag:
     """Set by SIGTERM; the loop checks it between steps, saves a checkpoint and returns."""
     def __init__(self):
@@ -435,7 +441,8 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainSt
     `extra_evals(params, step) -> {name: value}` (e.g. lm-eval tasks, `common.task_evals`) runs every
     `settings.eval_tasks_every_steps` steps and at the last one; its values are one logged row each time, and the
     progress bar keeps showing the latest ones.
-    Returns the final state and the list of logged records (also in metrics.jsonl).
+    Returns the final state and the list of logged records (also in metrics.jsonl). After SIGTERM: saves the state
+    and raises `Terminated` (a run that cannot write its metrics raises `WriterError`).
     """
     checkpointer = TrainCheckpointer(workdir, max_to_keep=settings.keep_checkpoints,
                                      async_save=settings.async_checkpoints)
@@ -474,6 +481,8 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainSt
                 if due(settings.log_every_steps):
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     log(step, {**values, **throughput.measure(step)})
+                if termination.requested:  # SIGTERM during the step: save now, no evaluation first
+                    break
                 if eval_step is not None and due(settings.eval_every_steps):
                     log(step, evaluate(state.params, eval_step, eval_batches(), mesh))
                     throughput.measure(step)  # do not count eval time as training time
@@ -483,7 +492,8 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainSt
                     throughput.measure(step)
                 if due(settings.checkpoint_every_steps):
                     checkpointer.save(state, train_iter.get_state())
-            if termination.requested and checkpointer.latest_step() != step:
+            terminated = termination.requested
+            if terminated and checkpointer.latest_step() != step:
                 checkpointer.save(state, train_iter.get_state(), force=True)
     except WriterError:
         _close_quietly(checkpointer)  # a pending save completes first: the checkpoint the error names is on disk
@@ -495,4 +505,7 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state: TrainSt
     writer.close()
     if progress is not None:
         progress.close()
+    if terminated:
+        raise Terminated(f"stopped by SIGTERM after step {step}, saved in {checkpointer.directory}/{step}: run the "
+                         "same command to resume")
     return state, history
