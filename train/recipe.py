@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from llama2_jax.cli import common as cli_common
 from llama2_jax.evaluation import recipe_report
+from llama2_jax.training.checks import ConfigError, check_workdir_path, config_load_error
 
 MANIFEST = "manifest.json"
 
@@ -192,8 +193,14 @@ def run_recipe(config, workdir: str) -> dict:
 def main(argv) -> None:
     del argv
     try:
-        run_recipe(flags.FLAGS.config, flags.FLAGS.workdir)
-    except RecipeError as error:
+        try:
+            config = flags.FLAGS.config
+            config.keys()  # a config file that failed to load raises OSError on first use
+        except OSError as error:
+            raise ConfigError(config_load_error(error)) from None
+        check_workdir_path(flags.FLAGS.workdir)
+        run_recipe(config, flags.FLAGS.workdir)
+    except (RecipeError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 
