@@ -364,3 +364,34 @@ def test_convert_writes_files_with_normal_permissions(tmp_path):
     os.umask(mask)
     for name in ("model.safetensors", "config.json", "generation_config.json"):
         assert os.stat(tmp_path / "hf" / name).st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_late_errors_of_a_failed_orbax_read_are_not_printed(monkeypatch):
+    """A restore that fails on a cut file leaves the other arrays' read coroutines closed with their errors unretrieved:
+    Python printed each as 'Exception ignored in: <coroutine object _read_array_index_and_device_put>' with the whole
+    TensorStore spec (six of them, ~380 lines, after one recovery). The failure itself is reported in one line."""
+    import inspect
+
+    from orbax.checkpoint._src.serialization import serialization
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    storage.drop_closed_loop_callbacks()
+    read = serialization._read_array_index_and_device_put
+    coroutine = read(**{name: None for name in inspect.signature(read).parameters})  # created, never run
+    late = types.SimpleNamespace(exc_type=Exception, exc_traceback=None, err_msg=None, object=coroutine,
+                                 exc_value=Exception("Encountered error while reading array index: (slice(0, 64, 1),)"))
+    closed_loop = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"),
+                                        exc_traceback=None, err_msg=None, object=None)
+    unrelated = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("a bug elsewhere"), exc_traceback=None,
+                                      err_msg=None, object=None)
+    for unraisable in (late, closed_loop, unrelated):
+        sys.unraisablehook(unraisable)
+    coroutine.close()
+    assert reported == [unrelated]
+
+
+def test_a_tensorstore_error_is_shown_without_its_spec():
+    error = ValueError("Encountered error while reading array index: (slice(0, 64, 1),). See full TensorStore details: "
+                       "<bound method spec of TensorStore({\n  'base': {\n  },\n})>.")
+    assert storage.first_line(error) == "Encountered error while reading array index: (slice(0, 64, 1),)."
