@@ -54,8 +54,14 @@ def make_data(config, documents, tokenizer):
                 documents, tokenizer, config.seq_len, config.batch_size, config.seed, config.data.val_fraction,
                 process_index=0, process_count=1, max_eval_batches=config.eval_batches or None)
     except ValueError as error:
-        raise common.ConfigError(f"config.data: {error}") from None
+        raise common.ConfigError(f"config.data ({corpus_name(config)}): {error}") from None
     return common.process_local(train_iter, eval_batches)
+
+
+def corpus_name(config) -> str:
+    """The configured corpus in words, for errors: "source 'text' /data/a.txt" or "the default corpus"."""
+    data = config.data
+    return "the default corpus" if data.source == "default" else f"source {data.source!r} {data.path}"
 
 
 def corpus_unigram_entropy(documents, tokenizer) -> float:
