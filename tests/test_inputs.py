@@ -462,3 +462,26 @@ def test_config_file_and_recipe_workdir_errors_are_one_line(tmp_path):
         f"error: --config: {raises}:2: NameError: name 'undefined_name' is not defined",
         f"error: --workdir: {regular} is a file, not a directory",
         f"error: --workdir: {read_only} is not writable (Permission denied)"]
+
+
+def test_a_warmup_longer_than_the_run_is_cut_with_a_warning_naming_both(caplog):
+    """--config.warmup_steps=1000 --config.num_train_steps=10 used to cut the warmup to 10 steps without a word. A run
+    shorter than its config's warmup is how a shipped config is smoke-tested (configs/tiny.py warms up over 30 steps;
+    the tests and the tiny recipe's short runs take 2-12), so it stays allowed, with one warning line."""
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.warmup_steps = 1000
+    with caplog.at_level(logging.WARNING):
+        _, schedule = common.make_tx(config, 10)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["config.warmup_steps (1000) is longer than the run's 10 steps (config.num_train_steps, or the "
+                        "steps of config.num_epochs): the learning rate warms up over all 10 steps, reaching its peak "
+                        "at the last one, and does not decay"]
+    np.testing.assert_allclose([schedule(1), schedule(10)], [config.learning_rate / 10, config.learning_rate],
+                               rtol=1e-6)
+    caplog.clear()
+    config.warmup_steps = 10
+    with caplog.at_level(logging.WARNING):
+        common.make_tx(config, 10)
+    assert not caplog.records

@@ -190,7 +190,12 @@ def prepare_workdir(config, workdir: str, model_cfg: LlamaConfig, *, texts: Opti
 
 
 def make_tx(config, total_steps: int, *, constant: bool = False):
-    """AdamW + the paper's schedule (warmup, cosine to lr_end_fraction), or a constant LR. Returns (tx, schedule)."""
+    """AdamW + the paper's schedule (warmup, cosine to lr_end_fraction), or a constant LR. Returns (tx, schedule).
+    A warmup longer than the run is cut to the run, with a warning naming both (a short run of a shipped config)."""
+    if not constant and config.warmup_steps > total_steps:
+        _log.warning("config.warmup_steps (%d) is longer than the run's %d steps (config.num_train_steps, or the "
+                     "steps of config.num_epochs): the learning rate warms up over all %d steps, reaching its peak at "
+                     "the last one, and does not decay", config.warmup_steps, total_steps, total_steps)
     if constant:
         schedule = lambda step: jnp.asarray(config.learning_rate, jnp.float32)  # noqa: E731
     else:
