@@ -306,6 +306,36 @@ def test_a_failed_last_save_is_reported_at_close(small_disk):
         checkpointer.close()
 
 
+@pytest.fixture
+def read_only_checkpoints(tmp_path):
+    """WORKDIR/checkpoints on a read-only tmpfs (root only): every save fails with EROFS."""
+    directory = tmp_path / "work" / "checkpoints"
+    directory.mkdir(parents=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(directory)],
+                            capture_output=True, text=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'})")
+    yield directory
+    subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_any_io_error_of_a_save_is_one_line_naming_the_file(read_only_checkpoints, capfd, caplog, async_save):
+    """Not only a full disk: a synchronous save on a read-only disk raised Orbax's OSError (a traceback at the command
+    line) and an asynchronous one logged ~200 lines of Orbax's background-thread tracebacks before the one line."""
+    checkpointer = TrainCheckpointer(str(read_only_checkpoints.parent), async_save=async_save)
+    with pytest.raises(CheckpointError) as error:
+        checkpointer.save(random_state(1, 100)[0], {})
+        checkpointer.wait()
+    assert str(error.value) == (f"saving checkpoint step 1 in {read_only_checkpoints} failed ([Errno 30] Read-only "
+                                f"file system: '{read_only_checkpoints}/1.orbax-checkpoint-tmp'); no good checkpoint "
+                                "yet")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) < 3, err[:2000]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # Orbax's thread tracebacks
+    checkpointer.manager.close()
+
+
 def test_convert_on_a_full_disk_leaves_nothing_and_the_retry_succeeds(tmp_path, monkeypatch):
     ckpt.save_params(tmp_path / "src", _init(CFG), CFG)
     real_save = ckpt.save_params

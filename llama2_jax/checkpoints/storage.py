@@ -34,11 +34,29 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
+def is_io_error(error: BaseException) -> bool:
+    """An OSError anywhere in the chain (a read-only or failing disk, EIO), or a full disk reported as text."""
+    if is_disk_full(error):
+        return True
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class _DropDiskFullLogs(logging.Filter):
+    """Drops Orbax's records of a save that failed on the disk (a full or read-only one): each is logged several times
+    with full tracebacks from its background threads, and the caller (TrainCheckpointer) reports it in one line."""
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text += str(record.exc_info[1])
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None:
+            text += str(error)
+            if f"{os.sep}orbax{os.sep}" in (record.pathname or "") and is_io_error(error):
+                return False
         return not any(mark in text for mark in DISK_FULL_MARKS)
 
 
