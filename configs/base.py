@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- optimizer (paper section 2.2) ---
     config.learning_rate = 3e-4  # peak learning rate
-    config.warmup_steps = 2000  # linear warmup from 0
+    config.warmup_steps = 2000  # linear warmup from 0 (a run shorter than this warms up over all of it: warned)
     config.lr_end_fraction = 0.1  # cosine decay to 10 % of the peak at num_train_steps
     config.adam_b1 = 0.9
     config.adam_b2 = 0.95

@@ -329,3 +329,28 @@ def test_default_corpus_end_to_end(tmp_path):
     assert len(eval_batches()) >= 1
     entropy = unigram_entropy(tokenizer.encode(d) for d in docs[:10])
     assert 2.0 < entropy < np.log(512)
+
+
+def test_a_non_utf8_file_is_named_with_the_byte(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError) as err:
+        sources.load_documents("text", tmp_path / "latin1.txt")
+    assert _one_line_error(err) == (f"{tmp_path / 'latin1.txt'}: not UTF-8 text (byte 0xe9 at offset 3); convert it, "
+                                    "e.g. iconv -f latin1 -t utf-8")
+    with pytest.raises(ValueError, match=r"latin1.jsonl: not UTF-8 text \(byte 0xe9 at offset 13\)"):
+        sources.load_documents("jsonl", tmp_path / "latin1.jsonl")
+
+
+def test_an_empty_corpus_is_called_empty_and_named(tmp_path):
+    from configs import tiny
+    from train import pretrain
+
+    with pytest.raises(ValueError, match=r"^the corpus is empty: no documents to train on$"):
+        pipeline.split_documents([], 0.05)
+    config = tiny.get_config()
+    config.data.source, config.data.path = "text", str(tmp_path / "corpus.txt")
+    with pytest.raises(ValueError) as err:
+        pretrain.make_data(config, [], DocIdTokenizer())
+    assert _one_line_error(err) == (f"config.data (source 'text' {tmp_path / 'corpus.txt'}): the corpus is empty: no "
+                                    "documents to train on")

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -354,6 +355,36 @@ def test_a_failed_last_save_is_reported_at_close(small_disk):
         checkpointer.close()
 
 
+@pytest.fixture
+def read_only_checkpoints(tmp_path):
+    """WORKDIR/checkpoints on a read-only tmpfs (root only): every save fails with EROFS."""
+    directory = tmp_path / "work" / "checkpoints"
+    directory.mkdir(parents=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(directory)],
+                            capture_output=True, text=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'})")
+    yield directory
+    subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_any_io_error_of_a_save_is_one_line_naming_the_file(read_only_checkpoints, capfd, caplog, async_save):
+    """Not only a full disk: a synchronous save on a read-only disk raised Orbax's OSError (a traceback at the command
+    line) and an asynchronous one logged ~200 lines of Orbax's background-thread tracebacks before the one line."""
+    checkpointer = TrainCheckpointer(str(read_only_checkpoints.parent), async_save=async_save)
+    with pytest.raises(CheckpointError) as error:
+        checkpointer.save(random_state(1, 100)[0], {})
+        checkpointer.wait()
+    assert str(error.value) == (f"saving checkpoint step 1 in {read_only_checkpoints} failed ([Errno 30] Read-only "
+                                f"file system: '{read_only_checkpoints}/1.orbax-checkpoint-tmp'); no good checkpoint "
+                                "yet")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) < 3, err[:2000]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # Orbax's thread tracebacks
+    checkpointer.manager.close()
+
+
 def test_convert_on_a_full_disk_leaves_nothing_and_the_retry_succeeds(tmp_path, monkeypatch):
     ckpt.save_params(tmp_path / "src", _init(CFG), CFG)
     real_save = ckpt.save_params
@@ -412,3 +443,34 @@ def test_convert_writes_files_with_normal_permissions(tmp_path):
     os.umask(mask)
     for name in ("model.safetensors", "config.json", "generation_config.json"):
         assert os.stat(tmp_path / "hf" / name).st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_late_errors_of_a_failed_orbax_read_are_not_printed(monkeypatch):
+    """A restore that fails on a cut file leaves the other arrays' read coroutines closed with their errors unretrieved:
+    Python printed each as 'Exception ignored in: <coroutine object _read_array_index_and_device_put>' with the whole
+    TensorStore spec (six of them, ~380 lines, after one recovery). The failure itself is reported in one line."""
+    import inspect
+
+    from orbax.checkpoint._src.serialization import serialization
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    storage.drop_closed_loop_callbacks()
+    read = serialization._read_array_index_and_device_put
+    coroutine = read(**{name: None for name in inspect.signature(read).parameters})  # created, never run
+    late = types.SimpleNamespace(exc_type=Exception, exc_traceback=None, err_msg=None, object=coroutine,
+                                 exc_value=Exception("Encountered error while reading array index: (slice(0, 64, 1),)"))
+    closed_loop = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"),
+                                        exc_traceback=None, err_msg=None, object=None)
+    unrelated = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("a bug elsewhere"), exc_traceback=None,
+                                      err_msg=None, object=None)
+    for unraisable in (late, closed_loop, unrelated):
+        sys.unraisablehook(unraisable)
+    coroutine.close()
+    assert reported == [unrelated]
+
+
+def test_a_tensorstore_error_is_shown_without_its_spec():
+    error = ValueError("Encountered error while reading array index: (slice(0, 64, 1),). See full TensorStore details: "
+                       "<bound method spec of TensorStore({\n  'base': {\n  },\n})>.")
+    assert storage.first_line(error) == "Encountered error while reading array index: (slice(0, 64, 1),)."

@@ -28,6 +28,7 @@ from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama
 from llama2_jax.text.tokenizer import Tokenizer, train_tokenizer
 from llama2_jax.training import checks as config_checks
+from llama2_jax.training import initial_state
 from llama2_jax.training.checks import ConfigError
 from llama2_jax.training.model_config import resolve_model_config
 from train import gatt
@@ -439,3 +440,75 @@ def test_a_single_json_object_is_named_as_such(tmp_path):
     broken.write_text(json.dumps(records[0]) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"broken.jsonl:2"):
         dialog_readers.read_dialogs(broken)
+
+
+def test_config_file_and_recipe_workdir_errors_are_one_line(tmp_path):
+    """One subprocess, the trainers' and the recipe's flag parser (cli.common.parse_config_flags) then the recipe's
+    main: a missing or misspelt --config file with an override, a config file with a syntax error or that raises, and
+    a recipe --workdir that is a file or not writable."""
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    syntax = tmp_path / "syntax.py"
+    syntax.write_text("from configs import tiny\n\ndef get_config(:\n    return tiny.get_config()\n")
+    raises = tmp_path / "raises.py"
+    raises.write_text("def get_config():\n    return undefined_name\n")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    probes = [["--config=configs/nope.py", "--config.num_train_steps=3"],
+              ["--config=configs/dpo_tny.py", "--config.seed=1", "--workdir=w"],
+              [f"--config={syntax}"], [f"--config={syntax}", "--config.seed=3"], [f"--config={raises}"],
+              ["--config=configs/recipe_tiny.py", f"--workdir={regular}"],
+              ["--config=configs/recipe_tiny.py", f"--workdir={read_only}"]]
+    script = (
+        "import sys, tempfile\n"
+        "from absl import flags\n"
+        "from ml_collections import config_flags\n"
+        "from llama2_jax.cli import common\n"
+        "from train import recipe\n"
+        "config_flags.DEFINE_config_file('config', None, 'config', lock_config=True)\n"
+        "flags.DEFINE_string('workdir', None, 'workdir')\n"
+        "def read_only(*args, **kwargs):  # what a read-only directory gives a non-root user (root writes anyway)\n"
+        "    raise PermissionError(13, 'Permission denied')\n"
+        "for argv in %r:\n"
+        "    flags.FLAGS.unparse_flags()\n"
+        "    sys.argv = ['x', *argv]  # ml_collections reads the --config.X overrides from sys.argv\n"
+        "    tempfile.TemporaryFile = read_only if 'read_only' in ' '.join(argv) else tempfile.TemporaryFile\n"
+        "    try:\n"
+        "        common.parse_config_flags(sys.argv)\n"
+        "        recipe.main(['x'])\n"
+        "    except SystemExit as e:\n"
+        "        print('exit', e.code, flush=True)\n" % probes)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+    assert result.stdout.splitlines() == ["exit 1"] * len(probes), result.stderr
+    assert result.stderr.splitlines() == [
+        "error: --config: [Errno 2] No such file or directory: 'configs/nope.py'",
+        "error: --config: [Errno 2] No such file or directory: 'configs/dpo_tny.py'",
+        f"error: --config: {syntax}:3: SyntaxError: invalid syntax",
+        f"error: --config: {syntax}:3: SyntaxError: invalid syntax",
+        f"error: --config: {raises}:2: NameError: name 'undefined_name' is not defined",
+        f"error: --workdir: {regular} is a file, not a directory",
+        f"error: --workdir: {read_only} is not writable (Permission denied)"]
+
+
+def test_a_warmup_longer_than_the_run_is_cut_with_a_warning_naming_both(caplog):
+    """--config.warmup_steps=1000 --config.num_train_steps=10 used to cut the warmup to 10 steps without a word. A run
+    shorter than its config's warmup is how a shipped config is smoke-tested (configs/tiny.py warms up over 30 steps;
+    the tests and the tiny recipe's short runs take 2-12), so it stays allowed, with one warning line."""
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.warmup_steps = 1000
+    with caplog.at_level(logging.WARNING):
+        _, schedule = initial_state.make_tx(config, 10)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["config.warmup_steps (1000) is longer than the run's 10 steps (config.num_train_steps, or the "
+                        "steps of config.num_epochs): the learning rate warms up over all 10 steps, reaching its peak "
+                        "at the last one, and does not decay"]
+    np.testing.assert_allclose([schedule(1), schedule(10)], [config.learning_rate / 10, config.learning_rate],
+                               rtol=1e-6)
+    caplog.clear()
+    config.warmup_steps = 10
+    with caplog.at_level(logging.WARNING):
+        initial_state.make_tx(config, 10)
+    assert not caplog.records

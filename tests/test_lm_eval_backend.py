@@ -229,3 +229,22 @@ def test_cli_missing_task_data_is_one_line(params, tokenizer, tmp_path, capsys):
     assert main(args) == 1
     assert capsys.readouterr().err.strip().endswith("error: task piqa_local needs its data file: pass --metadata "
                                                     "piqa_path=FILE")
+
+
+@pytest.mark.slow  # lm-eval's CLI indexes its whole task library
+def test_cli_empty_task_data_is_one_line(params, tokenizer, tmp_path, capsys):
+    from llama2_jax.checkpoints.params_io import save_params
+    from llama2_jax.cli.evaluate import main
+
+    save_params(tmp_path / "ckpt", params, CFG)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    model = [f"--checkpoint={tmp_path / 'ckpt'}", f"--tokenizer={tokenizer.model_path}"]
+    assert main(model + ["--tasks=text_perplexity", "--metadata", f"text_path={tmp_path / 'empty.txt'}"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'empty.txt'} holds no text to score (the file is empty or only blank lines)")
+    assert main(model + ["--tasks=piqa_local", "--metadata", f"piqa_path={tmp_path / 'empty.jsonl'}"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'empty.jsonl'} holds no PIQA records (the file is empty)")

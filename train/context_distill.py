@@ -36,7 +36,7 @@ from llama2_jax.rlhf import formulas as rlhf
 from llama2_jax.text import chat_format as chat
 from llama2_jax.training import rounds
 from llama2_jax.training.checks import ConfigError
-from llama2_jax.training.loop import TrainResult
+from llama2_jax.training.loop import TrainResult, exit_if_interrupted
 from llama2_jax.training.outputs import read_json, write_json, write_jsonl
 from llama2_jax.training.rlhf_setup import RewardCheckpoints, Rewards, load_prompts
 from llama2_jax.training.setup import Run, Task, setup
@@ -194,7 +194,7 @@ def train(config, workdir: str, rewards: RewardCheckpoints | Rewards) -> TrainRe
 
 def train_and_evaluate(config, workdir: str) -> TrainResult:
     """Context distillation with the safety RM of config.reward.safety_path."""
-    return train(config, workdir, RewardCheckpoints())
+    return exit_if_interrupted(train(config, workdir, RewardCheckpoints()))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from llama2_jax.training import losses
 from llama2_jax.training.checks import ConfigError
 from llama2_jax.training.hosts import process_local
 from llama2_jax.training.initial_state import init_state, make_tx
-from llama2_jax.training.loop import TrainResult
+from llama2_jax.training.loop import TrainResult, exit_if_interrupted
 from llama2_jax.training.outputs import write_json
 from llama2_jax.training.setup import Task, num_train_steps, setup
 
@@ -97,6 +97,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     result = run.train(trainable, loss_fn, Llama(run.model_cfg), schedule_fn,
                        *process_local(data.train_iter, lambda: data.eval_batches), reference=True,
                        tokens_per_step=2 * config.batch_size * config.seq_len, flops_per_token=flops)
+    exit_if_interrupted(result)
     result.summary = report(workdir, result.history, data)
     return result
 

@@ -46,7 +46,7 @@ from llama2_jax.inference import generate
 from llama2_jax.text import chat_format as chat
 from llama2_jax.training import rounds
 from llama2_jax.training.checks import ConfigError
-from llama2_jax.training.loop import TrainResult
+from llama2_jax.training.loop import TrainResult, exit_if_interrupted
 from llama2_jax.training.outputs import read_json, write_json, write_jsonl
 from llama2_jax.training.setup import Run, Task, setup
 
@@ -278,7 +278,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                                seed=config.seed)
         return stats
 
-    result = rounds.run_rounds(run, 1, one_round)
+    result = exit_if_interrupted(rounds.run_rounds(run, 1, one_round))
     result.summary = read_json(stats_path, {})
     result.product = rounds.sft_dir(workdir)
     return result

@@ -47,7 +47,7 @@ from llama2_jax.training import state as train_state
 from llama2_jax.training.checks import ConfigError
 from llama2_jax.training.hosts import ProcessRows
 from llama2_jax.training.initial_state import init_state, make_tx
-from llama2_jax.training.loop import TrainResult
+from llama2_jax.training.loop import TrainResult, exit_if_interrupted
 from llama2_jax.training.rlhf_setup import RewardCheckpoints
 from llama2_jax.training.setup import Run, Task, setup
 
@@ -444,7 +444,7 @@ def train(config, workdir: str, rewards=None) -> TrainResult:
 
 def train_and_evaluate(config, workdir: str) -> TrainResult:
     """GRPO with config.reward's functions and, when their paths are set, reward-model checkpoints."""
-    return train(config, workdir, RewardCheckpoints() if uses_reward_models(config) else None)
+    return exit_if_interrupted(train(config, workdir, RewardCheckpoints() if uses_reward_models(config) else None))
 
 
 if __name__ == "__main__":

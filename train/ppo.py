@@ -58,7 +58,7 @@ from llama2_jax.training import state as train_state
 from llama2_jax.training.checks import ConfigError
 from llama2_jax.training.hosts import ProcessRows, host_to_global
 from llama2_jax.training.initial_state import init_state, make_tx
-from llama2_jax.training.loop import TrainResult
+from llama2_jax.training.loop import TrainResult, exit_if_interrupted
 from llama2_jax.training.model_config import model_config_from
 from llama2_jax.training.outputs import read_json, write_json
 from llama2_jax.training.rlhf_setup import RewardCheckpoints, Rewards, load_prompts, load_score_params
@@ -427,7 +427,7 @@ def train(config, workdir: str, rewards: RewardCheckpoints | Rewards) -> TrainRe
 
 def train_and_evaluate(config, workdir: str) -> TrainResult:
     """PPO with the reward models of config.reward's checkpoints."""
-    return train(config, workdir, RewardCheckpoints())
+    return exit_if_interrupted(train(config, workdir, RewardCheckpoints()))
 
 
 if __name__ == "__main__":

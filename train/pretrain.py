@@ -16,7 +16,7 @@ from llama2_jax.data import hf_source, packing, pipeline, sources
 from llama2_jax.inference import generate
 from llama2_jax.training.checks import ConfigError
 from llama2_jax.training.hosts import process_local
-from llama2_jax.training.loop import TrainResult
+from llama2_jax.training.loop import TrainResult, exit_if_interrupted
 from llama2_jax.training.setup import Run, Task, setup
 from llama2_jax.training.sft_run import train_next_token
 
@@ -67,8 +67,14 @@ def make_data(config, tokenizer, documents) -> Corpus:
                 documents, tokenizer, config.seq_len, config.batch_size, config.seed, config.data.val_fraction,
                 process_index=0, process_count=1, max_eval_batches=config.eval_batches or None)
     except ValueError as error:
-        raise ConfigError(f"config.data: {error}") from None
+        raise ConfigError(f"config.data ({corpus_name(config)}): {error}") from None
     return Corpus(documents, *process_local(train_iter, eval_batches))
+
+
+def corpus_name(config) -> str:
+    """The configured corpus in words, for errors: "source 'text' /data/a.txt" or "the default corpus"."""
+    data = config.data
+    return "the default corpus" if data.source == "default" else f"source {data.source!r} {data.path}"
 
 
 def corpus_unigram_entropy(documents, tokenizer) -> float:
@@ -82,7 +88,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     """Pretrain a Llama on the configured corpus (from scratch, or continued from config.init_from). The tokenizer is
     config.tokenizer.path, init_from's, or one trained on the corpus."""
     run = setup(config, workdir, PRETRAIN)
-    result = train_next_token(run, run.data.train_iter, run.data.eval_batches)
+    result = exit_if_interrupted(train_next_token(run, run.data.train_iter, run.data.eval_batches))
     report(run, result.state, result.history)
     return result
 

@@ -3,7 +3,9 @@ r"""The whole Llama 2 recipe in one command: `python -m train.recipe --config=co
 pretrain -> SFT -> helpfulness RM and safety RM -> rejection sampling -> PPO -> Ghost Attention -> safety context
 distillation. An orchestrator, not a trainer: every stage runs as its own process with exactly its documented
 command line (`python -m train.<stage> --config=... --workdir=DIR/<stage> --config.X=...`), so its memory is freed
-and a kill -9 loses at most the work since that stage's last checkpoint. The stage list, each stage's commands and
+and a kill -9 loses at most the work since that stage's last checkpoint. A stage dies with the recipe: stopping the
+recipe (SIGTERM, Ctrl-C) stops the running stage, which saves its checkpoint, and waits for it; on Linux a recipe
+killed with -9 takes its stage along too (the kernel sends the stage SIGTERM). The stage list, each stage's commands and
 its product are in the config (configs/recipe_tiny.py); `{data}`, `{dir}` (the stage's workdir) and `{<stage>}`
 (a finished stage's product, e.g. the SFT policy) are filled in.
 
@@ -16,19 +18,26 @@ DIR/REPORT.md has one table per stage and DIR/plots/<stage>.png its curves.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 import types
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from llama2_jax.cli import common as cli_common
 from llama2_jax.evaluation import recipe_report
+from llama2_jax.training.checks import (
+    ConfigError,
+    check_workdir_path,
+    config_load_error,
+)
 from llama2_jax.training.outputs import read_json, write_json
 
 MANIFEST = "manifest.json"
@@ -178,12 +187,45 @@ def product(stage_dir: str, output: str) -> str:
     raise RecipeError(f"none of the stage's products exists: {', '.join(candidates)}")
 
 
+class Stopped(Exception):
+    """The recipe got SIGTERM (raised by its handler, so that the running stage is stopped first)."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _stage_preexec(recipe_pid: int) -> Callable[[], None]:
+    """Run in the stage's process before it starts (Linux): its own process group (a terminal's Ctrl-C goes to the
+    recipe, which stops the stage as below) and SIGTERM from the kernel when the recipe dies, even by kill -9
+    (prctl PR_SET_PDEATHSIG): the stage saves its checkpoint and exits instead of running on, orphaned, holding its
+    workdir's lock. Elsewhere only the process group."""
+    def preexec() -> None:
+        os.setpgid(0, 0)
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            if os.getppid() != recipe_pid:  # the recipe died before prctl took effect
+                os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
 def run_command(argv: list[str], log_path: str, env: dict) -> None:
-    """One stage command; its output goes to the stage's log (appended: a re-run keeps the earlier attempt)."""
+    """One stage command; its output goes to the stage's log (appended: a re-run keeps the earlier attempt). When the
+    recipe is interrupted (Ctrl-C, SIGTERM) the stage gets SIGTERM and is waited for: it saves its checkpoint."""
     with open(log_path, "a") as log:
         log.write(f"\n$ {shlex.join(argv)}\n")
         log.flush()
-        code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        stage = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 preexec_fn=_stage_preexec(os.getpid()))
+        try:
+            code = stage.wait()
+        except BaseException:
+            os.killpg(stage.pid, signal.SIGTERM)
+            stage.wait()
+            raise
     if code:
         raise RecipeError(f"exit status {code} from `{shlex.join(argv[2:])}`; see {log_path}")
 
@@ -280,10 +322,21 @@ def run_recipe(config, workdir: str) -> dict:
 
 def main(argv) -> None:
     del argv
+    signal.signal(signal.SIGTERM, _raise_stopped)
     try:
-        run_recipe(flags.FLAGS.config, flags.FLAGS.workdir)
-    except RecipeError as error:
+        try:
+            config = flags.FLAGS.config
+            config.keys()  # a config file that failed to load raises OSError on first use
+        except OSError as error:
+            raise ConfigError(config_load_error(error)) from None
+        check_workdir_path(flags.FLAGS.workdir)
+        run_recipe(config, flags.FLAGS.workdir)
+    except (RecipeError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except (Stopped, KeyboardInterrupt):
+        print("stopped: the running stage was stopped (a trainer saves its checkpoint first); run the same command "
+              "to resume", file=sys.stderr)
         sys.exit(1)
 
 

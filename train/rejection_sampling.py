@@ -51,7 +51,7 @@ from llama2_jax.rlhf import formulas as rlhf
 from llama2_jax.rlhf import pool as answer_pool
 from llama2_jax.training import rounds
 from llama2_jax.training.checks import ConfigError
-from llama2_jax.training.loop import TrainResult
+from llama2_jax.training.loop import TrainResult, exit_if_interrupted
 from llama2_jax.training.outputs import read_json, read_jsonl, write_json, write_jsonl
 from llama2_jax.training.rlhf_setup import RewardCheckpoints, Rewards, load_prompts
 from llama2_jax.training.setup import Run, Task, setup
@@ -285,7 +285,7 @@ def train(config, workdir: str, rewards: RewardCheckpoints | Rewards) -> TrainRe
 
 def train_and_evaluate(config, workdir: str) -> TrainResult:
     """Rejection sampling with the reward models of config.reward's checkpoints."""
-    return train(config, workdir, RewardCheckpoints())
+    return exit_if_interrupted(train(config, workdir, RewardCheckpoints()))
 
 
 def print_iteration(record: dict, curve: list[float]) -> None:

@@ -24,14 +24,14 @@ import jax
 from llama2_jax.cli import trainer as trainer_main
 from llama2_jax.inference import generate
 from llama2_jax.training import sft_run
-from llama2_jax.training.loop import TrainResult
+from llama2_jax.training.loop import TrainResult, exit_if_interrupted
 from llama2_jax.training.setup import Run, setup
 
 
 def train_and_evaluate(config, workdir: str) -> TrainResult:
     """Fine-tune on the dialogs of config.data.path."""
     run = setup(config, workdir, sft_run.SFT)
-    result = sft_run.train_sft(run)
+    result = exit_if_interrupted(sft_run.train_sft(run))
     report(run, result)
     return result
 

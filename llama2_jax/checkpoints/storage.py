@@ -34,11 +34,29 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
+def is_io_error(error: BaseException) -> bool:
+    """An OSError anywhere in the chain (a read-only or failing disk, EIO), or a full disk reported as text."""
+    if is_disk_full(error):
+        return True
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class _DropDiskFullLogs(logging.Filter):
+    """Drops Orbax's records of a save that failed on the disk (a full or read-only one): each is logged several times
+    with full tracebacks from its background threads, and the caller (TrainCheckpointer) reports it in one line."""
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text += str(record.exc_info[1])
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None:
+            text += str(error)
+            if f"{os.sep}orbax{os.sep}" in (record.pathname or "") and is_io_error(error):
+                return False
         return not any(mark in text for mark in DISK_FULL_MARKS)
 
 
@@ -46,12 +64,19 @@ _FILTER = _DropDiskFullLogs()
 logging.getLogger("absl").addFilter(_FILTER)
 
 
+def _is_late_orbax_failure(unraisable) -> bool:
+    """A callback into Orbax's closed event loop, or an Orbax coroutine closed with its read's error unretrieved."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    code = getattr(unraisable.object, "cr_code", None)  # set on coroutine objects only
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
 def _closed_loop_hook(previous):
     def hook(unraisable):
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            return
-        previous(unraisable)
+        if not _is_late_orbax_failure(unraisable):
+            previous(unraisable)
 
     hook.drops_closed_loop_callbacks = True
     return hook
@@ -59,16 +84,20 @@ def _closed_loop_hook(previous):
 
 def drop_closed_loop_callbacks() -> None:
     """When an Orbax read or write fails (a cut file, a full disk), TensorStore finishes the other operations of that
-    call and calls back into the event loop Orbax has closed meanwhile; Python prints each as an ignored "Event loop
-    is closed" traceback. Those are dropped from the first call on (other unraisable exceptions are reported as
-    before); call it before an Orbax write and after a failed read."""
+    call and calls back into the event loop Orbax has closed meanwhile, and the reads of the other arrays end as
+    coroutines whose errors nobody retrieves; Python prints each as an "Exception ignored" traceback (with the
+    TensorStore spec: hundreds of lines). The failure itself is reported once, by the caller, so those are dropped
+    from the first call on (other unraisable exceptions are reported as before); call it before an Orbax write and
+    after a failed read."""
     if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
         sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of the error's text, without TensorStore's "See full TensorStore details: <spec ...>" tail."""
     lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:limit]
+    line = lines[0].split(" See full TensorStore details:")[0] if lines else type(error).__name__
+    return line[:limit]
 
 
 def _umask() -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from typing import NoReturn
 
 import jax
@@ -11,6 +13,7 @@ import jax
 from llama2_jax.checkpoints.params_io import load_config, load_params
 from llama2_jax.inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_max_gen_len, check_sampling
 from llama2_jax.text.tokenizer import Tokenizer, check_vocab
+from llama2_jax.training.checks import config_load_error
 
 DTYPES = ("float32", "bfloat16")
 
@@ -85,21 +88,59 @@ def load_model_or_exit(args: argparse.Namespace):
         fail(str(error))
 
 
+def _config_path(argv: list[str]) -> str:
+    """The --config file of a command line ("" when absent), without ml_collections' ":ARG" suffix."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":")[0]
+        if arg == "--config" and index + 1 < len(argv):
+            return argv[index + 1].split(":")[0]
+    return ""
+
+
+def _config_file_line(error: BaseException, path: str) -> str:
+    """"FILE:LINE" of the config file where `error` was raised (a SyntaxError names it itself), or ""."""
+    if not path:
+        return ""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{error.filename}:{error.lineno}"
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if os.path.abspath(f.filename) == os.path.abspath(path)]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+
+
 def parse_config_flags(argv: list[str]) -> list[str]:
-    """absl's flag parser for the trainers and the recipe (`app.run(main, flags_parser=...)`), with one change: an
-    override of a field the config file lacks (`--config.lr=1`) is a one-line error, not ml_collections' traceback."""
+    """absl's flag parser for the trainers and the recipe (`app.run(main, flags_parser=...)`), with one-line errors
+    instead of ml_collections' tracebacks: an override of a field the config file lacks (`--config.lr=1`), a missing
+    or unreadable --config file (met while applying an override), and an error in the config file itself (a
+    SyntaxError, or an exception its code raises: FILE:LINE and the error)."""
     from absl import app
 
     try:
         return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as error:
-        # ml_collections' text: "'key'" (quoted once or twice), then maybe a line 'Did you mean "x" instead of "key"?'
-        lines = str(error).strip("\"'").replace("\\n", "\n").split("\n")
-        key = lines[0].strip("\\'\"")
-        hint = next((line.strip(" \"'") for line in lines[1:] if line.startswith("Did you mean")), "")
-        override = next((arg.split("=")[0] for arg in argv[1:]
-                         if arg.startswith("--config.") and key in arg.split("=")[0].split(".")), None)
-        if override is None:  # not an override's missing field: some other failure, shown as it is
+    except OSError as error:  # "Failed loading config file ...": its last line names the file and the cause
+        fail(config_load_error(error))
+    except Exception as error:  # noqa: BLE001 - only what the config file raised is shown as one line
+        where = _config_file_line(error, _config_path(argv))
+        if where:
+            text = error.msg if isinstance(error, SyntaxError) else (str(error).strip().splitlines() or [""])[0]
+            fail(f"--config: {where}: {type(error).__name__}: {text}")
+        missing = _missing_field(error, argv) if isinstance(error, (AttributeError, KeyError)) else ""
+        if not missing:  # some other failure, shown as it is
             raise
-        path = next((arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")), "the config file")
-        fail(f"{override}: {path} has no field {key!r}" + (f" ({hint})" if hint else ""))
+        fail(missing)
+
+
+def _missing_field(error: BaseException, argv: list[str]) -> str:
+    """The line for `--config.X=V` when the config has no field X (with ml_collections' hint), or "" when `error` is
+    not about an override's field."""
+    # ml_collections' text: "'key'" (quoted once or twice), then maybe a line 'Did you mean "x" instead of "key"?'
+    lines = str(error).strip("\"'").replace("\\n", "\n").split("\n")
+    key = lines[0].strip("\\'\"")
+    hint = next((line.strip(" \"'") for line in lines[1:] if line.startswith("Did you mean")), "")
+    override = next((arg.split("=")[0] for arg in argv[1:]
+                     if arg.startswith("--config.") and key in arg.split("=")[0].split(".")), None)
+    if override is None:
+        return ""
+    path = next((arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")), "the config file")
+    return f"{override}: {path} has no field {key!r}" + (f" ({hint})" if hint else "")

@@ -1,5 +1,6 @@
 """A trainer program's `__main__` (python -m train.<trainer>): --config, --workdir and the multi-host flags, the
-distributed start-up, and every ConfigError / CheckpointError / FileNotFoundError as one line and exit status 1."""
+distributed start-up, and every ConfigError / CheckpointError / WriterError / FileNotFoundError as one line and exit
+status 1; a run stopped by SIGTERM exits with status 0 right after its checkpoint is saved."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from llama2_jax.model import sharding as sh
 from llama2_jax.training import workdir_lock
 from llama2_jax.checkpoints.layout import CheckpointError
 from llama2_jax.training.checks import ConfigError, check_workdir_path, config_load_error
+from llama2_jax.training.loop import Terminated
+from llama2_jax.training.tracking import WriterError
 
 FLAGS = flags.FLAGS
 
@@ -44,7 +47,10 @@ def run_main(train_and_evaluate: Callable[[Any, str], Any]) -> Callable[[list[st
             check_workdir_path(FLAGS.workdir)
             sh.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
             train_and_evaluate(config, FLAGS.workdir)
-        except (ConfigError, CheckpointError, FileNotFoundError) as error:
+        except Terminated as stopped:  # saved: exit now, without the final evaluation and samples
+            print(stopped, file=sys.stderr)
+            sys.exit(0)
+        except (ConfigError, CheckpointError, WriterError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
         finally:

@@ -139,6 +139,8 @@ def split_documents(documents: Sequence[Any], val_fraction: float) -> tuple[Sequ
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n = len(documents)
+    if n == 0:
+        raise ValueError("the corpus is empty: no documents to train on")
     n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
     if n - n_val < 1:
         raise ValueError(f"val_fraction={val_fraction} leaves no training documents out of {n}")

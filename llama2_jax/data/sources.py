@@ -73,7 +73,11 @@ def _expand_paths(paths: PathArg, suffix: str) -> list[pathlib.Path]:
 
 
 def _read_nonempty(path: pathlib.Path) -> str:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
     if not text.strip():
         raise ValueError(f"{path}: file is empty")
     return text

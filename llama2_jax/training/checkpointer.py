@@ -10,7 +10,9 @@ model without the other. A `LoopState` without models (rejection sampling's iter
 Faults: a step that cannot be read (a file cut short by a kill or a full disk) is moved to
 WORKDIR/unreadable_checkpoints/<step> with a one-line warning and the next older step is restored. An asynchronous
 save that fails is noticed before the next save and at `wait`/`close`; a full disk stops the run with one line
-(`CheckpointError`: "no space left on ..., last good checkpoint: step N") instead of Orbax's tracebacks.
+(`CheckpointError`: "no space left on ..., last good checkpoint: step N") instead of Orbax's tracebacks, and so does
+any other I/O error of a save (a read-only or failing disk: "saving checkpoint step N in DIR failed (the OS error
+naming the file); last good checkpoint: ...").
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class TrainCheckpointer:
             saved = self.manager.save(step, force=force, args=ocp.args.Composite(
                 **args, **{EXTRA_ITEM: ocp.args.JsonSave(extra)}))
         except Exception as error:  # noqa: BLE001 - a synchronous save fails here
-            if not storage.is_disk_full(error):
+            if not storage.is_io_error(error):
                 raise  # a programming error (a bad tree) keeps its traceback
             self._raise_save_error(error, step)
         self._pending = step if saved else None

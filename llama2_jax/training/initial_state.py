@@ -13,6 +13,7 @@ and a new head).
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +28,19 @@ from llama2_jax.training.checks import ConfigError
 from llama2_jax.training.lora_run import init_lora_state
 from llama2_jax.training.setup import Run
 
+_log = logging.getLogger(__name__)
+
 
 def make_tx(config, total_steps: int = 0, *, learning_rate: float = 0.0) -> tuple[optax.GradientTransformation,
                                                                                   optax.Schedule]:
     """The one optimizer factory: AdamW with config's betas, eps, weight decay and clipping, and its schedule: the
     paper's warmup + cosine decay to config.lr_end_fraction over `total_steps`, or a constant `learning_rate` when
-    one is given (PPO's policy and value model). Returns (tx, schedule)."""
+    one is given (PPO's policy and value model). Returns (tx, schedule). A warmup longer than the run is cut to the
+    run, with a warning naming both (how a shipped config is smoke-tested: a short run of it)."""
+    if not learning_rate and config.warmup_steps > total_steps:
+        _log.warning("config.warmup_steps (%d) is longer than the run's %d steps (config.num_train_steps, or the "
+                     "steps of config.num_epochs): the learning rate warms up over all %d steps, reaching its peak at "
+                     "the last one, and does not decay", config.warmup_steps, total_steps, total_steps)
     if learning_rate:
         schedule = optax.constant_schedule(learning_rate)
     else:

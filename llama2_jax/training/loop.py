@@ -7,6 +7,12 @@ score, fine-tune). The loop resumes from the workdir's latest checkpoint, saves 
 the end and on SIGTERM (then returns), and logs through one `tracking.Tracker`: WORKDIR/metrics.jsonl (one JSON object
 per logged step and per eval), TensorBoard, and Weights & Biases when `config.wandb.project` is set.
 `config.profile_steps` traces a window of steps (`tracking.Profiler`). Every trainer returns the loop's `TrainResult`.
+
+SIGTERM: the loop saves the state and returns at once (a step due an evaluation skips it: the checkpoint comes first,
+a scheduler's grace period is short); the result is `interrupted`, and a trainer program calls
+`exit_if_interrupted(result)` before its final evaluation, report and samples: it raises `Terminated`, which the
+trainer command lines print as one line ("stopped by SIGTERM after step N, saved in DIR/N: ...") with exit status 0.
+A metrics writer that fails (`tracking.WriterError`) stops the run after a pending save completes.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from llama2_jax.checkpoints.layout import CheckpointError
 from llama2_jax.model import sharding as sh
 from llama2_jax.training import perf
 from llama2_jax.training.checkpointer import TrainCheckpointer, checkpoint_number
@@ -29,6 +36,7 @@ from llama2_jax.training.tracking import (
     Profiler,
     Tracker,
     WandbSettings,
+    WriterError,
     drop_metrics_after,
     parse_profile_steps,
     wandb_from_config,
@@ -74,6 +82,22 @@ class TrainResult:
     summary: dict = dataclasses.field(default_factory=dict)  # the trainer's figures: held-out eval, kept share ...
     product: str = ""  # the directory of the trained model (an init_from): the workdir, or a fine-tuning run's
     interrupted: bool = False  # stopped by SIGTERM after saving: a rerun resumes
+    stopped: str = ""  # when interrupted: "stopped by SIGTERM after step N, saved in DIR/N: ..." (one line)
+
+
+class Terminated(Exception):
+    """Raised by `exit_if_interrupted` once the checkpoint SIGTERM asked for is saved, so that a program exits right
+    away instead of running its final evaluation, report or samples after the loop (a scheduler's grace period is
+    short). The trainer command lines print it as one line and exit with status 0."""
+
+
+def exit_if_interrupted(result: TrainResult) -> TrainResult:
+    """`result`, or `Terminated` (its one-line `stopped` message) when SIGTERM stopped the run. Called by a trainer
+    program right after its loop; a run nested in another's step (a round's fine-tuning) returns instead, so that
+    the outer loop stops too (`Interrupted`)."""
+    if result.interrupted:
+        raise Terminated(result.stopped)
+    return result
 
 
 class Interrupted(Exception):
@@ -216,6 +240,26 @@ class _Rows:
             self.progress.close()
 
 
+def _stopped_line(checkpointer: TrainCheckpointer, step: int, state) -> str:
+    """What a run stopped by SIGTERM after loop step `step` with `state` left to resume from."""
+    saved = checkpointer.latest_step()
+    if saved is None:
+        where = f"no checkpoint saved yet in {checkpointer.directory}"
+    elif saved == checkpoint_number(state):  # the loop step, or an RL loop's optimizer steps of its policy
+        where = f"saved in {checkpointer.directory}/{saved}"
+    else:  # the step SIGTERM cut short (a round whose fine-tuning saved its own progress) is redone
+        where = f"last checkpoint {checkpointer.directory}/{saved}"
+    return f"stopped by SIGTERM after step {step}, {where}: run the same command to resume"
+
+
+def _close_quietly(checkpointer: TrainCheckpointer) -> None:
+    """Wait for a pending save and close; its own failure is not reported over the error that stops the run."""
+    try:
+        checkpointer.close()
+    except CheckpointError:
+        pass
+
+
 def _resume(checkpointer: TrainCheckpointer, state, shardings, train_iter):
     """The newest readable checkpoint's state (and data position), or `state` when there is none."""
     if checkpointer.all_steps():
@@ -239,6 +283,8 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state, shardin
     `settings.eval_tasks_every_steps` steps and at the last one; its values are one logged row each time, and the
     progress bar keeps showing the latest ones. `tokens_per_step` > 0 adds tokens/s and MFU to the logged rows.
     `stop_early()` is asked after every step (PPO's early stopping); a step may raise `Interrupted`.
+    After SIGTERM the state is saved and the result is `interrupted` (see `exit_if_interrupted`); a run that cannot
+    write its metrics raises `tracking.WriterError` once a pending save is complete.
     """
     checkpointer = TrainCheckpointer(workdir, max_to_keep=settings.keep_checkpoints,
                                      async_save=settings.async_checkpoints,
@@ -252,33 +298,42 @@ def run_loop(*, settings: LoopSettings, workdir: str, mesh: Mesh, state, shardin
     def data_state():
         return train_iter.get_state() if train_iter is not None else None
 
-    with TerminationFlag() as termination:
-        while step < last and not termination.requested:
-            batch = process_rows_to_global(next(train_iter), mesh) if train_iter is not None else None
-            profiler.before_step(step + 1)
-            try:
-                state, metrics = train_step(state, batch)
-            except Interrupted:
-                interrupted = True
-                break
-            step += 1
-            profiler.after_step(step, metrics)
-            if rows.progress is not None:
-                rows.progress.update(1)
-            if _due(step, settings.log_every_steps, last):
-                rows.train(step, metrics)
-            if eval_step is not None and _due(step, settings.eval_every_steps, last):
-                rows.evals(step, evaluate(_params(state), eval_step, eval_batches(), mesh))
-            if extra_evals is not None and _due(step, settings.eval_tasks_every_steps, last):
-                rows.evals(step, extra_evals(_params(state), step), extra=True)
-            stop = stop_early()
-            if _due(step, settings.checkpoint_every_steps, last) or stop:
-                checkpointer.save(state, data_state(), force=stop)
-            if stop:
-                break
-        if termination.requested and not interrupted and checkpointer.latest_step() != checkpoint_number(state):
-            checkpointer.save(state, data_state(), force=True)
+    try:
+        with TerminationFlag() as termination:
+            while step < last and not termination.requested:
+                batch = process_rows_to_global(next(train_iter), mesh) if train_iter is not None else None
+                profiler.before_step(step + 1)
+                try:
+                    state, metrics = train_step(state, batch)
+                except Interrupted:
+                    interrupted = True
+                    break
+                step += 1
+                profiler.after_step(step, metrics)
+                if rows.progress is not None:
+                    rows.progress.update(1)
+                if _due(step, settings.log_every_steps, last):
+                    rows.train(step, metrics)
+                if termination.requested:  # SIGTERM during the step: save now, no evaluation first
+                    break
+                if eval_step is not None and _due(step, settings.eval_every_steps, last):
+                    rows.evals(step, evaluate(_params(state), eval_step, eval_batches(), mesh))
+                if extra_evals is not None and _due(step, settings.eval_tasks_every_steps, last):
+                    rows.evals(step, extra_evals(_params(state), step), extra=True)
+                stop = stop_early()
+                if _due(step, settings.checkpoint_every_steps, last) or stop:
+                    checkpointer.save(state, data_state(), force=stop)
+                if stop:
+                    break
+            if termination.requested and not interrupted and checkpointer.latest_step() != checkpoint_number(state):
+                checkpointer.save(state, data_state(), force=True)
+    except WriterError:
+        _close_quietly(checkpointer)  # a pending save completes first: the checkpoint the error names is on disk
+        rows.close()  # the tracker closed its writers when it failed
+        raise
+    interrupted = interrupted or termination.requested
+    stopped = _stopped_line(checkpointer, step, state) if interrupted else ""
     profiler.stop()
     checkpointer.close()
     rows.close()
-    return TrainResult(state, rows.history, product=workdir, interrupted=interrupted or termination.requested)
+    return TrainResult(state, rows.history, product=workdir, interrupted=interrupted, stopped=stopped)

@@ -1,6 +1,10 @@
 """What a run records: metrics through one `Tracker` (WORKDIR/metrics.jsonl, TensorBoard, and Weights & Biases when
 `config.wandb.project` is set), and `jax.profiler` traces of a window of steps (`Profiler`, `config.profile_steps`).
 Only process 0 writes. File names are those of `llama2_jax.checkpoints.layout`.
+
+Faults: the metrics files are written in the calling thread, so a write that fails (a full disk) fails at once: the
+run stops with one `WriterError` line naming the file and the last good checkpoint, never a writer thread that dies
+and leaves the loop blocked behind its queue.
 """
 
 from __future__ import annotations
@@ -10,19 +14,51 @@ import importlib.util
 import json
 import logging
 import os
+import socket
+import time
 import uuid
 from typing import Optional
 
 import jax
 
-from llama2_jax.checkpoints.layout import METRICS_FILE, PROFILE_DIR, TENSORBOARD_DIR, WANDB_RUN_ID_FILE
+from llama2_jax.checkpoints import storage
+from llama2_jax.checkpoints.layout import (
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    PROFILE_DIR,
+    TENSORBOARD_DIR,
+    WANDB_RUN_ID_FILE,
+    checkpoint_steps,
+)
 from llama2_jax.training.checks import ConfigError
+
+
+class WriterError(RuntimeError):
+    """A metrics file (metrics.jsonl, the TensorBoard events, the W&B run) cannot be written; the message is one line
+    naming the file and the last good checkpoint of the workdir (read when the message is shown, so a save that was
+    still being written when the writer failed is counted once it completed)."""
+
+    def __init__(self, problem: str, workdir: str):
+        super().__init__(problem)
+        self.problem, self.workdir = problem, workdir
+
+    def __str__(self) -> str:
+        return f"{self.problem}; {last_good_checkpoint(self.workdir)}"
+
+
+def last_good_checkpoint(workdir: str) -> str:
+    """"last good checkpoint: step N (DIR)" from WORKDIR/checkpoints/<step> (Orbax renames a save's temporary
+    directory to its step only once it is complete), or "no checkpoint saved yet"."""
+    steps = checkpoint_steps(workdir)
+    directory = os.path.join(workdir, CHECKPOINTS_DIR)
+    return f"last good checkpoint: step {steps[-1]} ({directory})" if steps else "no checkpoint saved yet"
 
 
 class JsonlBackend:
     """WORKDIR/metrics.jsonl: one JSON object per write, appended (a resumed run continues the file)."""
     def __init__(self, workdir: str):
-        self.file = open(os.path.join(workdir, METRICS_FILE), "a")
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.file = open(self.path, "a")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -58,14 +94,32 @@ def drop_metrics_after(workdir: str, step: int) -> None:
 
 
 class TensorBoardBackend:
-    """WORKDIR/tensorboard event files (tensorboardX: no TensorFlow needed)."""
+    """A WORKDIR/tensorboard event file (tensorboardX's protos and record framing: no TensorFlow needed), one event
+    per write, written and flushed in the calling thread. Not tensorboardX's SummaryWriter: its writer thread dies on a
+    write error (a full disk) and `add_scalar` then blocks for ever on the thread's full queue."""
     def __init__(self, workdir: str):
-        from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.record_writer import RecordWriter
+
+        directory = os.path.join(workdir, TENSORBOARD_DIR)
+        os.makedirs(directory, exist_ok=True)
+        # TensorBoard reads every events.out.tfevents.* file; the suffix keeps two writers of one second apart
+        self.path = os.path.join(directory, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+                                            f"{uuid.uuid4().hex[:8]}")
+        self.writer = RecordWriter(self.path)
+        self.header = Event(wall_time=time.time(), file_version="brain.Event:2")  # written with the first scalars
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            self.writer.add_scalar(name, value, step)
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.summary import scalar  # a Summary of one value (tag cleaned as SummaryWriter does)
+
+        if self.header is not None:
+            self.writer.write(self.header.SerializeToString())
+            self.header = None
+        values = [value for name, number in metrics.items() for value in scalar(name, number).value]
+        self.writer.write(Event(wall_time=time.time(), step=step, summary=Summary(value=values)).SerializeToString())
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
@@ -88,6 +142,7 @@ class WandbBackend:
             run_id = uuid.uuid4().hex[:12]  # W&B run ids are short alphanumeric strings
             with open(id_file, "w") as f:
                 f.write(run_id + "\n")
+        self.path = os.path.join(workdir, "wandb")
         self.run = wandb.init(project=settings.project, entity=settings.entity or None, name=settings.name or None,
                               mode=settings.mode, id=run_id, resume="allow", dir=workdir, config=config,
                               settings=wandb.Settings(console="off", x_disable_stats=True))
@@ -132,31 +187,53 @@ class Tracker:
 
     def __init__(self, workdir: str, wandb: Optional[WandbSettings] = None, config: Optional[dict] = None):
         self.enabled = jax.process_index() == 0
+        self.workdir = workdir
         self.backends: list = []
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.backends.append(JsonlBackend(workdir))
         try:
-            self.backends.append(TensorBoardBackend(workdir))
-        except ImportError:  # optional: metrics.jsonl is always written
-            logging.warning("tensorboardX is not installed: no TensorBoard event files")
-        if wandb is not None and wandb.project:
-            self.backends.append(WandbBackend(workdir, wandb, config))
+            os.makedirs(workdir, exist_ok=True)
+            self.backends.append(JsonlBackend(workdir))
+            try:
+                self.backends.append(TensorBoardBackend(workdir))
+            except ImportError:  # optional: metrics.jsonl is always written
+                logging.warning("tensorboardX is not installed: no TensorBoard event files")
+            if wandb is not None and wandb.project:
+                self.backends.append(WandbBackend(workdir, wandb, config))
+        except OSError as error:  # e.g. the TensorBoard file's first event on a full disk
+            self._fail(error.filename or workdir, error, "opening the metrics files")
 
     @classmethod
     def from_config(cls, config, workdir: str) -> "Tracker":
         return cls(workdir, *wandb_from_config(config))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        """Every backend writes `metrics` as scalars of `step`; a backend that fails raises WriterError (after the
+        others were closed)."""
         values = {name: float(value) for name, value in metrics.items()}
         for backend in self.backends:
-            backend.write(step, values)
+            try:
+                backend.write(step, values)
+            except Exception as error:  # noqa: BLE001 - whatever a writer raises stops the run the same way
+                self._fail(backend.path, error, f"writing the metrics of step {step}")
 
     def close(self) -> None:
-        for backend in self.backends:
-            backend.close()
+        for backend in list(self.backends):
+            try:
+                backend.close()
+            except Exception as error:  # noqa: BLE001 - a final flush failing
+                self._fail(backend.path, error, "closing")
         self.backends = []
+
+    def _fail(self, path: str, error: BaseException, doing: str):
+        backends, self.backends = self.backends, []
+        for other in backends:  # close what is open; the one failed again on its buffered data: nothing more to say
+            try:
+                other.close()
+            except Exception:  # noqa: BLE001
+                pass
+        reason = "no space left on the device" if storage.is_disk_full(error) else storage.first_line(error)
+        raise WriterError(f"{doing} to {path} failed ({reason})", self.workdir) from None
 
 
 def wandb_from_config(config) -> tuple["WandbSettings", Optional[dict]]:

@@ -31,13 +31,18 @@ def read_piqa(path) -> list[dict]:
             if doc["label"] not in (0, 1):
                 raise ValueError(f"{path}:{number}: label is {doc['label']}, expected 0 or 1")
             docs.append(doc)
+    if not docs:
+        raise ValueError(f"{path} holds no PIQA records (the file is empty)")
     return docs
 
 
 def read_paragraphs(path) -> list[dict]:
     """A text file as documents {"text"}: paragraphs separated by blank lines (empty ones dropped)."""
     text = pathlib.Path(path).read_text(encoding="utf-8")
-    return [{"text": p.strip("\n")} for p in text.split("\n\n") if p.strip()]
+    docs = [{"text": p.strip("\n")} for p in text.split("\n\n") if p.strip()]
+    if not docs:
+        raise ValueError(f"{path} holds no text to score (the file is empty or only blank lines)")
+    return docs
 
 
 def piqa(piqa_path=None, **_):
