@@ -10,7 +10,7 @@ accumulation for one model, task and TPU slice, ranked by a closed-form cost and
    swapped in) exceeds `SKIP_FACTOR` times the chip, then compile the rest in rank order (llama2_jax.accel.aot) until
    `keep` of them fit with >= 10 % headroom or `max_compiles` were compiled. Every candidate compiled is reported
    with the compiler's figure, fitting or not. A refusal costs seconds (the TPU compiler stops at buffer
-   assignment), a compile that fits minutes, hence the default of 8 compiles.
+   assignment), a compile that fits minutes, hence the CLI's default of 16 compiles.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention", default=AttentionImpl.SPLASH.value,
                         help="attention kernel: splash (the TPU kernel), xla or chunked")
     parser.add_argument("--lora_rank", type=int, default=16)
-    parser.add_argument("--max_compiles", type=int, default=8,
+    parser.add_argument("--max_compiles", type=int, default=16,
                         help="compile at most this many candidates (a refusal takes seconds, a fit minutes)")
     parser.add_argument("--keep", type=int, default=1, help="stop after this many candidates fit with 10 %% headroom")
     parser.add_argument("--verbose", action="store_true", help="print every candidate skipped by the estimate")
