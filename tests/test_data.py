@@ -351,6 +351,6 @@ def test_an_empty_corpus_is_called_empty_and_named(tmp_path):
     config = tiny.get_config()
     config.data.source, config.data.path = "text", str(tmp_path / "corpus.txt")
     with pytest.raises(ValueError) as err:
-        pretrain.make_data(config, [], DocIdTokenizer())
+        pretrain.make_data(config, DocIdTokenizer(), [])
     assert _one_line_error(err) == (f"config.data (source 'text' {tmp_path / 'corpus.txt'}): the corpus is empty: no "
                                     "documents to train on")
