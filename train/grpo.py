@@ -34,6 +34,7 @@ import numpy as np
 from llama2_jax.cli import trainer as trainer_main
 from llama2_jax.data import arithmetic
 from llama2_jax.data import prompts as prompt_data
+from llama2_jax.data.prompts import ShuffledEpochs
 from llama2_jax.inference import decode, generate
 from llama2_jax.model import sharding as sh
 from llama2_jax.model.llama import Llama
@@ -144,21 +145,11 @@ class GroupBatches:
     prompt repeated G times in adjacent rows (B = P·G). get_state / set_state for resuming."""
 
     def __init__(self, prompts: PromptSet, prompts_per_batch: int, num_generations: int, width: int, seed: int):
-        self.prompts, self.per_batch, self.g, self.width, self.seed = (prompts, prompts_per_batch, num_generations,
-                                                                       width, seed)
-        self.epoch, self.position = 0, 0
-
-    def _order(self):
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts.encoded))
+        self.prompts, self.per_batch, self.g, self.width = prompts, prompts_per_batch, num_generations, width
+        self.order = ShuffledEpochs(len(prompts.encoded), seed)
 
     def __next__(self) -> dict[str, np.ndarray]:
-        picked, order = [], self._order()
-        while len(picked) < self.per_batch:
-            if self.position == len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-                order = self._order()
-            picked.append(int(order[self.position]))
-            self.position += 1
+        picked = self.order.take(self.per_batch)
         index = np.repeat(np.array(picked, np.int32), self.g)
         tokens, lengths = generate.pad_prompts([self.prompts.encoded[i] for i in index], generate.META_PAD_ID,
                                                self.width, bucket=self.width)
@@ -167,10 +158,10 @@ class GroupBatches:
     next = __next__
 
     def get_state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return self.order.get_state()
 
     def set_state(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.order.set_state(state)
 
 
 @dataclasses.dataclass

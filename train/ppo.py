@@ -48,6 +48,7 @@ import numpy as np
 from llama2_jax.checkpoints import params_io
 from llama2_jax.checkpoints.layout import TOKENIZER_FILE
 from llama2_jax.cli import trainer as trainer_main
+from llama2_jax.data.prompts import ShuffledEpochs
 from llama2_jax.inference import decode, generate
 from llama2_jax.model import score as score_model
 from llama2_jax.model import sharding as sh
@@ -103,20 +104,11 @@ class PromptBatches:
     "is_safety" [B]} as host arrays, identical on every process. `get_state` / `set_state` for resuming."""
 
     def __init__(self, encoded, prompts, batch_size: int, width: int, seed: int):
-        self.encoded, self.flags, self.batch_size, self.width, self.seed = encoded, prompts, batch_size, width, seed
-        self.epoch, self.position = 0, 0
-
-    def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.encoded))
+        self.encoded, self.flags, self.batch_size, self.width = encoded, prompts, batch_size, width
+        self.order = ShuffledEpochs(len(encoded), seed)
 
     def __next__(self) -> dict[str, np.ndarray]:
-        picked, order = [], self._order()
-        while len(picked) < self.batch_size:
-            if self.position == len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-                order = self._order()
-            picked.append(int(order[self.position]))
-            self.position += 1
+        picked = self.order.take(self.batch_size)
         tokens, lengths = generate.pad_prompts([self.encoded[i] for i in picked], generate.META_PAD_ID, self.width,
                                                bucket=self.width)
         return {"tokens": tokens, "lengths": lengths, "is_safety": np.array([self.flags[i].is_safety for i in picked])}
@@ -124,10 +116,10 @@ class PromptBatches:
     next = __next__
 
     def get_state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return self.order.get_state()
 
     def set_state(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.order.set_state(state)
 
 
 def split_prompts(prompts, encoded, val_fraction: float, seed: int):

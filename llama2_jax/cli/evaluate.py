@@ -16,6 +16,7 @@ task whose data is in the local datasets cache works. In process: llama2_jax.eva
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import Optional, Sequence
@@ -65,7 +66,7 @@ def _lm_eval_args(args, rest: list[str]):
     """lm-eval `run` arguments: ours as the backend's model_args, our task dir first on the include path."""
     from lm_eval._cli import HarnessCLI
 
-    import llama2_jax.evaluation.lm_eval_backend  # noqa: F401  (registers the llama2_jax backend)
+    importlib.import_module("llama2_jax.evaluation.lm_eval_backend")  # registers the llama2_jax backend
 
     model_args = f"checkpoint={args.checkpoint},tokenizer={args.tokenizer}"
     model_args += "".join(f",{name}={value}" for name, value in

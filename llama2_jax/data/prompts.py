@@ -16,6 +16,8 @@ import logging
 import os
 from typing import Any, Optional
 
+import numpy as np
+
 from llama2_jax.data import dialogs, preferences
 from llama2_jax.text import chat_format as chat
 
@@ -96,3 +98,30 @@ def load_prompts(path: str, tokenizer, *, max_prompt_len: int, format: str = "au
     if max_prompts:
         kept, encoded = kept[:max_prompts], encoded[:max_prompts]
     return kept, encoded
+
+
+class ShuffledEpochs:
+    """Endless shuffled epochs over n items (a new permutation per epoch, from [seed, epoch]); `take(k)` -> the next k
+    indices. `get_state` / `set_state` ({"epoch", "position"}) resume exactly: the RL trainers' prompt order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.position = n, seed, 0, 0
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def take(self, k: int) -> list[int]:
+        picked, order = [], self._order()
+        while len(picked) < k:
+            if self.position == len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            picked.append(int(order[self.position]))
+            self.position += 1
+        return picked
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]

@@ -5,6 +5,7 @@ results. The command line over lm-eval's own `run` is llama2_jax/cli/evaluate.py
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Optional, Sequence
 
@@ -14,10 +15,8 @@ DEFAULT_BATCH_SIZE = 16
 
 
 def require_lm_eval() -> None:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise ImportError("lm-eval is not installed: pip install -e .[eval]") from None
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ImportError("lm-eval is not installed: pip install -e .[eval]")
 
 
 def make_task_manager(include_path, metadata: Optional[dict]):
