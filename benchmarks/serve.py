@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from generate import SHAPES, device_name, random_params  # benchmarks/generate.py
 
-from llama2_jax.inference import decode
+from llama2_jax.inference import decode, slots
 from llama2_jax.serve import programs
 from llama2_jax.serve.api import create_app
 from llama2_jax.serve.engine import Engine, prefix_pool_blocks
@@ -75,7 +75,7 @@ def run_phase(client, requests, workers: int) -> tuple[float, list[float], int, 
 
 def slot_step_ms(engine: Engine, repeats: int = 20) -> float:
     """Median milliseconds of one decode step over all of the engine's slots (fresh slots, so nothing is served)."""
-    state = decode.init_slots(engine.cfg, engine.n_slots, engine.max_len, jax.random.PRNGKey(0), logprobs=True,
+    state = slots.init_slots(engine.cfg, engine.n_slots, engine.max_len, jax.random.PRNGKey(0), logprobs=True,
                               n_top=engine.state.logprobs.top_ids.shape[-1])
     controls = programs.init_controls(engine.n_slots, engine.cfg.vocab_size)
     times = []

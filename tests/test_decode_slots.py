@@ -1,4 +1,4 @@
-"""Decode slots (decode.prefill / insert / generate_step): independent requests at their own positions in one batch
+"""Decode slots (slots.prefill / insert / generate_step): independent requests at their own positions in one batch
 decode the same greedy tokens as `decode.sample` does for each prompt alone."""
 
 import math
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_generate import CFG, GEN_LEN, NO_EOS, PROMPTS, init_params
 
-from llama2_jax.inference import decode
+from llama2_jax.inference import decode, slots
 from llama2_jax.inference import generate as gen
 
 N_SLOTS = 3
@@ -31,7 +31,7 @@ def reference_tokens(params, prompt, eos_id=NO_EOS) -> list[int]:
 def prefix_of(params, prompt):
     tokens = np.full((WIDTH,), decode.META_PAD_ID, np.int32)
     tokens[: len(prompt)] = prompt
-    return decode.prefill_jit(params, CFG, jnp.asarray(tokens), len(prompt))
+    return slots.prefill_jit(params, CFG, jnp.asarray(tokens), len(prompt))
 
 
 def slot_tokens(state, slot, eos_id=NO_EOS) -> list[int]:
@@ -44,21 +44,21 @@ def slot_tokens(state, slot, eos_id=NO_EOS) -> list[int]:
 def run_requests(params, arrivals, eos_id=NO_EOS):
     """Serve prompts arriving at given steps ({step: prompt}) with N_SLOTS slots: insert each into the lowest free
     slot between steps, step until every slot is free. Returns {prompt index: generated tokens}."""
-    state = decode.init_slots(CFG, N_SLOTS, MAX_LEN, jax.random.PRNGKey(0), temperature=0.0, eos_id=eos_id)
-    assert np.asarray(decode.free_slots(state)).all()
+    state = slots.init_slots(CFG, N_SLOTS, MAX_LEN, jax.random.PRNGKey(0), temperature=0.0, eos_id=eos_id)
+    assert np.asarray(slots.free_slots(state)).all()
     owner, results, step = {}, {}, 0
     while arrivals or owner:
         for slot in list(owner):
-            if bool(decode.free_slots(state)[slot]):  # finished: hand the tokens back, free the slot
+            if bool(slots.free_slots(state)[slot]):  # finished: hand the tokens back, free the slot
                 results[owner.pop(slot)] = slot_tokens(state, slot, eos_id)
         for when in sorted(w for w in arrivals if w <= step):
             free = [s for s in range(N_SLOTS) if s not in owner]
             if not free:
                 break
             index, prompt = arrivals.pop(when)
-            state = decode.insert_jit(state, prefix_of(params, prompt), free[0], max_gen_len=GEN_LEN)
+            state = slots.insert_jit(state, prefix_of(params, prompt), free[0], max_gen_len=GEN_LEN)
             owner[free[0]] = index
-        state = decode.generate_step_jit(params, CFG, state)
+        state = slots.generate_step_jit(params, CFG, state)
         step += 1
         assert step < 100, "slots never finished"
     return results
@@ -97,17 +97,17 @@ def test_prefill_logits_match_the_full_forward(params):
 
 def test_bad_slot_shapes_are_one_line_errors(params):
     with pytest.raises(ValueError, match="max_len 200 exceeds max_seq_len 96"):
-        decode.init_slots(CFG, 2, 200, jax.random.PRNGKey(0))
-    state = decode.init_slots(CFG, 2, 8, jax.random.PRNGKey(0))
+        slots.init_slots(CFG, 2, 200, jax.random.PRNGKey(0))
+    state = slots.init_slots(CFG, 2, 8, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="prompt width 16 exceeds the slots' cache length 8"):
-        decode.insert(state, prefix_of(params, PROMPTS[0]), 0, max_gen_len=GEN_LEN)
+        slots.insert(state, prefix_of(params, PROMPTS[0]), 0, max_gen_len=GEN_LEN)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA:CPU's copy insertion")
 def test_generate_step_updates_the_slot_caches_in_place(params):
     """The per-slot cache writes (one scatter per layer buffer) alias the donated state: no cache-sized copy."""
-    state = decode.init_slots(CFG, N_SLOTS, MAX_LEN, jax.random.PRNGKey(0), temperature=0.0)
-    hlo = decode.generate_step_jit.lower(params, CFG, state).compile().as_text()
+    state = slots.init_slots(CFG, N_SLOTS, MAX_LEN, jax.random.PRNGKey(0), temperature=0.0)
+    hlo = slots.generate_step_jit.lower(params, CFG, state).compile().as_text()
     cache_size = N_SLOTS * CFG.n_kv_heads * CFG.head_dim * MAX_LEN
     copied = [math.prod(int(d) for d in dims.split(",")) for dims in re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} copy\(",
                                                                                   hlo)]
@@ -117,13 +117,13 @@ def test_generate_step_updates_the_slot_caches_in_place(params):
 def serve_together(params, requests, logprobs=False):
     """Insert every (prompt, temperature, top_p, seed) into its own slot of one state, step until all are free.
     Returns the final state (slot i holds request i)."""
-    state = decode.init_slots(CFG, len(requests), MAX_LEN, jax.random.PRNGKey(0), eos_id=NO_EOS, logprobs=logprobs)
+    state = slots.init_slots(CFG, len(requests), MAX_LEN, jax.random.PRNGKey(0), eos_id=NO_EOS, logprobs=logprobs)
     for slot, (prompt, temperature, top_p, seed) in enumerate(requests):
-        state = decode.insert_jit(state, prefix_of(params, prompt), slot, max_gen_len=GEN_LEN,
+        state = slots.insert_jit(state, prefix_of(params, prompt), slot, max_gen_len=GEN_LEN,
                                   temperature=np.float32(temperature), top_p=np.float32(top_p),
                                   rng=jax.random.PRNGKey(seed))
-    while not np.asarray(decode.free_slots(state)).all():
-        state = decode.generate_step_jit(params, CFG, state)
+    while not np.asarray(slots.free_slots(state)).all():
+        state = slots.generate_step_jit(params, CFG, state)
     return state
 
 
@@ -155,7 +155,7 @@ def test_slot_logprobs_match_the_full_forward(params):
         got = np.asarray(state.logprobs.chosen[slot, 1:length])
         np.testing.assert_allclose(got[len(prompt) - 1:], expected[len(prompt) - 1:], atol=1e-4)
         assert not got[: len(prompt) - 1].any()  # prompt positions are not recorded by the slot
-        top = np.argsort(-log_probs[len(prompt) - 1: length - 1], axis=-1)[:, : decode.TOP_LOGPROBS]
+        top = np.argsort(-log_probs[len(prompt) - 1: length - 1], axis=-1)[:, : slots.TOP_LOGPROBS]
         np.testing.assert_array_equal(np.asarray(state.logprobs.top_ids[slot, len(prompt):length]), top)
         np.testing.assert_allclose(np.asarray(state.logprobs.top_values[slot, len(prompt):length]),
                                    np.take_along_axis(log_probs[len(prompt) - 1: length - 1], top, axis=-1), atol=1e-4)
@@ -169,10 +169,10 @@ def test_prompt_logprobs_match_the_full_forward(params):
     prompt = PROMPTS[1]
     tokens = np.full((WIDTH,), decode.META_PAD_ID, np.int32)
     tokens[: len(prompt)] = prompt
-    lp = decode.prompt_logprobs_jit(params, CFG, jnp.asarray(tokens))
+    lp = slots.prompt_logprobs_jit(params, CFG, jnp.asarray(tokens))
     log_probs = np.asarray(jax.nn.log_softmax(full_logits(params, CFG, np.asarray([prompt]))[0], axis=-1))
     expected = log_probs[np.arange(len(prompt) - 1), prompt[1:]]
     np.testing.assert_allclose(np.asarray(lp.chosen[0, 1:len(prompt)]), expected, atol=1e-4)
     assert float(lp.chosen[0, 0]) == 0.0
-    top = np.argsort(-log_probs[: len(prompt) - 1], axis=-1)[:, : decode.TOP_LOGPROBS]
+    top = np.argsort(-log_probs[: len(prompt) - 1], axis=-1)[:, : slots.TOP_LOGPROBS]
     np.testing.assert_array_equal(np.asarray(lp.top_ids[0, 1:len(prompt)]), top)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from llama2_jax.inference import decode
+from llama2_jax.inference import decode, slots
 from llama2_jax.model import sharding as sh
 from llama2_jax.serve import programs
 from llama2_jax.serve.metrics import Metrics
@@ -176,7 +176,7 @@ class Engine:
 
     def _reset(self) -> None:
         """Fresh slots (and an empty prefix cache): at start, and after a failure that may have taken the state."""
-        self.state = decode.init_slots(self.cfg, self.n_slots, self.max_len, jax.random.PRNGKey(0),
+        self.state = slots.init_slots(self.cfg, self.n_slots, self.max_len, jax.random.PRNGKey(0),
                                        eos_id=self.tokenizer.eos_id, logprobs=True, n_top=N_TOP)
         self.controls = programs.init_controls(self.n_slots, self.cfg.vocab_size)
         if self.mesh is not None:

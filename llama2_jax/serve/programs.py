@@ -9,7 +9,7 @@ T tokens per block, M = S // T blocks per slot, K KV heads, H head dim.
 A prompt of L tokens enters a slot by `prefill_slot`: tokens [start, L - 1) go through the model into the slot's
 KV cache (slots [0, start) already hold a cached prefix, copied in by `load_blocks`), and the slot is left at pos L,
 so that the next `step` feeds the prompt's last token at position L - 1 and draws the first completion token with
-fold_in(key, L): what decode.insert would have drawn (tests/test_serve_params.py checks the greedy tokens against
+fold_in(key, L): what slots.insert would have drawn (tests/test_serve_params.py checks the greedy tokens against
 `generate`). Leaving the last prompt token to the step means no program here chooses a token, and the n samples of
 a prompt are copies of the prefilled slot (`fork_slot`) that differ only in their key.
 """
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama2_jax.inference import decode
+from llama2_jax.inference import decode, slots
 from llama2_jax.model import sharding as sh
 from llama2_jax.model.llama import KV_CACHE_AXES, abstract_params, cache_length_axis, layer_cache_shape
 from llama2_jax.serve.quantize import is_quantized, weights_view
@@ -101,19 +101,19 @@ def logit_adjust(controls: Controls) -> Array:
 
 def step(params: dict, cfg, state: decode.DecodeState, controls: Controls, mesh: Optional[Mesh] = None
          ) -> tuple[decode.DecodeState, Controls]:
-    """decode.generate_step with each slot choosing from its adjusted logits (`logit_adjust`; log-probabilities stay
+    """slots.generate_step with each slot choosing from its adjusted logits (`logit_adjust`; log-probabilities stay
     the model's), then the chosen tokens counted."""
     before = state.pos
-    state = decode.generate_step(weights_view(params, cfg), cfg, state, logit_adjust=logit_adjust(controls))
+    state = slots.generate_step(weights_view(params, cfg), cfg, state, logit_adjust=logit_adjust(controls))
     rows = jnp.arange(state.pos.shape[0])
     token = state.tokens[rows, jnp.minimum(before, state.tokens.shape[1] - 1)]
     placed = (state.pos > before).astype(jnp.int32)
     return _pin_state(state, controls.replace(counts=controls.counts.at[rows, token].add(placed)), mesh)
 
 
-def prompt_logprobs(params: dict, cfg, prompt_tokens: Array) -> decode.SlotLogprobs:
-    """decode.prompt_logprobs over the served weights (int8 ones included)."""
-    return decode.prompt_logprobs(weights_view(params, cfg), cfg, prompt_tokens)
+def prompt_logprobs(params: dict, cfg, prompt_tokens: Array) -> slots.SlotLogprobs:
+    """slots.prompt_logprobs over the served weights (int8 ones included)."""
+    return slots.prompt_logprobs(weights_view(params, cfg), cfg, prompt_tokens)
 
 
 def latest(state: decode.DecodeState) -> dict[str, Array]:
