@@ -92,7 +92,7 @@ def test_ppo_resumes_from_the_newest_step_that_holds_both_models(tmp_path, caplo
     is impossible: Orbax renames a finished step into place) does not read and is set aside."""
     checkpointer, prompts = ppo_checkpointer(tmp_path)
     for iteration in (1, 2):
-        prompts.position = iteration
+        prompts.order.position = iteration
         checkpointer.save(ppo_state(iteration, float(iteration), 10.0 + iteration, 4 * iteration)[0],
                           prompts.get_state(), force=True)
     checkpointer.close()
@@ -106,7 +106,7 @@ def test_ppo_resumes_from_the_newest_step_that_holds_both_models(tmp_path, caplo
         state, data = checkpointer.restore(template, shardings)
     prompts.set_state(data)
     iteration, policy, value = int(state.step), state.main, state.others["value"]
-    assert iteration == 1 and int(policy.step) == 4 and prompts.position == 1
+    assert iteration == 1 and int(policy.step) == 4 and prompts.order.position == 1
     assert (w_of(policy), w_of(value)) == (1.0, 11.0)
     assert "checkpoints/8 cannot be read" in caplog.text
     assert (tmp_path / UNREADABLE_DIR / "8").is_dir() and not (tmp_path / "checkpoints" / "8").exists()
