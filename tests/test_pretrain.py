@@ -107,7 +107,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
                    "--config.eval_every_steps=100000", wait=False)
     wait_for_step(tmp_path, 3, proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    assert proc.wait(timeout=120) == 75, proc.stderr.read()  # EX_TEMPFAIL: saved, not finished
     saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
     assert saved and max(saved) >= 3
 

@@ -38,6 +38,7 @@ from llama2_jax.training.checks import (
     check_workdir_path,
     config_load_error,
 )
+from llama2_jax.training.loop import STOPPED_EXIT_STATUS
 from llama2_jax.training.outputs import read_json, write_json
 
 MANIFEST = "manifest.json"
@@ -226,6 +227,9 @@ def run_command(argv: list[str], log_path: str, env: dict) -> None:
             os.killpg(stage.pid, signal.SIGTERM)
             stage.wait()
             raise
+    if code == STOPPED_EXIT_STATUS:  # the stage alone got SIGTERM (a scheduler, a user): saved, not finished
+        raise RecipeError(f"`{shlex.join(argv[2:])}` was stopped by SIGTERM after saving a checkpoint; run the recipe "
+                          f"again to resume it (see {log_path})")
     if code:
         raise RecipeError(f"exit status {code} from `{shlex.join(argv[2:])}`; see {log_path}")
 

@@ -1,6 +1,7 @@
 """A trainer program's `__main__` (python -m train.<trainer>): --config, --workdir and the multi-host flags, the
 distributed start-up, and every ConfigError / CheckpointError / WriterError / FileNotFoundError as one line and exit
-status 1; a run stopped by SIGTERM exits with status 0 right after its checkpoint is saved."""
+status 1; a run stopped by SIGTERM exits with status 75 (EX_TEMPFAIL, "try again": the rerun resumes) right after its
+checkpoint is saved, so that `&&` chains and the recipe do not take a stopped run for a finished one."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from llama2_jax.model import sharding as sh
 from llama2_jax.training import workdir_lock
 from llama2_jax.checkpoints.layout import CheckpointError
 from llama2_jax.training.checks import ConfigError, check_workdir_path, config_load_error
-from llama2_jax.training.loop import Terminated
+from llama2_jax.training.loop import STOPPED_EXIT_STATUS, Terminated
 from llama2_jax.training.tracking import WriterError
 
 FLAGS = flags.FLAGS
@@ -49,7 +50,7 @@ def run_main(train_and_evaluate: Callable[[Any, str], Any]) -> Callable[[list[st
             train_and_evaluate(config, FLAGS.workdir)
         except Terminated as stopped:  # saved: exit now, without the final evaluation and samples
             print(stopped, file=sys.stderr)
-            sys.exit(0)
+            sys.exit(STOPPED_EXIT_STATUS)
         except (ConfigError, CheckpointError, WriterError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)

@@ -11,7 +11,8 @@ per logged step and per eval), TensorBoard, and Weights & Biases when `config.wa
 SIGTERM: the loop saves the state and returns at once (a step due an evaluation skips it: the checkpoint comes first,
 a scheduler's grace period is short); the result is `interrupted`, and a trainer program calls
 `exit_if_interrupted(result)` before its final evaluation, report and samples: it raises `Terminated`, which the
-trainer command lines print as one line ("stopped by SIGTERM after step N, saved in DIR/N: ...") with exit status 0.
+trainer command lines print as one line ("stopped by SIGTERM after step N, saved in DIR/N: ...") with exit status
+`STOPPED_EXIT_STATUS` (75, EX_TEMPFAIL: not finished, run again to resume).
 A metrics writer that fails (`tracking.WriterError`) stops the run after a pending save completes.
 """
 
@@ -85,10 +86,13 @@ class TrainResult:
     stopped: str = ""  # when interrupted: "stopped by SIGTERM after step N, saved in DIR/N: ..." (one line)
 
 
+STOPPED_EXIT_STATUS = 75  # sysexits.h EX_TEMPFAIL: saved, not finished; the same command resumes
+
+
 class Terminated(Exception):
     """Raised by `exit_if_interrupted` once the checkpoint SIGTERM asked for is saved, so that a program exits right
     away instead of running its final evaluation, report or samples after the loop (a scheduler's grace period is
-    short). The trainer command lines print it as one line and exit with status 0."""
+    short). The trainer command lines print it as one line and exit with `STOPPED_EXIT_STATUS`."""
 
 
 def exit_if_interrupted(result: TrainResult) -> TrainResult:

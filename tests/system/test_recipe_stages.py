@@ -91,3 +91,19 @@ def test_sigterm_of_the_recipe_stops_its_stage_and_waits_for_it(tmp_path):
     finally:
         if alive(stage):
             os.kill(stage, signal.SIGKILL)
+
+
+def test_a_stage_stopped_on_its_own_is_not_counted_as_done(tmp_path):
+    """A trainer stopped by SIGTERM (a scheduler's, sent to the stage alone) saves and exits with 75 (EX_TEMPFAIL);
+    the recipe stops with one line saying so and does not count the command as done, so a rerun resumes it."""
+    from llama2_jax.training.loop import STOPPED_EXIT_STATUS
+    from train import recipe as recipe_module
+
+    log = tmp_path / "log.txt"
+    with pytest.raises(recipe_module.RecipeError) as stopped:
+        recipe_module.run_command([sys.executable, "-c", f"raise SystemExit({STOPPED_EXIT_STATUS})"], str(log),
+                                  dict(os.environ))
+    assert str(stopped.value) == (f"`'raise SystemExit(75)'` was stopped by SIGTERM after saving a checkpoint; run the "
+                                  f"recipe again to resume it (see {log})")
+    with pytest.raises(recipe_module.RecipeError, match=r"^exit status 3 from `'raise SystemExit\(3\)'`"):
+        recipe_module.run_command([sys.executable, "-c", "raise SystemExit(3)"], str(log), dict(os.environ))

@@ -1,5 +1,5 @@
 """SIGTERM: the run saves a checkpoint and stops right after it, without the final evaluation, report or samples (a
-scheduler's grace period is short), and the trainer command line says so in one line and exits with status 0."""
+scheduler's grace period is short), and the trainer command line says so in one line and exits with status 75 (EX_TEMPFAIL: saved, not finished; the same command resumes)."""
 
 import os
 import pathlib
@@ -49,7 +49,7 @@ def test_sigterm_saves_then_stops_without_evaluation_report_or_samples(tmp_path,
     assert "--- sample ---" not in out and "unigram entropy" not in out  # pretrain's report did not run
 
 
-def test_the_trainer_command_line_prints_the_line_and_exits_0(tmp_path):
+def test_the_trainer_command_line_prints_the_line_and_exits_75(tmp_path):
     script = (
         "from ml_collections import config_flags\n"
         "from llama2_jax.cli import trainer\n"
@@ -62,5 +62,5 @@ def test_the_trainer_command_line_prints_the_line_and_exits_0(tmp_path):
         "trainer.run_main(stopped)(['x'])\n" % tmp_path)
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 75, result.stderr
     assert result.stderr == "stopped by SIGTERM after step 3, saved in W/checkpoints/3: run the same command\n"
