@@ -88,17 +88,25 @@ class _PackedRowsIterator(grain.DatasetIterator):
             self._offset = int(state["offset"])
 
 
-class PackedRowsDataset(grain.IterDataset):
-    """Packs a Grain dataset of token arrays [n] into rows of length `seq_len` (dicts of [T] arrays)."""
+class RowsDataset(grain.IterDataset):
+    """A Grain dataset of rows of length `seq_len` (dicts of [T] arrays) made from its parent's elements by
+    `iterator_class(parent iterator, seq_len)`, which owns the packing and its checkpointable state."""
+    iterator_class: type[grain.DatasetIterator]
+
     def __init__(self, parent: grain.IterDataset, seq_len: int):
         super().__init__(parent)
         self._seq_len = seq_len
 
-    def __iter__(self) -> _PackedRowsIterator:
-        return _PackedRowsIterator(self._parent.__iter__(), self._seq_len)
+    def __iter__(self) -> grain.DatasetIterator:
+        return self.iterator_class(self._parent.__iter__(), self._seq_len)
 
     def __str__(self) -> str:
-        return f"PackedRowsDataset(seq_len={self._seq_len})"
+        return f"{type(self).__name__}(seq_len={self._seq_len})"
+
+
+class PackedRowsDataset(RowsDataset):
+    """Packs a Grain dataset of token arrays [n] into rows of length `seq_len`."""
+    iterator_class = _PackedRowsIterator
 
 
 def encode_document(tokenizer: Tokenizer, text: str) -> np.ndarray:

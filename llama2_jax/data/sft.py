@@ -39,7 +39,7 @@ import numpy as np
 
 from llama2_jax.data import dialogs as dialog_readers
 from llama2_jax.data import packing
-from llama2_jax.data.pipeline import split_documents
+from llama2_jax.data.pipeline import RowsDataset, split_documents
 from llama2_jax.text import chat_format as chat
 
 Batch = dict[str, np.ndarray]
@@ -237,17 +237,9 @@ class _WholeSamplePackIterator(grain.DatasetIterator):
         self._pending = None
 
 
-class WholeSamplePackDataset(grain.IterDataset):
-    """Rows of length `seq_len` (dicts of [T] arrays) from a Grain dataset of (tokens, weights) examples."""
-    def __init__(self, parent: grain.IterDataset, seq_len: int):
-        super().__init__(parent)
-        self._seq_len = seq_len
-
-    def __iter__(self) -> _WholeSamplePackIterator:
-        return _WholeSamplePackIterator(self._parent.__iter__(), self._seq_len)
-
-    def __str__(self) -> str:
-        return f"WholeSamplePackDataset(seq_len={self._seq_len})"
+class WholeSamplePackDataset(RowsDataset):
+    """Rows of length `seq_len` from a Grain dataset of (tokens, weights) examples, whole samples per row."""
+    iterator_class = _WholeSamplePackIterator
 
 
 def make_train_iterator(examples: Sequence[Example], seq_len: int, batch_size: int, seed: int,
