@@ -172,7 +172,9 @@ def target_config(name: str, task: str, args, hbm_bytes: float, mesh_shape: tupl
         return cfg.replace(remat_policy=RematPolicy.MINIMAL.value)
     program = "pretrain" if task in ("sft", "ppo_policy", "ppo_value") else task  # the same state as pretraining
     for policy in planner.policies(cfg):
-        if task_memory(cfg, program, args.seq, args.batch_per_device, mesh_shape, policy) <= 0.9 * hbm_bytes:
+        estimate = task_memory(cfg, program, args.seq, args.batch_per_device, mesh_shape, policy,
+                               args.grad_accum_steps)
+        if estimate <= 0.9 * hbm_bytes:
             return cfg.replace(remat_policy=policy)
     return cfg.replace(remat_policy=POLICY_ORDER[-1])
 
@@ -198,7 +200,7 @@ def measure_step(task: str, cfg: LlamaConfig, *, mesh, args) -> tuple[aot.Memory
     compiles extrapolated linearly."""
     def compile_one(c: LlamaConfig) -> aot.MemoryFigure:
         return aot.compile_train_step(task, c, mesh, seq_len=args.seq, batch_per_device=args.batch_per_device,
-                                      lora_rank=args.lora_rank)
+                                      grad_accum_steps=args.grad_accum_steps, lora_rank=args.lora_rank)
 
     if not args.layers:
         return compile_one(cfg), f"all {cfg.n_layers} layers"
@@ -232,7 +234,8 @@ def target_main(args) -> None:
     def print_line(name: str, task: str, cfg: LlamaConfig, figure: aot.MemoryFigure, how: str) -> None:
         unit = "pair" if task in PAIR_TASKS else "row"
         print(f"{name} {task} {target.name} mesh={','.join(map(str, mesh_tuple))} seq={args.seq} "
-              f"{unit}s/shard={args.batch_per_device} remat={cfg.remat_policy} attention={attention_label(cfg)}: "
+              f"{unit}s/shard={args.batch_per_device} accum={args.grad_accum_steps} remat={cfg.remat_policy} "
+              f"attention={attention_label(cfg)}: "
               f"{figure.describe().replace('GiB/device', 'GiB/chip')} of {target.hbm_gib:.2f} GiB -> "
               f"{verdict(figure, hbm, on_tpu)} [{how}]", flush=True)
 
@@ -289,10 +292,15 @@ def main(argv=None) -> None:
                                                       "with that platform's compiler for its compile-only devices "
                                                       "(the tpu-aot / gpu-aot extra) instead of on CPU devices")
     parser.add_argument("--tasks", default=",".join(aot.TASKS), help="with --target: trainer kinds to compile")
+    parser.add_argument("--grad_accum_steps", type=int, default=1,
+                        help="with --target: micro-batches per step (the trainers' config.grad_accum_steps; adds a "
+                             "float32 gradient sum)")
     parser.add_argument("--mesh", default="1,-1,1", help="with --target: DATA,FSDP,TENSOR mesh axes over the chips")
     args = parser.parse_args(argv)
     if args.attention_block_size <= 0:
         parser.error(f"--attention_block_size must be positive, got {args.attention_block_size}")
+    if args.grad_accum_steps < 1 or (args.grad_accum_steps > 1 and not args.target):
+        parser.error(f"--grad_accum_steps={args.grad_accum_steps}: must be >= 1, and > 1 only with --target")
     if args.target:
         args.lora_rank = args.lora_rank or 16
         return target_main(args)
