@@ -146,7 +146,9 @@ def task_memory(cfg: LlamaConfig, task: str, seq: int, rows: int, mesh: tuple[in
         if task == "dpo":
             total += 4.0 * params
     if grad_accum_steps > 1:
-        total += 4.0 * trained  # the scan's running sum of the micro-batches' gradients
+        # the scan's running sum of the micro-batches' gradients; the TPU compiler needed about twice that more
+        # (7B on v5p-8, remat dots_no_batch: +12.2 GiB rm, +15.8 GiB dpo, against this term's 6.28)
+        total += 4.0 * trained
     return total
 
 
