@@ -5,7 +5,11 @@ accumulation for one model, task and TPU slice, ranked by a closed-form cost and
    data d in 1, 2 (pure replicas, each an fsdp group), fsdp = chips / (d t); rows per data-parallel shard b in
    1, 2, 4, 8 and accumulation n with b d f n = the global batch; every remat policy.
 2. Rank by `estimate.step_seconds` (compute with the remat policy's recomputation + the mesh's communication; its
-   docstring says where it is crude).
+   docstring has the closed forms and says where they are crude), per task: per token, full training costs
+   6 M + 12 L d T FLOPs (M matmul parameters); LoRA 4 M + 12 L d T + 6 N_a (the frozen base's activation gradients
+   flow through every kernel, its weight gradients are not computed; N_a adapter parameters) and moves no base
+   gradient; DPO 8 M + 16 L d T per chosen and rejected sequence (the policy's forward and backward plus the
+   frozen reference's forward) and gathers the reference's weights once more; rm uses the score head's [D, 1].
 3. Skip, by name and figure, the candidates whose closed-form memory (`estimate.task_memory`) exceeds `SKIP_FACTOR`
    times the chip, then compile the rest in rank order (llama2_jax.accel.aot) until
    `keep` of them fit with >= 10 % headroom or `max_compiles` were compiled. Every candidate compiled is reported
