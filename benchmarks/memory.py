@@ -26,7 +26,8 @@ scores, probabilities or gradients; the same numbers as "xla", see llama2_jax/mo
 With --target=tpu:NAME (e.g. tpu:v5p-8; needs `pip install -e .[tpu-aot]`) the compiler is the TPU's own (libtpu),
 for the compile-only devices of that slice (llama2_jax.accel.tpu), and every trainer kind of --tasks is compiled
 (llama2_jax.accel.aot: pretrain, sft, lora, rm, dpo, ppo_policy, ppo_value), attention "splash" unless --attention
-says otherwise, remat "auto" = the formula's pick against 90 % of the chip's HBM (LoRA: minimal):
+says otherwise, remat "auto" = the closed form's pick against 90 % of the chip's HBM (LoRA: minimal), compiled, and
+if the compiler refuses it or leaves < 10 % of the chip, the next policy that recomputes more (each attempt printed):
 
   python benchmarks/memory.py --target=tpu:v5p-8 --sizes=7b
   python benchmarks/memory.py --target=tpu:v5p-64 --sizes=70b --tasks=pretrain,lora --layers=2,4
@@ -61,11 +62,12 @@ if __name__ == "__main__":  # 64 simulated CPU devices: enough for the 70B mesh;
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 
 import jax  # noqa: E402
 
-from llama2_jax.accel import aot, targets  # noqa: E402
-from llama2_jax.accel.estimate import POLICY_ORDER, memory_formula, pick_policy  # noqa: E402
+from llama2_jax.accel import aot, planner, targets  # noqa: E402
+from llama2_jax.accel.estimate import PAIR_TASKS, POLICY_ORDER, memory_formula, pick_policy, task_memory  # noqa: E402
 from llama2_jax.model import lora  # noqa: E402
 from llama2_jax.model import sharding as sh  # noqa: E402
 from llama2_jax.model.config import AttentionImpl, LlamaConfig, RematPolicy, get_config  # noqa: E402
@@ -148,11 +150,13 @@ def verdict(figure: aot.MemoryFigure, hbm: float, on_tpu: bool) -> str:
     return f"fits, {headroom:.0f} % headroom" + ("" if headroom >= 10 else " (< 10 %)")
 
 
-def target_config(name: str, task: str, args, hbm_bytes: float, n_devices: int, on_tpu: bool) -> LlamaConfig:
+def target_config(name: str, task: str, args, hbm_bytes: float, mesh_shape: tuple[int, int, int],
+                  on_tpu: bool) -> LlamaConfig:
     """The size's config as the trainers run it on the target: bfloat16 compute, scanned layers, float32 master
     weights (a bfloat16 frozen base for LoRA), the kernel and remat policy of the flags (auto: splash on a TPU, else
     chunked for LoRA and xla otherwise, cuDNN's kernel needing a GPU to compile; the least-recomputing policy whose
-    formula fits 90 % of the chip for full training, "minimal" for LoRA)."""
+    closed form with the task's state (`estimate.task_memory`: DPO's reference included) fits 90 % of the chip for
+    full training, "minimal" for LoRA; `compile_fitting` then lets the compiler overrule the closed form)."""
     if args.attention != "auto":
         attention = args.attention
     elif on_tpu:
@@ -166,8 +170,46 @@ def target_config(name: str, task: str, args, hbm_bytes: float, n_devices: int, 
         return cfg.replace(remat_policy=args.remat)
     if task == "lora":
         return cfg.replace(remat_policy=RematPolicy.MINIMAL.value)
-    rows = args.batch_per_device * (2 if task in aot.PAIR_TASKS else 1)  # a pair is two sequences
-    return cfg.replace(remat_policy=pick_policy(cfg, args.seq, rows, n_devices, 0.9 * hbm_bytes, attention))
+    program = "pretrain" if task in ("sft", "ppo_policy", "ppo_value") else task  # the same state as pretraining
+    for policy in planner.policies(cfg):
+        estimate = task_memory(cfg, program, args.seq, args.batch_per_device, mesh_shape, policy,
+                               args.grad_accum_steps)
+        if estimate <= 0.9 * hbm_bytes:
+            return cfg.replace(remat_policy=policy)
+    return cfg.replace(remat_policy=POLICY_ORDER[-1])
+
+
+def compile_fitting(cfg: LlamaConfig, measure, hbm: float, report) -> tuple[LlamaConfig, aot.MemoryFigure, str]:
+    """remat "auto" checked by the compiler: compile `cfg` (`measure(cfg) -> (figure, how)`); while the compiler
+    refuses it or its figure leaves < 10 % of the chip, `report` that attempt and take the next policy that
+    recomputes more (`planner.policies`). The closed form underestimates remat "none" on the TPU (7B, one row per
+    chip: 50.6 GiB estimated, 62.7 compiled), so its pick alone is not enough. Returns the last attempt."""
+    order = planner.policies(cfg)
+    while True:
+        figure, how = measure(cfg)
+        fits = not figure.error and figure.total <= (1 - planner.HEADROOM) * hbm
+        later = order[order.index(cfg.remat_policy) + 1:] if cfg.remat_policy in order else ()
+        if fits or not later:
+            return cfg, figure, how
+        report(cfg, figure, how)
+        cfg = cfg.replace(remat_policy=later[0])
+
+
+def measure_step(task: str, cfg: LlamaConfig, *, mesh, args) -> tuple[aot.MemoryFigure, str]:
+    """(the compiler's figure of `task`'s step, how it was obtained): the whole depth, or with --layers=L0,L1 two
+    compiles extrapolated linearly."""
+    def compile_one(c: LlamaConfig) -> aot.MemoryFigure:
+        return aot.compile_train_step(task, c, mesh, seq_len=args.seq, batch_per_device=args.batch_per_device,
+                                      grad_accum_steps=args.grad_accum_steps, lora_rank=args.lora_rank)
+
+    if not args.layers:
+        return compile_one(cfg), f"all {cfg.n_layers} layers"
+    l0, l1 = (int(x) for x in args.layers.split(","))
+    small, large = compile_one(cfg.replace(n_layers=l0)), compile_one(cfg.replace(n_layers=l1))
+    failed = small if small.error else large if large.error else None
+    return (failed or extrapolate(small, large, l0, l1, cfg.n_layers),
+            f"extrapolated from {l0} layers ({small.total / GIB:.2f} GiB) and {l1} layers "
+            f"({large.total / GIB:.2f} GiB)")
 
 
 def target_main(args) -> None:
@@ -187,6 +229,16 @@ def target_main(args) -> None:
     on_tpu = targets.is_tpu(target)
     print(f"target {target.name}: {target.chips} chips, {target.hbm_gib:.2f} GiB per chip for programs; mesh "
           f"{dict(mesh.shape)}", flush=True)
+    mesh_tuple = tuple(mesh.shape[axis] for axis in sh.MESH_AXES)
+
+    def print_line(name: str, task: str, cfg: LlamaConfig, figure: aot.MemoryFigure, how: str) -> None:
+        unit = "pair" if task in PAIR_TASKS else "row"
+        print(f"{name} {task} {target.name} mesh={','.join(map(str, mesh_tuple))} seq={args.seq} "
+              f"{unit}s/shard={args.batch_per_device} accum={args.grad_accum_steps} remat={cfg.remat_policy} "
+              f"attention={attention_label(cfg)}: "
+              f"{figure.describe().replace('GiB/device', 'GiB/chip')} of {target.hbm_gib:.2f} GiB -> "
+              f"{verdict(figure, hbm, on_tpu)} [{how}]", flush=True)
+
     for name in args.sizes.split(","):
         done: dict[str, tuple] = {}
         for task in args.tasks.split(","):
@@ -195,25 +247,15 @@ def target_main(args) -> None:
                 figure, cfg, how = done[program]
                 how = f"the {program} program: {how}"
             else:
-                cfg = target_config(name, task, args, hbm, sh.data_parallel_size(mesh), on_tpu)
-                compile_one = lambda c: aot.compile_train_step(  # noqa: E731
-                    task, c, mesh, seq_len=args.seq, batch_per_device=args.batch_per_device, lora_rank=args.lora_rank)
-                if args.layers:
-                    l0, l1 = (int(x) for x in args.layers.split(","))
-                    small, large = compile_one(cfg.replace(n_layers=l0)), compile_one(cfg.replace(n_layers=l1))
-                    failed = small if small.error else large if large.error else None
-                    figure = failed or extrapolate(small, large, l0, l1, cfg.n_layers)
-                    how = (f"extrapolated from {l0} layers ({small.total / GIB:.2f} GiB) and {l1} layers "
-                           f"({large.total / GIB:.2f} GiB)")
+                cfg = target_config(name, task, args, hbm, mesh_tuple, on_tpu)
+                measure = functools.partial(measure_step, task, mesh=mesh, args=args)
+                if args.remat == "auto" and task != "lora":
+                    cfg, figure, how = compile_fitting(cfg, measure, hbm, functools.partial(print_line, name, task))
+                    how += "; remat auto, checked by the compiler"
                 else:
-                    figure, how = compile_one(cfg), f"all {cfg.n_layers} layers"
+                    figure, how = measure(cfg)
                 done[program] = (figure, cfg, how)
-            fits = verdict(figure, hbm, on_tpu)
-            unit = "pair" if task in aot.PAIR_TASKS else "row"
-            print(f"{name} {task} {target.name} mesh={','.join(map(str, mesh.shape.values()))} seq={args.seq} "
-                  f"{unit}s/shard={args.batch_per_device} remat={cfg.remat_policy} attention={attention_label(cfg)}: "
-                  f"{figure.describe().replace('GiB/device', 'GiB/chip')} of {target.hbm_gib:.2f} GiB -> {fits} "
-                  f"[{how}]", flush=True)
+            print_line(name, task, cfg, figure, how)
 
 
 def attention_label(cfg: LlamaConfig) -> str:
@@ -250,10 +292,15 @@ def main(argv=None) -> None:
                                                       "with that platform's compiler for its compile-only devices "
                                                       "(the tpu-aot / gpu-aot extra) instead of on CPU devices")
     parser.add_argument("--tasks", default=",".join(aot.TASKS), help="with --target: trainer kinds to compile")
+    parser.add_argument("--grad_accum_steps", type=int, default=1,
+                        help="with --target: micro-batches per step (the trainers' config.grad_accum_steps; adds a "
+                             "float32 gradient sum)")
     parser.add_argument("--mesh", default="1,-1,1", help="with --target: DATA,FSDP,TENSOR mesh axes over the chips")
     args = parser.parse_args(argv)
     if args.attention_block_size <= 0:
         parser.error(f"--attention_block_size must be positive, got {args.attention_block_size}")
+    if args.grad_accum_steps < 1 or (args.grad_accum_steps > 1 and not args.target):
+        parser.error(f"--grad_accum_steps={args.grad_accum_steps}: must be >= 1, and > 1 only with --target")
     if args.target:
         args.lora_rank = args.lora_rank or 16
         return target_main(args)

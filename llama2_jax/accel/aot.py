@@ -49,7 +49,6 @@ from llama2_jax.training import losses
 from llama2_jax.training import state as train_state
 
 TASKS = ("pretrain", "sft", "lora", "rm", "dpo", "ppo_policy", "ppo_value")
-PAIR_TASKS = ("rm", "dpo")
 GIB = 1024 ** 3
 
 

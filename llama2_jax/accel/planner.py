@@ -5,9 +5,13 @@ accumulation for one model, task and TPU slice, ranked by a closed-form cost and
    data d in 1, 2 (pure replicas, each an fsdp group), fsdp = chips / (d t); rows per data-parallel shard b in
    1, 2, 4, 8 and accumulation n with b d f n = the global batch; every remat policy.
 2. Rank by `estimate.step_seconds` (compute with the remat policy's recomputation + the mesh's communication; its
-   docstring says where it is crude).
-3. Skip, by name and figure, the candidates whose closed-form memory (`estimate.memory_formula`, the task's state
-   swapped in) exceeds `SKIP_FACTOR` times the chip, then compile the rest in rank order (llama2_jax.accel.aot) until
+   docstring has the closed forms and says where they are crude), per task: per token, full training costs
+   6 M + 12 L d T FLOPs (M matmul parameters); LoRA 4 M + 12 L d T + 6 N_a (the frozen base's activation gradients
+   flow through every kernel, its weight gradients are not computed; N_a adapter parameters) and moves no base
+   gradient; DPO 8 M + 16 L d T per chosen and rejected sequence (the policy's forward and backward plus the
+   frozen reference's forward) and gathers the reference's weights once more; rm uses the score head's [D, 1].
+3. Skip, by name and figure, the candidates whose closed-form memory (`estimate.task_memory`) exceeds `SKIP_FACTOR`
+   times the chip, then compile the rest in rank order (llama2_jax.accel.aot) until
    `keep` of them fit with >= 10 % headroom or `max_compiles` were compiled. Every candidate compiled is reported
    with the compiler's figure, fitting or not. A refusal costs seconds (the TPU compiler stops at buffer
    assignment), a compile that fits minutes, hence the CLI's default of 16 compiles.
@@ -82,26 +86,8 @@ def policies(cfg: LlamaConfig) -> tuple[str, ...]:
     return estimate.POLICY_ORDER
 
 
-def task_memory(cfg: LlamaConfig, task: str, seq: int, rows: int, mesh: tuple[int, int, int], remat: str,
-                grad_accum_steps: int = 1) -> float:
-    """`estimate.memory_formula` per chip with the task's trained state: LoRA keeps only the bfloat16 base (the
-    adapters are negligible), DPO adds its float32 reference, accumulation a float32 gradient sum; rm/dpo rows are
-    pairs (two sequences)."""
-    data, fsdp, tensor = mesh
-    sequences = rows * (2 if task in aot.PAIR_TASKS else 1)
-    terms = estimate.memory_formula(cfg, seq, sequences, fsdp * tensor, remat, cfg.attention_impl)
-    params = cfg.param_count() / (fsdp * tensor)
-    if task == "lora":
-        terms["total"] -= terms["params"] + terms["grads"] + terms["adam"] - 2.0 * params
-    if task == "dpo":
-        terms["total"] += 4.0 * params
-    if grad_accum_steps > 1 and task != "lora":
-        terms["total"] += 4.0 * params  # the scan's running sum of the micro-batches' gradients
-    return terms["total"]
-
-
-def enumerate_candidates(cfg: LlamaConfig, task: str, target: TpuSlice, seq: int, global_batch: int
-                         ) -> list[Candidate]:
+def enumerate_candidates(cfg: LlamaConfig, task: str, target: TpuSlice, seq: int, global_batch: int,
+                         lora_rank: int = 16) -> list[Candidate]:
     """Every (mesh, rows per shard, accumulation, remat) that divides `global_batch`, cheapest first."""
     out = []
     gen = target.generation
@@ -111,12 +97,12 @@ def enumerate_candidates(cfg: LlamaConfig, task: str, target: TpuSlice, seq: int
             if global_batch % (rows * shards):
                 continue
             for remat in policies(cfg):
-                sequences = global_batch * (2 if task in aot.PAIR_TASKS else 1)
-                seconds = estimate.step_seconds(cfg, seq, sequences, mesh, rows, remat, peak_flops=gen.peak_bf16_flops,
+                seconds = estimate.step_seconds(cfg, seq, global_batch, mesh, rows, remat, task=task,
+                                                lora_rank=lora_rank, peak_flops=gen.peak_bf16_flops,
                                                 ici_bytes_per_s=gen.ici_bytes_per_s)
                 accum = global_batch // (rows * shards)
                 out.append(Candidate(mesh, rows, accum, remat, seconds,
-                                     task_memory(cfg, task, seq, rows, mesh, remat, accum)))
+                                     estimate.task_memory(cfg, task, seq, rows, mesh, remat, accum, lora_rank)))
     # ties (no communication to save): fewer micro-batches, then less recomputation
     return sorted(out, key=lambda c: (c.seconds["total"], c.grad_accum_steps, estimate.POLICY_ORDER.index(c.remat)))
 
@@ -127,7 +113,7 @@ def plan(cfg: LlamaConfig, task: str, target: TpuSlice, devices: list, *, seq: i
     """Rank the candidates and compile them in order (see the module docstring); `report` is called with each one
     as it is compiled or skipped. Returns every candidate, cheapest first."""
     hbm = target.hbm_gib * aot.GIB
-    candidates = enumerate_candidates(cfg, task, target, seq, global_batch)
+    candidates = enumerate_candidates(cfg, task, target, seq, global_batch, lora_rank)
     compiled = fitting = 0
     for candidate in candidates:
         if compiled >= max_compiles or fitting >= keep:
