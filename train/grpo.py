@@ -59,8 +59,9 @@ VARIANTS = ("grpo", "rloo")
 SOURCES = ("file", "arithmetic")
 
 
-def check_fields(config) -> None:
-    """One-line ConfigErrors for the GRPO fields, before anything is read or compiled."""
+def check_fields(config, reward_models_given: bool = False) -> None:
+    """One-line ConfigErrors for the GRPO fields, before anything is read or compiled. reward_models_given: the
+    caller passes reward models itself (`train`'s `rewards`, e.g. a stand-in), so reward.fn may be empty."""
     g = config.grpo
     if g.variant not in VARIANTS:
         raise ConfigError(f"config.grpo.variant={g.variant!r}; known: {', '.join(VARIANTS)}")
@@ -88,7 +89,7 @@ def check_fields(config) -> None:
         arithmetic_task(config).check()
     if config.eval_every_iterations < 0:
         raise ConfigError(f"config.eval_every_iterations={config.eval_every_iterations} must be >= 0 (0 = never)")
-    if not config.reward.fn and not uses_reward_models(config):
+    if not config.reward.fn and not (reward_models_given or uses_reward_models(config)):
         raise ConfigError("config.reward: no reward: set config.reward.fn ('package.module:function') and/or "
                           "config.reward.helpful_path / safety_path")
     if config.reward.fn:
@@ -360,11 +361,13 @@ def evaluate(config, policy: Policy, params, prompts: PromptSet, mesh, rows: int
         if policy.reward_params:
             _, rm_scores = experience_fn(params, policy.reference, policy.reward_params, rolled,
                                          is_safety_of(prompts, padded))
-        result = score_completions(config, policy.reward_fns, prompts, padded,
-                                   completions_of(policy.tokenizer, rolled), rm_scores)
-        totals.append(result.total[:len(index)])
+        real = len(index)  # the padding rows are not scored: they would enter the reward models' whitening
+        rm_scores = {name: np.asarray(jax.device_get(values))[:real] for name, values in rm_scores.items()}
+        result = score_completions(config, policy.reward_fns, prompts, index,
+                                   completions_of(policy.tokenizer, rolled)[:real], rm_scores)
+        totals.append(result.total)
         for name, values in list(result.per_reward.items()) + rm_score_items(rm_scores):
-            per_reward.setdefault(name, []).append(values[:len(index)])
+            per_reward.setdefault(name, []).append(values)
     out = {"eval_reward_mean": float(np.mean(np.concatenate(totals)))}
     out.update({f"eval_reward_{name}_mean": float(np.mean(np.concatenate(v))) for name, v in per_reward.items()})
     return out
@@ -411,8 +414,9 @@ def check_model(config, cfg, mesh, *, rewards) -> None:
 
 
 def grpo_task(rewards) -> Task:
-    return Task("grpo", check=check_fields, check_model=functools.partial(check_model, rewards=rewards),
-                make_data=make_data, seq_len=False, init_from_required=True, lora=False, eval_tasks=False)
+    return Task("grpo", check=functools.partial(check_fields, reward_models_given=rewards is not None),
+                check_model=functools.partial(check_model, rewards=rewards), make_data=make_data, seq_len=False,
+                init_from_required=True, lora=False, eval_tasks=False)
 
 
 def train(config, workdir: str, rewards=None) -> TrainResult:
