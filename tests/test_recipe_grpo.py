@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from configs import recipe_7b, recipe_common, recipe_tiny
-from llama2_jax.evaluation import recipe_report
 from train import recipe
 
 STAND_IN = '''import json, os, sys
