@@ -13,6 +13,8 @@ r"""The whole recipe at 7B (train.recipe) with the paper's settings of every sta
               held-out reward; product: the best held-out policy
   gatt        configs/gatt_7b.py: multi-turn dialogs sampled, then SFT on its records (GAtt after RLHF, section 3.3)
   cd          configs/cd_7b.py: safety preprompts with risk-category templates, targeted keep by the safety RM
+  grpo        optional (only where config.stage_order names it, in place of ppo or after it): configs/grpo_7b.py
+              (DeepSeekMath 4.1: G = 64, β 0.04, LR 1e-6) with the two reward models on the RLHF prompts
 --config.eval.piqa_path=FILE adds lm-eval's PIQA (zero-shot) after every stage but the reward models.
 At 70B use configs/ppo_70b.py (β 0.005) and configs/rm_*_70b.py (LR 5e-6) in the rm and ppo commands. Each stage is
 one process on this host; for a pod, run the same commands through launch/ (one per stage) instead.
@@ -54,6 +56,9 @@ def get_config():
     stages.ppo = recipe_common.stage(
         "ppo", "best|.", "train.ppo --config=configs/ppo_7b.py --workdir={dir} --config.init_from={rs} "
         f"{rewards} --config.prompts.path={{paths.rlhf_prompts}}")
+    stages.grpo = recipe_common.stage(  # optional (config.stage_order): GRPO with the reward models, see recipe_tiny
+        "grpo", ".", "train.grpo --config=configs/grpo_7b.py --workdir={dir} --config.init_from={policy} "
+        f"{rewards} --config.prompts.path={{paths.rlhf_prompts}}", provides="ppo")
     gatt = "train.gatt --config=configs/gatt_7b.py --workdir={dir} --config.init_from={ppo} --config.data.path="
     stages.gatt = recipe_common.stage("gatt", "sft", gatt + "{paths.dialogs}")
     stages.cd = recipe_common.stage(

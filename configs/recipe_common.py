@@ -3,6 +3,7 @@
 import ml_collections
 
 STAGES = ("pretrain", "sft", "rm_helpful", "rm_safety", "rs", "ppo", "gatt", "cd")
+OPTIONAL_STAGES = ("grpo",)  # declared in config.stages, run only where config.stage_order names them
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -28,12 +29,15 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def stage(kind: str, output: str, *commands: str) -> ml_collections.ConfigDict:
-    """One stage: its evaluation kind (lm | rm | rs | ppo | cd | gatt | pairs | round_eval), its product (relative to
-    DIR/<stage>; "a|b" = the first that exists) and its commands (`MODULE ARGS...`, run as `python -m MODULE
-    ARGS...`). Placeholders: {dir} the stage's workdir, {data}, {paths.NAME}, {workdir} and {<stage>} = an earlier
-    stage's product. `extra` is appended to the last command (e.g. --config.num_train_steps=5 for a shortened run)."""
-    return ml_collections.ConfigDict({"kind": kind, "output": output, "commands": tuple(commands), "extra": ""})
+def stage(kind: str, output: str, *commands: str, provides: str = "") -> ml_collections.ConfigDict:
+    """One stage: its evaluation kind (lm | rm | rs | ppo | grpo | cd | gatt | pairs | round_eval), its product
+    (relative to DIR/<stage>; "a|b" = the first that exists) and its commands (`MODULE ARGS...`, run as `python -m
+    MODULE ARGS...`). Placeholders: {dir} the stage's workdir, {data}, {paths.NAME}, {workdir}, {<stage>} = an
+    earlier stage's product and {policy} = the latest policy stage's product. `extra` is appended to the last command
+    (e.g. --config.num_train_steps=5 for a shortened run); `provides`: comma-separated placeholders the stage's
+    product also fills once it is done (GRPO provides {ppo})."""
+    return ml_collections.ConfigDict({"kind": kind, "output": output, "commands": tuple(commands), "extra": "",
+                                      "provides": provides})
 
 
 def add_round_stages(rlhf, stages, rewards: str, round_rewards: str, round_flags: str) -> None:

@@ -16,6 +16,12 @@ half an hour on 2 CPU cores):
   cd          configs/cd_tiny.py on 16 HH harmless prompts, 10 SFT steps on the kept pairs
 After every stage but the reward models: lm-eval's PIQA (local JSONL, first 200 questions, zero-shot).
 
+Optional stage (declared in config.stages, run only where config.stage_order names it):
+  grpo        configs/grpo_rm_tiny.py on the OASST prompts with the two reward models: 8 iterations of 8 prompts x 4
+              answers, held-out Rc every 2; from the latest policy ({policy}); GAtt then starts from its product.
+              In place of PPO: --config.stage_order=pretrain,sft,rm_helpful,rm_safety,rs,grpo,gatt,cd
+              after PPO:       --config.stage_order=pretrain,sft,rm_helpful,rm_safety,rs,ppo,grpo,gatt,cd
+
 With --config.rlhf.rounds=2, rs, ppo, gatt and cd come from config.rlhf.stages (below) instead (train.recipe's plan;
 tested at reduced size in tests/test_recipe_rounds.py; the full tiny recipe with rounds has not been timed yet, so the
 shipped default is 0, the one RLHF pass above):
@@ -75,6 +81,9 @@ def get_config():
         "ppo", "best|.", "train.ppo --config=configs/ppo_tiny.py --workdir={dir} --config.init_from={rs} "
         f"{rewards} --config.prompts.path={{paths.safety_prompts}} --config.iterations=8 "
         "--config.eval_every_iterations=2 --config.early_stop_patience=2 --config.checkpoint_every_iterations=4")
+    stages.grpo = recipe_common.stage(  # optional: not in stage_order (see the docstring)
+        "grpo", ".", "train.grpo --config=configs/grpo_rm_tiny.py --workdir={dir} --config.init_from={policy} "
+        f"{rewards} --config.prompts.path={{paths.rlhf_prompts}}", provides="ppo")
     stages.gatt = recipe_common.stage(
         "gatt", "sft", "train.gatt --config=configs/gatt_tiny.py --workdir={dir} --config.init_from={ppo} "
         "--config.data.path={paths.dialogs}")

@@ -14,10 +14,13 @@ One iteration (one step of the shared loop, as in train/ppo.py):
      of step 1's weights). With beta = 0 no reference model is kept in memory.
 
 Metrics per iteration (metrics.jsonl, TensorBoard, the printed line): reward_mean / reward_std (total) and
-reward_<name>_mean / _std per reward, reward_failures, zero_std_fraction (groups without learning signal), kl (k3 to
-the reference; only with beta > 0), clipfrac, ratio, entropy, loss, answer_length_mean / _max, truncated_fraction,
-generation_tokens_per_s; held-out eval_reward_mean (greedy answers, every config.eval_every_iterations). Checkpoints and
-resume as every trainer (WORKDIR/checkpoints; the workdir is an init_from).
+reward_<name>_mean / _std per reward (reward_rm: the reward models' whitened logit), with reward models also
+reward_combined_mean / reward_helpful_mean / reward_safety_mean (their sigmoid scores before whitening, comparable
+across iterations), reward_failures, zero_std_fraction (groups without learning signal), kl (k3 to the reference; only
+with beta > 0), clipfrac, ratio, entropy, loss, answer_length_mean / _max, truncated_fraction, generation_tokens_per_s;
+held-out eval_reward_mean and eval_reward_<name>_mean (greedy answers, every config.eval_every_iterations; with reward
+models eval_reward_combined_mean is the held-out Rc). Checkpoints and resume as every trainer (WORKDIR/checkpoints;
+the workdir is an init_from).
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ VARIANTS = ("grpo", "rloo")
 SOURCES = ("file", "arithmetic")
 
 
-def check_fields(config) -> None:
-    """One-line ConfigErrors for the GRPO fields, before anything is read or compiled."""
+def check_fields(config, reward_models_given: bool = False) -> None:
+    """One-line ConfigErrors for the GRPO fields, before anything is read or compiled. reward_models_given: the
+    caller passes reward models itself (`train`'s `rewards`, e.g. a stand-in), so reward.fn may be empty."""
     g = config.grpo
     if g.variant not in VARIANTS:
         raise ConfigError(f"config.grpo.variant={g.variant!r}; known: {', '.join(VARIANTS)}")
@@ -85,7 +89,7 @@ def check_fields(config) -> None:
         arithmetic_task(config).check()
     if config.eval_every_iterations < 0:
         raise ConfigError(f"config.eval_every_iterations={config.eval_every_iterations} must be >= 0 (0 = never)")
-    if not config.reward.fn and not uses_reward_models(config):
+    if not config.reward.fn and not (reward_models_given or uses_reward_models(config)):
         raise ConfigError("config.reward: no reward: set config.reward.fn ('package.module:function') and/or "
                           "config.reward.helpful_path / safety_path")
     if config.reward.fn:
@@ -279,6 +283,12 @@ def advantages_of(config, rewards: np.ndarray, experience: dict) -> np.ndarray:
     return np.asarray(group.normalize_advantages(advantages) if g.normalize_advantages else advantages)
 
 
+def rm_score_items(rm_scores: dict) -> list[tuple[str, np.ndarray]]:
+    """The reward models' sigmoid scores before whitening, [("combined", Rc [B]), ("helpful", ..), ("safety", ..)]:
+    their means are comparable across batches and checkpoints (the whitened reward has mean 0 in every batch)."""
+    return [(name, np.asarray(jax.device_get(values), np.float32)) for name, values in sorted(rm_scores.items())]
+
+
 def reward_metrics(result: rf.RewardResult, num_generations: int) -> dict[str, float]:
     stats = group.group_reward_stats(result.total, num_generations)
     metrics = {"reward_mean": float(stats["reward_mean"]), "reward_std": float(stats["reward_std"]),
@@ -324,6 +334,7 @@ def run_iteration(config, policy: Policy, state, batch, prompts: PromptSet, rng)
     update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
     lengths, truncated = (np.asarray(x) for x in jax.device_get((rolled["lengths"], rolled["truncated"])))
     metrics = reward_metrics(result, config.grpo.num_generations)
+    metrics.update({f"reward_{name}_mean": float(np.mean(values)) for name, values in rm_score_items(rm_scores)})
     if config.grpo.variant == "rloo" and "ref_logprobs" in experience:  # RLOO's KL is in the reward: k1 per answer
         kl = jnp.sum((experience["logprobs"] - experience["ref_logprobs"]) * experience["mask"], axis=1)
         metrics["kl"] = float(jnp.mean(kl))
@@ -350,11 +361,13 @@ def evaluate(config, policy: Policy, params, prompts: PromptSet, mesh, rows: int
         if policy.reward_params:
             _, rm_scores = experience_fn(params, policy.reference, policy.reward_params, rolled,
                                          is_safety_of(prompts, padded))
-        result = score_completions(config, policy.reward_fns, prompts, padded,
-                                   completions_of(policy.tokenizer, rolled), rm_scores)
-        totals.append(result.total[:len(index)])
-        for name, values in result.per_reward.items():
-            per_reward.setdefault(name, []).append(values[:len(index)])
+        real = len(index)  # the padding rows are not scored: they would enter the reward models' whitening
+        rm_scores = {name: np.asarray(jax.device_get(values))[:real] for name, values in rm_scores.items()}
+        result = score_completions(config, policy.reward_fns, prompts, index,
+                                   completions_of(policy.tokenizer, rolled)[:real], rm_scores)
+        totals.append(result.total)
+        for name, values in list(result.per_reward.items()) + rm_score_items(rm_scores):
+            per_reward.setdefault(name, []).append(values)
     out = {"eval_reward_mean": float(np.mean(np.concatenate(totals)))}
     out.update({f"eval_reward_{name}_mean": float(np.mean(np.concatenate(v))) for name, v in per_reward.items()})
     return out
@@ -364,7 +377,7 @@ def log_line(iteration: int, metrics: dict) -> str:
     shown = [("reward", "reward_mean", "{:.4f}"), ("zero-std", "zero_std_fraction", "{:.2f}"),
              ("kl", "kl", "{:.4f}"), ("clip", "clipfrac", "{:.3f}"), ("len", "answer_length_mean", "{:.1f}"),
              ("trunc", "truncated_fraction", "{:.2f}"), ("gen tok/s", "generation_tokens_per_s", "{:,.0f}"),
-             ("eval reward", "eval_reward_mean", "{:.4f}")]
+             ("eval reward", "eval_reward_mean", "{:.4f}"), ("eval Rc", "eval_reward_combined_mean", "{:.4f}")]
     return f"iteration {iteration}: " + " ".join(f"{label} {fmt.format(metrics[key])}" for label, key, fmt in shown
                                                  if key in metrics)
 
@@ -401,8 +414,9 @@ def check_model(config, cfg, mesh, *, rewards) -> None:
 
 
 def grpo_task(rewards) -> Task:
-    return Task("grpo", check=check_fields, check_model=functools.partial(check_model, rewards=rewards),
-                make_data=make_data, seq_len=False, init_from_required=True, lora=False, eval_tasks=False)
+    return Task("grpo", check=functools.partial(check_fields, reward_models_given=rewards is not None),
+                check_model=functools.partial(check_model, rewards=rewards), make_data=make_data, seq_len=False,
+                init_from_required=True, lora=False, eval_tasks=False)
 
 
 def train(config, workdir: str, rewards=None) -> TrainResult:

@@ -6,8 +6,10 @@ command line (`python -m train.<stage> --config=... --workdir=DIR/<stage> --conf
 and a kill -9 loses at most the work since that stage's last checkpoint. A stage dies with the recipe: stopping the
 recipe (SIGTERM, Ctrl-C) stops the running stage, which saves its checkpoint, and waits for it; on Linux a recipe
 killed with -9 takes its stage along too (the kernel sends the stage SIGTERM). The stage list, each stage's commands and
-its product are in the config (configs/recipe_tiny.py); `{data}`, `{dir}` (the stage's workdir) and `{<stage>}`
-(a finished stage's product, e.g. the SFT policy) are filled in.
+its product are in the config (configs/recipe_tiny.py); `{data}`, `{dir}` (the stage's workdir), `{<stage>}`
+(a finished stage's product, e.g. the SFT policy) and `{policy}` (the latest finished policy) are filled in. The
+optional grpo stage (GRPO with the reward-model pair) runs where config.stage_order names it: in place of PPO
+(`...,rs,grpo,gatt,cd`) or after it (`...,rs,ppo,grpo,gatt,cd`); GAtt then starts from its policy.
 
 DIR/manifest.json (written atomically) records every finished command and stage with its evaluation; a re-run skips
 finished stages and re-runs the interrupted command, which resumes from its own checkpoints. After each stage its
@@ -77,6 +79,8 @@ class Planned(NamedTuple):
 
 
 ROUND_STEPS = ("pairs", "rm_helpful", "rm_safety", "rs", "ppo", "gatt", "eval")
+# Stage kinds whose product is the chat policy: {policy} in a command is the product of the latest finished one.
+POLICY_KINDS = ("lm", "rs", "ppo", "grpo", "gatt", "cd")
 REPLACED_BY_ROUNDS = ("rs", "ppo", "gatt", "cd")  # with rlhf.rounds > 0: from config.rlhf.stages instead
 
 
@@ -126,6 +130,9 @@ def plan(config) -> list[Planned]:
     if not config.get("rlhf") or not config.rlhf.rounds:
         return [Planned(name, config.stages[name], name) for name in names]
     rounds, ppo_from, gatt_after = round_settings(config)
+    if "grpo" in names:
+        raise RecipeError("config.stage_order names grpo, which the RLHF rounds (config.rlhf.rounds > 0) do not run; "
+                          "use it in the one-pass recipe (rlhf.rounds = 0)")
     out = [Planned(name, config.stages[name], name) for name in names if name not in REPLACED_BY_ROUNDS]
     if "gold_rm" in config.rlhf.stages:  # the synthetic setup's annotator (Gao et al. 2023), a stage of its own
         out.append(Planned("gold_rm", config.rlhf.stages.gold_rm, "gold_rm"))
@@ -299,6 +306,18 @@ def run_stage(config, workdir: str, planned: Planned, manifest: dict, values: di
     return entry
 
 
+def bind_product(values: dict, stage, name: str, output: str) -> None:
+    """A finished stage's product fills {<name>}, {policy} when the stage trains the policy, and the placeholders of
+    its `provides` (e.g. GRPO provides {ppo}: GAtt, which starts from {ppo}, then continues from the GRPO policy
+    whether GRPO ran in place of PPO or after it)."""
+    values[name] = output
+    if stage.kind in POLICY_KINDS:
+        values["policy"] = output
+    for alias in (a.strip() for a in stage.get("provides", "").split(",")):
+        if alias:
+            values[alias] = output
+
+
 def run_recipe(config, workdir: str) -> dict:
     """Every stage of config.stage_order not yet finished in DIR/manifest.json, then DIR/REPORT.md and plots."""
     stages = plan(config)
@@ -318,7 +337,7 @@ def run_recipe(config, workdir: str) -> dict:
             entry = run_stage(config, os.path.abspath(workdir), planned, manifest, values, env)
             print(f"[{name}] done in {entry['seconds']:.0f} s: {recipe_report.one_line(entry['metrics'])}",
                   flush=True)
-        values[name] = entry["output"]
+        bind_product(values, planned.stage, name, entry["output"])
     recipe_report.write_report(workdir, names, manifest)
     print(f"report: {os.path.join(workdir, 'REPORT.md')}")
     return manifest

@@ -12,7 +12,8 @@ from typing import Optional
 LM_CURVES = ("loss", "eval_loss")
 CURVES = {"lm": LM_CURVES, "rm": ("loss", "accuracy", "eval_loss", "eval_accuracy"),
           "ppo": ("reward_combined", "eval_reward_combined", "kl"), "rs": LM_CURVES, "cd": LM_CURVES,
-          "gatt": LM_CURVES, "pairs": (), "round_eval": ()}
+          "gatt": LM_CURVES, "pairs": (), "round_eval": (),
+          "grpo": ("reward_mean", "reward_combined_mean", "eval_reward_mean", "eval_reward_combined_mean")}
 ROUND_FIGURES = ("new_labels", "all_labels", "rm_helpful_accuracy_before", "rm_safety_accuracy_before")
 POLICY_FIGURES = ("proxy_helpful_mean", "proxy_safety_mean", "gold_helpful_mean", "gold_safety_mean",
                   "win_rate_vs_sft")
@@ -83,6 +84,8 @@ def evaluate_stage(kind: str, stage_dir: str, output: str) -> dict:
                 if records else None, "last_reward": last_value(records, "reward_combined"),
                 "best_eval_reward": best.get("eval_reward_combined"), "best_eval_iteration": best.get("step"),
                 "last_kl": last_value(records, "kl"), "evaluations": len(stopped["evals"]) if stopped else 0}
+    if kind == "grpo":
+        return grpo_figures(records)
     if kind == "cd":
         summary = read_json(os.path.join(stage_dir, "distill.json")) or {}
         keys = ("prompts", "kept_fraction", "safety_original_mean", "safety_distilled_mean", "safety_gain_all_mean",
@@ -94,7 +97,22 @@ def evaluate_stage(kind: str, stage_dir: str, output: str) -> dict:
         return {**{k: summary.get(k) for k in keys}, **{f"sft_{k}": v for k, v in lm_figures(records).items()}}
     if kind in ("pairs", "round_eval"):  # train.rlhf_round's round.json
         return read_json(os.path.join(stage_dir, "round.json")) or {}
-    raise ValueError(f"unknown stage kind {kind!r}; known: lm, rm, rs, ppo, cd, gatt, pairs, round_eval")
+    raise ValueError(f"unknown stage kind {kind!r}; known: lm, rm, rs, ppo, grpo, cd, gatt, pairs, round_eval")
+
+
+def grpo_figures(records: list[dict]) -> dict:
+    """train.grpo's metrics.jsonl: iterations, the first and last training reward (the reward models' Rc when they
+    score, else the reward functions' total) and the first and last held-out evaluations."""
+    key = "reward_combined_mean" if any("reward_combined_mean" in r for r in records) else "reward_mean"
+    eval_key = f"eval_{key}"
+    evals = [r for r in records if eval_key in r]
+    figures = {"iterations": last_value(records, "step"), "reward": key,
+               "first_reward": records[0].get(key) if records else None, "last_reward": last_value(records, key),
+               "first_eval_reward": evals[0][eval_key] if evals else None,
+               "last_eval_reward": evals[-1][eval_key] if evals else None,
+               "first_eval_iteration": evals[0]["step"] if evals else None,
+               "last_eval_iteration": evals[-1]["step"] if evals else None}
+    return {k: v for k, v in figures.items() if v is not None}
 
 
 def piqa_figures(out_dir: str) -> dict:
@@ -137,7 +155,7 @@ def plot_stage(path: str, title: str, kind: str, records: list[dict]) -> bool:
         points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None)
         ax.set_title(key)
-        ax.set_xlabel("iteration" if kind == "ppo" else "step")
+        ax.set_xlabel("iteration" if kind in ("ppo", "grpo") else "step")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
