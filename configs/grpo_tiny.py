@@ -3,7 +3,7 @@ r"""GRPO on CPU in minutes: the arithmetic task with its exact-match reward, fro
     python -m train.grpo --config=configs/grpo_tiny.py --workdir=/tmp/grpo --config.init_from=/tmp/sft_arith
 
 The SFT policy must have answered the task's prompts ("What is 3 + 4?" -> "7") in Meta's chat format, e.g. train.sft
-on `arithmetic.sft_record`s of the training split (tests/test_grpo_trainer.py does it in the test). Per iteration:
+on `arithmetic.sft_record`s of the training split (tests/train/test_grpo_trainer.py does it in the test). Per iteration:
 16 prompts x G = 8 answers of up to 4 tokens, 4 optimizer steps (2 epochs x 2 minibatches); beta = 0 (no
 reference kept).
 """

@@ -1,5 +1,7 @@
 """SIGTERM: the run saves a checkpoint and stops right after it, without the final evaluation, report or samples (a
-scheduler's grace period is short), and the trainer command line says so in one line and exits with status 0."""
+scheduler's grace period is short), and the trainer command line says so in one line and exits with status 0.
+
+Covers llama2_jax.cli.trainer."""
 
 import os
 import pathlib
