@@ -1,5 +1,7 @@
 """The "chunked" attention kernel: outputs and gradients equal the reference "xla" kernel's, and its backward pass
-keeps no [B, N, T, S] tensor."""
+keeps no [B, N, T, S] tensor.
+
+Covers llama2_jax.model.attention."""
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,8 @@
 """attention_impl="splash" (jax's Pallas TPU splash attention kernel), run on CPU in Pallas interpret mode: outputs and
 gradients equal the reference "xla" kernel's, with GQA, packed segments and a padded tail, alone and inside the
-sharded model; selecting it on a CPU without interpret mode is a one-line config error."""
+sharded model; selecting it on a CPU without interpret mode is a one-line config error.
+
+Covers llama2_jax.model.attention."""
 
 import jax
 import jax.numpy as jnp
