@@ -7,6 +7,7 @@ import json
 import grain
 import numpy as np
 import pytest
+from helpers.batches import assert_same_batches, take
 
 from llama2_jax.data import packing, pipeline, sources
 from llama2_jax.data.packing import pack_documents, pack_examples, unigram_entropy
@@ -191,47 +192,35 @@ def _iterators(seed=0, process_index=0, process_count=1, global_batch=4, seq_len
     )
 
 
-def _take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def _assert_same(batches_a, batches_b):
-    assert len(batches_a) == len(batches_b)
-    for a, b in zip(batches_a, batches_b):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
-
-
 def _differ(batches_a, batches_b):
     return any(not np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(batches_a, batches_b))
 
 
 def test_train_batches_shape_and_determinism():
-    batches = _take(_iterators(seed=0)[0], 5)
+    batches = take(_iterators(seed=0)[0], 5)
     assert {k: (v.shape, v.dtype) for k, v in batches[0].items()} == {
         "inputs": ((4, 16), np.int32), "targets": ((4, 16), np.int32), "segment_ids": ((4, 16), np.int32),
         "positions": ((4, 16), np.int32), "loss_mask": ((4, 16), np.float32),
     }
-    _assert_same(batches, _take(_iterators(seed=0)[0], 5))
-    assert _differ(batches, _take(_iterators(seed=1)[0], 5))
+    assert_same_batches(batches, take(_iterators(seed=0)[0], 5))
+    assert _differ(batches, take(_iterators(seed=1)[0], 5))
 
 
 def test_training_covers_all_training_documents():
     train_docs, _ = pipeline.split_documents(DOCS, 0.1)
     train_ids = {int(d) for d in train_docs}
-    batches = _take(_iterators()[0], 60)  # a little over 2 epochs of the 54 training documents
+    batches = take(_iterators()[0], 60)  # a little over 2 epochs of the 54 training documents
     assert _doc_ids(batches) == train_ids
 
 
 def test_state_restore_gives_the_same_next_batches():
     train_iter, _ = _iterators(seq_len=8)
-    _take(train_iter, 3)
+    take(train_iter, 3)
     state = json.loads(json.dumps(train_iter.get_state()))  # the state must survive a JSON checkpoint
-    expected = _take(train_iter, 6)
+    expected = take(train_iter, 6)
     restored, _ = _iterators(seq_len=8)
     restored.set_state(state)
-    _assert_same(_take(restored, 6), expected)
+    assert_same_batches(take(restored, 6), expected)
 
 
 def test_state_restore_with_grains_orbax_checkpoint_handler(tmp_path):
@@ -239,11 +228,11 @@ def test_state_restore_with_grains_orbax_checkpoint_handler(tmp_path):
 
     handler = grain.checkpoint.CheckpointHandler()
     train_iter, _ = _iterators(seq_len=8)
-    _take(train_iter, 2)
+    take(train_iter, 2)
     handler.save(epath.Path(tmp_path), item=train_iter)
-    expected = _take(train_iter, 4)
+    expected = take(train_iter, 4)
     restored = handler.restore(epath.Path(tmp_path), item=_iterators(seq_len=8)[0])
-    _assert_same(_take(restored, 4), expected)
+    assert_same_batches(take(restored, 4), expected)
 
 
 def test_state_restore_in_the_middle_of_a_document(tmp_path):
@@ -254,19 +243,19 @@ def test_state_restore_in_the_middle_of_a_document(tmp_path):
         return pipeline.make_pretrain_iterators(docs, tokenizer, 32, 2, 7, 0.0, process_index=0, process_count=1)[0]
 
     train_iter = make()
-    _take(train_iter, 5)
+    take(train_iter, 5)
     state = train_iter.get_state()
     assert state["offset"] > 0
-    expected = _take(train_iter, 4)
+    expected = take(train_iter, 4)
     restored = make()
     restored.set_state(state)
-    _assert_same(_take(restored, 4), expected)
+    assert_same_batches(take(restored, 4), expected)
 
 
 def test_two_processes_get_disjoint_documents():
-    one = _take(_iterators(global_batch=4)[0], 30)
-    p0 = _take(_iterators(process_index=0, process_count=2)[0], 30)
-    p1 = _take(_iterators(process_index=1, process_count=2)[0], 30)
+    one = take(_iterators(global_batch=4)[0], 30)
+    p0 = take(_iterators(process_index=0, process_count=2)[0], 30)
+    p1 = take(_iterators(process_index=1, process_count=2)[0], 30)
     assert p0[0]["inputs"].shape == p1[0]["inputs"].shape == (2, 16)
     assert not _doc_ids(p0) & _doc_ids(p1)
     assert _doc_ids(p0) | _doc_ids(p1) == _doc_ids(one)
@@ -275,12 +264,12 @@ def test_two_processes_get_disjoint_documents():
 def test_validation_batches_are_fixed_and_held_out():
     train_iter, eval_batches = _iterators()
     val = eval_batches()
-    _assert_same(val, eval_batches())
-    _assert_same(val, _iterators(seed=5)[1]())  # the split does not depend on the training seed
+    assert_same_batches(val, eval_batches())
+    assert_same_batches(val, _iterators(seed=5)[1]())  # the split does not depend on the training seed
     assert len(val) >= 1 and all(b["inputs"].shape == (4, 16) for b in val)
     val_ids = _doc_ids(val)
     assert len(val_ids) == 6  # 10% of 60 documents
-    assert not val_ids & _doc_ids(_take(train_iter, 60))
+    assert not val_ids & _doc_ids(take(train_iter, 60))
 
 
 def test_validation_rows_are_split_across_processes():

@@ -6,6 +6,8 @@ import logging
 
 import pytest
 from conftest import shared_file
+from helpers.messages import assistant as a
+from helpers.messages import user as u
 
 from llama2_jax.data.preferences import PreferencePair, detect_format, encode_pair, read_preferences
 from llama2_jax.text import chat_format as chat
@@ -18,14 +20,6 @@ OASST_PAIRS = "oasst-en-100-pairs.jsonl"
 def write_jsonl(path, records):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
     return path
-
-
-def u(text):
-    return {"role": "user", "content": text}
-
-
-def a(text):
-    return {"role": "assistant", "content": text}
 
 
 def assert_prompt(prompt):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("lm_eval", reason="the parity tests need lm-eval (pip install -e .[eval])")
-from helpers import hf_reference  # noqa: E402  (skips without torch / transformers)
 from conftest import shared_file  # noqa: E402
+from helpers import hf_reference  # noqa: E402  (skips without torch / transformers)
 
 from llama2_jax.checkpoints.params_io import save_params  # noqa: E402
 from llama2_jax.cli import convert  # noqa: E402  (the convert command line)

@@ -3,15 +3,8 @@ strings, and a check that every packed sample of the SFT batches carries exactly
 
 import numpy as np
 
+from helpers.messages import assistant, user
 from llama2_jax.data import sft
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 def expected_sample(tokenizer, dialog, train_on="all"):

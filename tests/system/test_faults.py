@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import pytest
 from helpers.checkpoints import CFG, init_np
+from helpers.tmpfs import mounted_tmpfs
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama2_jax.checkpoints import params_io as ckpt
@@ -327,14 +328,8 @@ def test_generate_cli_on_a_cut_checkpoint_prints_one_error_line(tmp_path, llama_
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2 MiB tmpfs (root only): writes past it fail with ENOSPC."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'})")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    with mounted_tmpfs(tmp_path / "disk", "size=2m") as mount_point:
+        yield mount_point
 
 
 def test_a_full_disk_stops_at_the_next_save_with_one_line(small_disk, capfd):
@@ -361,14 +356,8 @@ def test_a_failed_last_save_is_reported_at_close(small_disk):
 @pytest.fixture
 def read_only_checkpoints(tmp_path):
     """WORKDIR/checkpoints on a read-only tmpfs (root only): every save fails with EROFS."""
-    directory = tmp_path / "work" / "checkpoints"
-    directory.mkdir(parents=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(directory)],
-                            capture_output=True, text=True)
-    if result.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'})")
-    yield directory
-    subprocess.run(["umount", "-l", str(directory)], check=False)
+    with mounted_tmpfs(tmp_path / "work" / "checkpoints", "size=1m,ro") as directory:
+        yield directory
 
 
 @pytest.mark.parametrize("async_save", [False, True])

@@ -5,6 +5,9 @@ import re
 
 import pytest
 from conftest import shared_file
+from helpers.messages import assistant as a
+from helpers.messages import system as s
+from helpers.messages import user as u
 
 from llama2_jax.text import chat_format as chat
 from llama2_jax.text.tokenizer import Tokenizer
@@ -46,18 +49,6 @@ def meta_chat_prompt_tokens(tokenizer, dialog):
     assert dialog[-1]["role"] == "user", f"Last message must be from user, got {dialog[-1]['role']}"
     dialog_tokens += tokenizer.encode(f"{B_INST} {(dialog[-1]['content']).strip()} {E_INST}", bos=True, eos=False)
     return dialog_tokens
-
-
-def u(text):
-    return {"role": "user", "content": text}
-
-
-def a(text):
-    return {"role": "assistant", "content": text}
-
-
-def s(text):
-    return {"role": "system", "content": text}
 
 
 PROMPT_DIALOGS = [

@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 from conftest import alpaca_subset, random_llama_params, shared_file
-from helpers.sft_masks import MULTI_TURN, assistant, check_masks_on_batches, expected_sample, user
+from helpers.batches import assert_same_batches, take
+from helpers.messages import assistant, user
+from helpers.sft_masks import MULTI_TURN, check_masks_on_batches, expected_sample
 from helpers.trainers import save_tiny_checkpoint
 
 from configs import sft_7b, sft_tiny
@@ -155,31 +157,19 @@ def char_samples(n=30, seed=0):
              "all") for i in range(n)]
 
 
-def batches_of(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
-
-
 def test_iterator_state_restores_identical_batches_across_epochs():
     make = lambda seed=3: sft.make_sft_data(char_samples(), CharTokenizer(), seq_len=64, batch_size=2, seed=seed)
     data = make()
     rows_per_epoch = data.stats.train_rows
-    batches_of(data.train_iter, 3)
+    take(data.train_iter, 3)
     state = json.loads(json.dumps(data.train_iter.get_state()))  # JSON-serialisable, as checkpoints store it
-    expected = batches_of(data.train_iter, rows_per_epoch)  # crosses at least one epoch boundary
+    expected = take(data.train_iter, rows_per_epoch)  # crosses at least one epoch boundary
     fresh = make()
     fresh.train_iter.set_state(state)
-    assert_same_batches(batches_of(fresh.train_iter, rows_per_epoch), expected)
-    assert_same_batches(batches_of(make().train_iter, 4), batches_of(make().train_iter, 4))  # deterministic
-    other = batches_of(make(seed=4).train_iter, 4)
-    assert any(not np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(other, batches_of(make().train_iter, 4)))
+    assert_same_batches(take(fresh.train_iter, rows_per_epoch), expected)
+    assert_same_batches(take(make().train_iter, 4), take(make().train_iter, 4))  # deterministic
+    other = take(make(seed=4).train_iter, 4)
+    assert any(not np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(other, take(make().train_iter, 4)))
 
 
 def test_eval_batches_are_fixed_and_padded_to_the_batch():
