@@ -2,7 +2,7 @@
 H100 node (llama2_jax.accel.gpu). Skipped, with the reason, where the CUDA PJRT plugin is not installed (the gpu-aot
 extra, which CI leaves out: installed, it logs to stderr at every JAX start-up on a machine without GPUs).
 
-Covers llama2_jax.accel.targets."""
+Covers llama2_jax.accel.gpu and llama2_jax.accel.targets."""
 
 import pytest
 

@@ -1,5 +1,7 @@
 """Generation: cached decoding == full forward, greedy parity with HF generate, Meta's top-p, EOS and output rules,
-streaming in chunks, and sampling inside jit on a sharded mesh."""
+streaming in chunks, and sampling inside jit on a sharded mesh.
+
+Covers llama2_jax.inference.decode."""
 
 import functools
 import io

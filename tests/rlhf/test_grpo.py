@@ -1,6 +1,8 @@
 """GRPO and RLOO: advantages (llama2_jax/rlhf/group.py) and losses (llama2_jax/training/losses.py) against
 hand-computed values and numpy written after TRL's trainers (huggingface/trl, trl/trainer/grpo_trainer.py and
-trl/trainer/rloo_trainer.py)."""
+trl/trainer/rloo_trainer.py).
+
+Covers llama2_jax.rlhf.group and llama2_jax.training.losses."""
 
 import math
 

@@ -1,6 +1,8 @@
 """Reward functions named in the config (llama2_jax/rlhf/reward_functions.py): loading with one-line errors, weights,
 failures counted with the fallback, the Llama 2 reward-model pair from its scores; the synthetic arithmetic task
-(llama2_jax/data/arithmetic.py) and its exact-match reward."""
+(llama2_jax/data/arithmetic.py) and its exact-match reward.
+
+Covers llama2_jax.data.arithmetic."""
 
 import logging
 import math

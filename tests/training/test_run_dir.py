@@ -1,7 +1,9 @@
 """A workdir belongs to one run (llama2_jax.training.run_dir, through llama2_jax.training.setup): WORKDIR/run.json
 records the trainer that made it and what a resumed run must match; another trainer, another model, LoRA settings
 that differ, or an init_from that is the workdir itself are refused with one line before anything is written, and a
-new workdir stays empty until every check (fields, model, workdir, init_from, tokenizer, data) has passed."""
+new workdir stays empty until every check (fields, model, workdir, init_from, tokenizer, data) has passed.
+
+Covers llama2_jax.training.setup."""
 
 import json
 import shutil
