@@ -15,7 +15,7 @@ from llama2_jax.data import arithmetic, dialogs
 from llama2_jax.rlhf import reward_functions as rf
 from llama2_jax.training.checks import ConfigError
 
-HERE = "tests.test_reward_functions"
+HERE = "tests.rlhf.test_reward_functions"
 
 
 # Reward functions the tests name by "package.module:function".
@@ -55,7 +55,7 @@ NOT_A_FUNCTION = 3
     ("length_reward", r"expected 'package\.module:function'"),
     (":f", r"expected 'package\.module:function'"),
     ("no_such_package_xyz.mod:f", r"cannot import no_such_package_xyz\.mod \(ModuleNotFoundError: "),
-    (f"{HERE}:missing", r"tests\.test_reward_functions has no attribute missing"),
+    (f"{HERE}:missing", r"tests\.rlhf\.test_reward_functions has no attribute missing"),
     (f"{HERE}:NOT_A_FUNCTION", r"NOT_A_FUNCTION is a int, not a function"),
     (f"{HERE}:no_completions", r"no_completions takes no completions keyword argument"),
 ])
