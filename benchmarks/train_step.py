@@ -28,7 +28,7 @@ the segment-mask path (xla: a [B,1,T,T] mask; cudnn: a masked kernel); "none" le
 causal (cudnn's fused causal kernel), as HF without an attention mask.
 
 This file imports only jax/flax/optax/numpy (and torch/transformers for --compare=hf): no grain, ml_collections or
-tensorflow_datasets (tests/test_benchmarks.py checks it).
+tensorflow_datasets (tests/system/test_benchmarks.py checks it).
 """
 
 from __future__ import annotations

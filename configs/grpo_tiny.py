@@ -3,11 +3,11 @@ r"""GRPO on CPU in minutes: the arithmetic task with its exact-match reward, fro
     python -m train.grpo --config=configs/grpo_tiny.py --workdir=/tmp/grpo --config.init_from=/tmp/sft_arith
 
 The SFT policy must have answered the task's prompts ("What is 3 + 4?" -> "7") in Meta's chat format, e.g. train.sft
-on `arithmetic.sft_record`s of the training split (tests/test_grpo_trainer.py does it in the test). Per iteration:
+on `arithmetic.sft_record`s of the training split (tests/train/test_grpo_trainer.py does it in the test). Per iteration:
 32 prompts x G = 8 answers of up to 4 tokens, 4 optimizer steps (2 epochs x 2 minibatches); beta = 0 (no
 reference kept). The task: single-digit addition (100 problems: 70 train, 30 held out), answers of 1-2 digits.
 
-Measured (tests/test_grpo_trainer.py, 20 iterations from a 75-step SFT policy): greedy exact match on the 30 held-out
+Measured (tests/train/test_grpo_trainer.py, 20 iterations from a 75-step SFT policy): greedy exact match on the 30 held-out
 problems 0.10 -> 0.27 (seed 0; seeds 1 / 2: 0.17 -> 0.40, 0.23 -> 0.27), ~2.5 minutes on 2 loaded CPU cores.
 """
 

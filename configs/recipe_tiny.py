@@ -23,8 +23,8 @@ Optional stage (declared in config.stages, run only where config.stage_order nam
               after PPO:       --config.stage_order=pretrain,sft,rm_helpful,rm_safety,rs,ppo,grpo,gatt,cd
 
 With --config.rlhf.rounds=2, rs, ppo, gatt and cd come from config.rlhf.stages (below) instead (train.recipe's plan;
-tested at reduced size in tests/test_recipe_rounds.py; the full tiny recipe with rounds has not been timed yet, so the
-shipped default is 0, the one RLHF pass above):
+tested at reduced size in tests/train/test_recipe_rounds.py; the full tiny recipe with rounds has not been timed yet, so
+the shipped default is 0, the one RLHF pass above):
   gold_rm     configs/rm_tiny.py on both preference files, 40 steps: the annotator (the synthetic setup)
   round_K     pairs: 16 fresh OASST prompts x 2 answers (T 0.6 / 1.0, 32 tokens) labelled by gold_rm; rm_helpful,
               rm_safety: 20 steps of 8 pairs on every label so far, from the SFT model; rs: as above from the latest

@@ -6,7 +6,7 @@ between two `generate_step`s, `insert`s the prefix into a free slot (`free_slots
 (pos, end [B]), temperature, top_p and PRNG key; a step feeds each slot's last token at its own position
 (decode_forward with [B] cache indices) and attends over the whole cache (no cache segments). A slot's token at
 position t is drawn from fold_in(slot key, t): a request inserted with rng=PRNGKey(seed) draws what `sample` draws
-for its prompt alone with that seed, whatever shares the batch (tests/test_decode_slots.py). With
+for its prompt alone with that seed, whatever shares the batch (tests/inference/test_slots.py). With
 init_slots(logprobs=True) each slot also records the untempered log-probability of every chosen token and the
 TOP_LOGPROBS most likely tokens at that position (OpenAI's `logprobs`).
 """

@@ -4,7 +4,7 @@ DeepSeekMath, section 4.1.2) and RLOO's leave-one-out baseline (Ahmadian et al. 
 Layout: rewards [B] with B = P·G, the G completions of prompt p in rows p·G .. p·G + G - 1 (adjacent, as TRL's
 `repeat_interleave`). The formulas are TRL's (huggingface/trl, trl/trainer/grpo_trainer.py
 `_generate_and_score_completions` and trl/trainer/rloo_trainer.py), including the Bessel-corrected standard deviation
-and its 1e-4; tests/test_grpo.py checks them against hand-computed values.
+and its 1e-4; tests/rlhf/test_grpo.py checks them against hand-computed values.
 
 `scale_rewards` (TRL's option of the same name; True = "group", False = "none"):
   "group"  A_i = (r_i - mean(group)) / (std(group) + 1e-4)   DeepSeekMath's outcome supervision. The default: the

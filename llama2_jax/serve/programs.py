@@ -9,7 +9,7 @@ T tokens per block, M = S // T blocks per slot, K KV heads, H head dim.
 A prompt of L tokens enters a slot by `prefill_slot`: tokens [start, L - 1) go through the model into the slot's
 KV cache (slots [0, start) already hold a cached prefix, copied in by `load_blocks`), and the slot is left at pos L,
 so that the next `step` feeds the prompt's last token at position L - 1 and draws the first completion token with
-fold_in(key, L): what slots.insert would have drawn (tests/test_serve_params.py checks the greedy tokens against
+fold_in(key, L): what slots.insert would have drawn (tests/serve/test_serve_params.py checks the greedy tokens against
 `generate`). Leaving the last prompt token to the step means no program here chooses a token, and the n samples of
 a prompt are copies of the prefilled slot (`fork_slot`) that differ only in their key.
 """

@@ -14,7 +14,7 @@ The tokenizer here is built from the model file itself, with SentencePiece's own
   * post-processor: BOS in front (as Meta's `encode(..., bos=True)` and HF's Llama tokenizers).
 The saved `tokenizer_config.json` names the generic fast class, so the file is loaded as written (transformers 4 and
 5). Literal "<s>" / "</s>" in text become the special ids in HF (as with Meta's published HF tokenizer) but plain
-pieces in SentencePiece; every other text encodes identically (tests/test_hf_tokenizer.py).
+pieces in SentencePiece; every other text encodes identically (tests/text/test_hf_tokenizer.py).
 """
 
 from __future__ import annotations

@@ -252,7 +252,7 @@ def token_logprobs(logits: Array, targets: Array) -> Array:
 # optimised, the behaviour policy that sampled the batch, and the frozen reference; `mask` [B, T] is 1.0 on actions;
 # `valid` [B] is 0.0 for padding rows (their mask is 0 too). The formulas are those of TRL's trainers
 # (huggingface/trl, trl/trainer/grpo_trainer.py `GRPOTrainer._compute_loss` and trl/trainer/rloo_trainer.py
-# `RLOOTrainer._compute_loss`), checked against hand-computed values in tests/test_grpo.py.
+# `RLOOTrainer._compute_loss`), checked against hand-computed values in tests/rlhf/test_grpo.py.
 #
 # GRPO per action token t of completion i (ρ = π/π_old, the importance ratio against the behaviour policy: 1 on the
 # first optimisation step of a batch, not after it):

@@ -1,5 +1,8 @@
 """SIGTERM: the run saves a checkpoint and stops right after it, without the final evaluation, report or samples (a
-scheduler's grace period is short), and the trainer command line says so in one line and exits with status 75 (EX_TEMPFAIL: saved, not finished; the same command resumes)."""
+scheduler's grace period is short), and the trainer command line says so in one line and exits with status 75
+(EX_TEMPFAIL: saved, not finished; the same command resumes).
+
+Covers llama2_jax.cli.trainer."""
 
 import os
 import pathlib

@@ -10,6 +10,7 @@ import sys
 import threading
 
 import pytest
+from helpers.tmpfs import mounted_tmpfs
 
 from llama2_jax.training import tracking
 
@@ -19,14 +20,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 100 KB tmpfs (root only): writes past it fail with ENOSPC."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'})")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    with mounted_tmpfs(tmp_path / "disk", "size=100k") as mount_point:
+        yield mount_point
 
 
 def fill(directory: pathlib.Path) -> None:
