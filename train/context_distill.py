@@ -175,18 +175,22 @@ def sample_both(config, sampler, params, safety_params, with_pre, without, mesh)
     return {"answers": answers, "scores": scores}
 
 
+def make_sampler(config, cfg, safety_fn, eos_id: int, mesh):
+    """The sampler `sample_both` runs: a `SlotSampler` (config.rollout.engine = "slots"), or `sample_and_score`
+    compiled for one batch of rows ("batch")."""
+    if rollout.uses_slots(config):
+        return SlotSampler(config, cfg, safety_fn, eos_id, mesh)
+    s = config.sampling
+    return jax.jit(functools.partial(
+        sample_and_score, cfg=cfg, safety_fn=safety_fn, max_gen_len=s.max_gen_len, temperature=s.temperature,
+        top_p=s.top_p, eos_id=eos_id, mesh=mesh), compiler_options=decode.DECODE_COMPILER_OPTIONS)
+
+
 def distill(run: Run, rewards: Rewards) -> dict:
     """Sample, score, keep and write WORKDIR/samples.jsonl, distill.jsonl and distill.json; returns the metrics."""
     config, tokenizer, cfg, mesh, workdir = run.config, run.tokenizer, run.model_cfg, run.mesh, run.workdir
     prompts, with_pre, without = run.data
-    s = config.sampling
-    if rollout.uses_slots(config):
-        sampler = SlotSampler(config, cfg, rewards.fns["safety"], tokenizer.eos_id, mesh)
-    else:
-        sampler = jax.jit(functools.partial(
-            sample_and_score, cfg=cfg, safety_fn=rewards.fns["safety"], max_gen_len=s.max_gen_len,
-            temperature=s.temperature, top_p=s.top_p, eos_id=tokenizer.eos_id, mesh=mesh),
-            compiler_options=decode.DECODE_COMPILER_OPTIONS)
+    sampler = make_sampler(config, cfg, rewards.fns["safety"], tokenizer.eos_id, mesh)
     params = rounds.load_policy(config.init_from, cfg, mesh)
     samples = sample_both(config, sampler, params, rewards.params["safety"], with_pre, without, mesh)
     del params

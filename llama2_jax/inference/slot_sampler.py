@@ -8,8 +8,9 @@ an answer's tokens do not depend on the slot count, on the order of the prompts 
 (tests/test_slot_sampler.py). The outputs are those of `decode.sample` (prompt + answer rows, lengths, done,
 truncated), in prompt order.
 
-The host loop calls three compiled programs: `slots.prefill_jit` per prompt (widths padded to `prefill_widths`, a
-few powers of two, so a bounded number of programs is compiled), `slots.insert_jit`, and `steps_until_free_jit`,
+The host loop calls three compiled programs: `slots.prefill_jit` once per distinct prompt (widths padded to
+`prefill_widths`, a few powers of two, so a bounded number of programs is compiled; the samples of one prompt share
+its prefix), `slots.insert_jit` per answer, and `steps_until_free_jit`,
 which decodes in one `lax.while_loop` until some slot that was busy becomes free (one host round trip per finished
 answer, not per token).
 
@@ -150,16 +151,23 @@ def slot_sample(params: dict, cfg: LlamaConfig, prompts: Sequence[Sequence[int]]
     out_tokens = np.full((n, size), pad_id, np.int32)
     out_pos, out_done = np.zeros((n,), np.int32), np.zeros((n,), bool)
     waiting, owner = collections.deque(range(n)), {}
+    unplaced = collections.Counter(tuple(p) for p in prompts)
+    prefixes = {}  # prompt -> its Prefix, kept until every answer to that prompt has a slot (GRPO's G samples)
     free = list(range(state.tokens.shape[0]))
     while waiting or owner:
         for slot in free:
             if not waiting:
                 break
             i = waiting.popleft()
-            row = _padded(prompts[i], next(w for w in widths if w >= len(prompts[i])), pad_id)
-            prefix = slots.prefill_jit(params, cfg, row, np.int32(len(prompts[i])), pad_id=pad_id)
-            state = slots.insert_jit(state, prefix, np.int32(slot), max_gen_len=np.int32(gen_lens[i]),
+            prompt = tuple(prompts[i])
+            if prompt not in prefixes:
+                row = _padded(prompt, next(w for w in widths if w >= len(prompt)), pad_id)
+                prefixes[prompt] = slots.prefill_jit(params, cfg, row, np.int32(len(prompt)), pad_id=pad_id)
+            state = slots.insert_jit(state, prefixes[prompt], np.int32(slot), max_gen_len=np.int32(gen_lens[i]),
                                      pad_id=pad_id, rng=keys[i])
+            unplaced[prompt] -= 1
+            if not unplaced[prompt]:
+                del prefixes[prompt]
             owner[slot] = i
         state = steps_until_free_jit(params, cfg, state, np.int32(size), pad_id=pad_id)
         tokens, pos, done, is_free = jax.device_get((state.tokens, state.pos, state.done, slots.free_slots(state)))
