@@ -90,6 +90,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n_layers", type=int, default=None, help="override the shape's depth (smoke tests)")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--slots", type=int, default=8, help="decode slots = rows of a fixed batch")
+    parser.add_argument("--samples", type=int, default=1, help="answers per prompt (GRPO's G, RS's K)")
     parser.add_argument("--prompt_len", default="8,64", help="LOW,HIGH prompt tokens (uniform)")
     parser.add_argument("--gen_len", default="16,256", help="LOW,HIGH answer tokens (log-uniform)")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -101,15 +102,16 @@ def main(argv=None) -> None:
     cfg = SHAPES[args.shape].replace(dtype="float32", param_dtype="float32", max_seq_len=p_high + g_high)
     cfg = cfg.replace(n_layers=args.n_layers) if args.n_layers else cfg
     params = random_params(cfg)
-    prompts = make_prompts(args.prompts, p_low, p_high, cfg.vocab_size, args.seed)
-    gen_lens = answer_lengths(args.prompts, g_low, g_high, args.seed)
+    prompts = [p for p in make_prompts(args.prompts, p_low, p_high, cfg.vocab_size, args.seed)
+               for _ in range(args.samples)]  # GRPO / RS: the samples of a prompt in adjacent rows
+    gen_lens = answer_lengths(len(prompts), g_low, g_high, args.seed)
     runners = [batch_runner(params, cfg, prompts, gen_lens, args.slots, p_high, args.temperature),
                slot_runner(params, cfg, prompts, gen_lens, args.slots, p_high, args.temperature)]
     first, best = time_interleaved(runners, args.repeats)
     tokens = int(gen_lens.sum())
     batch_tps, slot_tps = tokens / best[0], tokens / best[1]
     shape = f"dim{cfg.dim}/L{cfg.n_layers}/H{cfg.n_heads}/KV{cfg.n_kv_heads}/V{cfg.vocab_size}"
-    print(f"rollout device={device_name()} model={shape} prompts={args.prompts} slots={args.slots} "
+    print(f"rollout device={device_name()} model={shape} prompts={args.prompts}x{args.samples} slots={args.slots} "
           f"prompt_len={p_low}-{p_high} gen_len={g_low}-{g_high} T={args.temperature:g} tokens={tokens} "
           f"batch={batch_tps:.1f} tok/s slots={slot_tps:.1f} tok/s ratio={slot_tps / batch_tps:.2f}x "
           f"(first calls incl. compile {first[0]:.1f}s / {first[1]:.1f}s) load={os.getloadavg()[0]:.1f} "
