@@ -124,3 +124,16 @@ def test_bad_arguments_are_one_line_errors(params):
         slot_sampler.slot_sample(params, CFG, [[1], [2]], jnp.concatenate([keys, keys[:1]]), max_gen_len=4, n_slots=2)
     with pytest.raises(ValueError, match="top_p must be in"):
         call([[1], [2]], top_p=0.0)
+
+
+def test_slots_split_over_a_mesh_give_the_same_answers(params):
+    # 3 slots -> 4 on a data=4 x tensor=2 mesh: the KV caches split over data (slots) and tensor (KV heads)
+    from llama2_jax.model import sharding as sh
+
+    mesh = sh.make_mesh(4, 1, 2, devices=jax.devices()[:8])
+    keys = slot_sampler.sample_keys(jax.random.PRNGKey(5), np.arange(len(PROMPTS)), np.zeros(len(PROMPTS)))
+    options = dict(max_gen_len=GEN_LEN, n_slots=3, width=WIDTH, temperature=1.0, top_p=1.0, eos_id=NO_EOS)
+    alone = slot_sampler.slot_sample(params, CFG, PROMPTS, keys, **options)
+    sharded = slot_sampler.slot_sample(jax.device_put(params, sh.replicated(mesh)), CFG, PROMPTS, keys, mesh=mesh,
+                                       **options)
+    assert answers(sharded) == answers(alone)

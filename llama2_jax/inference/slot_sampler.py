@@ -61,8 +61,13 @@ def prefill_widths(max_width: int, smallest: int = MIN_PREFILL_WIDTH) -> list[in
     return widths + [max_width]
 
 
-def steps_until_free(params: dict, cfg: LlamaConfig, state: DecodeState, max_steps, *, pad_id: int = META_PAD_ID
-                     ) -> DecodeState:
+def _pin(state: DecodeState, mesh: Optional[Mesh]) -> DecodeState:
+    """Keep the state in one layout on a mesh (`slots.slot_state_shardings`) from program to program."""
+    return state if mesh is None else jax.lax.with_sharding_constraint(state, slots.slot_state_shardings(state, mesh))
+
+
+def steps_until_free(params: dict, cfg: LlamaConfig, state: DecodeState, max_steps, *, pad_id: int = META_PAD_ID,
+                     mesh: Optional[Mesh] = None) -> DecodeState:
     """`slots.generate_step` in a `lax.while_loop` until a slot that was busy on entry is free (EOS or its end),
     every slot is free, or after max_steps ([] int) steps."""
     params = layer_params(params, cfg)  # once, outside the loop (scanned params are unstacked: a copy)
@@ -75,13 +80,20 @@ def steps_until_free(params: dict, cfg: LlamaConfig, state: DecodeState, max_ste
 
     def body(carry):
         s, n = carry
-        return slots.generate_step(params, cfg, s, pad_id=pad_id), n + 1
+        return _pin(slots.generate_step(params, cfg, s, pad_id=pad_id), mesh), n + 1
 
     return jax.lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))[0]
 
 
-steps_until_free_jit = jax.jit(steps_until_free, static_argnames=("cfg", "pad_id"), donate_argnames=("state",),
-                               compiler_options=DECODE_COMPILER_OPTIONS)
+def insert(state: DecodeState, prefix: slots.Prefix, slot, max_gen_len, rng: Array, *, pad_id: int = META_PAD_ID,
+           mesh: Optional[Mesh] = None) -> DecodeState:
+    """`slots.insert` of one answer's prefix, its max_gen_len and its key, the state kept in its layout."""
+    return _pin(slots.insert(state, prefix, slot, max_gen_len=max_gen_len, pad_id=pad_id, rng=rng), mesh)
+
+
+steps_until_free_jit = jax.jit(steps_until_free, static_argnames=("cfg", "pad_id", "mesh"),
+                               donate_argnames=("state",), compiler_options=DECODE_COMPILER_OPTIONS)
+insert_jit = jax.jit(insert, static_argnames=("pad_id", "mesh"), donate_argnames=("state",))
 
 
 def _padded(prompt: Sequence[int], width: int, pad_id: int) -> np.ndarray:
@@ -121,7 +133,9 @@ def slot_sample(params: dict, cfg: LlamaConfig, prompts: Sequence[Sequence[int]]
       max_gen_len: new tokens per answer, one int or one per prompt.
       width: the prompt width P of the output rows (default: the longest prompt); the slots' cache length is
         S = min(max_seq_len, P + max(max_gen_len)), `decode.sample`'s buffer for prompts padded to P.
-      temperature (0 = greedy), top_p: as `decode.sample`. mesh: when given, the slots are replicated over it.
+      temperature (0 = greedy), top_p: as `decode.sample`. mesh: when given, the slots' KV caches are split over
+        its data axes (the slot count rounded up to a multiple of the data-parallel size) and the KV heads over
+        tensor (`slots.slot_state_shardings`), as the server does.
     Returns numpy arrays in prompt order, as `decode.sample`: tokens [N, S] (prompt + answer, pad_id after the
     answer's EOS or end), prompt_lens [N], lengths [N] (kept answer tokens, EOS excluded), done [N] (the answer
     ended with EOS), truncated [N] (cut at its max_gen_len or at the end of the buffer: `decode.truncated_rows`).
@@ -144,10 +158,13 @@ def slot_sample(params: dict, cfg: LlamaConfig, prompts: Sequence[Sequence[int]]
     keys = np.asarray(jax.device_get(keys))  # indexed on the host: no device op per insert
     size = min(cfg.max_seq_len, width + max(gen_lens))
     widths = prefill_widths(min(width, size))
-    state = slots.init_slots(cfg, min(n_slots, n), size, jax.random.PRNGKey(0), temperature=temperature, top_p=top_p,
+    n_slots = min(n_slots, n)
+    if mesh is not None:  # the slots split over the data axes: a multiple of the data-parallel size
+        n_slots = -(-n_slots // sh.data_parallel_size(mesh)) * sh.data_parallel_size(mesh)
+    state = slots.init_slots(cfg, n_slots, size, jax.random.PRNGKey(0), temperature=temperature, top_p=top_p,
                              eos_id=eos_id, pad_id=pad_id)
     if mesh is not None:
-        state = jax.device_put(state, sh.replicated(mesh))
+        state = jax.device_put(state, slots.slot_state_shardings(state, mesh))
     out_tokens = np.full((n, size), pad_id, np.int32)
     out_pos, out_done = np.zeros((n,), np.int32), np.zeros((n,), bool)
     waiting, owner = collections.deque(range(n)), {}
@@ -163,13 +180,13 @@ def slot_sample(params: dict, cfg: LlamaConfig, prompts: Sequence[Sequence[int]]
             if prompt not in prefixes:
                 row = _padded(prompt, next(w for w in widths if w >= len(prompt)), pad_id)
                 prefixes[prompt] = slots.prefill_jit(params, cfg, row, np.int32(len(prompt)), pad_id=pad_id)
-            state = slots.insert_jit(state, prefixes[prompt], np.int32(slot), max_gen_len=np.int32(gen_lens[i]),
-                                     pad_id=pad_id, rng=keys[i])
+            state = insert_jit(state, prefixes[prompt], np.int32(slot), np.int32(gen_lens[i]), keys[i], pad_id=pad_id,
+                               mesh=mesh)
             unplaced[prompt] -= 1
             if not unplaced[prompt]:
                 del prefixes[prompt]
             owner[slot] = i
-        state = steps_until_free_jit(params, cfg, state, np.int32(size), pad_id=pad_id)
+        state = steps_until_free_jit(params, cfg, state, np.int32(size), pad_id=pad_id, mesh=mesh)
         tokens, pos, done, is_free = jax.device_get((state.tokens, state.pos, state.done, slots.free_slots(state)))
         free = [slot for slot in range(len(is_free)) if is_free[slot]]
         for slot in free:
