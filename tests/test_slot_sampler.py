@@ -137,3 +137,18 @@ def test_slots_split_over_a_mesh_give_the_same_answers(params):
     sharded = slot_sampler.slot_sample(jax.device_put(params, sh.replicated(mesh)), CFG, PROMPTS, keys, mesh=mesh,
                                        **options)
     assert answers(sharded) == answers(alone)
+
+
+def test_compiled_once_per_shape(params):
+    # a second call with other prompts (same prefill widths), other per-answer lengths (the same longest: the slots'
+    # cache length), keys and temperature compiles nothing
+    from llama2_jax.inference import slots
+
+    programs = (slots.prefill_jit, slot_sampler.insert_jit, slot_sampler.steps_until_free_jit)
+    keys = slot_sampler.sample_keys(jax.random.PRNGKey(0), np.arange(3), np.zeros(3))
+    slot_sampler.slot_sample(params, CFG, PROMPTS[:3], keys, max_gen_len=GEN_LEN, n_slots=2, width=WIDTH,
+                             temperature=0.0, eos_id=NO_EOS)
+    compiled = [program._cache_size() for program in programs]
+    slot_sampler.slot_sample(params, CFG, [[1, 2], [1, 9, 9, 9, 9, 9], [1, 4, 4]], keys + 1, max_gen_len=[3, GEN_LEN, 5],
+                             n_slots=2, width=WIDTH, temperature=0.8, top_p=0.7, eos_id=NO_EOS)
+    assert [program._cache_size() for program in programs] == compiled
