@@ -113,6 +113,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling.temperature = 1.0  # softmax(logits / T) of the policy
     config.sampling.top_p = 1.0  # nucleus sampling; 1 = plain temperature sampling
     config.sampling.max_gen_len = 1024  # new tokens per response
+    config.rollout = ml_collections.ConfigDict()  # how RS, PPO, GRPO and context distillation sample (docs/rlhf.md)
+    config.rollout.engine = "slots"  # slots: decode slots, a finished answer's slot takes the next prompt | batch:
+    # fixed batches decoded until their longest answer ends (decode.sample inside the trainers' jit)
+    config.rollout.slots = 0  # decode slots; 0 = the rows of one sampling call (batch_size / sampling.batch_size)
     config.iterations = 1  # RS rounds / PPO iterations in this run
 
     # --- ecosystem: streamed HF data, experiment tracking, profiling (llama2_jax.training.loop) ---

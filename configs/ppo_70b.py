@@ -15,4 +15,5 @@ def get_config():
     config = ppo_7b.get_config()
     config.beta = 0.005  # paper: KL penalty 0.005 for 34B and 70B
     config.mesh.fsdp = -1  # the policy, π0, the value model and the RMs are sharded over every device (FSDP)
+    config.rollout.engine = "batch"  # a multi-host job: the slot engine's host loop runs in one process only
     return config

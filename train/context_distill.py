@@ -2,7 +2,8 @@ r"""Safety context distillation (paper section 4.2.4): `python -m train.context_
     --workdir=DIR --config.init_from=POLICY --config.reward.safety_path=RM --config.prompts.path=PROMPTS`.
 
   1. the adversarial prompts of config.prompts (those tagged is_safety; `--config.prompts.is_safety=True` tags a
-     whole untagged file such as HH harmless) are answered twice by the policy, in one compiled sample+score call:
+     whole untagged file such as HH harmless) are answered twice by the policy (config.rollout.engine: every answer
+     through decode slots, then the scores in compiled calls; or "batch": one compiled sample+score call per batch):
      with a safety preprompt (the prompt's risk-category preprompt with its answer template when the prompt has a
      `risk_category` and `distill.use_categories`, else a generic one; texts in llama2_jax/data/safety_preprompts.json
      or `distill.preprompts_path`) and without it;
@@ -30,9 +31,10 @@ from jax.experimental import multihost_utils
 
 from llama2_jax.cli import trainer as trainer_main
 from llama2_jax.data import safety_preprompts
-from llama2_jax.inference import decode, generate
+from llama2_jax.inference import decode, generate, slot_sampler
 from llama2_jax.rlhf import context_distill as cd
 from llama2_jax.rlhf import formulas as rlhf
+from llama2_jax.rlhf import rollout
 from llama2_jax.text import chat_format as chat
 from llama2_jax.training import rounds
 from llama2_jax.training.checks import ConfigError
@@ -53,6 +55,7 @@ def check_fields(config) -> None:
                           f"{s.temperature} >= 0 and top_p {s.top_p} in (0, 1]")
     if s.batch_size < 2 or s.batch_size % 2:
         raise ConfigError(f"config.sampling.batch_size ({s.batch_size}) must be even (two rows per prompt)")
+    rollout.check_engine(config)
 
 
 def check_model(config, cfg, mesh, *, rewards) -> None:
@@ -102,14 +105,51 @@ def sample_and_score(policy_params, safety_params, prompt_tokens, prompt_lens, s
     preprompt) with the safety RM. Returns the answers' tokens [B, max_gen_len], lengths [B] and scores [B]."""
     out = decode.sample(policy_params, cfg, prompt_tokens, prompt_lens, rng, max_gen_len=max_gen_len,
                         temperature=temperature, top_p=top_p, eos_id=eos_id, mesh=mesh)
+    return score_answers(safety_params, out["tokens"], prompt_lens, out["lengths"], score_tokens, score_lens,
+                         safety_fn=safety_fn, max_gen_len=max_gen_len, eos_id=eos_id)
+
+
+def score_answers(safety_params, tokens, prompt_lens, lengths, score_tokens, score_lens, *, safety_fn,
+                  max_gen_len: int, eos_id: int):
+    """Sampled rows (tokens [B, S] = prompt + answer) -> the answers [B, max_gen_len], lengths [B] and their safety
+    scores [B] after `score_tokens` [B, P] (the prompt without the preprompt)."""
     answers = jax.vmap(lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, max_gen_len))(
-        out["tokens"], prompt_lens)  # [B, max_gen_len]: the generated tokens
-    answers = jnp.where(jnp.arange(max_gen_len)[None, :] < out["lengths"][:, None], answers, generate.META_PAD_ID)
+        tokens, prompt_lens)  # [B, max_gen_len]: the generated tokens
+    answers = jnp.where(jnp.arange(max_gen_len)[None, :] < lengths[:, None], answers, generate.META_PAD_ID)
     room = jnp.full_like(answers, generate.META_PAD_ID)
     placed = jax.vmap(lambda row, answer, start: jax.lax.dynamic_update_slice_in_dim(row, answer, start, 0))(
         jnp.concatenate([score_tokens, room], axis=1), answers, score_lens)  # context + answer [B, P + max_gen_len]
-    ids, lengths = rlhf.scoring_sequences(placed, score_lens, out["lengths"], eos_id)
-    return {"answers": answers, "lengths": out["lengths"], "safety": safety_fn(safety_params, ids, lengths)}
+    ids, score_seq_lens = rlhf.scoring_sequences(placed, score_lens, lengths, eos_id)
+    return {"answers": answers, "lengths": lengths, "safety": safety_fn(safety_params, ids, score_seq_lens)}
+
+
+class SlotSampler:
+    """Sampling with config.rollout.engine = "slots": both answers of every prompt through the decode slots at once
+    (row (p, variant) draws with `slot_sampler.sample_keys(rng, p, variant)`), then the safety RM in compiled calls
+    of `sampling.batch_size` rows."""
+
+    def __init__(self, config, cfg, safety_fn, eos_id: int, mesh):
+        self.config, self.cfg, self.eos_id, self.mesh = config, cfg, eos_id, mesh
+        self.scorer = jax.jit(functools.partial(score_answers, safety_fn=safety_fn,
+                                                max_gen_len=config.sampling.max_gen_len, eos_id=eos_id))
+
+    def sample_rows(self, params, safety_params, order, arrays: dict, rng) -> list[dict]:
+        """One dict of host arrays per row of `order`, as `rounds.sample_rows` returns them."""
+        s = self.config.sampling
+        keys = slot_sampler.sample_keys(rng, [p for p, _ in order], [v for _, v in order])
+        sampled = rollout.sample_with_slots(params, self.cfg, arrays["prompt_tokens"], arrays["prompt_lens"], keys,
+                                            n_slots=rollout.slot_count(self.config, s.batch_size),
+                                            max_gen_len=s.max_gen_len, temperature=s.temperature, top_p=s.top_p,
+                                            eos_id=self.eos_id, mesh=self.mesh)
+        rows = {"tokens": sampled["tokens"], "prompt_lens": arrays["prompt_lens"], "lengths": sampled["lengths"],
+                "score_tokens": arrays["score_tokens"], "score_lens": arrays["score_lens"]}
+
+        def score_call(rng, **picked):
+            del rng
+            return self.scorer(safety_params, **picked)
+
+        return rounds.sample_rows(score_call, list(range(len(order))), lambda i: {k: v[i] for k, v in rows.items()},
+                                  s.batch_size, self.mesh, rng)
 
 
 def sample_both(config, sampler, params, safety_params, with_pre, without, mesh) -> dict[str, list]:
@@ -122,8 +162,12 @@ def sample_both(config, sampler, params, safety_params, with_pre, without, mesh)
         context, context_lens = rounds.pad([without[p] for p, _ in rows], width)
         return {"prompt_tokens": tokens, "prompt_lens": lens, "score_tokens": context, "score_lens": context_lens}
 
-    call = functools.partial(sampler, params, safety_params)
-    outputs = rounds.sample_rows(call, order, arrays, config.sampling.batch_size, mesh, jax.random.PRNGKey(config.seed))
+    rng = jax.random.PRNGKey(config.seed)
+    if isinstance(sampler, SlotSampler):
+        outputs = sampler.sample_rows(params, safety_params, order, arrays(order), rng)
+    else:
+        outputs = rounds.sample_rows(functools.partial(sampler, params, safety_params), order, arrays,
+                                     config.sampling.batch_size, mesh, rng)
     answers, scores = [[None, None] for _ in without], np.zeros((len(without), 2), np.float32)
     for (p, v), out in zip(order, outputs):
         answers[p][v] = out["answers"][:out["lengths"]].tolist()
@@ -131,15 +175,22 @@ def sample_both(config, sampler, params, safety_params, with_pre, without, mesh)
     return {"answers": answers, "scores": scores}
 
 
+def make_sampler(config, cfg, safety_fn, eos_id: int, mesh):
+    """The sampler `sample_both` runs: a `SlotSampler` (config.rollout.engine = "slots"), or `sample_and_score`
+    compiled for one batch of rows ("batch")."""
+    if rollout.uses_slots(config):
+        return SlotSampler(config, cfg, safety_fn, eos_id, mesh)
+    s = config.sampling
+    return jax.jit(functools.partial(
+        sample_and_score, cfg=cfg, safety_fn=safety_fn, max_gen_len=s.max_gen_len, temperature=s.temperature,
+        top_p=s.top_p, eos_id=eos_id, mesh=mesh), compiler_options=decode.DECODE_COMPILER_OPTIONS)
+
+
 def distill(run: Run, rewards: Rewards) -> dict:
     """Sample, score, keep and write WORKDIR/samples.jsonl, distill.jsonl and distill.json; returns the metrics."""
     config, tokenizer, cfg, mesh, workdir = run.config, run.tokenizer, run.model_cfg, run.mesh, run.workdir
     prompts, with_pre, without = run.data
-    s = config.sampling
-    sampler = jax.jit(functools.partial(
-        sample_and_score, cfg=cfg, safety_fn=rewards.fns["safety"], max_gen_len=s.max_gen_len,
-        temperature=s.temperature, top_p=s.top_p, eos_id=tokenizer.eos_id, mesh=mesh),
-        compiler_options=decode.DECODE_COMPILER_OPTIONS)
+    sampler = make_sampler(config, cfg, rewards.fns["safety"], tokenizer.eos_id, mesh)
     params = rounds.load_policy(config.init_from, cfg, mesh)
     samples = sample_both(config, sampler, params, rewards.params["safety"], with_pre, without, mesh)
     del params

@@ -3,7 +3,8 @@ r"""GRPO (Shao et al. 2024, DeepSeekMath, section 4.1) and RLOO (Ahmadian et al.
 
 One iteration (one step of the shared loop, as in train/ppo.py):
   1. sample G = config.grpo.num_generations answers to each of config.batch_size / G prompts with the policy's current
-     weights (the compiled fixed-batch sampler `decode.sample`; rows p·G .. p·G + G - 1 answer prompt p);
+     weights (config.rollout.engine: decode slots, `rlhf.rollout.sample_with_slots`, or the compiled fixed-batch
+     sampler `decode.sample`; rows p·G .. p·G + G - 1 answer prompt p);
   2. rewards on the host: the Python reward functions of config.reward.fn (`llama2_jax.rlhf.reward_functions`: the
      contract, weights, the fallback of a failing call) and/or the Llama 2 reward-model pair (config.reward.helpful_path
      / safety_path: the piecewise combination, whitened logit, as PPO) with weight config.reward.rm_weight;
@@ -38,12 +39,13 @@ from llama2_jax.cli import trainer as trainer_main
 from llama2_jax.data import arithmetic
 from llama2_jax.data import prompts as prompt_data
 from llama2_jax.data.prompts import ShuffledEpochs
-from llama2_jax.inference import decode, generate
+from llama2_jax.inference import decode, generate, slot_sampler
 from llama2_jax.model import sharding as sh
 from llama2_jax.model.llama import Llama
 from llama2_jax.rlhf import formulas as rlhf
 from llama2_jax.rlhf import group
 from llama2_jax.rlhf import reward_functions as rf
+from llama2_jax.rlhf import rollout
 from llama2_jax.rlhf.rollout import action_mask
 from llama2_jax.text import chat_format as chat
 from llama2_jax.training import losses
@@ -94,6 +96,7 @@ def check_fields(config, reward_models_given: bool = False) -> None:
                           "config.reward.helpful_path / safety_path")
     if config.reward.fn:
         rf.load_rewards(config.reward.fn, config.reward.weights or None, config.reward.fallback)
+    rollout.check_engine(config)
 
 
 def uses_reward_models(config) -> bool:
@@ -206,7 +209,16 @@ def make_phases(config, cfg, mesh, shardings, eos_id: int, score_fns):
 
     def sample(params, tokens, lengths, rng, sample_temperature):
         return decode.sample(params, cfg, tokens, lengths, rng, max_gen_len=config.sampling.max_gen_len,
-                             temperature=sample_temperature, eos_id=eos_id, mesh=mesh)
+                             temperature=sample_temperature, top_p=config.sampling.top_p, eos_id=eos_id, mesh=mesh)
+
+    def sample_with_slots(params, tokens, lengths, rng, sample_temperature):
+        """Row r answers prompt r // G (its sample r % G) and draws with sample_keys(rng, r // G, r % G)."""
+        rows = np.arange(tokens.shape[0])
+        keys = slot_sampler.sample_keys(rng, rows // config.grpo.num_generations, rows % config.grpo.num_generations)
+        return rollout.sample_with_slots(
+            params, cfg, tokens, lengths, keys, max_gen_len=config.sampling.max_gen_len,
+            n_slots=rollout.slot_count(config, tokens.shape[0]), temperature=float(sample_temperature),
+            top_p=config.sampling.top_p, eos_id=eos_id, mesh=mesh)
 
     def experience(params, ref_params, reward_params, rolled, is_safety):
         ids, score_lens = rlhf.scoring_sequences(rolled["tokens"], rolled["prompt_lens"], rolled["lengths"], eos_id)
@@ -243,7 +255,8 @@ def make_phases(config, cfg, mesh, shardings, eos_id: int, score_fns):
         state, metrics = jax.lax.scan(step, state, order)
         return state, jax.tree.map(jnp.mean, metrics)
 
-    sample_fn = jax.jit(sample, compiler_options=decode.DECODE_COMPILER_OPTIONS)
+    sample_fn = (sample_with_slots if rollout.uses_slots(config) else
+                 jax.jit(sample, compiler_options=decode.DECODE_COMPILER_OPTIONS))
     experience_fn = jax.jit(sh.with_activation_sharding(experience, mesh))
     update_fn = jax.jit(sh.with_activation_sharding(update, mesh), in_shardings=(shardings, None, None),
                         out_shardings=(shardings, sh.replicated(mesh)), donate_argnums=(0,))

@@ -6,9 +6,11 @@ initial policy), a value model (`score_model.ScoreModel` read at every token: tr
 `value.init_from`: a reward model, as InstructGPT, or "policy" = the policy's trunk with a fresh head) with its own
 AdamW, and one or two frozen reward models. Everything stays sharded on the mesh.
 
-One iteration = three compiled calls (llama2_jax/rlhf/rollout.py, and `ppo_update` here), no host round-trip of
-model outputs between them (only scalars come back):
-  1. `rollout`: `decode.sample` inside jit on `batch_size` prompts (policy params as they are on device);
+One iteration = three phases (llama2_jax/rlhf/rollout.py, and `ppo_update` here); only the sampled tokens (with the
+slot engine) and scalars come back to the host:
+  1. `rollout`: the `batch_size` prompts through decode slots (config.rollout.engine = "slots": a host loop over
+     compiled slot programs, `rollout.rollout_with_slots`) or `decode.sample` inside jit ("batch"), with the policy
+     params as they are on device;
   2. `make_experience`: RM scores of prompt + response (+ EOS when cut; see rlhf.scoring_sequences),
      Rc by the piecewise rule, R̃c = whiten(logit(Rc)) over the batch, log πθ, log π0, values, per-token rewards
      -β·KL + R̃c at the last token, GAE, whitened advantages (llama2_jax.rlhf.formulas documents every choice);
@@ -93,6 +95,7 @@ def check_config(config, mesh, cfg) -> None:
         raise ConfigError(f"config.early_stop_patience ({config.early_stop_patience}) must be >= 0 and needs "
                           "held-out prompts (config.prompts.val_fraction > 0)")
     value_init_path(config)  # raises for a value.init_from naming an empty reward path
+    ppo_rollout.check_engine(config)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -221,8 +224,12 @@ def compile_phases(config, cfg, value_cfg, score_fns, settings: ppo_rollout.Sett
     """The three phases bound to their static arguments and jitted once (states donated to the update). Experience
     and update trace with the model's activations pinned to the rules table; the sampler shards its own buffers."""
     bind = functools.partial
-    generate_fn = jax.jit(bind(ppo_rollout.rollout, cfg=cfg, settings=settings, mesh=mesh),
-                          compiler_options=decode.DECODE_COMPILER_OPTIONS)
+    if ppo_rollout.uses_slots(config):  # a host loop over compiled slot programs (config.rollout)
+        generate_fn = bind(ppo_rollout.rollout_with_slots, cfg=cfg, settings=settings, mesh=mesh,
+                           n_slots=ppo_rollout.slot_count(config, config.batch_size))
+    else:
+        generate_fn = jax.jit(bind(ppo_rollout.rollout, cfg=cfg, settings=settings, mesh=mesh),
+                              compiler_options=decode.DECODE_COMPILER_OPTIONS)
     experience = bind(ppo_rollout.make_experience, cfg=cfg, value_cfg=value_cfg, score_fns=score_fns,
                       settings=settings)
     experience_fn = jax.jit(sh.with_activation_sharding(experience, mesh))

@@ -6,7 +6,9 @@ Per iteration i = 0 .. iterations - 1:
   1. sample K = `sampling.num_samples` responses per prompt from the current policy (`init_from` for i = 0, then the
      previous iteration's SFT workdir) at `sampling.temperature`, or at `sampling.temperature_schedule[i]` when a
      schedule is given (the paper re-tunes T each iteration; paper: best at T = 1.2-1.3 for 10-100 samples), with
-     the compiled sampler on the mesh (`decode.sample` inside one jit with the reward models);
+     decode slots (config.rollout.engine = "slots": every row of the iteration through `rollout.slot_count` slots,
+     then the reward models in compiled calls) or the compiled fixed-batch sampler on the mesh ("batch":
+     `decode.sample` inside one jit with the reward models);
   2. score prompt + response (+ EOS, appended to responses cut at max_gen_len: the RMs read their score at the EOS
      that ends an answer; such answers are marked truncated, `decode.truncated_rows`) with the reward model(s): with
      both RMs, the piecewise rule of PPO (`rlhf.combine_rewards`: the safety score where the prompt is tagged
@@ -46,9 +48,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llama2_jax.cli import trainer as trainer_main
-from llama2_jax.inference import decode
+from llama2_jax.inference import decode, slot_sampler
 from llama2_jax.rlhf import formulas as rlhf
 from llama2_jax.rlhf import pool as answer_pool
+from llama2_jax.rlhf import rollout
 from llama2_jax.training import rounds
 from llama2_jax.training.checks import ConfigError
 from llama2_jax.training.loop import TrainResult, exit_if_interrupted
@@ -63,9 +66,48 @@ def sample_and_score(policy_params, reward_params, prompt_tokens, prompt_lens, i
     """One batch, pure: sample, then score. Returns tokens [B, S], lengths [B] and the scores [B]."""
     out = decode.sample(policy_params, cfg, prompt_tokens, prompt_lens, rng, max_gen_len=max_gen_len,
                         temperature=temperature, top_p=top_p, eos_id=eos_id, mesh=mesh)
-    ids, lengths = rlhf.scoring_sequences(out["tokens"], out["prompt_lens"], out["lengths"], eos_id)
-    scores = rlhf.score_sequences(score_fns, reward_params, ids, lengths, is_safety, threshold)
-    return {"tokens": out["tokens"], "lengths": out["lengths"], "truncated": out["truncated"], **scores}
+    return score(reward_params, out["tokens"], out["prompt_lens"], out["lengths"], out["truncated"], is_safety,
+                 score_fns=score_fns, eos_id=eos_id, threshold=threshold)
+
+
+def score(reward_params, tokens, prompt_lens, lengths, truncated, is_safety, *, score_fns, eos_id: int,
+          threshold: float) -> dict[str, jax.Array]:
+    """Score sampled rows (tokens [B, S] = prompt + response): tokens, lengths, truncated and the scores [B]."""
+    ids, score_lens = rlhf.scoring_sequences(tokens, prompt_lens, lengths, eos_id)
+    scores = rlhf.score_sequences(score_fns, reward_params, ids, score_lens, is_safety, threshold)
+    return {"tokens": tokens, "lengths": lengths, "truncated": truncated, **scores}
+
+
+class SlotSampler:
+    """RS's sampling with config.rollout.engine = "slots": every (prompt, sample) row of an iteration through the
+    decode slots at once (row (p, s) draws with `slot_sampler.sample_keys(rng, p, s)`), then the reward models in
+    compiled calls of `sampling.batch_size` rows."""
+
+    def __init__(self, config, cfg, score_fns, eos_id: int, mesh):
+        s = config.sampling
+        self.cfg, self.eos_id, self.mesh, self.sampling = cfg, eos_id, mesh, s
+        self.n_slots = rollout.slot_count(config, s.batch_size)
+        self.scorer = jax.jit(functools.partial(score, score_fns=score_fns, eos_id=eos_id,
+                                                threshold=config.reward.safety_threshold))
+
+    def sample_rows(self, policy_params, reward_params, order, arrays: dict, rng, temperature) -> list[dict]:
+        """The rows `order` [(prompt, sample)] with their `arrays` (prompt_tokens [N, P], prompt_lens, is_safety):
+        one dict of host arrays per row, as `rounds.sample_rows` returns them."""
+        keys = slot_sampler.sample_keys(rng, [p for p, _ in order], [k for _, k in order])
+        sampled = rollout.sample_with_slots(policy_params, self.cfg, arrays["prompt_tokens"], arrays["prompt_lens"],
+                                            keys, n_slots=self.n_slots, max_gen_len=self.sampling.max_gen_len,
+                                            temperature=float(temperature), top_p=self.sampling.top_p,
+                                            eos_id=self.eos_id, mesh=self.mesh)
+        sampled["is_safety"] = arrays["is_safety"]
+        del sampled["done"]
+
+        def score_call(rng, **rows):
+            del rng
+            return self.scorer(reward_params, **rows)
+
+        return rounds.sample_rows(score_call, list(range(len(order))),
+                                  lambda rows: {k: v[rows] for k, v in sampled.items()}, self.sampling.batch_size,
+                                  self.mesh, rng)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -92,6 +134,7 @@ def check_fields(config) -> None:
 def check_config(config, mesh) -> None:
     """One-line ConfigErrors for the RS fields, before anything is loaded or compiled."""
     check_fields(config)
+    rollout.check_engine(config)
     rounds.check_round_config(config, mesh)
 
 
@@ -115,9 +158,12 @@ def sample_all(config, sampler, policy_params, reward_params, encoded, prompts, 
         return {"prompt_tokens": tokens, "prompt_lens": lens, "is_safety": np.array([prompts[p].is_safety
                                                                                      for p, _ in rows])}
 
-    call = functools.partial(sampler, policy_params, reward_params, temperature=temperature)
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
-    outputs = rounds.sample_rows(call, order, arrays, config.sampling.batch_size, mesh, rng)
+    if isinstance(sampler, SlotSampler):  # every row through the slots, then the scores in calls of batch_size
+        outputs = sampler.sample_rows(policy_params, reward_params, order, arrays(order), rng, temperature)
+    else:
+        call = functools.partial(sampler, policy_params, reward_params, temperature=temperature)
+        outputs = rounds.sample_rows(call, order, arrays, config.sampling.batch_size, mesh, rng)
     responses = [[None] * k for _ in encoded]
     scores = {name: np.zeros((len(encoded), k), np.float32)
               for name in outputs[0].keys() - {"tokens", "lengths", "truncated"}}
@@ -213,6 +259,8 @@ def write_best_of_k(workdir: str, curves: dict[int, list[float]]) -> None:
 
 
 def make_sampler(config, cfg, score_fns, eos_id: int, mesh):
+    if rollout.uses_slots(config):
+        return SlotSampler(config, cfg, score_fns, eos_id, mesh)
     s = config.sampling
     return jax.jit(functools.partial(
         sample_and_score, cfg=cfg, score_fns=score_fns, max_gen_len=s.max_gen_len, top_p=s.top_p, eos_id=eos_id,

@@ -18,6 +18,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
 from llama2_jax.inference.decode import (
     DECODE_COMPILER_OPTIONS,
@@ -28,11 +29,13 @@ from llama2_jax.inference.decode import (
     LayerCaches,
     decode_forward,
     init_layer_caches,
+    kv_cache_shardings,
     layer_params,
     model_inputs,
     project_logits,
 )
 from llama2_jax.inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, sample_top_p
+from llama2_jax.model import sharding as sh
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.training.losses import token_logprobs
 
@@ -116,6 +119,14 @@ def init_slots(cfg: LlamaConfig, n_slots: int, max_len: int, rng: Array, *, temp
                        done=jnp.ones((n_slots,), bool), rng=jax.vmap(lambda i: jax.random.fold_in(rng, i))(
                            jnp.arange(n_slots)), temperature=full(temperature), top_p=full(top_p),
                        eos_id=jnp.asarray(eos_id, jnp.int32), logprobs=lp)
+
+
+def slot_state_shardings(state: DecodeState, mesh: Mesh):
+    """Shardings of an `init_slots` state on a mesh: the KV cache as `decode.kv_cache_shardings` (slots over the data
+    axes, KV heads over tensor), everything else replicated."""
+    replicated = sh.replicated(mesh)
+    return jax.tree_util.tree_map(lambda _: replicated, state).replace(
+        cache=kv_cache_shardings(mesh, len(state.cache)))
 
 
 def free_slots(state: DecodeState) -> Array:

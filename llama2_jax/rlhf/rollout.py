@@ -1,5 +1,7 @@
 """The first two phases of a PPO iteration (paper section 3.2.3), pure functions of arrays and static `Settings`:
-`rollout` (sample one response per prompt) and `make_experience` (rewards, log-probabilities, values, advantages).
+`rollout` (sample one response per prompt) and `make_experience` (rewards, log-probabilities, values, advantages);
+and the rollout engine of the RLHF trainers (config.rollout: `rollout_with_slots` / `sample_with_slots` decode
+through decode slots, `inference.slot_sampler`; "batch" keeps `decode.sample` inside the trainers' jit).
 `train/ppo.py` sets up the models, runs the third phase (`ppo_update`: minibatch steps with `losses.ppo_policy_loss`
 and `losses.ppo_value_loss`) and the loop; `llama2_jax/rlhf/formulas.py` holds the formulas (reward combination, whitening,
 KL, GAE, clipped objectives).
@@ -15,12 +17,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from llama2_jax.inference import decode
+from llama2_jax.inference import decode, slot_sampler
 from llama2_jax.model.llama import Llama
 from llama2_jax.model.score import ScoreModel
 from llama2_jax.rlhf import formulas as rlhf
 from llama2_jax.training import losses
+from llama2_jax.training.checks import ConfigError
+
+ENGINES = ("slots", "batch")  # config.rollout.engine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +70,50 @@ def rollout(policy_params, prompt_tokens, prompt_lens, rng, *, cfg, settings: Se
 
     rngs = jax.random.split(rng, prompt_tokens.shape[0])
     return map_chunks(sample_chunk, {"tokens": prompt_tokens, "lens": prompt_lens, "rng": rngs}, settings.chunk_rows)
+
+
+def check_engine(config, process_count: int | None = None) -> None:
+    """One-line ConfigErrors for config.rollout (engine, slots), before anything is compiled."""
+    engine, slots = config.rollout.engine, config.rollout.slots
+    if engine not in ENGINES:
+        raise ConfigError(f"config.rollout.engine={engine!r}; known: {', '.join(ENGINES)}")
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
+        raise ConfigError(f"config.rollout.slots={slots!r} must be an integer >= 0 (0 = the rows of one sampling "
+                          "call)")
+    processes = jax.process_count() if process_count is None else process_count
+    if engine == "slots" and processes > 1:
+        raise ConfigError(f"config.rollout.engine='slots' runs its host loop in one process and this job has "
+                          f"{processes}: use config.rollout.engine='batch'")
+
+
+def uses_slots(config) -> bool:
+    return config.rollout.engine == "slots"
+
+
+def slot_count(config, rows: int) -> int:
+    """The decode slots of a slot rollout: config.rollout.slots, or `rows` (the rows of one sampling call)."""
+    return config.rollout.slots or rows
+
+
+def sample_with_slots(params, cfg, prompt_tokens, prompt_lens, keys, *, n_slots: int, max_gen_len: int,
+                      temperature: float, top_p: float, eos_id: int, mesh=None) -> dict[str, np.ndarray]:
+    """`decode.sample`'s outputs (tokens [B, S], prompt_lens, lengths, done, truncated; host arrays) for right-padded
+    prompts [B, P] decoded through `n_slots` decode slots (`inference.slot_sampler`); answer b draws with keys[b]."""
+    rows = slot_sampler.padded_rows(prompt_tokens, prompt_lens)
+    return slot_sampler.slot_sample(params, cfg, rows, keys, max_gen_len=max_gen_len, n_slots=n_slots,
+                                    width=prompt_tokens.shape[1], temperature=temperature, top_p=top_p,
+                                    eos_id=eos_id, mesh=mesh)
+
+
+def rollout_with_slots(policy_params, prompt_tokens, prompt_lens, rng, *, cfg, settings: Settings, n_slots: int,
+                       mesh) -> dict:
+    """`rollout` through decode slots (a host loop over compiled slot programs): row b draws with the key
+    `slot_sampler.sample_keys(rng, b, 0)`."""
+    rows = prompt_tokens.shape[0]
+    keys = slot_sampler.sample_keys(rng, np.arange(rows), np.zeros(rows))
+    return sample_with_slots(policy_params, cfg, prompt_tokens, prompt_lens, keys, n_slots=n_slots,
+                             max_gen_len=settings.max_gen_len, temperature=settings.temperature,
+                             top_p=settings.top_p, eos_id=settings.eos_id, mesh=mesh)
 
 
 def action_mask(tokens, prompt_lens, lengths, eos_id: int):

@@ -180,7 +180,7 @@ class Engine:
                                        eos_id=self.tokenizer.eos_id, logprobs=True, n_top=N_TOP)
         self.controls = programs.init_controls(self.n_slots, self.cfg.vocab_size)
         if self.mesh is not None:
-            self.state = jax.device_put(self.state, programs.state_shardings(self.state, self.mesh))
+            self.state = jax.device_put(self.state, slots.slot_state_shardings(self.state, self.mesh))
             self.controls = jax.device_put(self.controls, sh.replicated(self.mesh))
         if self.prefix is not None:
             self.prefix.clear()

@@ -53,12 +53,6 @@ def param_shardings(params: dict, cfg, mesh: Mesh):
     return jax.tree_util.tree_map(match, params, rules, is_leaf=is_quantized)
 
 
-def state_shardings(state: decode.DecodeState, mesh: Mesh):
-    replicated = sh.replicated(mesh)
-    shardings = jax.tree_util.tree_map(lambda _: replicated, state)
-    return shardings.replace(cache=decode.kv_cache_shardings(mesh, len(state.cache)))
-
-
 def pool_shardings(pool: decode.LayerCaches, mesh: Mesh):
     """The pool's blocks replicated (any slot may load any block), KV heads over tensor as in the slots."""
     spec = {name: NamedSharding(mesh, sh.logical_to_spec((None,) + KV_CACHE_AXES[name][1:])) for name in ("k", "v")}
@@ -72,7 +66,7 @@ def _pin(tree, shardings):
 def _pin_state(state, controls, mesh: Optional[Mesh]):
     if mesh is None:
         return state, controls
-    return _pin(state, state_shardings(state, mesh)), _pin(controls, sh.replicated(mesh))
+    return _pin(state, slots.slot_state_shardings(state, mesh)), _pin(controls, sh.replicated(mesh))
 
 
 @struct.dataclass
@@ -207,7 +201,7 @@ def load_blocks(state: decode.DecodeState, pool: decode.LayerCaches, slot, ids: 
                  for name, c in layer.items()} for layer, p in zip(cache, pool)]
 
     state = state.replace(cache=jax.lax.fori_loop(0, count, body, state.cache))
-    return state if mesh is None else _pin(state, state_shardings(state, mesh))
+    return state if mesh is None else _pin(state, slots.slot_state_shardings(state, mesh))
 
 
 def save_blocks(pool: decode.LayerCaches, state: decode.DecodeState, slot, ids: Array, first, count,

@@ -149,3 +149,14 @@ def np_isfinite(text: str) -> bool:
     import math
 
     return math.isfinite(float(text))
+
+
+def test_rollout_benchmark_prints_one_line_with_both_engines(capsys):
+    import rollout as rollout_bench  # benchmarks/rollout.py (benchmarks/ is on sys.path above)
+
+    rollout_bench.main(["--shape=15m", "--n_layers=1", "--prompts=3", "--samples=2", "--slots=2", "--prompt_len=4,8",
+                        "--gen_len=2,6", "--repeats=1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert re.search(r"prompts=3x2 slots=2 .* tokens=\d+ batch=[0-9.]+ tok/s slots=[0-9.]+ tok/s ratio=[0-9.]+x "
+                     r".* load=[0-9.]+ cpus=\d+$", lines[0]), lines[0]
