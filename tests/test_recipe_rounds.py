@@ -102,7 +102,9 @@ def test_two_rounds_retrain_on_all_labels_pool_across_rounds_and_resume(tmp_path
     assert {entry["iteration"] for entry in round_1_pool} == {0}
     assert {entry["iteration"] for entry in pool} <= {0, 1} and len(pool) >= len(round_1_pool)
     kept = [e for e in pool if e["iteration"] == 0]  # entries of round 1 that round 2 did not beat, as pooled then
-    assert all(e in round_1_pool for e in kept)
+    # but for their reward: round 2's reward models re-scored every carried-over answer before selecting
+    assert all(e in [{**r, "reward": e["reward"]} for r in round_1_pool] for e in kept)
+    assert stages["round_2_rs"]["metrics"]["pool_rescored"] == len(round_1_pool)
     for k in (1, 2):
         figures = stages[f"round_{k}_eval"]["metrics"]
         for key in ("proxy_helpful_mean", "gold_helpful_mean", "win_rate_vs_sft"):
