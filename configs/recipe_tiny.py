@@ -16,9 +16,9 @@ half an hour on 2 CPU cores):
   cd          configs/cd_tiny.py on 16 HH harmless prompts, 10 SFT steps on the kept pairs
 After every stage but the reward models: lm-eval's PIQA (local JSONL, first 200 questions, zero-shot).
 
-With --config.rlhf.rounds=2, rs, ppo, gatt and cd come from config.rlhf.stages (below) instead (train.recipe's plan;
-tested at reduced size in tests/test_recipe_rounds.py; the full tiny recipe with rounds has not been timed yet, so the
-shipped default is 0, the one RLHF pass above):
+With the shipped config.rlhf.rounds = 2, rs, ppo, gatt and cd come from config.rlhf.stages (below) instead
+(train.recipe's plan; tested at reduced size in tests/test_recipe_rounds.py, timed at these sizes in docs/recipe.md);
+--config.rlhf.rounds=0 runs the one RLHF pass above:
   gold_rm     configs/rm_tiny.py on both preference files, 40 steps: the annotator (the synthetic setup)
   round_K     pairs: 16 fresh OASST prompts x 2 answers (T 0.6 / 1.0, 32 tokens) labelled by gold_rm; rm_helpful,
               rm_safety: 20 steps of 8 pairs on every label so far, from the SFT model; rs: as above from the latest
@@ -88,7 +88,7 @@ def get_config():
     # synthetic setup of Gao et al. 2023; each round labels 16 pairs of a fresh OASST prompt batch, retrains both
     # RMs from the SFT model on every label so far, and runs one rejection-sampling iteration (pool carried over);
     # round 2 (the last) adds PPO and GAtt (gatt_after_round 3 clipped to 2), then context distillation.
-    config.rlhf.rounds = 0  # --config.rlhf.rounds=2: the two rounds below
+    config.rlhf.rounds = 2  # the two rounds below (--config.rlhf.rounds=0: the one RLHF pass above)
     rlhf = config.rlhf.stages
     rlhf.gold_rm = recipe_common.stage(
         "rm", ".", "train.reward --config=configs/rm_tiny.py --workdir={dir} --config.init_from={sft} "

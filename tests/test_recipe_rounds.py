@@ -59,9 +59,11 @@ def test_plan_of_the_7b_rounds():
 
 
 def short_rounds():
-    """short_recipe with two rounds of 12 pairs, reward models of 2 steps, RS of 2 samples; no PPO/GAtt/CD."""
+    """short_recipe with configs/recipe_tiny.py's shipped rounds (at least two) of 12 pairs, reward models of 2
+    steps, RS of 2 samples; no PPO/GAtt/CD."""
     config = short_recipe()
-    config.rlhf.rounds = 2
+    config.rlhf.rounds = recipe_tiny.get_config().rlhf.rounds  # short_recipe's one-pass 0 back to the shipped value
+    assert config.rlhf.rounds >= 2
     config.stage_order = "pretrain,sft,rm_helpful,rm_safety,rs"
     config.eval.stages = "pretrain"
     config.eval.limit = 4
