@@ -132,3 +132,14 @@ def test_pool_scorer_scores_prompt_answer_and_eos_with_the_combined_rule_in_batc
     expected = [2.0 * (sum(encoded[p]) + sum(a) + WordTokenizer.eos_id) / 1000 for p, a in zip(indices, answers)]
     expected[3] = 0.5  # a safety prompt: the safety model's score (rlhf.combine_rewards)
     np.testing.assert_allclose(scores, expected, rtol=1e-6)
+
+
+def test_an_empty_answer_never_enters_the_pool_whatever_its_score():
+    scored = samples([[[], [5]], [[], []], [[], [6]]], [[0.9, 0.2], [0.8, 0.7], [0.95, 0.1]])
+    scored["truncated"] = np.array([[False, False], [False, False], [False, True]])
+    for keep_truncated in (False, True):
+        pool = rs.update_pool({}, PROMPTS + [Prompt([{"role": "user", "content": "s"}])], WordTokenizer, scored,
+                              iteration=0, keep_truncated=keep_truncated)
+        # q: the non-empty 0.2 over the empty 0.9; r: only empty answers, no entry; s: a cut answer only when kept
+        expected = {0: ([5], 0.2)} | ({2: ([6], 0.1)} if keep_truncated else {})
+        assert {p: (e["answer_tokens"], e["reward"]) for p, e in pool.items()} == expected
