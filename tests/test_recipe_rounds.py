@@ -21,7 +21,7 @@ def names(config):
 
 def test_plan_of_the_tiny_rounds():
     config = recipe_tiny.get_config()
-    config.rlhf.rounds = 2
+    config.rlhf.rounds, config.rlhf.gatt_after_round = 2, 3  # GAtt after round 3, clipped to 2 (the tiny config: 0)
     assert names(config) == [
         "pretrain", "sft", "rm_helpful", "rm_safety", "gold_rm",
         "round_1_pairs", "round_1_rm_helpful", "round_1_rm_safety", "round_1_rs", "round_1_eval",
