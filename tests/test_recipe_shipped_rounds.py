@@ -18,7 +18,8 @@ def test_shipped_tiny_recipe_plans_its_rounds_with_a_pool_across_them():
     for k in range(2, rounds + 1):
         rs = planned[f"round_{k}_rs"].stage.commands[0]
         assert f"--config.pool_from={{round_{k - 1}_rs}}/../pool.jsonl" in rs
-        assert f"--config.first_iteration={k - 1}" in rs and f"--config.reward.helpful_path={{round_{k}_rm_helpful}}" in rs
+        assert f"--config.first_iteration={k - 1}" in rs
+        assert f"--config.reward.helpful_path={{round_{k}_rm_helpful}}" in rs
 
 
 def test_a_stage_order_that_stops_before_the_rounds_runs_just_that_prefix():
