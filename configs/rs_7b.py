@@ -40,9 +40,9 @@ def get_config():
 
     config.iterations = 2  # RS rounds in this run; the pool of best answers carries over between them
     # The pool of an earlier run to start from (its pool.jsonl, same prompts file: entries are keyed by prompt index),
-    # so the recipe's RLHF rounds pool across rounds (section 3.2.3); its entries keep the rewards they were pooled
-    # with (not re-scored by this run's reward models). first_iteration: the number this run's first iteration has in
-    # the pool's "iteration" field (the round's index - 1 in train.recipe).
+    # so the recipe's RLHF rounds pool across rounds (section 3.2.3); its entries are re-scored by this run's reward
+    # models before any selection (the previous round's RMs gave other scores). first_iteration: the number this
+    # run's first iteration has in the pool's "iteration" field (the round's index - 1 in train.recipe).
     config.pool_from = ""
     config.first_iteration = 0
 

@@ -123,11 +123,13 @@ def plan(config) -> list[Planned]:
     pool carried over from the previous round), round_K_ppo from rlhf.ppo_from_round, round_K_gatt after
     rlhf.gatt_after_round, round_K_eval (the round's figures); then cd on the latest policy. A gold_rm entry of
     config.rlhf.stages (the gold reward model of the synthetic setup) runs before the rounds. A round's stages run in
-    DIR/round_K/<step>; rs, ppo, gatt and cd run only where stage_order names them. Templates: config.rlhf.stages,
+    DIR/round_K/<step>; rs, ppo, gatt and cd run only where stage_order names them (naming none of them: no rounds,
+    the stages of stage_order only). Templates: config.rlhf.stages,
     whose <round> <iteration> <policy> <rm_helpful> <rm_safety>
     <rm_init_helpful> <rm_init_safety> <labels> <previous_pairs> <pool_from> are filled here."""
     names = stage_names(config)
-    if not config.get("rlhf") or not config.rlhf.rounds:
+    if not config.get("rlhf") or not config.rlhf.rounds or not set(names) & set(REPLACED_BY_ROUNDS):
+        # no rounds, or a stage_order that stops before them (a prefix up to the reward models runs just that prefix)
         return [Planned(name, config.stages[name], name) for name in names]
     rounds, ppo_from, gatt_after = round_settings(config)
     if "grpo" in names:

@@ -16,15 +16,21 @@ Per iteration i = 0 .. iterations - 1:
      with one RM, its score. Scores are sigmoid scores in [0, 1];
   3. keep the best of the K per prompt, and keep in a **pool the best response per prompt across all iterations so
      far** (the paper's fix for the regressions of using only the last iteration). The RMs are fixed during a run, so
-     scores from different iterations are comparable. Truncated answers do not enter the pool (`rlhf.pool`: an SFT
-     target cut mid-sentence would teach the policy to stop there); a prompt whose K answers were all cut keeps its
-     earlier entry, if any (`sampling.keep_truncated=True`: it pools its best cut answer, which any complete answer
-     outranks). An empty pool is a one-line error naming sampling.max_gen_len;
+     scores from its iterations are comparable. A pool carried over from an earlier run (`pool_from`: the previous
+     RLHF round's, whose reward models were trained on fewer labels) is **re-scored by this run's reward models**
+     before it is compared with anything (`rescore_pool`: every pooled answer's prompt + answer tokens + EOS through
+     the same scoring function as the fresh samples, `score_answers`), so the selection compares one model's scores;
+     only each prompt's pooled winner is carried between runs, so re-scoring can demote an earlier winner below a new
+     answer but cannot bring back an answer that lost earlier. Truncated answers do not enter the pool (`rlhf.pool`:
+     an SFT target cut mid-sentence would teach the policy to stop there); a prompt whose K answers were all cut
+     keeps its earlier entry, if any (`sampling.keep_truncated=True`: it pools its best cut answer, which any
+     complete answer outranks). An empty pool is a one-line error naming sampling.max_gen_len;
   4. write the pool as an SFT dataset (messages JSONL with `"train_on": "last"`: only the chosen answer is trained;
      earlier turns of a multi-turn prompt are context) and fine-tune the *current* policy on it with the SFT trainer
      (`training.rounds.fine_tune_round`: the SFT trainer's run with config `config.sft`, init_from = the policy).
 
-Outputs: WORKDIR/iter_<i>/samples.jsonl (every sample and its scores), WORKDIR/iter_<i>/pool.jsonl (the SFT data),
+Outputs: WORKDIR/iter_<i>/samples.jsonl (every sample and its scores), WORKDIR/iter_<i>/pool.jsonl (the SFT data;
+each entry also keeps its prompt_index, reward, iteration and answer_tokens for the next round's `pool_from`),
 WORKDIR/iter_<i>/sft/ (the fine-tuned policy: an init_from for PPO or the next round), WORKDIR/metrics.jsonl and
 TensorBoard (the shared loop and tracker, `training.rounds.run_rounds`: one row of scalars per iteration at step
 i + 1, whose "iteration" is i; `config.profile_steps` traces whole iterations, 1-based), WORKDIR/best_of_k.json and
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -60,6 +67,15 @@ from llama2_jax.training.rlhf_setup import RewardCheckpoints, Rewards, load_prom
 from llama2_jax.training.setup import Run, Task, setup
 
 
+def score_answers(reward_params, tokens, prompt_lens, lengths, is_safety, *, score_fns, eos_id: int,
+                  threshold: float) -> dict[str, jax.Array]:
+    """The reward models' sigmoid scores of prompt + answer (+ EOS, `rlhf.scoring_sequences`): tokens [B, S] (prompt
+    then answer, right-padded with META_PAD_ID), prompt_lens [B], lengths [B] answer tokens, is_safety [B] ->
+    {"helpful", "safety" (those given), "combined"} [B]. The one scoring path of fresh samples and pooled answers."""
+    ids, ends = rlhf.scoring_sequences(tokens, prompt_lens, lengths, eos_id)
+    return rlhf.score_sequences(score_fns, reward_params, ids, ends, is_safety, threshold)
+
+
 def sample_and_score(policy_params, reward_params, prompt_tokens, prompt_lens, is_safety, rng, *, cfg,
                      score_fns, max_gen_len: int, temperature: float, top_p: float, eos_id: int, threshold: float,
                      mesh) -> dict[str, jax.Array]:
@@ -73,8 +89,8 @@ def sample_and_score(policy_params, reward_params, prompt_tokens, prompt_lens, i
 def score(reward_params, tokens, prompt_lens, lengths, truncated, is_safety, *, score_fns, eos_id: int,
           threshold: float) -> dict[str, jax.Array]:
     """Score sampled rows (tokens [B, S] = prompt + response): tokens, lengths, truncated and the scores [B]."""
-    ids, score_lens = rlhf.scoring_sequences(tokens, prompt_lens, lengths, eos_id)
-    scores = rlhf.score_sequences(score_fns, reward_params, ids, score_lens, is_safety, threshold)
+    scores = score_answers(reward_params, tokens, prompt_lens, lengths, is_safety, score_fns=score_fns, eos_id=eos_id,
+                           threshold=threshold)
     return {"tokens": tokens, "lengths": lengths, "truncated": truncated, **scores}
 
 
@@ -181,19 +197,78 @@ def update_pool(pool: dict[int, dict], prompts, tokenizer, samples: dict, iterat
                 keep_truncated: bool = False) -> dict[int, dict]:
     """Best complete response per prompt of this iteration, merged into the pool (best across all iterations so far);
     truncated responses are left out, or with keep_truncated pooled only where no complete one exists
-    (`rlhf.pool.best_answers`)."""
+    (`rlhf.pool.best_answers`); empty responses are always left out."""
     combined = samples["scores"]["combined"]
     truncated = samples.get("truncated", np.zeros(combined.shape, bool))
+    # An empty answer (EOS first) is no SFT target: pooled, it teaches the policy to say nothing (a tiny reward model
+    # can score it highest; two rounds of that left a tiny policy whose every GAtt reply was empty).
+    empty = np.array([[len(r) == 0 for r in row] for row in samples["responses"]], bool).reshape(combined.shape)
+    eligible = np.where(empty, -np.inf, combined)
     pool = dict(pool)
-    for p, best in enumerate(answer_pool.best_answers(combined, truncated, keep_truncated)):
-        if best < 0:  # every sample of this prompt was cut at max_gen_len
+    for p, best in enumerate(answer_pool.best_answers(eligible, truncated | empty, keep_truncated)):
+        if best < 0 or empty[p, best]:  # every sample of this prompt was cut at max_gen_len or empty
             continue
         prompt, cut, reward = prompts[p], bool(truncated[p, best]), float(combined[p, best])
         if p not in pool or (not cut, reward) > (not pool[p].get("truncated", False), pool[p]["reward"]):
-            answer = tokenizer.decode(samples["responses"][p][best])
-            pool[p] = {"prompt_index": p, "messages": prompt.messages + [{"role": "assistant", "content": answer}],
-                       "train_on": "last", "reward": reward, "iteration": iteration, "truncated": cut}
+            tokens = [int(t) for t in samples["responses"][p][best]]
+            pool[p] = {"prompt_index": p, "messages": prompt.messages + [{"role": "assistant",
+                                                                          "content": tokenizer.decode(tokens)}],
+                       "train_on": "last", "reward": reward, "iteration": iteration, "truncated": cut,
+                       "answer_tokens": tokens}
     return pool
+
+
+# (prompt indices [M], answer token lists [M]) -> the current reward models' combined scores [M]
+PoolScorer = Callable[[Sequence[int], Sequence[Sequence[int]]], np.ndarray]
+
+
+def rescore_pool(pool: dict[int, dict], score_fn: PoolScorer, tokenizer) -> dict[int, dict]:
+    """The pool with every entry's reward replaced by `score_fn`'s, in one batched call (a pool of an earlier run,
+    scored by other reward models, becomes comparable with this run's samples). An entry's answer is its
+    "answer_tokens" (the sampled tokens), or its text re-encoded for a pool written without them."""
+    if not pool:
+        return {}
+    indices = sorted(pool)
+    answers = [pool[p].get("answer_tokens") or tokenizer.encode(pool[p]["messages"][-1]["content"]) for p in indices]
+    scores = np.asarray(score_fn(indices, answers), np.float64).reshape(-1)
+    if scores.shape != (len(indices),):
+        raise ValueError(f"the pool scorer returned {scores.size} scores for {len(indices)} pooled answers")
+    return {p: {**pool[p], "reward": float(score)} for p, score in zip(indices, scores)}
+
+
+def make_pool_scorer(config, rewards: Rewards, prompts, encoded, eos_id: int, mesh) -> PoolScorer:
+    """`PoolScorer` of the reward models `rewards` on this run's prompts (`encoded`, their chat tokens): batches of
+    config.sampling.batch_size rows through `score_answers`, the scoring of the fresh samples."""
+    fn = jax.jit(functools.partial(score_answers, score_fns=rewards.fns, eos_id=eos_id,
+                                   threshold=config.reward.safety_threshold))
+
+    def score(indices, answers) -> np.ndarray:
+        width = config.prompts.max_prompt_len + max(config.sampling.max_gen_len, *(len(a) for a in answers))
+
+        def arrays(rows):
+            tokens = rounds.pad([encoded[indices[j]] + list(answers[j]) for j in rows], width)[0]
+            return {"tokens": tokens, "prompt_lens": np.array([len(encoded[indices[j]]) for j in rows], np.int32),
+                    "lengths": np.array([len(answers[j]) for j in rows], np.int32),
+                    "is_safety": np.array([prompts[indices[j]].is_safety for j in rows])}
+
+        def call(rng, **batch):
+            del rng  # scoring draws nothing
+            return fn(rewards.params, **batch)
+
+        out = rounds.sample_rows(call, list(range(len(indices))), arrays, config.sampling.batch_size, mesh,
+                                 jax.random.PRNGKey(0))
+        return np.array([row["combined"] for row in out], np.float64)
+
+    return score
+
+
+def check_pool_prompts(pool: dict[int, dict], prompts, path: str) -> None:
+    """A carried-over pool is keyed by prompt index: each entry must hold this run's prompt of that index (the same
+    config.prompts as the run that wrote it), else a one-line ConfigError."""
+    for p, entry in sorted(pool.items()):
+        if p >= len(prompts) or entry["messages"][:-1] != prompts[p].messages:
+            raise ConfigError(f"config.pool_from {path}: its entry for prompt_index {p} is not this run's prompt {p} "
+                              "(config.prompts must give the prompts of the run that wrote the pool, in its order)")
 
 
 def iteration_metrics(samples: dict, pool: dict, iteration: int) -> dict:
@@ -280,15 +355,33 @@ def rs_task(rewards) -> Task:
                 init_from_required=True, lora=False, eval_tasks=False, writes_model=False)
 
 
+def carried_pool(config, prompts, tokenizer, score_fn: PoolScorer) -> tuple[dict[int, dict], dict]:
+    """The pool of config.pool_from re-scored by this run's reward models (`score_fn`), and its figures: how many
+    answers were re-scored and their mean reward before and after."""
+    pool = read_pool(config.pool_from)
+    if not pool:
+        return {}, {}
+    check_pool_prompts(pool, prompts, config.pool_from)
+    rescored = rescore_pool(pool, score_fn, tokenizer)
+    return rescored, {"pool_rescored": len(rescored),
+                      "pool_rescored_reward_before_mean": float(np.mean([e["reward"] for e in pool.values()])),
+                      "pool_rescored_reward_mean": float(np.mean([e["reward"] for e in rescored.values()]))}
+
+
 def make_round(run: Run, sampler, rewards: Rewards, curves: dict):
     """One round (`training.rounds`): sample from the current policy, score, pool, fine-tune."""
     config, workdir, tokenizer = run.config, run.workdir, run.tokenizer
     prompts, encoded = run.data
+    pool_scorer = make_pool_scorer(config, rewards, prompts, encoded, tokenizer.eos_id, run.mesh)
 
     def one_round(i: int) -> dict:
         iter_dir, previous = os.path.join(workdir, f"iter_{i}"), os.path.join(workdir, f"iter_{i - 1}")
         policy_dir = rounds.sft_dir(previous) if i else config.init_from
-        pool = read_pool(os.path.join(previous, "pool.jsonl")) if i else read_pool(config.pool_from)
+        rescored = {}
+        if i:  # scored by this run's reward models already
+            pool = read_pool(os.path.join(previous, "pool.jsonl"))
+        else:
+            pool, rescored = carried_pool(config, prompts, tokenizer, pool_scorer)
         params = rounds.load_policy(policy_dir, run.model_cfg, run.mesh)
         samples = sample_all(config, sampler, params, rewards.params, encoded, prompts, i, run.mesh)
         del params
@@ -304,7 +397,8 @@ def make_round(run: Run, sampler, rewards: Rewards, curves: dict):
         write_jsonl(pool_path, (pool[p] for p in sorted(pool)))
         multihost_utils.sync_global_devices(f"rs pool {i}")
         curves[i] = rlhf.best_of_k_curve(samples["scores"]["combined"]).tolist()
-        record = {**iteration_metrics(samples, pool, number), "temperature": iteration_temperature(config, i)}
+        record = {**iteration_metrics(samples, pool, number), **rescored,
+                  "temperature": iteration_temperature(config, i)}
         print_iteration(record, curves[i])
         write_best_of_k(workdir, curves)
         rounds.fine_tune_round(config, init_from=policy_dir, data_path=pool_path, tokenizer_path=tokenizer.model_path,
@@ -344,6 +438,10 @@ def print_iteration(record: dict, curve: list[float]) -> None:
           f"{record['reward_combined_max']:.4f} best-of-K {record['best_of_k_mean']:.4f} pool "
           f"{record['pool_reward_mean']:.4f} ({record['pool_from_earlier_iterations']} kept from earlier iterations)"
           f"\n  E[max of k], k = 1..{len(curve)}: {shown}", flush=True)
+    if record.get("pool_rescored"):
+        print(f"  carried-over pool: {record['pool_rescored']} answers re-scored by this run's reward models, mean "
+              f"{record['pool_rescored_reward_before_mean']:.4f} -> {record['pool_rescored_reward_mean']:.4f}",
+              flush=True)
 
 
 if __name__ == "__main__":

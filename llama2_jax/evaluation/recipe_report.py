@@ -75,6 +75,9 @@ def evaluate_stage(kind: str, stage_dir: str, output: str) -> dict:
         last = iterations[-1] if iterations else {}
         figures = {"iterations": len(iterations), "reward_mean": last.get("reward_combined_mean"),
                    "best_of_k_mean": last.get("best_of_k_mean"), "pool_reward_mean": last.get("pool_reward_mean")}
+        first = iterations[0] if iterations else {}  # a carried-over pool is re-scored in the run's first iteration
+        figures.update({k: first[k] for k in ("pool_rescored", "pool_rescored_reward_before_mean",
+                                              "pool_rescored_reward_mean") if k in first})
         return {**figures, **{f"sft_{k}": v for k, v in lm_figures(records).items()}}
     if kind == "ppo":
         evals = [r for r in records if "eval_reward_combined" in r]

@@ -28,6 +28,7 @@ def stand_in_recipe(order: str):
     --init_from=<the real stage's init_from placeholder>`."""
     config = recipe_tiny.get_config()
     config.stage_order, config.eval.piqa_path, config.python = order, "", sys.executable
+    config.rlhf.rounds = 0  # the one RLHF pass, where the optional grpo stage runs (the rounds refuse it)
     init_from = {"sft": "", "rs": "{sft}", "ppo": "{rs}", "grpo": "{policy}", "gatt": "{ppo}"}
     for name, source in init_from.items():
         stage = config.stages[name]

@@ -21,7 +21,7 @@ def names(config):
 
 def test_plan_of_the_tiny_rounds():
     config = recipe_tiny.get_config()
-    config.rlhf.rounds = 2
+    config.rlhf.rounds, config.rlhf.gatt_after_round = 2, 3  # GAtt after round 3, clipped to 2 (the tiny config: 0)
     assert names(config) == [
         "pretrain", "sft", "rm_helpful", "rm_safety", "gold_rm",
         "round_1_pairs", "round_1_rm_helpful", "round_1_rm_safety", "round_1_rs", "round_1_eval",
@@ -59,9 +59,11 @@ def test_plan_of_the_7b_rounds():
 
 
 def short_rounds():
-    """short_recipe with two rounds of 12 pairs, reward models of 2 steps, RS of 2 samples; no PPO/GAtt/CD."""
+    """short_recipe with configs/recipe_tiny.py's shipped rounds (at least two) of 12 pairs, reward models of 2
+    steps, RS of 2 samples; no PPO/GAtt/CD."""
     config = short_recipe()
-    config.rlhf.rounds = 2
+    config.rlhf.rounds = recipe_tiny.get_config().rlhf.rounds  # short_recipe's one-pass 0 back to the shipped value
+    assert config.rlhf.rounds >= 2
     config.stage_order = "pretrain,sft,rm_helpful,rm_safety,rs"
     config.eval.stages = "pretrain"
     config.eval.limit = 4
@@ -102,7 +104,9 @@ def test_two_rounds_retrain_on_all_labels_pool_across_rounds_and_resume(tmp_path
     assert {entry["iteration"] for entry in round_1_pool} == {0}
     assert {entry["iteration"] for entry in pool} <= {0, 1} and len(pool) >= len(round_1_pool)
     kept = [e for e in pool if e["iteration"] == 0]  # entries of round 1 that round 2 did not beat, as pooled then
-    assert all(e in round_1_pool for e in kept)
+    # but for their reward: round 2's reward models re-scored every carried-over answer before selecting
+    assert all(e in [{**r, "reward": e["reward"]} for r in round_1_pool] for e in kept)
+    assert stages["round_2_rs"]["metrics"]["pool_rescored"] == len(round_1_pool)
     for k in (1, 2):
         figures = stages[f"round_{k}_eval"]["metrics"]
         for key in ("proxy_helpful_mean", "gold_helpful_mean", "win_rate_vs_sft"):
