@@ -290,6 +290,7 @@ def iteration_metrics(samples: dict, pool: dict, iteration: int) -> dict:
 def write_samples(path: str, prompts, tokenizer, samples: dict) -> None:
     write_jsonl(path, ({"prompt": prompt.messages, "is_safety": prompt.is_safety,
                         "responses": [tokenizer.decode(r) for r in samples["responses"][p]],
+                        "response_tokens": [len(r) for r in samples["responses"][p]],
                         "truncated": samples["truncated"][p].tolist(),
                         **{name: values[p].tolist() for name, values in samples["scores"].items()}}
                        for p, prompt in enumerate(prompts)))

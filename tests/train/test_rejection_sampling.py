@@ -152,12 +152,14 @@ def test_tiny_rejection_sampling_end_to_end(tmp_path, tokenizer):
     pool_0 = {entry["prompt_index"]: entry for entry in read("iter_0/pool.jsonl")}
     samples, first = read("iter_1/samples.jsonl"), read("iter_0/samples.jsonl")
     assert len(samples) == len(first) == 8
-    # The pool holds, per prompt, the best answer across both iterations among those not cut at max_gen_len; a prompt
-    # whose answers were all cut has no entry. The random policy ends some answers and not others: both cases occur.
+    # The pool holds, per prompt, the best answer across both iterations among those neither cut at max_gen_len nor
+    # empty; a prompt with no such answer has no entry. The random policy ends some answers and not others: both
+    # cases occur.
     cut = [c for record in samples + first for c in record["truncated"]]
     assert any(cut) and not all(cut)
     for p, (now, before) in enumerate(zip(samples, first)):
-        complete = [s for record in (now, before) for s, c in zip(record["combined"], record["truncated"]) if not c]
+        complete = [s for record in (now, before)
+                    for s, c, n in zip(record["combined"], record["truncated"], record["response_tokens"]) if not c and n]
         if not complete:
             assert p not in pool
             continue
