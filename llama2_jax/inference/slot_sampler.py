@@ -9,7 +9,7 @@ an answer's tokens do not depend on the slot count, on the order of the prompts 
 truncated), in prompt order.
 
 The host loop calls three compiled programs: `slots.prefill_jit` once per distinct prompt (widths padded to
-`prefill_widths`, a few powers of two, so a bounded number of programs is compiled; the samples of one prompt share
+`slots.prefill_widths`, a few powers of two, so a bounded number of programs is compiled; the samples of one prompt share
 its prefix), `slots.insert_jit` per answer, and `steps_until_free_jit`,
 which decodes in one `lax.while_loop` until some slot that was busy becomes free (one host round trip per finished
 answer, not per token).
@@ -42,23 +42,11 @@ from llama2_jax.inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ch
 from llama2_jax.model import sharding as sh
 from llama2_jax.model.config import LlamaConfig
 
-MIN_PREFILL_WIDTH = 16
-
-
 def sample_keys(rng: Array, prompt_ids, sample_ids) -> Array:
     """[N] PRNG keys, one per answer: fold_in(fold_in(rng, prompt id), sample id) (prompt_ids, sample_ids [N] int).
     The same (prompt, sample) gets the same key whatever the batch it is drawn in."""
     prompt_ids, sample_ids = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(sample_ids, jnp.int32)
     return jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(rng, p), s))(prompt_ids, sample_ids)
-
-
-def prefill_widths(max_width: int, smallest: int = MIN_PREFILL_WIDTH) -> list[int]:
-    """Prefill widths: powers of two from `smallest`, then max_width itself (a prompt pads to the first that fits)."""
-    widths, width = [], smallest
-    while width < max_width:
-        widths.append(width)
-        width *= 2
-    return widths + [max_width]
 
 
 def _pin(state: DecodeState, mesh: Optional[Mesh]) -> DecodeState:
@@ -157,7 +145,7 @@ def slot_sample(params: dict, cfg: LlamaConfig, prompts: Sequence[Sequence[int]]
         raise ValueError(f"{keys.shape[0]} PRNG keys for {n} prompts")
     keys = np.asarray(jax.device_get(keys))  # indexed on the host: no device op per insert
     size = min(cfg.max_seq_len, width + max(gen_lens))
-    widths = prefill_widths(min(width, size))
+    widths = slots.prefill_widths(min(width, size))
     n_slots = min(n_slots, n)
     if mesh is not None:  # the slots split over the data axes: a multiple of the data-parallel size
         n_slots = -(-n_slots // sh.data_parallel_size(mesh)) * sh.data_parallel_size(mesh)
@@ -178,7 +166,7 @@ def slot_sample(params: dict, cfg: LlamaConfig, prompts: Sequence[Sequence[int]]
             i = waiting.popleft()
             prompt = tuple(prompts[i])
             if prompt not in prefixes:
-                row = _padded(prompt, next(w for w in widths if w >= len(prompt)), pad_id)
+                row = _padded(prompt, slots.prefill_width(len(prompt), widths), pad_id)
                 prefixes[prompt] = slots.prefill_jit(params, cfg, row, np.int32(len(prompt)), pad_id=pad_id)
             state = insert_jit(state, prefixes[prompt], np.int32(slot), np.int32(gen_lens[i]), keys[i], pad_id=pad_id,
                                mesh=mesh)

@@ -13,7 +13,7 @@ TOP_LOGPROBS most likely tokens at that position (OpenAI's `logprobs`).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,23 @@ from llama2_jax.model.config import LlamaConfig
 from llama2_jax.training.losses import token_logprobs
 
 TOP_LOGPROBS = 5  # the most likely tokens recorded per position (OpenAI's completions allow logprobs <= 5)
+
+
+MIN_PREFILL_WIDTH = 16
+
+
+def prefill_widths(max_width: int, smallest: int = MIN_PREFILL_WIDTH) -> list[int]:
+    """Prefill widths: powers of two from `smallest`, then max_width itself (a bounded number of prefill programs)."""
+    widths, width = [], smallest
+    while width < max_width:
+        widths.append(width)
+        width *= 2
+    return widths + [max_width]
+
+
+def prefill_width(length: int, widths: Sequence[int]) -> int:
+    """The first of `widths` that holds a prompt of `length` tokens."""
+    return next(width for width in widths if width >= length)
 
 
 @struct.dataclass

@@ -16,7 +16,7 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -30,22 +30,9 @@ from llama2_jax.serve.prefix_cache import PrefixCache
 from llama2_jax.serve.quantize import quantize_params
 from llama2_jax.serve.text import cut_at_stop, held_back, reply_text, tokens_covering, tokens_for_text
 
-MIN_BUCKET = 16
 SHUTDOWN_ERROR = "the server shut down before this completion finished (its grace period ran out)"
 N_TOP = 20  # the most likely tokens recorded per position (OpenAI's chat top_logprobs allow up to 20)
 
-
-def prompt_buckets(max_len: int, smallest: int = MIN_BUCKET) -> list[int]:
-    """Prefill widths: powers of two from `smallest`, then max_len itself (a prompt pads to the first that fits)."""
-    widths, width = [], smallest
-    while width < max_len:
-        widths.append(width)
-        width *= 2
-    return widths + [max_len]
-
-
-def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    return next(width for width in buckets if width >= length)
 
 
 def check_mesh(cfg, n_slots: int, mesh: Mesh) -> None:
@@ -160,7 +147,7 @@ class Engine:
         self.mesh = mesh
         self.params, self.cfg, self.tokenizer, self.quantize = params, cfg, tokenizer, quantize
         self.n_slots, self.max_len = n_slots, max_len or cfg.max_seq_len
-        self.buckets = prompt_buckets(self.max_len)
+        self.buckets = slots.prefill_widths(self.max_len)
         self.max_queue = max_queue  # samples waiting (a request of p prompts and n samples takes p * n)
         self.pending: collections.deque[tuple[Request, list[int]]] = collections.deque()  # guarded by _queue_lock
         self._queued = 0
@@ -225,7 +212,7 @@ class Engine:
                 self.state = programs.load_blocks_jit(self.state, self.pool, np.int32(slot), self._block_ids(cached),
                                                       np.int32(len(cached)), mesh=self.mesh)
             start = len(cached) * self.prefix.block
-        width = width or bucket_for(max(len(prompt) - 1 - start, 1), self.buckets)
+        width = width or slots.prefill_width(max(len(prompt) - 1 - start, 1), self.buckets)
         start = min(start, size - width)  # the prefill must fit in the slot (recomputing a little of the prefix)
         row = np.full((size,), decode.META_PAD_ID, np.int32)
         row[: len(prompt)] = prompt
@@ -372,7 +359,7 @@ class Engine:
             echo_lp = None
             if request.echo and request.logprobs is not None:
                 echo_lp = [_cut_top(entry, request.logprobs) for entry in self._prompt_logprobs(
-                    request.prompt, bucket_for(len(request.prompt), self.buckets))]
+                    request.prompt, slots.prefill_width(len(request.prompt), self.buckets))]
         except Exception as error:  # noqa: BLE001 -- answer the request, keep serving
             for sample in samples:
                 request.emit(Finished("", "error", len(request.prompt), 0, [], sample, error=str(error)))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax.inference import decode, slot_sampler
+from llama2_jax.inference import decode, slot_sampler, slots
 from llama2_jax.inference import generate as gen
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama
@@ -97,7 +97,7 @@ def test_per_prompt_max_gen_len_and_keys():
     keys = slot_sampler.sample_keys(jax.random.PRNGKey(0), [0, 0, 1], [0, 1, 0])
     assert not np.array_equal(keys[0], keys[1]) and not np.array_equal(keys[0], keys[2])
     np.testing.assert_array_equal(keys[2], slot_sampler.sample_keys(jax.random.PRNGKey(0), [1], [0])[0])
-    assert slot_sampler.prefill_widths(24) == [16, 24] and slot_sampler.prefill_widths(16) == [16]
+    assert slots.prefill_widths(24) == [16, 24] and slots.prefill_widths(16) == [16]
 
 
 def test_per_prompt_lengths_are_kept(params):
@@ -142,8 +142,6 @@ def test_slots_split_over_a_mesh_give_the_same_answers(params):
 def test_compiled_once_per_shape(params):
     # a second call with other prompts (same prefill widths), other per-answer lengths (the same longest: the slots'
     # cache length), keys and temperature compiles nothing
-    from llama2_jax.inference import slots
-
     programs = (slots.prefill_jit, slot_sampler.insert_jit, slot_sampler.steps_until_free_jit)
     keys = slot_sampler.sample_keys(jax.random.PRNGKey(0), np.arange(3), np.zeros(3))
     slot_sampler.slot_sample(params, CFG, PROMPTS[:3], keys, max_gen_len=GEN_LEN, n_slots=2, width=WIDTH,
