@@ -203,10 +203,9 @@ def update_pool(pool: dict[int, dict], prompts, tokenizer, samples: dict, iterat
     # An empty answer (EOS first) is no SFT target: pooled, it teaches the policy to say nothing (a tiny reward model
     # can score it highest; two rounds of that left a tiny policy whose every GAtt reply was empty).
     empty = np.array([[len(r) == 0 for r in row] for row in samples["responses"]], bool).reshape(combined.shape)
-    eligible = np.where(empty, -np.inf, combined)
     pool = dict(pool)
-    for p, best in enumerate(answer_pool.best_answers(eligible, truncated | empty, keep_truncated)):
-        if best < 0 or empty[p, best]:  # every sample of this prompt was cut at max_gen_len or empty
+    for p, best in enumerate(answer_pool.best_answers(combined, truncated, keep_truncated, excluded=empty)):
+        if best < 0:  # every sample of this prompt was cut at max_gen_len (without keep_truncated) or empty
             continue
         prompt, cut, reward = prompts[p], bool(truncated[p, best]), float(combined[p, best])
         if p not in pool or (not cut, reward) > (not pool[p].get("truncated", False), pool[p]["reward"]):

@@ -35,19 +35,24 @@ from llama2_jax.data.prompts import Prompt
 from llama2_jax.text import chat_format as chat
 
 
-def best_answers(rewards, truncated=None, keep_truncated: bool = False) -> np.ndarray:
+def best_answers(rewards, truncated=None, keep_truncated: bool = False, excluded=None) -> np.ndarray:
     """Index of the best answer per prompt among those not truncated; where every answer was truncated, -1, or with
-    keep_truncated the best truncated one. rewards float [N, K], truncated bool [N, K] (None: none) -> int [N]; ties go
-    to the first."""
+    keep_truncated the best truncated one. `excluded` answers are never chosen (-1 where all are). rewards float
+    [N, K], truncated / excluded bool [N, K] (None: none) -> int [N]; ties go to the first."""
     rewards = np.asarray(rewards, np.float64)
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be [prompts, samples], got shape {rewards.shape}")
     cut = np.zeros(rewards.shape, bool) if truncated is None else np.asarray(truncated, bool)
     if cut.shape != rewards.shape:
         raise ValueError(f"truncated has shape {cut.shape}, rewards {rewards.shape}")
+    out = np.zeros(rewards.shape, bool) if excluded is None else np.asarray(excluded, bool)
+    if out.shape != rewards.shape:
+        raise ValueError(f"excluded has shape {out.shape}, rewards {rewards.shape}")
+    rewards = np.where(out, -np.inf, rewards)
     best = np.argmax(np.where(cut, -np.inf, rewards), axis=1)
     fallback = np.argmax(rewards, axis=1) if keep_truncated else np.full(best.shape, -1)
-    return np.where(cut.all(axis=1), fallback, best)
+    chosen = np.where((cut | out).all(axis=1), fallback, best)
+    return np.where(out.all(axis=1), -1, chosen)
 
 
 @dataclasses.dataclass

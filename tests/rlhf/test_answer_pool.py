@@ -60,6 +60,17 @@ def test_best_answers_skip_truncated_answers():
         answer_pool.best_answers(rewards, truncated[:2])
 
 
+def test_excluded_answers_are_never_chosen_not_even_as_the_truncated_fallback():
+    rewards = np.array([[0.9, 0.2, 0.5], [0.1, 0.4, 0.3], [0.7, 0.8, 0.9]])
+    truncated = np.array([[True, False, False], [False, False, False], [True, True, True]])
+    excluded = np.array([[False, False, True], [True, True, True], [False, False, True]])  # e.g. empty answers
+    np.testing.assert_array_equal(answer_pool.best_answers(rewards, truncated, excluded=excluded), [1, -1, -1])
+    np.testing.assert_array_equal(
+        answer_pool.best_answers(rewards, truncated, keep_truncated=True, excluded=excluded), [1, -1, 1])
+    with pytest.raises(ValueError, match=r"excluded has shape \(2, 3\), rewards \(3, 3\)"):
+        answer_pool.best_answers(rewards, excluded=excluded[:2])
+
+
 def prompt(name, is_safety=False):
     return Prompt([{"role": "user", "content": name}], is_safety)
 
